@@ -1,0 +1,233 @@
+"""Decoder-only language model with dense or MoE FFNs and a scanned layer stack.
+
+The layer stack is split into *runs* of consecutive layers of the same kind (dense or MoE); each run's
+parameters are stacked on a leading layer axis and applied with ``jax.lax.scan``, so compile time grows with
+the number of runs (1 for an all-MoE model, 2 for Qwen2-MoE-style patterns with a dense prefix), not with depth.
+
+``Transformer.__call__`` is a pure function of its state and inputs; use ``nnx.split``/``nnx.merge`` (or
+``nnx.jit``) around it. Incremental decoding uses a contiguous KV cache (:class:`KVCache`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.config import ModelConfig
+from moejax.nn.attention import Attention, LayerKV
+from moejax.nn.experts import SwiGLU
+from moejax.nn.moe import MoE
+from moejax.nn.norms import RMSNorm
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype_of(name: str):
+    return _DTYPES[name]
+
+
+class KVCache(NamedTuple):
+    """Per-run stacked keys/values ``[n_layers_in_run, B, S_max, KV, hd]`` and column validity ``[B, S_max]``."""
+
+    k: tuple
+    v: tuple
+    valid: jax.Array
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array        # [B, S, V] float32 (or hidden states if return_hidden)
+    cache: KVCache | None
+    aux: dict                # MoE statistics stacked over MoE layers, e.g. aux["load_balance_loss"] [n_moe]
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: attention then a dense or MoE SwiGLU FFN."""
+
+    def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
+        dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        self.kind = kind
+        self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
+                              rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm, qkv_bias=cfg.qkv_bias,
+                              norm_eps=cfg.norm_eps, init_std=cfg.init_std, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
+        if kind == "moe":
+            self.moe = MoE(cfg.d_model, cfg.moe, init_std=cfg.init_std, dtype=dt, param_dtype=pdt, rngs=rngs)
+        else:
+            self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, init_std=cfg.init_std, param_dtype=pdt, rngs=rngs)
+
+    def __call__(self, x, positions, *, segment_ids=None, kv=None, cache_index=None, kv_valid=None,
+                 token_mask=None, token_index=None, rng=None, train=False):
+        h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids=segment_ids, kv=kv,
+                              cache_index=cache_index, kv_valid=kv_valid)
+        x = x + h.astype(x.dtype)
+        y = self.ffn_norm(x)
+        if self.kind == "moe":
+            f, aux = self.moe(y, token_mask=token_mask, token_index=token_index, rng=rng, train=train)
+        else:
+            f, aux = self.mlp(y), {}
+        return x + f.astype(x.dtype), new_kv, aux
+
+
+def layer_runs(cfg: ModelConfig) -> tuple[tuple[str, int, int], ...]:
+    """``(kind, first_layer, count)`` for each run of consecutive same-kind layers."""
+    runs, i = [], 0
+    for kind, grp in itertools.groupby(cfg.layer_kinds()):
+        n = len(list(grp))
+        runs.append((kind, i, n))
+        i += n
+    return tuple(runs)
+
+
+def _stack_blocks(cfg: ModelConfig, kind: str, n: int, rngs: nnx.Rngs) -> Block:
+    blocks = [Block(cfg, kind, rngs=rngs) for _ in range(n)]
+    gdef, first = nnx.split(blocks[0])
+    states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    return nnx.merge(gdef, stacked)
+
+
+class Transformer(nnx.Module):
+    """The language model. ``__call__(tokens [B, S]) -> ModelOutput``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        pdt = dtype_of(cfg.param_dtype)
+        init = nnx.initializers.normal(stddev=cfg.init_std)
+        self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), pdt),
+                               logical_axes=("vocab", "embed"))
+        self.runs = layer_runs(cfg)
+        self.stacks = nnx.List([_stack_blocks(cfg, kind, n, rngs) for kind, _, n in self.runs])
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
+        if not cfg.tie_embeddings:
+            self.lm_head = nnx.Param(init(rngs.params(), (cfg.d_model, cfg.vocab_size), pdt),
+                                     logical_axes=("embed", "vocab"))
+
+    # -------------------------------------------------------------------------------------------- cache
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
+        cfg = self.cfg
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+        dt = dtype or dtype_of(cfg.dtype)
+        shape = lambda n: (n, batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)  # noqa: E731
+        ks = tuple(jnp.zeros(shape(n), dt) for _, _, n in self.runs)
+        vs = tuple(jnp.zeros(shape(n), dt) for _, _, n in self.runs)
+        return KVCache(ks, vs, jnp.zeros((batch, max_len), bool))
+
+    # -------------------------------------------------------------------------------------------- forward
+    def head(self, h):
+        """Final norm + LM head: hidden ``[..., D]`` -> float32 logits ``[..., V]``."""
+        h = self.final_norm(h)
+        w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None, attention_mask=None, cache: KVCache | None = None,
+                 cache_index=None, token_index=None, rng=None, train: bool = False, return_hidden: bool = False,
+                 layers: tuple[int, int] | None = None, hidden=None) -> ModelOutput:
+        """Run the model.
+
+        Args:
+          tokens: ``[B, S]`` int token ids.
+          positions: ``[B, S]`` RoPE positions; default ``arange(S)`` (plus ``cache_index`` with a cache).
+          segment_ids: ``[B, S]`` packed-document ids (attention stays within a segment; 0 = padding).
+          attention_mask: ``[B, S]`` 1 for real tokens, 0 for padding (used when ``segment_ids`` is None).
+          cache, cache_index: KV cache and the column where these tokens go (prefill/decode).
+          token_index: ``[B, S]`` global token index for per-token router randomness (default ``b*S + s``).
+          rng: PRNG key for stochastic routers (``train=True``).
+          return_hidden: return final hidden states instead of logits.
+          layers: ``(start, stop)`` run only these layers (requires ``hidden`` from earlier layers when
+            ``start > 0``); used by layer-group schedulers.
+        """
+        cfg = self.cfg
+        B, S = tokens.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, S), jnp.int32) if segment_ids is None else (segment_ids != 0)
+        valid_tok = attention_mask.astype(bool)
+        if segment_ids is None and cache is None:
+            segment_ids = valid_tok.astype(jnp.int32)
+        if positions is None:
+            base = 0 if cache_index is None else cache_index
+            positions = jnp.broadcast_to(base + jnp.arange(S, dtype=jnp.int32), (B, S))
+        if token_index is None:
+            token_index = jnp.arange(B * S, dtype=jnp.int32).reshape(B, S)
+        start, stop = layers if layers is not None else (0, cfg.n_layers)
+        if hidden is not None:
+            x = hidden
+        else:
+            x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype_of(cfg.dtype))
+        kv_valid = None
+        if cache is not None:
+            kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid_tok, cache_index, 1)
+        new_k, new_v, auxes = [], [], []
+        for r, (kind, first, n) in enumerate(self.runs):
+            lo, hi = max(start, first) - first, min(stop, first + n) - first
+            if lo >= hi:
+                if cache is not None:
+                    new_k.append(cache.k[r])
+                    new_v.append(cache.v[r])
+                continue
+            kv = None if cache is None else LayerKV(cache.k[r], cache.v[r])
+            x, kv_out, aux = self._run_stack(r, lo, hi, x, positions, segment_ids, kv, cache_index, kv_valid,
+                                             valid_tok, token_index, rng, train)
+            if cache is not None:
+                new_k.append(kv_out.k)
+                new_v.append(kv_out.v)
+            if kind == "moe":
+                auxes.append(aux)
+        aux = {k: jnp.concatenate([a[k] for a in auxes]) for k in auxes[0]} if auxes else {}
+        new_cache = None if cache is None else KVCache(tuple(new_k), tuple(new_v), kv_valid)
+        out = x if (return_hidden or stop < cfg.n_layers) else self.head(x)
+        return ModelOutput(out, new_cache, aux)
+
+    def _run_stack(self, r, lo, hi, x, positions, segment_ids, kv, cache_index, kv_valid, token_mask,
+                   token_index, rng, train):
+        kind, first, n = self.runs[r]
+        gdef, state = nnx.split(self.stacks[r])
+        sl = (lambda a: a[lo:hi]) if (lo, hi) != (0, n) else (lambda a: a)
+        layer_ids = jnp.arange(first + lo, first + hi, dtype=jnp.uint32)
+
+        def body(x, xs):
+            st, lkv, lid = xs
+            blk = nnx.merge(gdef, st)
+            lrng = None if rng is None else jax.random.fold_in(rng, lid)
+            x, new_kv, aux = blk(x, positions, segment_ids=segment_ids, kv=lkv, cache_index=cache_index,
+                                 kv_valid=kv_valid, token_mask=token_mask, token_index=token_index, rng=lrng,
+                                 train=train)
+            return x, (new_kv, aux)
+
+        kv_in = None if kv is None else LayerKV(sl(kv.k), sl(kv.v))
+        x, (kv_out, aux) = jax.lax.scan(body, x, (jax.tree.map(sl, state), kv_in, layer_ids))
+        if kv is not None and (lo, hi) != (0, n):
+            kv_out = LayerKV(kv.k.at[lo:hi].set(kv_out.k), kv.v.at[lo:hi].set(kv_out.v))
+        return x, kv_out, aux
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def active_params(cfg: ModelConfig) -> dict[str, Any]:
+    """Total and per-token active parameter counts from the config alone."""
+    D, hd = cfg.d_model, cfg.resolved_head_dim
+    attn = D * hd * (cfg.n_heads * 2 + cfg.n_kv_heads * 2)
+    dense_ffn = 3 * D * cfg.d_ff
+    total = active = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2)
+    for kind in cfg.layer_kinds():
+        total += attn
+        active += attn
+        if kind == "moe":
+            m = cfg.moe
+            e = 3 * D * m.d_ff
+            shared = 3 * D * m.num_shared_experts * (m.shared_d_ff or m.d_ff)
+            total += m.num_experts * e + shared + D * m.num_experts
+            active += m.router.effective_top_k * e + shared + D * m.num_experts
+        else:
+            total += dense_ffn
+            active += dense_ffn
+    return {"total": total, "active": active}

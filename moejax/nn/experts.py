@@ -1,0 +1,235 @@
+"""Expert FFNs over grouped tokens.
+
+Routed experts are SwiGLU FFNs ``down(silu(x @ gate) * (x @ up))`` with stacked weights ``[E, D, F]`` /
+``[E, F, D]``. Three ways to run them over a :mod:`moejax.nn.dispatch` layout:
+
+- :func:`moe_swiglu_tiles` (dropless, the CPU default): a loop over experts and, inside, over the row tiles
+  of that expert (the trip count is the number of tiles actually used, so empty experts and padding cost
+  nothing). Each tile gathers its tokens, runs one dense ``[block_rows, D] @ [D, F]`` SwiGLU (which XLA:CPU
+  runs at dense-matmul speed) and scatter-adds its weighted output, so dispatch and combine are fused and
+  no ``[T*K, D]`` buffer is written. A custom VJP runs the backward (input, combine-weight and per-expert
+  weight gradients) as the same loop.
+- :func:`swiglu_ragged` (dropless, the GPU/TPU default): ``jax.lax.ragged_dot``. On CPU XLA lowers it to a
+  dense masked product (``E`` times the work), so it is not used there by default.
+- :func:`swiglu_capacity`: batched ``einsum`` over fixed ``[G, E, C, D]`` capacity buffers.
+
+:func:`swiglu_reference` is the naive per-expert loop the others are tested against.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.nn.dispatch import Layout
+
+_F32 = jnp.float32
+
+
+def _dot(a, b, spec):
+    return jnp.einsum(spec, a, b, preferred_element_type=_F32)
+
+
+def _silu_grad(a):
+    s = jax.nn.sigmoid(a)
+    return s * (1.0 + a * (1.0 - s))
+
+
+# ------------------------------------------------------------------------------------------ tile loop
+
+def _tiles_forward(x, wg, wu, wd, row_weight, row_token, expert_tiles, bt, save):
+    T, D = x.shape
+    E, _, F = wg.shape
+    R = row_token.shape[0]
+    xz = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)], 0)
+    out = jnp.zeros((T, D), _F32)
+    acts = (jnp.zeros((R, F), x.dtype), jnp.zeros((R, F), x.dtype)) if save else ()
+
+    def expert_body(e, carry):
+        wg_e, wu_e, wd_e = wg[e], wu[e], wd[e]
+
+        def tile_body(t, c):
+            out, acts = c
+            r0 = t * bt
+            tok = jax.lax.dynamic_slice_in_dim(row_token, r0, bt, 0)
+            wr = jax.lax.dynamic_slice_in_dim(row_weight, r0, bt, 0)
+            xs = jnp.take(xz, tok, axis=0)
+            a = _dot(xs, wg_e, "rd,df->rf")
+            b = _dot(xs, wu_e, "rd,df->rf")
+            h = (jax.nn.silu(a) * b).astype(x.dtype)
+            y = _dot(h, wd_e, "rf,fd->rd")
+            out = out.at[tok].add(y * wr[:, None], mode="drop")
+            if save:
+                acts = (jax.lax.dynamic_update_slice_in_dim(acts[0], a.astype(x.dtype), r0, 0),
+                        jax.lax.dynamic_update_slice_in_dim(acts[1], b.astype(x.dtype), r0, 0))
+            return out, acts
+
+        return jax.lax.fori_loop(expert_tiles[e], expert_tiles[e + 1], tile_body, carry)
+
+    out, acts = jax.lax.fori_loop(0, E, expert_body, (out, acts))
+    return out.astype(x.dtype), acts
+
+
+def _tiles_backward(x, wg, wu, wd, row_weight, row_token, expert_tiles, bt, a_all, b_all, dout):
+    T, D = x.shape
+    E, _, F = wg.shape
+    xz = jnp.concatenate([x, jnp.zeros((1, D), x.dtype)], 0)
+    dz = jnp.concatenate([dout.astype(_F32), jnp.zeros((1, D), _F32)], 0)
+    dx = jnp.zeros((T, D), _F32)
+    dwr = jnp.zeros_like(row_weight)
+    dwg, dwu, dwd = jnp.zeros_like(wg), jnp.zeros_like(wu), jnp.zeros_like(wd)
+
+    def expert_body(e, carry):
+        dx, dwr, dwg, dwu, dwd = carry
+        wg_e, wu_e, wd_e = wg[e], wu[e], wd[e]
+
+        def tile_body(t, c):
+            dx, dwr, gg, gu, gd = c
+            r0 = t * bt
+            tok = jax.lax.dynamic_slice_in_dim(row_token, r0, bt, 0)
+            wr = jax.lax.dynamic_slice_in_dim(row_weight, r0, bt, 0).astype(_F32)[:, None]
+            xs = jnp.take(xz, tok, axis=0)
+            do = jnp.take(dz, tok, axis=0)
+            a = jax.lax.dynamic_slice_in_dim(a_all, r0, bt, 0).astype(_F32)
+            b = jax.lax.dynamic_slice_in_dim(b_all, r0, bt, 0).astype(_F32)
+            sa = jax.nn.silu(a)
+            h = sa * b
+            g = _dot(do.astype(x.dtype), wd_e, "rd,fd->rf")  # dout @ wd^T
+            dwr = jax.lax.dynamic_update_slice_in_dim(dwr, jnp.sum(g * h, -1).astype(dwr.dtype), r0, 0)
+            gd = gd + _dot(h.astype(x.dtype), (do * wr).astype(x.dtype), "rf,rd->fd")
+            dh = g * wr
+            db = (dh * sa).astype(x.dtype)
+            da = (dh * b * _silu_grad(a)).astype(x.dtype)
+            dxs = _dot(da, wg_e, "rf,df->rd") + _dot(db, wu_e, "rf,df->rd")
+            gg = gg + _dot(xs, da, "rd,rf->df")
+            gu = gu + _dot(xs, db, "rd,rf->df")
+            dx = dx.at[tok].add(dxs, mode="drop")
+            return dx, dwr, gg, gu, gd
+
+        z_in = jnp.zeros(wg.shape[1:], _F32)
+        z_out = jnp.zeros(wd.shape[1:], _F32)
+        dx, dwr, gg, gu, gd = jax.lax.fori_loop(expert_tiles[e], expert_tiles[e + 1], tile_body,
+                                                (dx, dwr, z_in, z_in, z_out))
+        dwg = jax.lax.dynamic_update_index_in_dim(dwg, gg.astype(wg.dtype), e, 0)
+        dwu = jax.lax.dynamic_update_index_in_dim(dwu, gu.astype(wu.dtype), e, 0)
+        dwd = jax.lax.dynamic_update_index_in_dim(dwd, gd.astype(wd.dtype), e, 0)
+        return dx, dwr, dwg, dwu, dwd
+
+    dx, dwr, dwg, dwu, dwd = jax.lax.fori_loop(0, E, expert_body, (dx, dwr, dwg, dwu, dwd))
+    return dx.astype(x.dtype), dwg, dwu, dwd, dwr
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _moe_tiles(x, wg, wu, wd, row_weight, row_token, expert_tiles, bt):
+    return _tiles_forward(x, wg, wu, wd, row_weight, row_token, expert_tiles, bt, save=False)[0]
+
+
+def _moe_tiles_fwd(x, wg, wu, wd, row_weight, row_token, expert_tiles, bt):
+    out, (a, b) = _tiles_forward(x, wg, wu, wd, row_weight, row_token, expert_tiles, bt, save=True)
+    return out, (x, wg, wu, wd, row_weight, row_token, expert_tiles, a, b)
+
+
+def _moe_tiles_bwd(bt, res, dout):
+    x, wg, wu, wd, row_weight, row_token, expert_tiles, a, b = res
+    dx, dwg, dwu, dwd, dwr = _tiles_backward(x, wg, wu, wd, row_weight, row_token, expert_tiles, bt, a, b,
+                                             dout)
+    return dx, dwg, dwu, dwd, dwr, None, None
+
+
+_moe_tiles.defvjp(_moe_tiles_fwd, _moe_tiles_bwd)
+
+
+def moe_swiglu_tiles(x: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, layout: Layout,
+                     weights: jax.Array, block_rows: int) -> jax.Array:
+    """Fused dispatch + SwiGLU experts + combine over a dropless tiled layout.
+
+    ``x [T, D]`` tokens, ``weights [T, K]`` combine weights, ``layout`` from
+    :func:`moejax.nn.dispatch.dropless_layout` with tile ``block_rows``. Returns
+    ``out[t] = sum_k weights[t, k] * expert_{e(t,k)}(x[t])`` without materializing the ``[T*K, D]`` rows:
+    each tile gathers its tokens, runs its expert and scatter-adds the weighted result.
+    """
+    R = layout.row_token.shape[0]
+    if R % block_rows:
+        raise ValueError(f"layout rows ({R}) must be a multiple of block_rows ({block_rows})")
+    row_weight = dsp_row_values(weights, layout)
+    return _moe_tiles(x, wg.astype(x.dtype), wu.astype(x.dtype), wd.astype(x.dtype), row_weight,
+                      layout.row_token, layout.expert_tiles, block_rows)
+
+
+def dsp_row_values(weights: jax.Array, layout: Layout) -> jax.Array:
+    """The combine weight of each layout row (0 for empty rows), float32 ``[R]``."""
+    wz = jnp.concatenate([weights.reshape(-1).astype(_F32), jnp.zeros(1, _F32)])
+    return jnp.take(wz, layout.row_slot, axis=0)
+
+
+# ------------------------------------------------------------------------------------------ other paths
+
+def swiglu_ragged(x: jax.Array, wg, wu, wd, layout: Layout) -> jax.Array:
+    """SwiGLU experts with ``lax.ragged_dot`` over unpadded dropless rows (layout built with block_rows=1)."""
+    gs = layout.group_sizes
+    a = jax.lax.ragged_dot(x, wg.astype(x.dtype), gs, preferred_element_type=_F32)
+    b = jax.lax.ragged_dot(x, wu.astype(x.dtype), gs, preferred_element_type=_F32)
+    h = (jax.nn.silu(a) * b).astype(x.dtype)
+    return jax.lax.ragged_dot(h, wd.astype(x.dtype), gs, preferred_element_type=_F32).astype(x.dtype)
+
+
+def swiglu_capacity(x: jax.Array, wg, wu, wd) -> jax.Array:
+    """SwiGLU experts over capacity buffers ``x [G, E, C, D]``."""
+    a = jnp.einsum("gecd,edf->gecf", x, wg.astype(x.dtype), preferred_element_type=_F32)
+    b = jnp.einsum("gecd,edf->gecf", x, wu.astype(x.dtype), preferred_element_type=_F32)
+    h = (jax.nn.silu(a) * b).astype(x.dtype)
+    return jnp.einsum("gecf,efd->gecd", h, wd.astype(x.dtype), preferred_element_type=_F32).astype(x.dtype)
+
+
+def swiglu(x: jax.Array, wg, wu, wd) -> jax.Array:
+    """One dense SwiGLU FFN ``x [..., D]`` with ``wg, wu [D, F]``, ``wd [F, D]``."""
+    a = jnp.einsum("...d,df->...f", x, wg.astype(x.dtype), preferred_element_type=_F32)
+    b = jnp.einsum("...d,df->...f", x, wu.astype(x.dtype), preferred_element_type=_F32)
+    h = (jax.nn.silu(a) * b).astype(x.dtype)
+    return jnp.einsum("...f,fd->...d", h, wd.astype(x.dtype), preferred_element_type=_F32).astype(x.dtype)
+
+
+def swiglu_reference(x: jax.Array, wg, wu, wd, group_sizes) -> jax.Array:
+    """Naive reference over contiguous unpadded groups (``group_sizes`` concrete): one FFN per expert."""
+    outs, r = [], 0
+    for e, n in enumerate([int(v) for v in group_sizes]):
+        outs.append(swiglu(x[r:r + n], wg[e], wu[e], wd[e]))
+        r += n
+    outs.append(jnp.zeros((x.shape[0] - r, wd.shape[-1]), x.dtype))
+    return jnp.concatenate(outs, 0)
+
+
+# ------------------------------------------------------------------------------------------ modules
+
+class SwiGLUExperts(nnx.Module):
+    """``E`` stacked SwiGLU experts: ``w_gate, w_up [E, D, F]``, ``w_down [E, F, D]``."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, *, init_std: float = 0.02,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(stddev=init_std)
+        self.w_gate = nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype),
+                                logical_axes=("expert", "embed", "mlp"))
+        self.w_up = nnx.Param(init(rngs.params(), (num_experts, d_model, d_ff), param_dtype),
+                              logical_axes=("expert", "embed", "mlp"))
+        self.w_down = nnx.Param(init(rngs.params(), (num_experts, d_ff, d_model), param_dtype),
+                                logical_axes=("expert", "mlp", "embed"))
+
+    def weights(self):
+        return self.w_gate[...], self.w_up[...], self.w_down[...]
+
+
+class SwiGLU(nnx.Module):
+    """A dense SwiGLU FFN (dense layers and shared experts)."""
+
+    def __init__(self, d_model: int, d_ff: int, *, init_std: float = 0.02, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        init = nnx.initializers.normal(stddev=init_std)
+        self.w_gate = nnx.Param(init(rngs.params(), (d_model, d_ff), param_dtype), logical_axes=("embed", "mlp"))
+        self.w_up = nnx.Param(init(rngs.params(), (d_model, d_ff), param_dtype), logical_axes=("embed", "mlp"))
+        self.w_down = nnx.Param(init(rngs.params(), (d_ff, d_model), param_dtype), logical_axes=("mlp", "embed"))
+
+    def __call__(self, x):
+        return swiglu(x, self.w_gate[...], self.w_up[...], self.w_down[...])

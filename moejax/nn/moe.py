@@ -1,0 +1,98 @@
+"""The MoE layer: route -> dispatch -> experts -> combine (+ shared experts, aux statistics)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.config import MoEConfig
+from moejax.nn import dispatch as dsp
+from moejax.nn.experts import SwiGLU, SwiGLUExperts, moe_swiglu_tiles, swiglu_capacity, swiglu_ragged
+from moejax.nn.routers import expert_choice_capacity, make_router, router_statistics
+
+
+def resolve_grouped_impl(impl: str) -> str:
+    """``auto`` -> ``tiles`` on CPU (``ragged_dot`` is a dense masked product there), else ``ragged_dot``."""
+    if impl != "auto":
+        return impl
+    return "tiles" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+class MoE(nnx.Module):
+    """A mixture-of-experts SwiGLU FFN.
+
+    ``__call__(x [..., D]) -> (y [..., D], aux)`` where ``aux`` holds the per-layer statistics
+    ``load_balance_loss``, ``z_loss``, ``expert_load [E]`` (routed slots per expert, before drops),
+    ``dropped`` (slots dropped by capacity) and ``capacity_used`` (the dynamic capacity Tutel's ``cf < 0``
+    would use: the largest kept per-expert row count of a group).
+
+    Keyword arguments: ``token_mask`` (``[...]`` bool; masked tokens, e.g. padding, are not routed and do not
+    count in the statistics), ``token_index`` (``[...]`` int; global token index for per-token randomness,
+    default ``arange``), ``rng`` (a PRNG key for stochastic routers, used only when ``train``).
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig, *, init_std: float = 0.02, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        self.dtype = dtype
+        self.router = make_router(d_model, cfg.num_experts, cfg.router, capacity_factor=cfg.capacity_factor,
+                                  init_std=init_std, param_dtype=param_dtype, rngs=rngs)
+        self.experts = SwiGLUExperts(cfg.num_experts, d_model, cfg.d_ff, init_std=init_std,
+                                     param_dtype=param_dtype, rngs=rngs)
+        if cfg.num_shared_experts:
+            width = cfg.num_shared_experts * (cfg.shared_d_ff or cfg.d_ff)
+            self.shared = SwiGLU(d_model, width, init_std=init_std, param_dtype=param_dtype, rngs=rngs)
+            if cfg.shared_expert_gate:
+                self.shared_gate = nnx.Param(
+                    nnx.initializers.normal(stddev=init_std)(rngs.params(), (d_model, 1), param_dtype),
+                    logical_axes=("embed", None))
+
+    def route(self, xt, *, token_mask=None, token_index=None, rng=None, train=False):
+        """Route flat tokens ``xt [T, D]`` in routing groups; returns (RouterOutput, group-shaped mask)."""
+        T, D = xt.shape
+        gs = self.cfg.router.group_size or T
+        if T % gs:
+            raise ValueError(f"RouterConfig.group_size={gs} must divide the number of tokens in a call ({T})")
+        G = T // gs
+        tm = None if token_mask is None else token_mask.reshape(G, gs)
+        ti = (jnp.arange(T, dtype=jnp.int32) if token_index is None else token_index).reshape(G, gs)
+        return self.router(xt.reshape(G, gs, D), token_mask=tm, token_index=ti, rng=rng, train=train), tm
+
+    def __call__(self, x, *, token_mask=None, token_index=None, rng=None, train=False):
+        cfg = self.cfg
+        shape = x.shape
+        D = shape[-1]
+        xt = x.reshape(-1, D).astype(self.dtype)
+        T = xt.shape[0]
+        r, tm = self.route(xt, token_mask=token_mask, token_index=token_index, rng=rng, train=train)
+        aux = router_statistics(r, tm)
+        G, S, K = r.expert_ids.shape
+        E = cfg.num_experts
+        wg, wu, wd = self.experts.weights()
+        weights = r.weights.reshape(T, K)
+        if cfg.dispatch == "capacity":
+            C = (expert_choice_capacity(S, E, cfg.capacity_factor) if cfg.router.type == "expert_choice"
+                 else dsp.capacity_for(S, E, K, cfg.capacity_factor))
+            layout = dsp.capacity_layout(r.expert_ids, r.mask, E, C)
+            xb = dsp.gather_rows(xt, layout).reshape(G, E, C, D)
+            out = dsp.combine_rows(swiglu_capacity(xb, wg, wu, wd).reshape(G * E * C, D), layout, weights)
+        elif resolve_grouped_impl(cfg.grouped_impl) == "ragged_dot":
+            layout = dsp.dropless_layout(r.expert_ids.reshape(T, K), r.mask.reshape(T, K), E, 1)
+            y = swiglu_ragged(dsp.gather_rows(xt, layout), wg, wu, wd, layout)
+            out = dsp.combine_rows(y, layout, weights)
+        else:
+            bt = cfg.block_rows or dsp.default_block_rows(T * K, E)
+            layout = dsp.dropless_layout(r.expert_ids.reshape(T, K), r.mask.reshape(T, K), E, bt)
+            out = moe_swiglu_tiles(xt, wg, wu, wd, layout, weights, bt)
+        if cfg.num_shared_experts:
+            s = self.shared(xt)
+            if cfg.shared_expert_gate:
+                g = jax.nn.sigmoid(jnp.einsum("td,do->to", xt.astype(jnp.float32),
+                                              self.shared_gate[...].astype(jnp.float32)))
+                s = (s.astype(jnp.float32) * g).astype(s.dtype)
+            out = out + s
+        aux["dropped"] = layout.dropped
+        aux["capacity_used"] = layout.capacity_used
+        return out.reshape(shape).astype(x.dtype), aux
