@@ -1,0 +1,126 @@
+"""The ``moejax`` command.
+
+    moejax generate --preset tiny --prompt-ids 1,2,3 --max-new-tokens 16 --greedy
+    moejax generate --hf PATH --prompt "def main():" --max-new-tokens 32
+    moejax presets
+
+Subcommands grow with the library (train, eval, serve, profile, bench, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _model_from_args(args):
+    import jax
+    from flax import nnx
+
+    from moejax.config import get_preset, load_config
+    from moejax.models.transformer import Transformer
+
+    sources = [s for s in (args.preset, args.hf, args.config) if s]
+    if len(sources) != 1:
+        raise SystemExit("error: give exactly one of --preset, --config or --hf")
+    if args.hf:
+        from moejax.models.hf import load_hf
+        model, cfg = load_hf(args.hf, dtype=args.dtype)
+        return model, cfg, args.hf
+    cfg = get_preset(args.preset) if args.preset else load_config(args.config)
+    if args.dtype != cfg.dtype:
+        import dataclasses
+        cfg = dataclasses.replace(cfg, dtype=args.dtype).validate()
+    print(f"random weights (seed {args.seed}) for {'preset ' + args.preset if args.preset else args.config}; "
+          f"backend {jax.default_backend()}", file=sys.stderr)
+    return Transformer(cfg, rngs=nnx.Rngs(args.seed)), cfg, None
+
+
+def _load_tokenizer(path):
+    if not path:
+        return None
+    tj = os.path.join(path, "tokenizer.json")
+    if not os.path.exists(tj):
+        return None
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(tj)
+
+
+def cmd_generate(args) -> int:
+    from moejax.models.generate import generate
+
+    model, cfg, path = _model_from_args(args)
+    tok = _load_tokenizer(path)
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise SystemExit(f"error: --prompt-ids must be comma-separated integers, got {args.prompt_ids!r}")
+    elif args.prompt is not None:
+        if tok is not None:
+            ids = tok.encode(args.prompt).ids
+        elif cfg.vocab_size >= 256:
+            ids = list(args.prompt.encode("utf-8"))  # byte-level models
+        else:
+            raise SystemExit("error: --prompt needs a tokenizer.json beside the checkpoint; use --prompt-ids")
+    else:
+        raise SystemExit("error: give --prompt-ids or --prompt")
+    res = generate(model, [ids], args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                   top_p=args.top_p, seed=args.seed, eos_id=args.eos_id)
+    new = res.as_lists()[0]
+    if tok is not None:
+        print(tok.decode(new))
+    elif args.prompt is not None:
+        print(bytes(t for t in new if t < 256).decode("utf-8", errors="replace"))
+    print(",".join(map(str, new)))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from moejax.config import PRESETS
+    from moejax.models.transformer import active_params
+    for name, cfg in PRESETS.items():
+        p = active_params(cfg)
+        moe = (f"{cfg.moe.num_experts} experts top-{cfg.moe.router.effective_top_k}" if cfg.moe else "dense")
+        print(f"{name:18s} layers {cfg.n_layers:3d} d_model {cfg.d_model:5d} {moe:22s} "
+              f"params {p['total'] / 1e6:10.1f}M active {p['active'] / 1e6:9.1f}M")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="moejax", description="Mixture-of-Experts training and serving in JAX")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate tokens from a preset (random weights) or an HF checkpoint")
+    src = g.add_argument_group("model (exactly one)")
+    src.add_argument("--preset", help="named preset with random weights, e.g. tiny")
+    src.add_argument("--config", help="model config JSON/YAML (random weights)")
+    src.add_argument("--hf", help="local Hugging Face directory (config.json + *.safetensors)")
+    g.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
+    g.add_argument("--prompt", help="prompt text (tokenizer.json of the checkpoint, or bytes for byte-level models)")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--greedy", action="store_true", help="greedy decoding (default: sample)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eos-id", type=int, default=None)
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    g.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("presets", help="list model presets with parameter counts")
+    p.set_defaults(func=cmd_presets)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
