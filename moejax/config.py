@@ -360,6 +360,21 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
+def _yaml_loader():
+    """A SafeLoader that also reads ``1e-6`` (no decimal point) as a float, as JSON and Python do."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+    return Loader
+
+
 def load_config(path: str | os.PathLike, cls: type = ModelConfig) -> Any:
     """Read a config written by :func:`save_config` (or by hand) and validate it."""
     path = os.fspath(path)
@@ -368,7 +383,7 @@ def load_config(path: str | os.PathLike, cls: type = ModelConfig) -> Any:
     with open(path) as f:
         if path.endswith((".yaml", ".yml")):
             import yaml
-            data = yaml.safe_load(f)
+            data = yaml.load(f, Loader=_yaml_loader())
         else:
             data = json.load(f)
     cfg = config_from_dict(cls, data)

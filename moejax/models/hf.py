@@ -27,7 +27,6 @@ dtype is kept.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -121,18 +120,6 @@ def _check_sliding_window(hf: Mapping[str, Any], model_type: str) -> None:
                          f"(max_position_embeddings={max_pos!r}); sliding-window attention is not supported")
 
 
-@functools.lru_cache(maxsize=None)
-def _router_renormalizes_top1() -> bool:
-    """Whether moejax's ``topk`` router gives a lone (top-1) expert weight 1 when ``normalize`` is set, as
-    Hugging Face does (probed, so the check follows the router implementation)."""
-    from moejax.nn.routers import make_router
-
-    r = make_router(4, 2, RouterConfig(type="topk", top_k=1, normalize=True), capacity_factor=1.0,
-                    rngs=nnx.Rngs(0))
-    w = r(jnp.ones((1, 1, 4), jnp.float32)).weights
-    return bool(jnp.allclose(w, 1.0))
-
-
 def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
     """Translate a Hugging Face ``config.json`` dict into a validated :class:`~moejax.config.ModelConfig`.
 
@@ -183,10 +170,6 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> ModelConfig:
         d_ff = _require(hf, "intermediate_size", mt)
     top_k = _require(hf, "num_experts_per_tok", mt)
     normalize = True if mt == "mixtral" else bool(hf.get("norm_topk_prob", False))
-    if n_exp and top_k == 1 and normalize and not _router_renormalizes_top1():
-        raise ValueError(f"config.json ({mt}): field 'num_experts_per_tok'=1 with renormalized routing weights "
-                         f"({'Mixtral' if mt == 'mixtral' else 'norm_topk_prob=true'}) is not supported: moejax's "
-                         f"topk router does not renormalize a single expert's weight to 1")
     qk_norm = mt == "qwen3_moe"
     if mt == "qwen3_moe" and hf.get("attention_bias", False):
         raise ValueError("config.json (qwen3_moe): field 'attention_bias'=true is not supported (moejax has no "

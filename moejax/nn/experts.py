@@ -177,11 +177,19 @@ def swiglu_ragged(x: jax.Array, wg, wu, wd, layout: Layout) -> jax.Array:
 
 
 def swiglu_capacity(x: jax.Array, wg, wu, wd) -> jax.Array:
-    """SwiGLU experts over capacity buffers ``x [G, E, C, D]``."""
-    a = jnp.einsum("gecd,edf->gecf", x, wg.astype(x.dtype), preferred_element_type=_F32)
-    b = jnp.einsum("gecd,edf->gecf", x, wu.astype(x.dtype), preferred_element_type=_F32)
+    """SwiGLU experts over capacity buffers ``x [G, E, C, D]``.
+
+    The products run expert-major (``[E, G*C, D]``, the batch axis leading): XLA:CPU has no kernel for a
+    bfloat16 x bfloat16 -> float32 batched dot whose batch axis is not the leading one (``gecd,edf->gecf``
+    fails at run time with "Unsupported element type for DotThunk::Execute").
+    """
+    G, E, C, D = x.shape
+    xe = jnp.swapaxes(x, 0, 1).reshape(E, G * C, D)
+    a = jnp.einsum("erd,edf->erf", xe, wg.astype(x.dtype), preferred_element_type=_F32)
+    b = jnp.einsum("erd,edf->erf", xe, wu.astype(x.dtype), preferred_element_type=_F32)
     h = (jax.nn.silu(a) * b).astype(x.dtype)
-    return jnp.einsum("gecf,efd->gecd", h, wd.astype(x.dtype), preferred_element_type=_F32).astype(x.dtype)
+    y = jnp.einsum("erf,efd->erd", h, wd.astype(x.dtype), preferred_element_type=_F32).astype(x.dtype)
+    return jnp.swapaxes(y.reshape(E, G, C, -1), 0, 1)
 
 
 def swiglu(x: jax.Array, wg, wu, wd) -> jax.Array:

@@ -94,5 +94,10 @@ class MoE(nnx.Module):
                 s = (s.astype(jnp.float32) * g).astype(s.dtype)
             out = out + s
         aux["dropped"] = layout.dropped
-        aux["capacity_used"] = layout.capacity_used
+        if cfg.dispatch == "capacity":
+            aux["capacity_used"] = layout.capacity_used
+        else:
+            # The dropless layout spans all routing groups; the capacity Tutel would use is per group.
+            load_g = jnp.sum(jax.nn.one_hot(r.expert_ids, E, dtype=jnp.int32) * r.mask[..., None], axis=(1, 2))
+            aux["capacity_used"] = jnp.max(load_g).astype(jnp.int32)
         return out.reshape(shape).astype(x.dtype), aux

@@ -80,6 +80,15 @@ def _finish(ids, weights, mask, probs, logits, token_mask):
     return RouterOutput(ids.astype(jnp.int32), weights.astype(jnp.float32), mask, probs, logits)
 
 
+def _renormalize(w, normalize: bool):
+    """Chosen weights renormalized to sum to one; a single expert gets exactly 1 (and a zero gradient)."""
+    if not normalize:
+        return w
+    if w.shape[-1] == 1:
+        return jnp.ones_like(w)
+    return w / jnp.sum(w, axis=-1, keepdims=True)
+
+
 class TopKRouter(Router):
     """Softmax over all experts, top-k, optional renormalization (Mixtral, Qwen2/3-MoE)."""
 
@@ -88,9 +97,8 @@ class TopKRouter(Router):
         probs = jax.nn.softmax(logits, axis=-1)
         k = self.cfg.effective_top_k
         w, ids = jax.lax.top_k(probs, k)
-        if self.cfg.normalize and k > 1:
-            w = w / jnp.sum(w, axis=-1, keepdims=True)
-        return _finish(ids, w, jnp.ones(ids.shape, bool), probs, logits, token_mask)
+        return _finish(ids, _renormalize(w, self.cfg.normalize), jnp.ones(ids.shape, bool), probs, logits,
+                       token_mask)
 
 
 class SwitchRouter(Router):
@@ -192,9 +200,8 @@ class XMoERouter(Router):
         logits = self.gate_logits(x)
         probs = jax.nn.softmax(logits, axis=-1)
         w, ids = jax.lax.top_k(probs, self.cfg.top_k)
-        if self.cfg.normalize and self.cfg.top_k > 1:
-            w = w / jnp.sum(w, axis=-1, keepdims=True)
-        return _finish(ids, w, jnp.ones(ids.shape, bool), probs, logits, token_mask)
+        return _finish(ids, _renormalize(w, self.cfg.normalize), jnp.ones(ids.shape, bool), probs, logits,
+                       token_mask)
 
 
 def expert_choice_capacity(group_tokens: int, num_experts: int, capacity_factor: float) -> int:
