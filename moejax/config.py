@@ -19,7 +19,7 @@ from typing import Any, Mapping
 ROUTER_TYPES = ("topk", "switch", "gshard", "sigmoid", "xmoe", "expert_choice")
 DISPATCH_TYPES = ("dropless", "capacity")
 GSHARD_SECOND_POLICIES = ("random", "all", "sampling")
-GROUPED_IMPLS = ("auto", "tiles", "ragged_dot")
+GROUPED_IMPLS = ("auto", "tiles", "ragged_dot", "dense")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -150,7 +150,9 @@ class MoEConfig:
       z_loss_coef: weight of the router z-loss.
       grouped_impl: grouped expert compute for dropless dispatch: ``tiles`` (tile loop over sorted tokens,
         each tile one expert; fastest on CPU), ``ragged_dot`` (``jax.lax.ragged_dot``; native on GPU/TPU, a
-        dense masked product on CPU), ``auto`` (``tiles`` on CPU, ``ragged_dot`` elsewhere).
+        dense masked product on CPU), ``dense`` (every expert on every token, weighted by the routing; exact
+        dropless semantics, cheapest when ``tokens * num_experts`` is small, e.g. decode steps), ``auto``
+        (``dense`` when ``tokens * num_experts <= 256``, else ``tiles`` on CPU and ``ragged_dot`` elsewhere).
       block_rows: row tile of the ``tiles`` implementation; ``None`` picks one from the token count.
     """
 

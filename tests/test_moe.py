@@ -56,6 +56,7 @@ EC_ROUTER = RouterConfig(type="expert_choice")
 VARIANTS = {
     "dropless-tiles": dict(dispatch="dropless", grouped_impl="tiles"),
     "dropless-ragged_dot": dict(dispatch="dropless", grouped_impl="ragged_dot"),
+    "dropless-dense": dict(dispatch="dropless", grouped_impl="dense"),
     "capacity-1.0": dict(dispatch="capacity", capacity_factor=1.0),
     "capacity--1.0": dict(dispatch="capacity", capacity_factor=-1.0),
     "capacity-0": dict(dispatch="capacity", capacity_factor=0.0),
@@ -403,3 +404,11 @@ def test_property_all_routers_slow(tokens, num_experts, router, variant, cf, blo
         overrides["capacity_factor"] = cf
     cfg = make_cfg(rc, variant, num_experts=num_experts, group_size=tokens // groups, **overrides)
     check_layer(make_layer(cfg, seed=seed), make_x((tokens, D), seed=seed + 1))
+
+
+def test_auto_impl_selection():
+    """auto: all-experts 'dense' only for tiny token counts; tiles on CPU otherwise."""
+    from moejax.nn.moe import resolve_grouped_impl
+    assert resolve_grouped_impl("auto", 16, 8) == "dense"
+    assert resolve_grouped_impl("auto", 64, 8) == "tiles"
+    assert resolve_grouped_impl("tiles", 1, 1) == "tiles"

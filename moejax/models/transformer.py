@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import ModelConfig
-from moejax.nn.attention import Attention, LayerKV
+from moejax.nn.attention import Attention, LayerKV, rope_tables
+from moejax.nn.attention import attention_mask as make_attention_mask
 from moejax.nn.experts import SwiGLU
 from moejax.nn.moe import MoE
 from moejax.nn.norms import RMSNorm
@@ -61,9 +62,9 @@ class Block(nnx.Module):
             self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, init_std=cfg.init_std, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x, positions, *, segment_ids=None, kv=None, cache_index=None, kv_valid=None,
-                 token_mask=None, token_index=None, rng=None, train=False):
+                 token_mask=None, token_index=None, rng=None, train=False, rope=None, mask=None):
         h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids=segment_ids, kv=kv,
-                              cache_index=cache_index, kv_valid=kv_valid)
+                              cache_index=cache_index, kv_valid=kv_valid, rope=rope, mask=mask)
         x = x + h.astype(x.dtype)
         y = self.ffn_norm(x)
         if self.kind == "moe":
@@ -164,6 +165,9 @@ class Transformer(nnx.Module):
         kv_valid = None
         if cache is not None:
             kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid_tok, cache_index, 1)
+        # RoPE tables and the attention mask are the same for every layer: computed once here.
+        rope = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
+        mask = make_attention_mask(B, S, segment_ids=segment_ids, cache_index=cache_index, kv_valid=kv_valid)
         new_k, new_v, auxes = [], [], []
         for r, (kind, first, n) in enumerate(self.runs):
             lo, hi = max(start, first) - first, min(stop, first + n) - first
@@ -173,8 +177,8 @@ class Transformer(nnx.Module):
                     new_v.append(cache.v[r])
                 continue
             kv = None if cache is None else LayerKV(cache.k[r], cache.v[r])
-            x, kv_out, aux = self._run_stack(r, lo, hi, x, positions, segment_ids, kv, cache_index, kv_valid,
-                                             valid_tok, token_index, rng, train)
+            x, kv_out, aux = self._run_stack(r, lo, hi, x, positions, kv, cache_index, valid_tok, token_index,
+                                             rng, train, rope, mask)
             if cache is not None:
                 new_k.append(kv_out.k)
                 new_v.append(kv_out.v)
@@ -185,8 +189,8 @@ class Transformer(nnx.Module):
         out = x if (return_hidden or stop < cfg.n_layers) else self.head(x)
         return ModelOutput(out, new_cache, aux)
 
-    def _run_stack(self, r, lo, hi, x, positions, segment_ids, kv, cache_index, kv_valid, token_mask,
-                   token_index, rng, train):
+    def _run_stack(self, r, lo, hi, x, positions, kv, cache_index, token_mask, token_index, rng, train, rope,
+                   mask):
         kind, first, n = self.runs[r]
         gdef, state = nnx.split(self.stacks[r])
         sl = (lambda a: a[lo:hi]) if (lo, hi) != (0, n) else (lambda a: a)
@@ -196,9 +200,8 @@ class Transformer(nnx.Module):
             st, lkv, lid = xs
             blk = nnx.merge(gdef, st)
             lrng = None if rng is None else jax.random.fold_in(rng, lid)
-            x, new_kv, aux = blk(x, positions, segment_ids=segment_ids, kv=lkv, cache_index=cache_index,
-                                 kv_valid=kv_valid, token_mask=token_mask, token_index=token_index, rng=lrng,
-                                 train=train)
+            x, new_kv, aux = blk(x, positions, kv=lkv, cache_index=cache_index, token_mask=token_mask,
+                                 token_index=token_index, rng=lrng, train=train, rope=rope, mask=mask)
             return x, (new_kv, aux)
 
         kv_in = None if kv is None else LayerKV(sl(kv.k), sl(kv.v))

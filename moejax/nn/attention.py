@@ -53,6 +53,21 @@ def attend(q, k, v, mask):
     return o.reshape(B, S, H, hd).astype(q.dtype)
 
 
+def attention_mask(batch: int, seq: int, *, segment_ids=None, cache_index=None, kv_valid=None) -> jax.Array:
+    """Boolean ``[B, S, keys]`` mask.
+
+    Without a cache (``kv_valid is None``): causal within segments (``segment_ids [B, S]``, 0 = padding).
+    With a cache: query ``s`` (at column ``cache_index + s``) sees the valid columns at or before its own.
+    """
+    if kv_valid is None:
+        seg = jnp.ones((batch, seq), jnp.int32) if segment_ids is None else segment_ids
+        causal = jnp.tril(jnp.ones((seq, seq), bool))
+        return causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+    T = kv_valid.shape[1]
+    qpos = cache_index + jnp.arange(seq)
+    return (jnp.arange(T)[None, :] <= qpos[:, None])[None] & kv_valid[:, None, :]
+
+
 class Attention(nnx.Module):
     """Multi-head attention with ``n_kv_heads`` shared key/value heads."""
 
@@ -80,7 +95,7 @@ class Attention(nnx.Module):
             self.q_norm = nnx.Param(jnp.ones((head_dim,), param_dtype), logical_axes=("head_dim",))
             self.k_norm = nnx.Param(jnp.ones((head_dim,), param_dtype), logical_axes=("head_dim",))
 
-    def qkv(self, x, positions):
+    def qkv(self, x, positions, rope=None):
         dt = self.dtype
         x = x.astype(dt)
         q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
@@ -91,31 +106,28 @@ class Attention(nnx.Module):
         if hasattr(self, "q_norm"):
             q = rms_norm(q, self.q_norm[...], self.norm_eps)
             k = rms_norm(k, self.k_norm[...], self.norm_eps)
-        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta)
+        cos, sin = rope if rope is not None else rope_tables(positions, self.head_dim, self.rope_theta)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def out(self, o):
         return jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(self.dtype))
 
     def __call__(self, x, positions, *, segment_ids=None, kv: LayerKV | None = None, cache_index=None,
-                 kv_valid=None):
+                 kv_valid=None, rope=None, mask=None):
         """Attention over ``x [B, S, D]``.
 
         Without ``kv``: causal within segments (``segment_ids [B, S]``, 0 = padding). With ``kv``: the new
         keys/values are written at columns ``[cache_index, cache_index + S)`` and each query attends to the
         columns ``<= cache_index + s`` where ``kv_valid [B, S_max]`` (already including the new tokens).
-        Returns ``(y, new_kv)``.
+        ``rope`` (``(cos, sin)`` from :func:`rope_tables`) and ``mask`` (from :func:`attention_mask`) can be
+        passed in precomputed, as the model does once for all layers. Returns ``(y, new_kv)``.
         """
-        q, k, v = self.qkv(x, positions)
+        q, k, v = self.qkv(x, positions, rope)
         B, S = x.shape[:2]
+        if mask is None:
+            mask = attention_mask(B, S, segment_ids=segment_ids, cache_index=cache_index, kv_valid=kv_valid)
         if kv is None:
-            seg = jnp.ones((B, S), jnp.int32) if segment_ids is None else segment_ids
-            causal = jnp.tril(jnp.ones((S, S), bool))
-            mask = causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
             return self.out(attend(q, k, v, mask)), None
         kc = jax.lax.dynamic_update_slice_in_dim(kv.k, k.astype(kv.k.dtype), cache_index, 1)
         vc = jax.lax.dynamic_update_slice_in_dim(kv.v, v.astype(kv.v.dtype), cache_index, 1)
-        T = kc.shape[1]
-        qpos = cache_index + jnp.arange(S)
-        mask = (jnp.arange(T)[None, :] <= qpos[:, None])[None] & kv_valid[:, None, :]
         return self.out(attend(q, kc.astype(q.dtype), vc.astype(q.dtype), mask)), LayerKV(kc, vc)

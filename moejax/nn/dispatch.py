@@ -120,3 +120,19 @@ def combine_rows(y: jax.Array, layout: Layout, weights: jax.Array) -> jax.Array:
     ys = jnp.take(yz, layout.slot_row, axis=0).reshape(T, K, -1)
     out = jnp.einsum("tk,tkd->td", weights.astype(jnp.float32), ys.astype(jnp.float32))
     return out.astype(y.dtype)
+
+
+def dense_layout(expert_ids: jax.Array, mask: jax.Array, num_experts: int) -> Layout:
+    """Statistics-only layout for the ``dense`` path (every expert sees every token; nothing dropped)."""
+    T, K = expert_ids.shape
+    counts = jnp.bincount(jnp.where(mask, expert_ids, num_experts).reshape(-1), length=num_experts + 1)
+    counts = counts[:num_experts].astype(jnp.int32)
+    empty = jnp.zeros(0, jnp.int32)
+    return Layout(empty, empty, empty, counts, jnp.zeros(num_experts + 1, jnp.int32), jnp.zeros((), jnp.int32),
+                  jnp.max(counts))
+
+
+def dense_combine_weights(weights: jax.Array, expert_ids: jax.Array, num_experts: int) -> jax.Array:
+    """``[T, E]`` combine matrix from ``[T, K]`` slot weights (0 for unrouted slots and other experts)."""
+    onehot = jax.nn.one_hot(expert_ids, num_experts, dtype=weights.dtype)
+    return jnp.einsum("tk,tke->te", weights, onehot)

@@ -192,6 +192,22 @@ def swiglu_capacity(x: jax.Array, wg, wu, wd) -> jax.Array:
     return jnp.swapaxes(y.reshape(E, G, C, -1), 0, 1)
 
 
+def swiglu_dense_combine(x: jax.Array, wg, wu, wd, combine: jax.Array) -> jax.Array:
+    """Every expert on every token, combined: ``out[t] = sum_e combine[t, e] * expert_e(x[t])``.
+
+    ``x [T, D]``, ``combine [T, E]`` (zero for experts a token is not routed to). Exact dropless semantics at
+    ``E / k`` times the active FLOPs; one batched matmul per weight, so it wins for small ``T`` (decode).
+    """
+    T, D = x.shape
+    E = wg.shape[0]
+    xe = jnp.broadcast_to(x, (E, T, D))
+    a = jnp.einsum("etd,edf->etf", xe, wg.astype(x.dtype), preferred_element_type=_F32)
+    b = jnp.einsum("etd,edf->etf", xe, wu.astype(x.dtype), preferred_element_type=_F32)
+    h = (jax.nn.silu(a) * b * jnp.swapaxes(combine, 0, 1)[..., None].astype(_F32)).astype(x.dtype)
+    y = jnp.einsum("etf,efd->etd", h, wd.astype(x.dtype), preferred_element_type=_F32)
+    return jnp.sum(y, axis=0).astype(x.dtype)
+
+
 def swiglu(x: jax.Array, wg, wu, wd) -> jax.Array:
     """One dense SwiGLU FFN ``x [..., D]`` with ``wg, wu [D, F]``, ``wd [F, D]``."""
     a = jnp.einsum("...d,df->...f", x, wg.astype(x.dtype), preferred_element_type=_F32)

@@ -8,14 +8,25 @@ from flax import nnx
 
 from moejax.config import MoEConfig
 from moejax.nn import dispatch as dsp
-from moejax.nn.experts import SwiGLU, SwiGLUExperts, moe_swiglu_tiles, swiglu_capacity, swiglu_ragged
+from moejax.nn.experts import (SwiGLU, SwiGLUExperts, moe_swiglu_tiles, swiglu_capacity, swiglu_dense_combine,
+                               swiglu_ragged)
 from moejax.nn.routers import expert_choice_capacity, make_router, router_statistics
 
 
-def resolve_grouped_impl(impl: str) -> str:
-    """``auto`` -> ``tiles`` on CPU (``ragged_dot`` is a dense masked product there), else ``ragged_dot``."""
+DENSE_MAX_ROWS = 256
+
+
+def resolve_grouped_impl(impl: str, tokens: int, num_experts: int) -> str:
+    """Pick the dropless grouped-compute method for a call with ``tokens`` tokens (static under jit).
+
+    ``auto``: ``dense`` when ``tokens * num_experts <= DENSE_MAX_ROWS`` (small decode batches: one batched
+    matmul over all experts beats sorting and looping), otherwise ``tiles`` on CPU (``ragged_dot`` is a dense
+    masked product there) and ``ragged_dot`` on GPU/TPU.
+    """
     if impl != "auto":
         return impl
+    if tokens * num_experts <= DENSE_MAX_ROWS:
+        return "dense"
     return "tiles" if jax.default_backend() == "cpu" else "ragged_dot"
 
 
@@ -71,20 +82,23 @@ class MoE(nnx.Module):
         G, S, K = r.expert_ids.shape
         E = cfg.num_experts
         wg, wu, wd = self.experts.weights()
-        weights = r.weights.reshape(T, K)
+        weights, ids, mask = r.weights.reshape(T, K), r.expert_ids.reshape(T, K), r.mask.reshape(T, K)
         if cfg.dispatch == "capacity":
             C = (expert_choice_capacity(S, E, cfg.capacity_factor) if cfg.router.type == "expert_choice"
                  else dsp.capacity_for(S, E, K, cfg.capacity_factor))
             layout = dsp.capacity_layout(r.expert_ids, r.mask, E, C)
             xb = dsp.gather_rows(xt, layout).reshape(G, E, C, D)
             out = dsp.combine_rows(swiglu_capacity(xb, wg, wu, wd).reshape(G * E * C, D), layout, weights)
-        elif resolve_grouped_impl(cfg.grouped_impl) == "ragged_dot":
-            layout = dsp.dropless_layout(r.expert_ids.reshape(T, K), r.mask.reshape(T, K), E, 1)
+        elif (impl := resolve_grouped_impl(cfg.grouped_impl, T, E)) == "dense":
+            layout = dsp.dense_layout(ids, mask, E)
+            out = swiglu_dense_combine(xt, wg, wu, wd, dsp.dense_combine_weights(weights, ids, E))
+        elif impl == "ragged_dot":
+            layout = dsp.dropless_layout(ids, mask, E, 1)
             y = swiglu_ragged(dsp.gather_rows(xt, layout), wg, wu, wd, layout)
             out = dsp.combine_rows(y, layout, weights)
         else:
             bt = cfg.block_rows or dsp.default_block_rows(T * K, E)
-            layout = dsp.dropless_layout(r.expert_ids.reshape(T, K), r.mask.reshape(T, K), E, bt)
+            layout = dsp.dropless_layout(ids, mask, E, bt)
             out = moe_swiglu_tiles(xt, wg, wu, wd, layout, weights, bt)
         if cfg.num_shared_experts:
             s = self.shared(xt)
