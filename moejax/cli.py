@@ -21,9 +21,13 @@ def _model_from_args(args):
     from moejax.config import get_preset, load_config
     from moejax.models.transformer import Transformer
 
-    sources = [s for s in (args.preset, args.hf, args.config) if s]
+    sources = [s for s in (args.preset, args.hf, args.config, getattr(args, "ckpt", None)) if s]
     if len(sources) != 1:
-        raise SystemExit("error: give exactly one of --preset, --config or --hf")
+        raise SystemExit("error: give exactly one of --preset, --config, --hf or --ckpt")
+    if getattr(args, "ckpt", None):
+        from moejax.train.checkpoint import load_model
+        model, cfg, _ = load_model(args.ckpt)
+        return model, cfg, None
     if args.hf:
         from moejax.models.hf import load_hf
         model, cfg = load_hf(args.hf, dtype=args.dtype)
@@ -77,6 +81,74 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _train_configs(args):
+    import dataclasses
+
+    from moejax.config import TrainConfig, get_preset, load_config
+
+    if bool(args.preset) == bool(args.config):
+        raise SystemExit("error: give exactly one of --preset or --config")
+    cfg = get_preset(args.preset) if args.preset else load_config(args.config)
+    if args.router or args.dispatch:
+        if cfg.moe is None:
+            raise SystemExit("error: --router/--dispatch need an MoE model (this config is dense)")
+        moe = cfg.moe
+        if args.router:
+            moe = dataclasses.replace(moe, router=dataclasses.replace(moe.router, type=args.router))
+        if args.dispatch:
+            moe = dataclasses.replace(moe, dispatch=args.dispatch)
+        cfg = dataclasses.replace(cfg, moe=moe)
+    tc = load_config(args.train_config, TrainConfig) if args.train_config else TrainConfig()
+    over = {k: v for k, v in dict(steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
+                                  global_batch=args.batch, lr=args.lr, seed=args.seed).items() if v is not None}
+    if args.preset == "tiny" and args.steps is None and args.minutes is None and not args.train_config:
+        over["minutes"] = 3.0  # a quick default run on 2 CPU cores
+    return cfg.validate(), dataclasses.replace(tc, **over).validate()
+
+
+def cmd_train(args) -> int:
+    from moejax.train.trainer import train
+
+    cfg, tc = _train_configs(args)
+    out = args.out or os.path.join("runs", args.preset or os.path.splitext(os.path.basename(args.config))[0])
+    summary = train(cfg, tc, out, corpus=args.corpus, resume=args.resume, progress=not args.no_progress)
+    print(f"validation bits/byte {summary['val_bits_per_byte']:.4f} after {summary['step']} steps "
+          f"({summary['elapsed_s'] / 60:.1f} min)")
+    print(f"checkpoint: {summary['checkpoint']}")
+    print(f"log: {summary['log']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from moejax.train import data as data_lib
+    from moejax.train.checkpoint import load_model
+    from moejax.train.trainer import LN2, lm_loss, split_batch
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model, cfg, meta = load_model(args.ckpt)
+    tc = meta["train_config"]
+    streams, info = data_lib.build_corpus(args.corpus, val_percent=tc["val_percent"])
+    gdef, state = nnx.split(model)
+
+    @jax.jit
+    def ev(state, b):
+        inp, tgt = split_batch(b)
+        out = nnx.merge(gdef, state)(inp["tokens"], segment_ids=inp["segment_ids"], positions=inp["positions"])
+        return lm_loss(out.logits, tgt)[0], jnp.sum(tgt < 256)
+
+    nats, n = 0.0, 0
+    for b in data_lib.validation_batches(streams["validation"], seq_len=tc["seq_len"] + 1, batch=args.batch,
+                                         max_batches=args.max_batches):
+        s, c = ev(state, jax.tree.map(jnp.asarray, b))
+        nats, n = nats + float(s), n + int(c)
+    print(f"validation bits/byte {nats / LN2 / max(n, 1):.4f} over {n} bytes (corpus files hash {info.files_hash}, "
+          f"checkpoint step {meta['step']})")
+    return 0
+
+
 def cmd_presets(args) -> int:
     from moejax.config import PRESETS
     from moejax.models.transformer import active_params
@@ -97,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--preset", help="named preset with random weights, e.g. tiny")
     src.add_argument("--config", help="model config JSON/YAML (random weights)")
     src.add_argument("--hf", help="local Hugging Face directory (config.json + *.safetensors)")
+    src.add_argument("--ckpt", help="a moejax training run directory (its latest checkpoint)")
     g.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     g.add_argument("--prompt", help="prompt text (tokenizer.json of the checkpoint, or bytes for byte-level models)")
     g.add_argument("--max-new-tokens", type=int, default=32)
@@ -107,6 +180,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eos-id", type=int, default=None)
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train on a byte-level corpus (default: this Python's stdlib sources)")
+    t.add_argument("--preset", help="model preset, e.g. tiny")
+    t.add_argument("--config", help="model config JSON/YAML")
+    t.add_argument("--train-config", help="TrainConfig JSON/YAML (flags below override it)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--minutes", type=float, help="training time budget (default for --preset tiny: 3)")
+    t.add_argument("--seq-len", type=int)
+    t.add_argument("--batch", type=int, help="global batch (sequences per step)")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--router", choices=("topk", "switch", "gshard", "sigmoid", "xmoe", "expert_choice"))
+    t.add_argument("--dispatch", choices=("dropless", "capacity"))
+    t.add_argument("--corpus", help="text file or directory (default: the stdlib's .py files)")
+    t.add_argument("--out", help="output directory (default runs/<preset>)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="validation bits/byte of a training checkpoint")
+    e.add_argument("--ckpt", required=True, help="training run directory")
+    e.add_argument("--corpus")
+    e.add_argument("--batch", type=int, default=16)
+    e.add_argument("--max-batches", type=int, default=None)
+    e.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=cmd_presets)

@@ -275,6 +275,80 @@ class ModelConfig:
         return self
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run.
+
+    Attributes:
+      steps: optimizer steps (the run also stops after ``minutes`` of training if that is set).
+      minutes: wall-clock training budget in minutes (``None``: no limit); the schedule still spans ``steps``.
+      seq_len: tokens per training sequence (the model sees ``seq_len`` inputs predicting the next token).
+      global_batch: sequences per optimizer step, summed over data-parallel ranks and accumulation steps.
+      grad_accum: micro-batches per step (``global_batch`` must be divisible by it).
+      lr, min_lr_ratio, warmup_steps: AdamW peak learning rate, linear warmup then cosine decay to
+        ``lr * min_lr_ratio`` at ``steps``.
+      weight_decay, b1, b2, eps: AdamW.
+      clip_norm: global gradient-norm clipping (0 disables).
+      compute_dtype: ``float32`` or ``bfloat16`` (master weights and optimizer state stay float32).
+      eval_every, eval_batches: validation cadence and size (batches of ``global_batch`` sequences).
+      ckpt_every, keep: checkpoint cadence (steps) and how many recent checkpoints to keep.
+      log_every: steps between metric log lines.
+      seed: parameter init, data order and router randomness.
+      val_percent: share of corpus files held out for validation (by path hash).
+    """
+
+    steps: int = 1000
+    minutes: float | None = None
+    seq_len: int = 256
+    global_batch: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    compute_dtype: str = "float32"
+    eval_every: int = 200
+    eval_batches: int = 16
+    ckpt_every: int = 500
+    keep: int = 3
+    log_every: int = 10
+    seed: int = 0
+    val_percent: float = 5.0
+
+    def validate(self) -> "TrainConfig":
+        c = "TrainConfig"
+        for name in ("steps", "seq_len", "global_batch", "grad_accum", "eval_every", "eval_batches", "ckpt_every",
+                     "keep", "log_every"):
+            _check_int(c, name, getattr(self, name))
+        _check_int(c, "warmup_steps", self.warmup_steps, 0)
+        _check_int(c, "seed", self.seed, 0)
+        if self.minutes is not None:
+            _check_float(c, "minutes", self.minutes, 0.0, strict=True)
+        if self.global_batch % self.grad_accum:
+            raise _err(c, "grad_accum", self.grad_accum, f"must divide global_batch ({self.global_batch})")
+        _check_float(c, "lr", self.lr, 0.0, strict=True)
+        _check_float(c, "min_lr_ratio", self.min_lr_ratio, 0.0)
+        if self.min_lr_ratio > 1:
+            raise _err(c, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check_float(c, "weight_decay", self.weight_decay, 0.0)
+        for name in ("b1", "b2"):
+            v = getattr(self, name)
+            _check_float(c, name, v, 0.0)
+            if v >= 1:
+                raise _err(c, name, v, "must be in [0, 1)")
+        _check_float(c, "eps", self.eps, 0.0, strict=True)
+        _check_float(c, "clip_norm", self.clip_norm, 0.0)
+        _check_choice(c, "compute_dtype", self.compute_dtype, DTYPES)
+        _check_float(c, "val_percent", self.val_percent, 0.0, strict=True)
+        if self.val_percent >= 100:
+            raise _err(c, "val_percent", self.val_percent, "must be in (0, 100)")
+        return self
+
+
 # ----------------------------------------------------------------------------------------------- presets
 
 def _tiny() -> ModelConfig:

@@ -1,0 +1,303 @@
+"""The training loop: jitted AdamW step with MoE aux losses, validation in bits/byte, JSONL logs, checkpoints.
+
+The step is a pure function ``(params, rest, opt_state, batch, step) -> (params, rest, opt_state, metrics)``:
+parameters (``nnx.Param``) are optimized; ``rest`` holds non-trainable state such as the aux-loss-free router
+bias (updated from the step's expert loads). Gradient accumulation is a ``lax.scan`` over micro-batches.
+Router randomness for step ``s`` is ``fold_in(PRNGKey(seed), s)``, so a resumed run repeats an uninterrupted
+one exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from moejax.config import ModelConfig, TrainConfig
+from moejax.models.transformer import Transformer, count_params
+from moejax.nn.routers import aux_free_bias_update
+from moejax.train import data as data_lib
+
+LN2 = math.log(2.0)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup + cosine decay, global-norm clipping, no decay on vectors (norms, biases)."""
+    sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup_steps, 1), max(tc.steps, tc.warmup_steps + 1),
+                                               end_value=tc.lr * tc.min_lr_ratio)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    parts = [optax.clip_by_global_norm(tc.clip_norm)] if tc.clip_norm > 0 else []
+    parts.append(optax.adamw(sched, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, mask=decay_mask))
+    return optax.chain(*parts)
+
+
+def lm_loss(logits, targets):
+    """Summed cross-entropy (nats) over non-pad targets, and their count."""
+    valid = targets != data_lib.PAD
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
+    return jnp.sum(ce * valid), jnp.sum(valid)
+
+
+def split_batch(batch):
+    """Next-token prediction: inputs are tokens[:, :-1], targets tokens[:, 1:]."""
+    inp = {"tokens": batch["tokens"][:, :-1], "segment_ids": batch["segment_ids"][:, :-1],
+           "positions": batch["positions"][:, :-1]}
+    return inp, batch["tokens"][:, 1:]
+
+
+class Trainer:
+    """Builds the model, optimizer and jitted steps for a (ModelConfig, TrainConfig) pair."""
+
+    def __init__(self, cfg: ModelConfig, tc: TrainConfig):
+        cfg.validate()
+        tc.validate()
+        if tc.compute_dtype != cfg.dtype:
+            cfg = dataclasses.replace(cfg, dtype=tc.compute_dtype)
+        if tc.seq_len > cfg.max_seq_len:
+            raise ValueError(f"TrainConfig.seq_len={tc.seq_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
+        if cfg.vocab_size < data_lib.BYTE_VOCAB:
+            raise ValueError(f"ModelConfig.vocab_size={cfg.vocab_size} is too small for byte-level data "
+                             f"(needs >= {data_lib.BYTE_VOCAB})")
+        self.cfg, self.tc = cfg, tc
+        model = Transformer(cfg, rngs=nnx.Rngs(tc.seed))
+        self.n_params = count_params(model)
+        self.gdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.opt = make_optimizer(tc)
+        self.opt_state = self.opt.init(self.params)
+        self.step = 0
+        self.base_key = jax.random.PRNGKey(tc.seed)
+        self._train_step = jax.jit(self._step_impl, donate_argnums=(0, 1, 2))
+        self._eval_step = jax.jit(self._eval_impl)
+
+    # ------------------------------------------------------------------------------------------------ model
+    def model(self) -> Transformer:
+        return nnx.merge(self.gdef, self.params, self.rest)
+
+    def _loss(self, params, rest, batch, key):
+        cfg = self.cfg
+        inp, tgt = split_batch(batch)
+        out = nnx.merge(self.gdef, params, rest)(inp["tokens"], segment_ids=inp["segment_ids"],
+                                                 positions=inp["positions"], rng=key, train=True)
+        ce_sum, n = lm_loss(out.logits, tgt)
+        ce = ce_sum / jnp.maximum(n, 1)
+        loss = ce
+        metrics = {"ce": ce, "tokens": n}
+        if out.aux:
+            lb, z = jnp.mean(out.aux["load_balance_loss"]), jnp.mean(out.aux["z_loss"])
+            loss = loss + cfg.moe.aux_loss_coef * lb + cfg.moe.z_loss_coef * z
+            metrics.update(aux_loss=lb, z_loss=z, expert_load=out.aux["expert_load"], dropped=jnp.sum(
+                out.aux["dropped"]))
+        return loss, metrics
+
+    def _step_impl(self, params, rest, opt_state, batch, step):
+        tc = self.tc
+        key = jax.random.fold_in(self.base_key, step)
+        A = tc.grad_accum
+        micro = jax.tree.map(lambda a: a.reshape((A, a.shape[0] // A) + a.shape[1:]), batch)
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+
+        def body(acc, xs):
+            mb, i = xs
+            (loss, m), g = grad_fn(params, rest, mb, jax.random.fold_in(key, i))
+            acc = jax.tree.map(jnp.add, acc, (g, loss, m))
+            return acc, None
+
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, rest, jax.tree.map(
+            lambda a: a[0], micro), key)))
+        (g, loss, m), _ = jax.lax.scan(body, (zeros[1], zeros[0][0], zeros[0][1]), (micro, jnp.arange(A)))
+        g = jax.tree.map(lambda x: x / A, g)
+        loss = loss / A
+        m = {k: (v if k in ("tokens", "expert_load", "dropped") else v / A) for k, v in m.items()}
+        updates, opt_state = self.opt.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        if "expert_load" in m:
+            rest = self._update_router_bias(params, rest, m["expert_load"])
+        m["loss"] = loss
+        m["grad_norm"] = optax.global_norm(g)
+        return params, rest, opt_state, m
+
+    def _update_router_bias(self, params, rest, expert_load):
+        """Aux-loss-free bias step for sigmoid routers, from this step's per-layer expert loads."""
+        cfg = self.cfg
+        if cfg.moe is None or cfg.moe.router.type != "sigmoid":
+            return rest
+        model = nnx.merge(self.gdef, params, rest)
+        layer = 0
+        for (kind, _, n), stack in zip(model.runs, model.stacks):
+            if kind != "moe":
+                continue
+            bias = stack.moe.router.bias
+            bias.value = aux_free_bias_update(bias.value, expert_load[layer:layer + n], cfg.moe.router.bias_update_rate)
+            layer += n
+        return nnx.split(model, nnx.Param, ...)[2]
+
+    def _eval_impl(self, params, rest, batch):
+        inp, tgt = split_batch(batch)
+        out = nnx.merge(self.gdef, params, rest)(inp["tokens"], segment_ids=inp["segment_ids"],
+                                                 positions=inp["positions"])
+        ce_sum, _ = lm_loss(out.logits, tgt)
+        return ce_sum, jnp.sum(tgt < 256)
+
+    # ------------------------------------------------------------------------------------------------ API
+    def train_step(self, batch: dict) -> dict:
+        batch = jax.tree.map(jnp.asarray, batch)
+        self.params, self.rest, self.opt_state, m = self._train_step(self.params, self.rest, self.opt_state, batch,
+                                                                     jnp.int32(self.step))
+        self.step += 1
+        return m
+
+    def evaluate(self, batches) -> dict:
+        """Validation bits per byte: summed next-token cross-entropy (bits) over the predicted bytes."""
+        nats, n = 0.0, 0
+        for b in batches:
+            s, c = self._eval_step(self.params, self.rest, jax.tree.map(jnp.asarray, b))
+            nats += float(s)
+            n += int(c)
+        if n == 0:
+            raise ValueError("validation produced no batches: the validation split is shorter than one batch")
+        return {"val_bits_per_byte": nats / LN2 / n, "val_bytes": n}
+
+
+def expert_histogram(expert_load: np.ndarray) -> list[list[float]]:
+    """Per-layer share of routed slots per expert."""
+    load = np.asarray(expert_load, np.float64)
+    return (load / np.maximum(load.sum(-1, keepdims=True), 1)).round(4).tolist()
+
+
+def to_jsonable(x: Any):
+    if isinstance(x, (np.ndarray, jax.Array)):
+        return np.asarray(x).tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+def _compatible(saved: dict, current: dict, what: str, ignore=()) -> None:
+    diff = sorted(k for k in set(saved) | set(current) if k not in ignore and saved.get(k) != current.get(k))
+    if diff:
+        raise ValueError(f"cannot resume: the checkpoint's {what} differs in {diff} "
+                         f"(saved {[saved.get(k) for k in diff]}, now {[current.get(k) for k in diff]})")
+
+
+def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None = None, resume: bool = False,
+          cache_dir: str | None = None, progress: bool = True, max_steps: int | None = None) -> dict:
+    """Train on a byte-level corpus (default: the stdlib's .py files); logs and checkpoints go to ``out_dir``.
+
+    ``resume=True`` continues from the latest complete checkpoint in ``out_dir`` (same configs required, except
+    the step/time budget). ``max_steps`` stops this call early (the schedule still spans ``tc.steps``), as a
+    kill would. Returns a summary dict (also written to ``out_dir/summary.json``).
+    """
+    from moejax.config import config_to_dict
+    from moejax.train.checkpoint import Checkpointer, meta_dict
+
+    tc.validate()
+    cfg.validate()
+    streams, info = data_lib.build_corpus(corpus, val_percent=tc.val_percent, cache_dir=cache_dir)
+    trainer = Trainer(cfg, tc)
+    it = data_lib.BatchIterator(streams["train"], seq_len=tc.seq_len + 1, global_batch=tc.global_batch,
+                                seed=tc.seed)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tc.keep)
+    if ckpt.latest_step() is not None and not resume:
+        raise ValueError(f"{out_dir!r} already holds checkpoints (latest step {ckpt.latest_step()}): pass "
+                         f"resume=True (--resume) to continue, or choose another output directory")
+    if resume and ckpt.latest_step() is not None:
+        meta = ckpt.read_meta()
+        _compatible(meta["model_config"], config_to_dict(trainer.cfg), "model config")
+        _compatible(meta["train_config"], config_to_dict(tc), "train config", ignore=("steps", "minutes"))
+        if meta.get("corpus", {}).get("files_hash") != info.files_hash:
+            raise ValueError(f"cannot resume: corpus file list changed (hash {meta.get('corpus', {}).get('files_hash')}"
+                             f" -> {info.files_hash})")
+        abstract = {"params": trainer.params, "rest": trainer.rest, "opt_state": trainer.opt_state}
+        state, meta = ckpt.restore(abstract)
+        trainer.params, trainer.rest, trainer.opt_state = state["params"], state["rest"], state["opt_state"]
+        trainer.step = int(meta["step"])
+        it.restore(meta["data_state"])
+    log_path = os.path.join(out_dir, "log.jsonl")
+    header = {"event": "start", "step": trainer.step, "corpus": info.to_dict(), "params": trainer.n_params,
+              "model_config": config_to_dict(trainer.cfg), "train_config": config_to_dict(tc),
+              "backend": jax.default_backend(), "devices": jax.device_count()}
+    val_batch = max(1, min(tc.global_batch, streams["validation"].num_sequences(tc.seq_len + 1) // tc.eval_batches))
+
+    def evaluate():
+        return trainer.evaluate(data_lib.validation_batches(streams["validation"], seq_len=tc.seq_len + 1,
+                                                            batch=val_batch, max_batches=tc.eval_batches))
+
+    def save(force=False):
+        ckpt.save(trainer.step, {"params": trainer.params, "rest": trainer.rest, "opt_state": trainer.opt_state},
+                  meta_dict(trainer.step, trainer.cfg, tc, it.state(), info.to_dict()), force=force)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.steps, initial=trainer.step, desc="train", unit="step", dynamic_ncols=True)
+    t_start, last_t, last_tokens, tokens = now(), now(), 0, 0
+    last_eval = None
+    stop_at = tc.steps if max_steps is None else min(tc.steps, trainer.step + max_steps)
+    with open(log_path, "a") as log:
+        log.write(json.dumps(header) + "\n")
+        while trainer.step < stop_at:
+            if tc.minutes is not None and now() - t_start > tc.minutes * 60:
+                break
+            m = trainer.train_step(next(it))
+            tokens += tc.global_batch * tc.seq_len
+            step = trainer.step
+            if step % tc.log_every == 0 or step == stop_at:
+                m = jax.device_get(m)
+                t = now()
+                rec = {"step": step, "loss": float(m["loss"]), "ce": float(m["ce"]),
+                       "grad_norm": float(m["grad_norm"]), "tokens_per_s": (tokens - last_tokens) / (t - last_t),
+                       "elapsed_s": t - t_start}
+                if "expert_load" in m:
+                    rec.update(aux_loss=float(m["aux_loss"]), z_loss=float(m["z_loss"]),
+                               dropped_fraction=float(m["dropped"]) / max(1.0, float(np.sum(m["expert_load"]))),
+                               expert_load=expert_histogram(m["expert_load"]))
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                last_t, last_tokens = t, tokens
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if step % tc.eval_every == 0:
+                last_eval = {**evaluate(), "step": step}
+                log.write(json.dumps({"event": "eval", **last_eval}) + "\n")
+                log.flush()
+            if step % tc.ckpt_every == 0:
+                save()
+        if bar is not None:
+            bar.close()
+        if last_eval is None or last_eval.get("step") != trainer.step:
+            last_eval = {**evaluate(), "step": trainer.step}
+            log.write(json.dumps({"event": "eval", **last_eval}) + "\n")
+        if ckpt.latest_step() != trainer.step:
+            save(force=True)
+        ckpt.close()
+        summary = {"step": trainer.step, "elapsed_s": now() - t_start, **last_eval, "out_dir": os.path.abspath(out_dir),
+                   "checkpoint": os.path.join(ckpt.directory, str(trainer.step)), "log": log_path,
+                   "corpus_files_hash": info.files_hash, "params": trainer.n_params}
+        log.write(json.dumps({"event": "end", **summary}) + "\n")
+    write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+    return summary
