@@ -11,6 +11,7 @@ from moejax.nn import dispatch as dsp
 from moejax.nn.experts import (SwiGLU, SwiGLUExperts, moe_swiglu_tiles, swiglu_capacity, swiglu_dense_combine,
                                swiglu_ragged)
 from moejax.nn.routers import expert_choice_capacity, make_router, router_statistics
+from moejax.parallel import expert_parallel
 
 
 DENSE_MAX_ROWS = 256
@@ -76,7 +77,25 @@ class MoE(nnx.Module):
         shape = x.shape
         D = shape[-1]
         xt = x.reshape(-1, D).astype(self.dtype)
-        T = xt.shape[0]
+        ctx = expert_parallel.current()
+        if ctx is not None:
+            out, aux = expert_parallel.ep_moe(self, xt, ctx, token_mask=token_mask, token_index=token_index, rng=rng,
+                                              train=train)
+        else:
+            out, aux = self._local(xt, token_mask=token_mask, token_index=token_index, rng=rng, train=train)
+        if cfg.num_shared_experts:
+            s = self.shared(xt)
+            if cfg.shared_expert_gate:
+                g = jax.nn.sigmoid(jnp.einsum("td,do->to", xt.astype(jnp.float32),
+                                              self.shared_gate[...].astype(jnp.float32)))
+                s = (s.astype(jnp.float32) * g).astype(s.dtype)
+            out = out + s
+        return out.reshape(shape).astype(x.dtype), aux
+
+    def _local(self, xt, *, token_mask=None, token_index=None, rng=None, train=False):
+        """Single-device (or data-parallel) path: route, dispatch, experts, combine."""
+        cfg = self.cfg
+        T, D = xt.shape
         r, tm = self.route(xt, token_mask=token_mask, token_index=token_index, rng=rng, train=train)
         aux = router_statistics(r, tm)
         G, S, K = r.expert_ids.shape
@@ -100,13 +119,6 @@ class MoE(nnx.Module):
             bt = cfg.block_rows or dsp.default_block_rows(T * K, E)
             layout = dsp.dropless_layout(ids, mask, E, bt)
             out = moe_swiglu_tiles(xt, wg, wu, wd, layout, weights, bt)
-        if cfg.num_shared_experts:
-            s = self.shared(xt)
-            if cfg.shared_expert_gate:
-                g = jax.nn.sigmoid(jnp.einsum("td,do->to", xt.astype(jnp.float32),
-                                              self.shared_gate[...].astype(jnp.float32)))
-                s = (s.astype(jnp.float32) * g).astype(s.dtype)
-            out = out + s
         aux["dropped"] = layout.dropped
         if cfg.dispatch == "capacity":
             aux["capacity_used"] = layout.capacity_used
@@ -114,4 +126,4 @@ class MoE(nnx.Module):
             # The dropless layout spans all routing groups; the capacity Tutel would use is per group.
             load_g = jnp.sum(jax.nn.one_hot(r.expert_ids, E, dtype=jnp.int32) * r.mask[..., None], axis=(1, 2))
             aux["capacity_used"] = jnp.max(load_g).astype(jnp.int32)
-        return out.reshape(shape).astype(x.dtype), aux
+        return out, aux

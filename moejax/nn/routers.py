@@ -63,7 +63,7 @@ class Router(nnx.Module):
         self.cfg = cfg
         self.num_experts = num_experts
         self.w = nnx.Param(_normal_init(init_std)(rngs.params(), (d_model, num_experts), param_dtype),
-                           logical_axes=("embed", "expert"))
+                           logical_axes=("embed", None))  # replicated: every device routes over all experts
 
     def gate_logits(self, x: jax.Array) -> jax.Array:
         # Routing is computed in float32 whatever the compute dtype (as MaxText/Megatron do).
@@ -154,7 +154,7 @@ class SigmoidRouter(Router):
 
     def __init__(self, d_model, num_experts, cfg, *, init_std=0.02, param_dtype=jnp.float32, rngs):
         super().__init__(d_model, num_experts, cfg, init_std=init_std, param_dtype=param_dtype, rngs=rngs)
-        self.bias = RouterBias(jnp.zeros((num_experts,), jnp.float32), logical_axes=("expert",))
+        self.bias = RouterBias(jnp.zeros((num_experts,), jnp.float32), logical_axes=(None,))
 
     def __call__(self, x, *, token_mask=None, token_index=None, rng=None, train=False):
         logits = self.gate_logits(x)
@@ -186,7 +186,7 @@ class XMoERouter(Router):
         self.proj = nnx.Param(_normal_init(init_std)(rngs.params(), (d_model, cfg.xmoe_dim), param_dtype),
                               logical_axes=("embed", None))
         self.expert_emb = nnx.Param(_normal_init(1.0)(rngs.params(), (num_experts, cfg.xmoe_dim), param_dtype),
-                                    logical_axes=("expert", None))
+                                    logical_axes=(None, None))
         self.temperature = nnx.Param(jnp.full((), cfg.xmoe_init_temperature, param_dtype))
 
     def gate_logits(self, x):
