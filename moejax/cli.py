@@ -102,7 +102,7 @@ def _train_configs(args):
     over = {k: v for k, v in dict(steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
                                   global_batch=args.batch, lr=args.lr, seed=args.seed).items() if v is not None}
     if args.preset == "tiny" and args.steps is None and args.minutes is None and not args.train_config:
-        over["minutes"] = 3.0  # a quick default run on 2 CPU cores
+        over["steps"] = 200  # a quick default run: about 3 minutes on 2 CPU cores
     return cfg.validate(), dataclasses.replace(tc, **over).validate()
 
 
@@ -111,7 +111,11 @@ def cmd_train(args) -> int:
 
     cfg, tc = _train_configs(args)
     out = args.out or os.path.join("runs", args.preset or os.path.splitext(os.path.basename(args.config))[0])
-    summary = train(cfg, tc, out, corpus=args.corpus, resume=args.resume, progress=not args.no_progress)
+    mesh = None
+    if args.mesh:
+        from moejax.parallel.mesh import MeshConfig
+        mesh = MeshConfig.parse(args.mesh)
+    summary = train(cfg, tc, out, corpus=args.corpus, resume=args.resume, progress=not args.no_progress, mesh=mesh)
     print(f"validation bits/byte {summary['val_bits_per_byte']:.4f} after {summary['step']} steps "
           f"({summary['elapsed_s'] / 60:.1f} min)")
     print(f"checkpoint: {summary['checkpoint']}")
@@ -120,32 +124,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from moejax.train import data as data_lib
-    from moejax.train.checkpoint import load_model
-    from moejax.train.trainer import LN2, lm_loss, split_batch
+    from moejax.train.trainer import evaluate_checkpoint
 
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    model, cfg, meta = load_model(args.ckpt)
-    tc = meta["train_config"]
-    streams, info = data_lib.build_corpus(args.corpus, val_percent=tc["val_percent"])
-    gdef, state = nnx.split(model)
-
-    @jax.jit
-    def ev(state, b):
-        inp, tgt = split_batch(b)
-        out = nnx.merge(gdef, state)(inp["tokens"], segment_ids=inp["segment_ids"], positions=inp["positions"])
-        return lm_loss(out.logits, tgt)[0], jnp.sum(tgt < 256)
-
-    nats, n = 0.0, 0
-    for b in data_lib.validation_batches(streams["validation"], seq_len=tc["seq_len"] + 1, batch=args.batch,
-                                         max_batches=args.max_batches):
-        s, c = ev(state, jax.tree.map(jnp.asarray, b))
-        nats, n = nats + float(s), n + int(c)
-    print(f"validation bits/byte {nats / LN2 / max(n, 1):.4f} over {n} bytes (corpus files hash {info.files_hash}, "
-          f"checkpoint step {meta['step']})")
+    r = evaluate_checkpoint(args.ckpt, corpus=args.corpus, batch=args.batch, max_batches=args.max_batches)
+    print(f"validation bits/byte {r['val_bits_per_byte']:.4f} over {r['val_bytes']} bytes (corpus files hash "
+          f"{r['corpus_files_hash']}, checkpoint step {r['step']})")
     return 0
 
 
@@ -186,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="model config JSON/YAML")
     t.add_argument("--train-config", help="TrainConfig JSON/YAML (flags below override it)")
     t.add_argument("--steps", type=int)
-    t.add_argument("--minutes", type=float, help="training time budget (default for --preset tiny: 3)")
+    t.add_argument("--minutes", type=float, help="training time budget in minutes (--preset tiny defaults to 200 steps, ~3 min)")
     t.add_argument("--seq-len", type=int)
     t.add_argument("--batch", type=int, help="global batch (sequences per step)")
     t.add_argument("--lr", type=float)
@@ -195,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dispatch", choices=("dropless", "capacity"))
     t.add_argument("--corpus", help="text file or directory (default: the stdlib's .py files)")
     t.add_argument("--out", help="output directory (default runs/<preset>)")
+    t.add_argument("--mesh", help="device mesh, e.g. expert=8 or data=2,expert=4 (CPU: set XLA_FLAGS="
+                                  "--xla_force_host_platform_device_count=8)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)

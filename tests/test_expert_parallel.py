@@ -45,9 +45,12 @@ def _run_ep(model, mesh, mesh_cfg, x, tidx, cot, rng, train):
     n = num_batch_shards(mesh_cfg)
 
     def body(params, rest, x, tidx, cot, rng):
-        with expert_parallel(num_shards=n):
+        with expert_parallel():
             y, aux = nnx.merge(gdef, params, rest)(x, token_index=tidx, rng=rng, train=train)
-        return y, jnp.sum(y * cot)[None], aux["load_balance_loss"][None], aux["expert_load"], aux["dropped"]
+        # The layer returns per-device statistics; the global ones are reduced here, as the trainer does.
+        load = jax.lax.psum(aux["expert_load"], BATCH_AXES)
+        dropped = jax.lax.psum(aux["dropped"], BATCH_AXES)
+        return y, jnp.sum(y * cot)[None], aux["load_balance_loss"][None] / n, load, dropped
 
     f = jax.shard_map(body, mesh=mesh, in_specs=(pspec, rspec, P(BATCH_AXES), P(BATCH_AXES), P(BATCH_AXES), P()),
                       out_specs=(P(BATCH_AXES), P(BATCH_AXES), P(BATCH_AXES), P(), P()), check_vma=False)

@@ -7,14 +7,13 @@ devices, runs its experts and sends the results back with a second ``all_to_all`
 
 Use it by running the model inside ``shard_map`` under :func:`expert_parallel`::
 
-    with expert_parallel(axis="expert", batch_axes=("data", "expert"), num_shards=8):
+    with expert_parallel(axis="expert"):
         y, aux = moe(x_local, token_index=global_index)
 
-Statistics that must be global are reduced across the batch axes: ``expert_load`` and ``dropped`` are summed;
-``load_balance_loss`` and ``z_loss`` are returned as this device's share (its group's value divided by the
-number of batch shards) so that summing the step's loss over devices, as the data-parallel gradient reduction
-does, gives the single-device mean over groups. (XLA:CPU lacks ``ragged_all_to_all``; this fixed-capacity path
-runs everywhere.)
+The returned statistics are this device's (its routing group's), like the single-device layer's per call;
+the caller reduces what must be global across the batch axes (the trainer sums ``expert_load`` and
+``dropped`` and averages the losses over devices, which equals the single-device mean over groups).
+(XLA:CPU lacks ``ragged_all_to_all``; this fixed-capacity path runs everywhere.)
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ DEFAULT_EP_CAPACITY_FACTOR = 2.0
 class EPContext:
     axis: str = "expert"
     batch_axes: tuple[str, ...] = ("data", "expert")
-    num_shards: int = 1            # number of batch shards (product of the batch axes' sizes)
     capacity_factor: float | None = None  # None: the layer's own (capacity dispatch) or DEFAULT_EP_CAPACITY_FACTOR
 
 
@@ -45,10 +43,9 @@ _EP: contextvars.ContextVar[EPContext | None] = contextvars.ContextVar("moejax_e
 
 
 @contextlib.contextmanager
-def expert_parallel(axis: str = "expert", batch_axes=("data", "expert"), num_shards: int = 1,
-                    capacity_factor: float | None = None):
+def expert_parallel(axis: str = "expert", batch_axes=("data", "expert"), capacity_factor: float | None = None):
     """Trace-time context: MoE layers called inside use the expert-parallel path."""
-    tok = _EP.set(EPContext(axis, tuple(batch_axes), num_shards, capacity_factor))
+    tok = _EP.set(EPContext(axis, tuple(batch_axes), capacity_factor))
     try:
         yield
     finally:
@@ -90,12 +87,5 @@ def ep_moe(moe, xt: jax.Array, ctx: EPContext, *, token_mask=None, token_index=N
     yb = jax.lax.all_to_all(yr, ctx.axis, split_axis=1, concat_axis=0, tiled=True)
     yb = jnp.swapaxes(yb.reshape(E, G, C, D), 0, 1).reshape(G * E * C, D)
     out = dsp.combine_rows(yb, layout, r.weights.reshape(T, K))
-    stop = jax.lax.stop_gradient
-    aux = {
-        "load_balance_loss": stats["load_balance_loss"] / ctx.num_shards,
-        "z_loss": stats["z_loss"] / ctx.num_shards,
-        "expert_load": jax.lax.psum(stop(stats["expert_load"]), ctx.batch_axes),
-        "dropped": jax.lax.psum(layout.dropped, ctx.batch_axes),
-        "capacity_used": jax.lax.pmax(layout.capacity_used, ctx.batch_axes),
-    }
+    aux = {**stats, "dropped": layout.dropped, "capacity_used": layout.capacity_used}
     return out, aux

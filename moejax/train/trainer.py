@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 from typing import Any
 
 import jax
@@ -57,7 +58,7 @@ def split_batch(batch):
 class Trainer:
     """Builds the model, optimizer and jitted steps for a (ModelConfig, TrainConfig) pair."""
 
-    def __init__(self, cfg: ModelConfig, tc: TrainConfig):
+    def __init__(self, cfg: ModelConfig, tc: TrainConfig, mesh_cfg=None):
         cfg.validate()
         tc.validate()
         if tc.compute_dtype != cfg.dtype:
@@ -75,35 +76,64 @@ class Trainer:
         self.opt_state = self.opt.init(self.params)
         self.step = 0
         self.base_key = jax.random.PRNGKey(tc.seed)
+        self.mesh = None
+        if mesh_cfg is not None and mesh_cfg.size > 1:
+            self._setup_mesh(mesh_cfg)
         self._train_step = jax.jit(self._step_impl, donate_argnums=(0, 1, 2))
         self._eval_step = jax.jit(self._eval_impl)
+
+    def _setup_mesh(self, mesh_cfg):
+        from moejax.parallel import mesh as mesh_lib
+
+        cfg, tc = self.cfg, self.tc
+        mesh_cfg.validate(cfg.moe.num_experts if cfg.moe is not None else None)
+        if mesh_cfg.tensor > 1:
+            raise ValueError(f"MeshConfig.tensor={mesh_cfg.tensor}: tensor parallelism is not implemented yet; "
+                             f"use data and expert axes")
+        n = mesh_lib.num_batch_shards(mesh_cfg)
+        if (tc.global_batch // tc.grad_accum) % n:
+            raise ValueError(f"micro-batch {tc.global_batch // tc.grad_accum} (TrainConfig.global_batch / grad_accum) "
+                             f"is not divisible by the {n} batch shards of mesh {mesh_cfg.spec()}")
+        self.mesh_cfg, self.mesh, self.n_shards = mesh_cfg, mesh_lib.make_mesh(mesh_cfg), n
+        self.params = mesh_lib.shard_state(self.params, self.mesh)
+        self.rest = mesh_lib.shard_state(self.rest, self.mesh)
+        self.opt_state = jax.jit(self.opt.init)(self.params)
+        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(mesh_lib.BATCH_AXES))
 
     # ------------------------------------------------------------------------------------------------ model
     def model(self) -> Transformer:
         return nnx.merge(self.gdef, self.params, self.rest)
 
-    def _loss(self, params, rest, batch, key):
+    def _loss(self, params, rest, batch, key, axes=None, n_shards=1):
+        """This shard's share of the loss: summed over shards (``axes``) it is the global mean objective."""
         cfg = self.cfg
         inp, tgt = split_batch(batch)
+        B, S = inp["tokens"].shape
+        tidx = None
+        if axes:  # global token index for per-token router randomness
+            row0 = jax.lax.axis_index(axes) * B
+            tidx = ((row0 + jnp.arange(B, dtype=jnp.int32))[:, None] * S + jnp.arange(S, dtype=jnp.int32))
         out = nnx.merge(self.gdef, params, rest)(inp["tokens"], segment_ids=inp["segment_ids"],
-                                                 positions=inp["positions"], rng=key, train=True)
+                                                 positions=inp["positions"], token_index=tidx, rng=key, train=True)
         ce_sum, n = lm_loss(out.logits, tgt)
-        ce = ce_sum / jnp.maximum(n, 1)
+        n_all = jax.lax.psum(n, axes) if axes else n
+        ce = ce_sum / jnp.maximum(n_all, 1)
         loss = ce
         metrics = {"ce": ce, "tokens": n}
         if out.aux:
-            lb, z = jnp.mean(out.aux["load_balance_loss"]), jnp.mean(out.aux["z_loss"])
+            # per-device (per routing group) statistics: the mean over shards is the global value
+            lb = jnp.mean(out.aux["load_balance_loss"]) / n_shards
+            z = jnp.mean(out.aux["z_loss"]) / n_shards
             loss = loss + cfg.moe.aux_loss_coef * lb + cfg.moe.z_loss_coef * z
-            metrics.update(aux_loss=lb, z_loss=z, expert_load=out.aux["expert_load"], dropped=jnp.sum(
-                out.aux["dropped"]))
+            metrics.update(aux_loss=lb, z_loss=z, expert_load=out.aux["expert_load"],
+                           dropped=jnp.sum(out.aux["dropped"]))
         return loss, metrics
 
-    def _step_impl(self, params, rest, opt_state, batch, step):
-        tc = self.tc
-        key = jax.random.fold_in(self.base_key, step)
-        A = tc.grad_accum
+    def _grads(self, params, rest, batch, key, axes=None, n_shards=1):
+        """Gradients and metrics of one step (accumulated over micro-batches) for this shard's batch."""
+        A = self.tc.grad_accum
         micro = jax.tree.map(lambda a: a.reshape((A, a.shape[0] // A) + a.shape[1:]), batch)
-        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        grad_fn = jax.value_and_grad(partial(self._loss, axes=axes, n_shards=n_shards), has_aux=True)
 
         def body(acc, xs):
             mb, i = xs
@@ -115,8 +145,54 @@ class Trainer:
             lambda a: a[0], micro), key)))
         (g, loss, m), _ = jax.lax.scan(body, (zeros[1], zeros[0][0], zeros[0][1]), (micro, jnp.arange(A)))
         g = jax.tree.map(lambda x: x / A, g)
-        loss = loss / A
         m = {k: (v if k in ("tokens", "expert_load", "dropped") else v / A) for k, v in m.items()}
+        m["loss"] = loss / A
+        return g, m
+
+    def _sharded_grads(self, params, rest, batch, key):
+        """``_grads`` under ``shard_map``: experts sharded over ``expert`` (all_to_all MoE layers), the batch over
+        ``(data, expert)``, and an explicit data-parallel gradient reduction: each gradient is ``psum``-ed over
+        the batch axes its parameter is replicated on."""
+        from jax.sharding import PartitionSpec as P
+
+        from moejax.parallel import mesh as mesh_lib
+        from moejax.parallel.expert_parallel import expert_parallel
+
+        axes = mesh_lib.BATCH_AXES
+        pspec, rspec = mesh_lib.state_specs(params), mesh_lib.state_specs(rest)
+
+        def local(params, rest, batch, key):
+            with expert_parallel(axis="expert", batch_axes=axes):
+                g, m = self._grads(params, rest, batch, key, axes=axes, n_shards=self.n_shards)
+
+            def reduce(spec, gi):  # gi: the gradient Variable of one parameter
+                used = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+                red = tuple(a for a in axes if a not in used)
+                return jax.tree.map(lambda v: jax.lax.psum(v, red), gi) if red else gi
+
+            g = jax.tree.map(reduce, pspec, g, is_leaf=lambda x: isinstance(x, P))
+            m = {k: jax.lax.psum(v, axes) for k, v in m.items()}
+            return g, m
+
+        m_spec = jax.tree.map(lambda _: P(), jax.eval_shape(lambda: self._metric_shapes()))
+        f = jax.shard_map(local, mesh=self.mesh, in_specs=(pspec, rspec, P(axes), P()),
+                          out_specs=(pspec, m_spec), check_vma=False)
+        return f(params, rest, batch, key)
+
+    def _metric_shapes(self):
+        m = {"ce": 0.0, "tokens": 0, "loss": 0.0}
+        if self.cfg.moe is not None:
+            n_moe = sum(k == "moe" for k in self.cfg.layer_kinds())
+            m.update(aux_loss=0.0, z_loss=0.0, expert_load=jnp.zeros((n_moe, self.cfg.moe.num_experts)), dropped=0)
+        return m
+
+    def _step_impl(self, params, rest, opt_state, batch, step):
+        key = jax.random.fold_in(self.base_key, step)
+        if self.mesh is not None:
+            g, m = self._sharded_grads(params, rest, batch, key)
+        else:
+            g, m = self._grads(params, rest, batch, key)
+        loss = m.pop("loss")
         updates, opt_state = self.opt.update(g, opt_state, params)
         params = optax.apply_updates(params, updates)
         if "expert_load" in m:
@@ -149,7 +225,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ API
     def train_step(self, batch: dict) -> dict:
-        batch = jax.tree.map(jnp.asarray, batch)
+        if self.mesh is not None:
+            batch = jax.tree.map(lambda a: jax.device_put(a, self.batch_sharding), batch)
+        else:
+            batch = jax.tree.map(jnp.asarray, batch)
         self.params, self.rest, self.opt_state, m = self._train_step(self.params, self.rest, self.opt_state, batch,
                                                                      jnp.int32(self.step))
         self.step += 1
@@ -165,6 +244,33 @@ class Trainer:
         if n == 0:
             raise ValueError("validation produced no batches: the validation split is shorter than one batch")
         return {"val_bits_per_byte": nats / LN2 / n, "val_bytes": n}
+
+
+def evaluate_checkpoint(ckpt: str, *, corpus: str | None = None, batch: int = 16,
+                        max_batches: int | None = None) -> dict:
+    """Validation bits/byte of a training checkpoint over its corpus's validation split (all of it by default)."""
+    from moejax.train.checkpoint import load_model
+
+    model, cfg, meta = load_model(ckpt)
+    tc = meta["train_config"]
+    streams, info = data_lib.build_corpus(corpus, val_percent=tc["val_percent"])
+    gdef, state = nnx.split(model)
+
+    @jax.jit
+    def ev(state, b):
+        inp, tgt = split_batch(b)
+        out = nnx.merge(gdef, state)(inp["tokens"], segment_ids=inp["segment_ids"], positions=inp["positions"])
+        return lm_loss(out.logits, tgt)[0], jnp.sum(tgt < 256)
+
+    nats, n = 0.0, 0
+    for b in data_lib.validation_batches(streams["validation"], seq_len=tc["seq_len"] + 1, batch=batch,
+                                         max_batches=max_batches):
+        s, c = ev(state, jax.tree.map(jnp.asarray, b))
+        nats, n = nats + float(s), n + int(c)
+    if n == 0:
+        raise ValueError("the validation split is shorter than one batch")
+    return {"val_bits_per_byte": nats / LN2 / n, "val_bytes": n, "corpus_files_hash": info.files_hash,
+            "step": meta["step"]}
 
 
 def expert_histogram(expert_load: np.ndarray) -> list[list[float]]:
@@ -202,20 +308,23 @@ def _compatible(saved: dict, current: dict, what: str, ignore=()) -> None:
 
 
 def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None = None, resume: bool = False,
-          cache_dir: str | None = None, progress: bool = True, max_steps: int | None = None) -> dict:
+          cache_dir: str | None = None, progress: bool = True, max_steps: int | None = None, mesh=None) -> dict:
     """Train on a byte-level corpus (default: the stdlib's .py files); logs and checkpoints go to ``out_dir``.
 
     ``resume=True`` continues from the latest complete checkpoint in ``out_dir`` (same configs required, except
     the step/time budget). ``max_steps`` stops this call early (the schedule still spans ``tc.steps``), as a
-    kill would. Returns a summary dict (also written to ``out_dir/summary.json``).
+    kill would. ``mesh`` (a :class:`~moejax.parallel.mesh.MeshConfig`) trains expert-parallel on several
+    devices. Returns a summary dict (also written to ``out_dir/summary.json``).
     """
     from moejax.config import config_to_dict
     from moejax.train.checkpoint import Checkpointer, meta_dict
 
     tc.validate()
     cfg.validate()
+    if mesh is not None:
+        mesh.validate(cfg.moe.num_experts if cfg.moe is not None else None)
     streams, info = data_lib.build_corpus(corpus, val_percent=tc.val_percent, cache_dir=cache_dir)
-    trainer = Trainer(cfg, tc)
+    trainer = Trainer(cfg, tc, mesh)
     it = data_lib.BatchIterator(streams["train"], seq_len=tc.seq_len + 1, global_batch=tc.global_batch,
                                 seed=tc.seed)
     os.makedirs(out_dir, exist_ok=True)
@@ -238,7 +347,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
     log_path = os.path.join(out_dir, "log.jsonl")
     header = {"event": "start", "step": trainer.step, "corpus": info.to_dict(), "params": trainer.n_params,
               "model_config": config_to_dict(trainer.cfg), "train_config": config_to_dict(tc),
-              "backend": jax.default_backend(), "devices": jax.device_count()}
+              "backend": jax.default_backend(), "devices": jax.device_count(),
+              "mesh": None if trainer.mesh is None else trainer.mesh_cfg.spec()}
     val_batch = max(1, min(tc.global_batch, streams["validation"].num_sequences(tc.seq_len + 1) // tc.eval_batches))
 
     def evaluate():
