@@ -107,6 +107,9 @@ def _train_configs(args):
 
 
 def cmd_train(args) -> int:
+    from moejax.parallel.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)
     from moejax.train.trainer import train
 
     cfg, tc = _train_configs(args)
@@ -116,6 +119,9 @@ def cmd_train(args) -> int:
         from moejax.parallel.mesh import MeshConfig
         mesh = MeshConfig.parse(args.mesh)
     summary = train(cfg, tc, out, corpus=args.corpus, resume=args.resume, progress=not args.no_progress, mesh=mesh)
+    import jax
+    if jax.process_index() != 0:
+        return 0
     print(f"validation bits/byte {summary['val_bits_per_byte']:.4f} after {summary['step']} steps "
           f"({summary['elapsed_s'] / 60:.1f} min)")
     print(f"checkpoint: {summary['checkpoint']}")
@@ -181,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mesh", help="device mesh, e.g. expert=8 or data=2,expert=4 (CPU: set XLA_FLAGS="
                                   "--xla_force_host_platform_device_count=8)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    t.add_argument("--coordinator", help="multi-process: coordinator host:port (or JAX_COORDINATOR_ADDRESS etc.)")
+    t.add_argument("--num-processes", type=int)
+    t.add_argument("--process-id", type=int)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
 

@@ -224,11 +224,21 @@ class Trainer:
         return ce_sum, jnp.sum(tgt < 256)
 
     # ------------------------------------------------------------------------------------------------ API
-    def train_step(self, batch: dict) -> dict:
-        if self.mesh is not None:
-            batch = jax.tree.map(lambda a: jax.device_put(a, self.batch_sharding), batch)
-        else:
-            batch = jax.tree.map(jnp.asarray, batch)
+    def place(self, batch: dict, process_local: bool = False) -> dict:
+        """Host batch -> device arrays sharded over the batch axes of the mesh.
+
+        ``process_local``: ``batch`` holds only this process's rows (multi-process runs, rows in process order);
+        otherwise every process passes the whole global batch.
+        """
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, batch)
+        if process_local and jax.process_count() > 1:
+            return jax.tree.map(lambda a: jax.make_array_from_process_local_data(self.batch_sharding, a), batch)
+        return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, self.batch_sharding, lambda i: a[i]),
+                            batch)
+
+    def train_step(self, batch: dict, process_local: bool = False) -> dict:
+        batch = self.place(batch, process_local)
         self.params, self.rest, self.opt_state, m = self._train_step(self.params, self.rest, self.opt_state, batch,
                                                                      jnp.int32(self.step))
         self.step += 1
@@ -238,7 +248,7 @@ class Trainer:
         """Validation bits per byte: summed next-token cross-entropy (bits) over the predicted bytes."""
         nats, n = 0.0, 0
         for b in batches:
-            s, c = self._eval_step(self.params, self.rest, jax.tree.map(jnp.asarray, b))
+            s, c = self._eval_step(self.params, self.rest, self.place(b))
             nats += float(s)
             n += int(c)
         if n == 0:
@@ -325,8 +335,11 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
         mesh.validate(cfg.moe.num_experts if cfg.moe is not None else None)
     streams, info = data_lib.build_corpus(corpus, val_percent=tc.val_percent, cache_dir=cache_dir)
     trainer = Trainer(cfg, tc, mesh)
+    # Each process reads only its rows of every global batch (rows in process order match the mesh layout).
+    nproc, pid = jax.process_count(), jax.process_index()
     it = data_lib.BatchIterator(streams["train"], seq_len=tc.seq_len + 1, global_batch=tc.global_batch,
-                                seed=tc.seed)
+                                seed=tc.seed, rank=pid, num_ranks=nproc)
+    writer = pid == 0
     os.makedirs(out_dir, exist_ok=True)
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tc.keep)
     if ckpt.latest_step() is not None and not resume:
@@ -350,6 +363,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
               "backend": jax.default_backend(), "devices": jax.device_count(),
               "mesh": None if trainer.mesh is None else trainer.mesh_cfg.spec()}
     val_batch = max(1, min(tc.global_batch, streams["validation"].num_sequences(tc.seq_len + 1) // tc.eval_batches))
+    if trainer.mesh is not None:
+        val_batch = max(trainer.n_shards, val_batch // trainer.n_shards * trainer.n_shards)
 
     def evaluate():
         return trainer.evaluate(data_lib.validation_batches(streams["validation"], seq_len=tc.seq_len + 1,
@@ -360,18 +375,18 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
                   meta_dict(trainer.step, trainer.cfg, tc, it.state(), info.to_dict()), force=force)
 
     bar = None
-    if progress:
+    if progress and writer:
         from tqdm import tqdm
         bar = tqdm(total=tc.steps, initial=trainer.step, desc="train", unit="step", dynamic_ncols=True)
     t_start, last_t, last_tokens, tokens = now(), now(), 0, 0
     last_eval = None
     stop_at = tc.steps if max_steps is None else min(tc.steps, trainer.step + max_steps)
-    with open(log_path, "a") as log:
+    with open(log_path if writer else os.devnull, "a") as log:
         log.write(json.dumps(header) + "\n")
         while trainer.step < stop_at:
             if tc.minutes is not None and now() - t_start > tc.minutes * 60:
                 break
-            m = trainer.train_step(next(it))
+            m = trainer.train_step(next(it), process_local=True)
             tokens += tc.global_batch * tc.seq_len
             step = trainer.step
             if step % tc.log_every == 0 or step == stop_at:
@@ -409,5 +424,6 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
                    "checkpoint": os.path.join(ckpt.directory, str(trainer.step)), "log": log_path,
                    "corpus_files_hash": info.files_hash, "params": trainer.n_params}
         log.write(json.dumps({"event": "end", **summary}) + "\n")
-    write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
+    if writer:
+        write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
     return summary
