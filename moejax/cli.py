@@ -138,6 +138,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from moejax.models.hf import save_hf
+    from moejax.train.checkpoint import load_model
+
+    model, cfg, meta = load_model(args.ckpt)
+    save_hf(model, cfg, args.out, layout=args.layout, dtype=args.dtype, model_type=args.model_type,
+            overwrite=args.overwrite)
+    print(f"exported step {meta['step']} of {args.ckpt} to {args.out} (Hugging Face {args.layout} layout)")
+    return 0
+
+
 def cmd_presets(args) -> int:
     from moejax.config import PRESETS
     from moejax.models.transformer import active_params
@@ -200,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-batches", type=int, default=None)
     e.set_defaults(func=cmd_eval)
 
+    x = sub.add_parser("export", help="export a training checkpoint as a Hugging Face directory")
+    x.add_argument("--ckpt", required=True, help="training run directory")
+    x.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
+    x.add_argument("--layout", choices=("per_expert", "fused"), default="per_expert")
+    x.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
+    x.add_argument("--model-type", choices=("mixtral", "qwen3_moe", "qwen2_moe"), default=None)
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=cmd_export)
+
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=cmd_presets)
     return ap
@@ -209,7 +229,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

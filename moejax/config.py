@@ -21,6 +21,7 @@ DISPATCH_TYPES = ("dropless", "capacity")
 GSHARD_SECOND_POLICIES = ("random", "all", "sampling")
 GROUPED_IMPLS = ("auto", "tiles", "ragged_dot", "dense")
 DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "save_dots")
 
 
 def _err(cls: str, name: str, value: Any, allowed: str) -> ValueError:
@@ -214,6 +215,8 @@ class ModelConfig:
       dtype: compute dtype (``float32`` or ``bfloat16``); parameters are stored in ``param_dtype``.
       param_dtype: parameter storage dtype.
       init_std: standard deviation of the normal initializer.
+      remat: rematerialization of each layer in the backward pass: ``none`` (keep activations), ``full``
+        (recompute the whole layer), ``save_dots`` (keep matmul outputs, recompute the rest).
     """
 
     vocab_size: int = 512
@@ -235,6 +238,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     init_std: float = 0.02
+    remat: str = "none"
 
     @property
     def resolved_head_dim(self) -> int:
@@ -265,6 +269,7 @@ class ModelConfig:
         _check_float(c, "init_std", self.init_std, 0.0, strict=True)
         _check_choice(c, "dtype", self.dtype, DTYPES)
         _check_choice(c, "param_dtype", self.param_dtype, DTYPES)
+        _check_choice(c, "remat", self.remat, REMAT_POLICIES)
         bad = [i for i in self.dense_layers if not (isinstance(i, int) and 0 <= i < self.n_layers)]
         if bad:
             raise _err(c, "dense_layers", tuple(self.dense_layers), f"indices must be in [0, {self.n_layers})")

@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from moejax.config import MoEConfig, RouterConfig
 from moejax.nn.moe import MoE
 from moejax.parallel.expert_parallel import expert_parallel
-from moejax.parallel.mesh import BATCH_AXES, MeshConfig, make_mesh, num_batch_shards, state_specs
+from moejax.parallel.mesh import BATCH_AXES, EXPERT_AXES, MeshConfig, make_mesh, num_batch_shards, state_specs
 
 # Same tolerances as the single-device reference tests: outputs max-abs 1e-5 x max(1, |ref|),
 # gradients relative L2 1e-5.
@@ -45,7 +45,7 @@ def _run_ep(model, mesh, mesh_cfg, x, tidx, cot, rng, train):
     n = num_batch_shards(mesh_cfg)
 
     def body(params, rest, x, tidx, cot, rng):
-        with expert_parallel():
+        with expert_parallel(axis=EXPERT_AXES, batch_axes=BATCH_AXES):
             y, aux = nnx.merge(gdef, params, rest)(x, token_index=tidx, rng=rng, train=train)
         # The layer returns per-device statistics; the global ones are reduced here, as the trainer does.
         load = jax.lax.psum(aux["expert_load"], BATCH_AXES)
@@ -112,7 +112,7 @@ def check(router_name, mesh_spec, cf=1.0, shared=0, train=False):
 
 
 @pytest.mark.parametrize("router", ["topk", "expert_choice"])
-@pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4"])
+@pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4", "node=2,expert=4"])
 def test_ep_equals_single_device(router, mesh_spec):
     check(router, mesh_spec)
 
@@ -128,7 +128,7 @@ def test_ep_shared_experts_and_gshard_training_randomness():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("router", list(ROUTERS))
-@pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4", "data=4,expert=2"])
+@pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4", "data=4,expert=2", "data=2,node=2,expert=2"])
 def test_ep_equals_single_device_all_routers(router, mesh_spec):
     check(router, mesh_spec, train=router in ("gshard", "switch"))
 

@@ -136,3 +136,23 @@ def test_sigmoid_router_bias_is_updated(corpus, tmp_path):
     model, _, meta = load_model(out)
     bias = np.concatenate([np.ravel(v) for v in __import__("jax").tree.leaves(nnx.state(model, RouterBias))])
     assert np.abs(bias).max() > 0 and meta["step"] == 3
+
+
+@pytest.mark.hf
+def test_export_trained_checkpoint_to_hf(corpus, tmp_path):
+    pytest.importorskip("transformers")
+    import jax.numpy as jnp
+
+    from moejax.cli import main
+    from moejax.models.hf import load_hf
+    from moejax.train.checkpoint import load_model
+    cfg = dataclasses.replace(tiny_cfg(), vocab_size=260)
+    out = str(tmp_path / "run")
+    train(cfg, tiny_tc(steps=2, eval_every=2, ckpt_every=2), out, corpus=corpus, cache_dir=str(tmp_path / "c"),
+          progress=False)
+    assert main(["export", "--ckpt", out, "--out", str(tmp_path / "hf")]) == 0
+    trained, _, _ = load_model(out)
+    reloaded, _ = load_hf(str(tmp_path / "hf"))
+    tok = jnp.array([[1, 2, 3, 4]])
+    np.testing.assert_array_equal(np.asarray(trained(tok).logits), np.asarray(reloaded(tok).logits))
+    assert main(["export", "--ckpt", out, "--out", str(tmp_path / "hf")]) == 2  # exists, no --overwrite

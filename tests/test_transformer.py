@@ -146,3 +146,18 @@ def test_cli_generate_prints_ids_on_last_line(capsys):
     ids = [int(t) for t in last.split(",")]
     assert len(ids) == 4 and all(0 <= t < 512 for t in ids)
     assert main(["generate", "--preset", "nope", "--prompt-ids", "1"]) == 2
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_gives_the_same_gradients(remat):
+    cfg = small_cfg()
+    tok = jax.random.randint(jax.random.PRNGKey(4), (2, 8), 0, 97)
+
+    def grads(c):
+        m = Transformer(c, rngs=nnx.Rngs(0))
+        gdef, params, rest = nnx.split(m, nnx.Param, ...)
+        f = lambda p: jnp.mean(nnx.merge(gdef, p, rest)(tok).logits ** 2)  # noqa: E731
+        return jax.tree.leaves(jax.jit(jax.grad(f))(params))
+
+    for a, b in zip(grads(dataclasses.replace(cfg, remat=remat)), grads(cfg)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -204,6 +204,10 @@ class Transformer(nnx.Module):
                                  token_index=token_index, rng=lrng, train=train, rope=rope, mask=mask)
             return x, (new_kv, aux)
 
+        if self.cfg.remat != "none":
+            policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.cfg.remat == "save_dots"
+                      else None)
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         kv_in = None if kv is None else LayerKV(sl(kv.k), sl(kv.v))
         x, (kv_out, aux) = jax.lax.scan(body, x, (jax.tree.map(sl, state), kv_in, layer_ids))
         if kv is not None and (lo, hi) != (0, n):

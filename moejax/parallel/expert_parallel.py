@@ -7,7 +7,7 @@ devices, runs its experts and sends the results back with a second ``all_to_all`
 
 Use it by running the model inside ``shard_map`` under :func:`expert_parallel`::
 
-    with expert_parallel(axis="expert"):
+    with expert_parallel(axis=("node", "expert")):
         y, aux = moe(x_local, token_index=global_index)
 
 The returned statistics are this device's (its routing group's), like the single-device layer's per call;
@@ -34,8 +34,8 @@ DEFAULT_EP_CAPACITY_FACTOR = 2.0
 
 @dataclass(frozen=True)
 class EPContext:
-    axis: str = "expert"
-    batch_axes: tuple[str, ...] = ("data", "expert")
+    axis: str | tuple[str, ...] = ("node", "expert")
+    batch_axes: tuple[str, ...] = ("data", "node", "expert")
     capacity_factor: float | None = None  # None: the layer's own (capacity dispatch) or DEFAULT_EP_CAPACITY_FACTOR
 
 
@@ -43,7 +43,8 @@ _EP: contextvars.ContextVar[EPContext | None] = contextvars.ContextVar("moejax_e
 
 
 @contextlib.contextmanager
-def expert_parallel(axis: str = "expert", batch_axes=("data", "expert"), capacity_factor: float | None = None):
+def expert_parallel(axis=("node", "expert"), batch_axes=("data", "node", "expert"),
+                    capacity_factor: float | None = None):
     """Trace-time context: MoE layers called inside use the expert-parallel path."""
     tok = _EP.set(EPContext(axis, tuple(batch_axes), capacity_factor))
     try:

@@ -1,7 +1,8 @@
 """Device meshes and the logical-axis -> mesh-axis rules.
 
-Mesh axes: ``data`` (pure data parallelism), ``expert`` (experts sharded; also splits the batch for the
-non-expert layers), ``tensor`` (expert and attention hidden dimensions). Parameters carry logical axis names
+Mesh axes: ``data`` (pure data parallelism), ``node`` and ``expert`` (experts sharded over both, node-major,
+so expert parallelism can span nodes: ``node`` is the inter-node level, ``expert`` the intra-node level; both also
+split the batch for the non-expert layers), ``tensor`` (expert and attention hidden dimensions). Parameters carry logical axis names
 (``logical_axes`` metadata on ``nnx.Param``); :data:`RULES` maps each to a mesh axis (or ``None`` = replicated).
 """
 
@@ -15,13 +16,14 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXES = ("data", "expert", "tensor")
-BATCH_AXES = ("data", "expert")
+AXES = ("data", "node", "expert", "tensor")
+BATCH_AXES = ("data", "node", "expert")
+EXPERT_AXES = ("node", "expert")
 
 # logical axis -> mesh axis
 RULES: dict[str, str | None] = {
     "batch": BATCH_AXES,
-    "expert": "expert",
+    "expert": EXPERT_AXES,
     "mlp": "tensor",
     "heads": "tensor",
     "kv_heads": "tensor",
@@ -34,15 +36,20 @@ RULES: dict[str, str | None] = {
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Mesh shape. ``data * expert * tensor`` must equal the number of devices used."""
+    """Mesh shape. ``data * node * expert * tensor`` devices are used."""
 
     data: int = 1
     expert: int = 1
     tensor: int = 1
+    node: int = 1
 
     @property
     def size(self) -> int:
-        return self.data * self.expert * self.tensor
+        return self.data * self.node * self.expert * self.tensor
+
+    @property
+    def expert_parallel(self) -> int:
+        return self.node * self.expert
 
     def validate(self, num_experts: int | None = None, n_devices: int | None = None) -> "MeshConfig":
         for f in dataclasses.fields(self):
@@ -52,8 +59,9 @@ class MeshConfig:
         n = jax.device_count() if n_devices is None else n_devices
         if self.size > n:
             raise ValueError(f"mesh {self.spec()} needs {self.size} devices, {n} are available")
-        if num_experts is not None and num_experts % self.expert:
-            raise ValueError(f"MeshConfig.expert={self.expert} does not divide num_experts={num_experts}")
+        if num_experts is not None and num_experts % self.expert_parallel:
+            raise ValueError(f"MeshConfig.expert={self.expert} (x node={self.node}) does not divide "
+                             f"num_experts={num_experts}")
         return self
 
     def spec(self) -> str:
@@ -77,10 +85,10 @@ class MeshConfig:
 
 
 def make_mesh(mc: MeshConfig, devices=None) -> Mesh:
-    """A ``Mesh`` with axes ``(data, expert, tensor)`` over the first ``mc.size`` devices."""
+    """A ``Mesh`` with axes ``(data, node, expert, tensor)`` over the first ``mc.size`` devices."""
     mc.validate()
-    devs = np.asarray(devices if devices is not None else jax.devices()[:mc.size]).reshape(mc.data, mc.expert,
-                                                                                           mc.tensor)
+    devs = np.asarray(devices if devices is not None else jax.devices()[:mc.size]).reshape(
+        mc.data, mc.node, mc.expert, mc.tensor)
     return Mesh(devs, AXES)
 
 

@@ -162,7 +162,7 @@ class Trainer:
         pspec, rspec = mesh_lib.state_specs(params), mesh_lib.state_specs(rest)
 
         def local(params, rest, batch, key):
-            with expert_parallel(axis="expert", batch_axes=axes):
+            with expert_parallel(axis=mesh_lib.EXPERT_AXES, batch_axes=axes):
                 g, m = self._grads(params, rest, batch, key, axes=axes, n_shards=self.n_shards)
 
             def reduce(spec, gi):  # gi: the gradient Variable of one parameter
