@@ -46,6 +46,10 @@ def rel(a, b):
 @pytest.mark.parametrize("router", [RouterConfig(type="topk", top_k=2), RouterConfig(type="gshard")],
                          ids=["topk", "gshard"])
 def test_sharded_grads_equal_single_device(mesh_spec, router):
+    _check_grads(mesh_spec, router)
+
+
+def _check_grads(mesh_spec, router):
     mesh_cfg = MeshConfig.parse(mesh_spec)
     cfg, ref_cfg, tc = configs(router, mesh_cfg)
     par, one = Trainer(cfg, tc, mesh_cfg), Trainer(ref_cfg, tc)
@@ -60,6 +64,13 @@ def test_sharded_grads_equal_single_device(mesh_spec, router):
     assert int(mp["dropped"]) == int(m1["dropped"])
     for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(gp), jax.tree.leaves(g1)):
         assert rel(a, b_) <= TOL, (jax.tree_util.keystr(path), rel(a, b_))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4"])
+@pytest.mark.parametrize("rtype", ["topk", "switch", "gshard", "sigmoid", "xmoe", "expert_choice"])
+def test_sharded_grads_equal_single_device_all_routers(mesh_spec, rtype):
+    _check_grads(mesh_spec, RouterConfig(type=rtype, top_k=2))
 
 
 def test_sharded_training_loss_trajectory_matches():
@@ -112,3 +123,7 @@ def test_restore_onto_another_mesh(tmp_path):
     tok = jnp.array([[1, 2, 3, 4, 5, 6, 7, 8]])
     la, lb = np.asarray(model(tok).logits), np.asarray(single(tok).logits)
     assert np.max(np.abs(la - lb)) <= 1e-6 * max(1.0, np.max(np.abs(lb)))
+    # ... and training continues on the new mesh (scalar optimizer state is replicated there too).
+    other.params, other.rest, other.opt_state = state["params"], state["rest"], state["opt_state"]
+    m = other.train_step(jax.tree.map(lambda a: a[:8], batch()))
+    assert np.isfinite(float(m["loss"]))

@@ -156,3 +156,17 @@ def test_export_trained_checkpoint_to_hf(corpus, tmp_path):
     tok = jnp.array([[1, 2, 3, 4]])
     np.testing.assert_array_equal(np.asarray(trained(tok).logits), np.asarray(reloaded(tok).logits))
     assert main(["export", "--ckpt", out, "--out", str(tmp_path / "hf")]) == 2  # exists, no --overwrite
+
+
+def test_corrupt_checkpoint_fails_clearly(corpus, tmp_path):
+    cfg, tc = tiny_cfg(), tiny_tc(steps=2, eval_every=2, ckpt_every=2)
+    out = tmp_path / "run"
+    train(cfg, tc, str(out), corpus=corpus, cache_dir=str(tmp_path / "c"), progress=False)
+    data_files = [p for p in (out / "checkpoints" / "2" / "state").rglob("*") if p.is_file() and "ocdbt" in str(p)]
+    assert data_files
+    for p in data_files:
+        p.write_bytes(p.read_bytes()[:16])
+    with pytest.raises(ValueError, match="incompatible with this model or corrupt"):
+        train(cfg, dataclasses.replace(tc, steps=4), str(out), corpus=corpus, cache_dir=str(tmp_path / "c"),
+              progress=False, resume=True)
+    assert sorted(os.listdir(out / "checkpoints")) == ["2"]  # nothing new written over it

@@ -49,9 +49,9 @@ class Checkpointer:
             out = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)),
                 meta=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, FileNotFoundError) as e:
+        except Exception as e:  # orbax/tensorstore raise ValueError, KeyError or a bare Exception
             raise ValueError(f"checkpoint {self.directory!r} step {step} is incompatible with this model or "
-                             f"corrupt: {e}") from e
+                             f"corrupt: {_first_line(e)}") from e
         return out.state, out.meta
 
     def read_meta(self, step: int | None = None) -> dict:
@@ -63,6 +63,14 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """A short reason: the root cause's first line (orbax wraps tensorstore errors in long spec dumps)."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def meta_dict(step: int, cfg: ModelConfig, tc: TrainConfig, data_state: dict, corpus: dict | None) -> dict:
@@ -97,8 +105,10 @@ def load_model(directory: str, step: int | None = None):
         restored = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True)))
         state = restored.state
-    except (KeyError, ValueError) as e:
-        raise ValueError(f"checkpoint {directory!r} is incompatible or corrupt: {e}") from e
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # orbax/tensorstore raise ValueError, KeyError or a bare Exception
+        raise ValueError(f"checkpoint {directory!r} is incompatible or corrupt: {_first_line(e)}") from e
     finally:
         ck.close()
     return nnx.merge(gdef, state["params"], state["rest"]), cfg, meta

@@ -97,7 +97,10 @@ class Trainer:
         self.mesh_cfg, self.mesh, self.n_shards = mesh_cfg, mesh_lib.make_mesh(mesh_cfg), n
         self.params = mesh_lib.shard_state(self.params, self.mesh)
         self.rest = mesh_lib.shard_state(self.rest, self.mesh)
-        self.opt_state = jax.jit(self.opt.init)(self.params)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        self.opt_state = jax.tree.map(  # moments follow the parameters; scalars (step counts) are replicated
+            lambda a: a if isinstance(a.sharding, jax.sharding.NamedSharding) else jax.device_put(a, replicated),
+            jax.jit(self.opt.init)(self.params))
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(mesh_lib.BATCH_AXES))
 
     # ------------------------------------------------------------------------------------------------ model
@@ -327,7 +330,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
     devices. Returns a summary dict (also written to ``out_dir/summary.json``).
     """
     from moejax.config import config_to_dict
-    from moejax.train.checkpoint import Checkpointer, meta_dict
+    from moejax.train.checkpoint import Checkpointer, configs_from_meta, meta_dict
 
     tc.validate()
     cfg.validate()
@@ -347,8 +350,10 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
                          f"resume=True (--resume) to continue, or choose another output directory")
     if resume and ckpt.latest_step() is not None:
         meta = ckpt.read_meta()
-        _compatible(meta["model_config"], config_to_dict(trainer.cfg), "model config")
-        _compatible(meta["train_config"], config_to_dict(tc), "train config", ignore=("steps", "minutes"))
+        # Round-trip the saved configs so fields added since the checkpoint compare at their defaults.
+        saved_cfg, saved_tc = configs_from_meta(meta)
+        _compatible(config_to_dict(saved_cfg), config_to_dict(trainer.cfg), "model config")
+        _compatible(config_to_dict(saved_tc), config_to_dict(tc), "train config", ignore=("steps", "minutes"))
         if meta.get("corpus", {}).get("files_hash") != info.files_hash:
             raise ValueError(f"cannot resume: corpus file list changed (hash {meta.get('corpus', {}).get('files_hash')}"
                              f" -> {info.files_hash})")
@@ -362,6 +367,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
               "model_config": config_to_dict(trainer.cfg), "train_config": config_to_dict(tc),
               "backend": jax.default_backend(), "devices": jax.device_count(),
               "mesh": None if trainer.mesh is None else trainer.mesh_cfg.spec()}
+    if trainer.mesh is not None and cfg.moe is not None:
+        from moejax.parallel.expert_parallel import EPContext, ep_capacity_factor
+        header["ep_capacity_factor"] = ep_capacity_factor(cfg.moe, EPContext())
     val_batch = max(1, min(tc.global_batch, streams["validation"].num_sequences(tc.seq_len + 1) // tc.eval_batches))
     if trainer.mesh is not None:
         val_batch = max(trainer.n_shards, val_batch // trainer.n_shards * trainer.n_shards)
