@@ -21,28 +21,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.common import environment, markdown_table, write_results  # noqa: E402
+from experiments.common import environment, markdown_table, time_fn, write_results  # noqa: E402
 
 
 def measure_machine(jax, jnp, repeats):
-    x = jnp.ones((64 * 1024 * 1024,), jnp.float32)  # 256 MiB
-    red = jax.jit(lambda a: jnp.sum(a))
-    red(x).block_until_ready()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        red(x).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    bw = x.nbytes / sorted(ts)[len(ts) // 2]
+    """Memory bandwidth (a 256 MiB reduction) and dense matmul rate (2048^3), median of ``repeats``."""
+    x = jnp.ones((64 * 1024 * 1024,), jnp.float32)
+    bw = x.nbytes / time_fn(jax.jit(jnp.sum), x, repeats=repeats)["median_s"]
     a = jnp.ones((2048, 2048), jnp.float32)
-    mm = jax.jit(lambda a: a @ a)
-    mm(a).block_until_ready()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        mm(a).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    rate = 2 * 2048 ** 3 / sorted(ts)[len(ts) // 2]
+    rate = 2 * 2048 ** 3 / time_fn(jax.jit(lambda a: a @ a), a, repeats=repeats)["median_s"]
     return bw, rate
 
 
