@@ -362,7 +362,7 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
         trainer.params, trainer.rest, trainer.opt_state = state["params"], state["rest"], state["opt_state"]
         trainer.step = int(meta["step"])
         it.restore(meta["data_state"])
-    log_path = os.path.join(out_dir, "log.jsonl")
+    log_path = os.path.join(os.path.abspath(out_dir), "log.jsonl")
     header = {"event": "start", "step": trainer.step, "corpus": info.to_dict(), "params": trainer.n_params,
               "model_config": config_to_dict(trainer.cfg), "train_config": config_to_dict(tc),
               "backend": jax.default_backend(), "devices": jax.device_count(),
