@@ -22,6 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moejax.nn.routers import expert_choice_capacity
+
 
 class Layout(NamedTuple):
     row_token: jax.Array     # [R] int32: token of each row, T for an empty row
@@ -39,6 +41,15 @@ def capacity_for(group_tokens: int, num_experts: int, top_k: int, capacity_facto
         return group_tokens
     c = math.ceil(abs(capacity_factor) * group_tokens * top_k / num_experts - 1e-9)
     return int(max(1, min(c, group_tokens)))
+
+
+def layer_capacity(router_type: str, group_tokens: int, num_experts: int, top_k: int,
+                   capacity_factor: float) -> int:
+    """Per-expert buffer rows of one routing group for a router: Expert Choice's own capacity, else
+    :func:`capacity_for`."""
+    if router_type == "expert_choice":
+        return expert_choice_capacity(group_tokens, num_experts, capacity_factor)
+    return capacity_for(group_tokens, num_experts, top_k, capacity_factor)
 
 
 def default_block_rows(num_slots: int, num_experts: int) -> int:

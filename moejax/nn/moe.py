@@ -10,7 +10,7 @@ from moejax.config import MoEConfig
 from moejax.nn import dispatch as dsp
 from moejax.nn.experts import (SwiGLU, SwiGLUExperts, moe_swiglu_tiles, swiglu_capacity, swiglu_dense_combine,
                                swiglu_ragged)
-from moejax.nn.routers import expert_choice_capacity, make_router, router_statistics
+from moejax.nn.routers import make_router, router_statistics
 from moejax.parallel import expert_parallel
 
 
@@ -103,8 +103,7 @@ class MoE(nnx.Module):
         wg, wu, wd = self.experts.weights()
         weights, ids, mask = r.weights.reshape(T, K), r.expert_ids.reshape(T, K), r.mask.reshape(T, K)
         if cfg.dispatch == "capacity":
-            C = (expert_choice_capacity(S, E, cfg.capacity_factor) if cfg.router.type == "expert_choice"
-                 else dsp.capacity_for(S, E, K, cfg.capacity_factor))
+            C = dsp.layer_capacity(cfg.router.type, S, E, K, cfg.capacity_factor)
             layout = dsp.capacity_layout(r.expert_ids, r.mask, E, C)
             xb = dsp.gather_rows(xt, layout).reshape(G, E, C, D)
             out = dsp.combine_rows(swiglu_capacity(xb, wg, wu, wd).reshape(G * E * C, D), layout, weights)
@@ -120,10 +119,6 @@ class MoE(nnx.Module):
             layout = dsp.dropless_layout(ids, mask, E, bt)
             out = moe_swiglu_tiles(xt, wg, wu, wd, layout, weights, bt)
         aux["dropped"] = layout.dropped
-        if cfg.dispatch == "capacity":
+        if cfg.dispatch == "capacity":  # kept rows (capped at C); dropless keeps router_statistics' group max
             aux["capacity_used"] = layout.capacity_used
-        else:
-            # The dropless layout spans all routing groups; the capacity Tutel would use is per group.
-            load_g = jnp.sum(jax.nn.one_hot(r.expert_ids, E, dtype=jnp.int32) * r.mask[..., None], axis=(1, 2))
-            aux["capacity_used"] = jnp.max(load_g).astype(jnp.int32)
         return out, aux

@@ -254,6 +254,8 @@ def router_statistics(out: RouterOutput, token_mask=None) -> dict:
       expert ``e``; ``P_e``: mean router probability of ``e``); 1.0 at perfect balance.
     - ``z_loss``: mean over tokens of ``logsumexp(logits) ** 2``.
     - ``expert_load``: routed slots per expert, summed over groups (before capacity drops), float32 ``[E]``.
+    - ``capacity_used``: the largest routed-slot count of an expert within a group (int32), the capacity a
+      dropless group needs (Tutel's dynamic capacity before its cap).
     """
     G, S, E = out.probs.shape
     valid = jnp.ones((G, S), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
@@ -265,7 +267,8 @@ def router_statistics(out: RouterOutput, token_mask=None) -> dict:
     lb = jnp.mean(E * jnp.sum(f * p, -1))
     z = jax.nn.logsumexp(out.logits, axis=-1) ** 2
     z_loss = jnp.sum(z * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-    return {"load_balance_loss": lb, "z_loss": z_loss, "expert_load": jnp.sum(load_g, 0)}
+    return {"load_balance_loss": lb, "z_loss": z_loss, "expert_load": jnp.sum(load_g, 0),
+            "capacity_used": jnp.max(load_g).astype(jnp.int32)}
 
 
 def aux_free_bias_update(bias: jax.Array, expert_load: jax.Array, rate: float) -> jax.Array:

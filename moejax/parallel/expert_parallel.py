@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from moejax.nn import dispatch as dsp
 from moejax.nn.experts import swiglu_capacity
-from moejax.nn.routers import expert_choice_capacity, router_statistics
+from moejax.nn.routers import router_statistics
 
 DEFAULT_EP_CAPACITY_FACTOR = 2.0
 
@@ -77,7 +77,7 @@ def ep_moe(moe, xt: jax.Array, ctx: EPContext, *, token_mask=None, token_index=N
     stats = router_statistics(r, tm)
     G, S, K = r.expert_ids.shape
     cf = ep_capacity_factor(cfg, ctx)
-    C = (expert_choice_capacity(S, E, cf) if cfg.router.type == "expert_choice" else dsp.capacity_for(S, E, K, cf))
+    C = dsp.layer_capacity(cfg.router.type, S, E, K, cf)
     layout = dsp.capacity_layout(r.expert_ids, r.mask, E, C)
     xb = dsp.gather_rows(xt, layout).reshape(G, E, C, D)
     xb = jnp.swapaxes(xb, 0, 1).reshape(E, G * C, D)

@@ -48,6 +48,13 @@ def lm_loss(logits, targets):
     return jnp.sum(ce * valid), jnp.sum(valid)
 
 
+def eval_sums(model, batch):
+    """Summed next-token cross-entropy (nats) over non-pad targets and the number of byte targets."""
+    inp, tgt = split_batch(batch)
+    out = model(inp["tokens"], segment_ids=inp["segment_ids"], positions=inp["positions"])
+    return lm_loss(out.logits, tgt)[0], jnp.sum(tgt < 256)
+
+
 def split_batch(batch):
     """Next-token prediction: inputs are tokens[:, :-1], targets tokens[:, 1:]."""
     inp = {"tokens": batch["tokens"][:, :-1], "segment_ids": batch["segment_ids"][:, :-1],
@@ -220,11 +227,7 @@ class Trainer:
         return nnx.split(model, nnx.Param, ...)[2]
 
     def _eval_impl(self, params, rest, batch):
-        inp, tgt = split_batch(batch)
-        out = nnx.merge(self.gdef, params, rest)(inp["tokens"], segment_ids=inp["segment_ids"],
-                                                 positions=inp["positions"])
-        ce_sum, _ = lm_loss(out.logits, tgt)
-        return ce_sum, jnp.sum(tgt < 256)
+        return eval_sums(nnx.merge(self.gdef, params, rest), batch)
 
     # ------------------------------------------------------------------------------------------------ API
     def place(self, batch: dict, process_local: bool = False) -> dict:
@@ -269,11 +272,7 @@ def evaluate_checkpoint(ckpt: str, *, corpus: str | None = None, batch: int = 16
     streams, info = data_lib.build_corpus(corpus, val_percent=tc["val_percent"])
     gdef, state = nnx.split(model)
 
-    @jax.jit
-    def ev(state, b):
-        inp, tgt = split_batch(b)
-        out = nnx.merge(gdef, state)(inp["tokens"], segment_ids=inp["segment_ids"], positions=inp["positions"])
-        return lm_loss(out.logits, tgt)[0], jnp.sum(tgt < 256)
+    ev = jax.jit(lambda state, b: eval_sums(nnx.merge(gdef, state), b))
 
     nats, n = 0.0, 0
     for b in data_lib.validation_batches(streams["validation"], seq_len=tc["seq_len"] + 1, batch=batch,
