@@ -38,3 +38,18 @@ def sample(logits: jax.Array, key: jax.Array, *, temperature=1.0, top_p=1.0, gre
     keys = jax.random.split(key, B)
     drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, filtered).astype(jnp.int32)
     return jnp.where(temperature <= 0, argmax, drawn)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array):
+    """Per-row sampling with per-row keys ``[B, 2]`` (a request's key depends only on its seed and step).
+
+    Returns ``(tokens [B], logprobs [B, V])``: ``temperature == 0`` rows are greedy; the log-probabilities
+    are those of the model's unmodified distribution (what OpenAI-style ``logprobs`` report).
+    """
+    logits = logits.astype(jnp.float32)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    filtered = top_p_filter(scaled, top_p)
+    drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, filtered).astype(jnp.int32)
+    return jnp.where(temperature <= 0, argmax, drawn), logprobs

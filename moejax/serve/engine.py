@@ -1,0 +1,438 @@
+"""Continuous-batching inference engine over a paged KV cache.
+
+Usage::
+
+    engine = Engine(model, EngineConfig(scheduler="layered"))
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=32, temperature=0))
+    while engine.has_unfinished():
+        for out in engine.step():          # tokens stream out as they are produced
+            print(out.request_id, out.new_tokens, out.finished)
+
+    results = engine.generate(prompts, SamplingParams(max_tokens=64, temperature=0))   # offline
+
+Each :meth:`Engine.step` asks the scheduler for a :class:`~moejax.serve.scheduler.Plan`, packs it into
+fixed shape buckets (decode rows, prefill rows x tokens and pages per row are rounded up to powers of two),
+runs the jitted :func:`~moejax.serve.step.engine_step` (one compiled program per bucket: no recompilation
+in steady state), samples on device, and hands back per-request deltas. :meth:`add_request` and
+:meth:`abort` may be called from another thread: they are queued and applied at the start of the next step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import queue
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.models.transformer import dtype_of
+from moejax.serve.kv_cache import BlockAllocator, KVPool
+from moejax.serve.metrics import (
+    IterationStats,
+    PrometheusMetrics,
+    RequestMetrics,
+    summarize,
+)
+from moejax.serve.scheduler import (
+    Plan,
+    Request,
+    SchedulerConfig,
+    Status,
+    make_scheduler,
+)
+from moejax.serve.step import TOP_LOGPROBS, DecodeBatch, PrefillBatch, engine_step
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation options.
+
+    Attributes:
+      max_tokens: new tokens to generate (>= 1); generation also stops at the engine's ``max_model_len``.
+      temperature: 0 = greedy; otherwise softmax temperature (<= 100).
+      top_p: nucleus sampling mass in (0, 1].
+      seed: sampling seed; the i-th token's key depends only on (seed, i), so results do not depend on
+        batching or preemption. None draws one from the engine's generator.
+      stop_token_ids: stop after emitting one of these ids (the id is kept in the output tokens).
+      logprobs: how many top log-probabilities to report per token (0..5); the sampled token's own
+        log-probability is always reported.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int = 0
+
+    def validate(self) -> SamplingParams:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or not 0 <= t <= 100:
+            raise ValueError(f"temperature={t!r} must be a number in [0, 100]")
+        p = self.top_p
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1:
+            raise ValueError(f"top_p={p!r} must be a number in (0, 1]")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32):
+            raise ValueError(f"seed={self.seed!r} must be an integer in [0, 2**32)")
+        if not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= TOP_LOGPROBS:
+            raise ValueError(f"logprobs={self.logprobs!r} must be an integer in [0, {TOP_LOGPROBS}]")
+        return self
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings.
+
+    Attributes:
+      scheduler: ``"chunked"`` or ``"layered"``.
+      sched: scheduling limits (:class:`~moejax.serve.scheduler.SchedulerConfig`).
+      block_size: tokens per KV block.
+      num_blocks: blocks in the pool (block 0 is scratch); default: enough for ``max_num_seqs`` full-length
+        sequences.
+      max_model_len: longest prompt + output; default the model's ``max_seq_len``.
+      enable_prefix_cache: share full prompt blocks between requests by block hash.
+      record_logits: keep each sampled token's full logits on the host (tests; costs a transfer per step).
+      min_decode_bucket / min_prefill_tokens: smallest shape buckets.
+    """
+
+    scheduler: str = "chunked"
+    sched: SchedulerConfig = field(default_factory=SchedulerConfig)
+    block_size: int = 16
+    num_blocks: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_cache: bool = True
+    record_logits: bool = False
+    min_decode_bucket: int = 1
+    min_prefill_tokens: int = 16
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request (tokens since the previous output)."""
+
+    request_id: str
+    new_tokens: list[int]
+    new_logprobs: list[float]
+    new_top_logprobs: list[list[tuple[int, float]]]
+    finished: bool
+    finish_reason: str | None = None    # "stop", "length" or "abort"
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    """A finished request (offline API)."""
+
+    request_id: str
+    prompt: list[int]
+    tokens: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    finish_reason: str
+    metrics: RequestMetrics
+    logits: np.ndarray | None = None     # [n_tokens, V] with EngineConfig.record_logits
+
+
+def pow2(n: int, minimum: int = 1) -> int:
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+class _Entry:
+    __slots__ = ("callback", "logits", "logprobs", "metrics", "req", "tops")
+
+    def __init__(self, req, metrics, callback):
+        self.req, self.metrics, self.callback = req, metrics, callback
+        self.logprobs, self.tops, self.logits = [], [], []
+
+
+class Engine:
+    """Continuous-batching engine for a :class:`~moejax.models.transformer.Transformer`."""
+
+    def __init__(self, model, cfg: EngineConfig | None = None, *, model_name: str = "moejax"):
+        cfg = cfg or EngineConfig()
+        mcfg = model.cfg
+        self.model, self.cfg, self.mcfg = model, cfg, mcfg
+        self.model_name = model_name
+        self.max_model_len = cfg.max_model_len or mcfg.max_seq_len
+        if self.max_model_len > mcfg.max_seq_len:
+            raise ValueError(f"EngineConfig.max_model_len={self.max_model_len} exceeds ModelConfig.max_seq_len="
+                             f"{mcfg.max_seq_len}")
+        if cfg.block_size < 1:
+            raise ValueError(f"EngineConfig.block_size={cfg.block_size} must be >= 1")
+        num_blocks = cfg.num_blocks or 1 + cfg.sched.max_num_seqs * math.ceil(self.max_model_len / cfg.block_size)
+        self.gdef, self.state = nnx.split(model)
+        self.alloc = BlockAllocator(num_blocks, cfg.block_size, enable_prefix_cache=cfg.enable_prefix_cache)
+        self.scheduler = make_scheduler(cfg.scheduler, cfg.sched, self.alloc, mcfg.n_layers)
+        self.pool = KVPool.create(model.runs, num_blocks, cfg.block_size, mcfg.n_kv_heads, mcfg.resolved_head_dim,
+                                  dtype_of(mcfg.dtype))
+        m = mcfg.moe
+        self.expert_bytes = 0 if m is None else 3 * mcfg.d_model * m.d_ff * jnp.dtype(dtype_of(mcfg.param_dtype)).itemsize
+        self.entries: dict[str, _Entry] = {}
+        self.finished_metrics: list[RequestMetrics] = []
+        self.iterations: list[IterationStats] = []
+        self.prom = PrometheusMetrics(model_name)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._rng = np.random.default_rng(0)
+        self._pf_hidden = None
+        self.compiled_shapes: set[tuple] = set()
+
+    # ----------------------------------------------------------------------------------------- requests
+    def validate_prompt(self, prompt: Sequence[int]) -> list[int]:
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("prompt must contain at least one token")
+        V = self.mcfg.vocab_size
+        bad = [t for t in prompt if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the context is {self.max_model_len} "
+                             "(prompt + at least one new token must fit)")
+        return prompt
+
+    def add_request(self, prompt: Sequence[int], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, arrival: float | None = None,
+                    callback: Callable[[RequestOutput], None] | None = None) -> str:
+        """Queue a request; returns its id. Bad prompts or parameters raise ``ValueError`` here.
+
+        ``callback`` (optional) receives each :class:`RequestOutput` of this request as it is produced (on the
+        thread that runs :meth:`step`).
+        """
+        params = (params or SamplingParams()).validate()
+        prompt = self.validate_prompt(prompt)
+        if params.seed is None:
+            params = SamplingParams(**{**params.__dict__, "seed": int(self._rng.integers(0, 2 ** 32))})
+        rid = request_id or f"req-{next(self._ids)}"
+        now = time.perf_counter() if arrival is None else arrival
+        req = Request(rid, prompt, params, now)
+        self._inbox.put(("add", _Entry(req, RequestMetrics(now, len(prompt)), callback)))
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request (queued; takes effect at the next step). Unknown ids are ignored."""
+        self._inbox.put(("abort", request_id))
+
+    def _drain_inbox(self, outputs: list[RequestOutput]) -> None:
+        while True:
+            try:
+                op, x = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                if x.req.id in self.entries:
+                    raise ValueError(f"duplicate request id {x.req.id!r}")
+                self.entries[x.req.id] = x
+                self.scheduler.add(x.req)
+            else:
+                e = self.entries.get(x)
+                if e is None:
+                    continue
+                sched = self.scheduler
+                if getattr(sched, "batch", None) and e.req in sched.batch:
+                    e.req.aborted = True  # in flight through the layer groups: dropped when the prompt lands
+                    continue
+                self._finish(e, "abort", outputs)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.entries) or not self._inbox.empty()
+
+    @property
+    def num_running(self) -> int:
+        return self.scheduler.num_active
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # ----------------------------------------------------------------------------------------- stepping
+    def _finish(self, e: _Entry, reason: str, outputs: list[RequestOutput], emit_tokens=None):
+        req = e.req
+        self.scheduler.remove(req)
+        req.status, req.finish_reason = Status.FINISHED, reason
+        e.metrics.finish = time.perf_counter()
+        e.metrics.preemptions = req.num_preemptions
+        del self.entries[req.id]
+        self.finished_metrics.append(e.metrics)
+        self.prom.on_finish(e.metrics, reason)
+        out = emit_tokens or RequestOutput(req.id, [], [], [], True, reason, len(req.prompt), req.cached_tokens)
+        out.finished, out.finish_reason = True, reason
+        self._emit(e, out, outputs)
+
+    @staticmethod
+    def _emit(e: _Entry, out: RequestOutput, outputs: list[RequestOutput]):
+        outputs.append(out)
+        if e.callback is not None:
+            e.callback(out)
+
+    def _pack(self, plan: Plan):
+        rows = [r.blocks for r in plan.decode] + [c.request.blocks for c in plan.prefill]
+        P = pow2(max(len(b) for b in rows))
+
+        def table(blocks):
+            t = np.zeros(P, np.int32)
+            t[:len(blocks)] = blocks
+            return t
+
+        def sp(reqs, n):
+            keys = np.zeros((n, 2), np.uint32)
+            temp = np.zeros(n, np.float32)
+            top_p = np.ones(n, np.float32)
+            for i, r in enumerate(reqs):
+                keys[i] = (r.params.seed, len(r.output))
+                temp[i], top_p[i] = r.params.temperature, r.params.top_p
+            return keys, temp, top_p
+
+        dec = pf = None
+        if plan.decode:
+            n = len(plan.decode)
+            Bd = pow2(n, self.cfg.min_decode_bucket)
+            tok = np.zeros(Bd, np.int32)
+            pos = np.zeros(Bd, np.int32)
+            tabs = np.zeros((Bd, P), np.int32)
+            valid = np.zeros(Bd, bool)
+            for i, r in enumerate(plan.decode):
+                tok[i], pos[i], tabs[i], valid[i] = r.tokens[-1], r.num_tokens - 1, table(r.blocks), True
+            dec = DecodeBatch(tok, pos, tabs, valid, *sp(plan.decode, Bd))
+        if plan.prefill:
+            n = len(plan.prefill)
+            Bp = pow2(n)
+            Tp = pow2(max(c.length for c in plan.prefill), self.cfg.min_prefill_tokens)
+            tok = np.zeros((Bp, Tp), np.int32)
+            start = np.zeros(Bp, np.int32)
+            length = np.zeros(Bp, np.int32)
+            tabs = np.zeros((Bp, P), np.int32)
+            for i, c in enumerate(plan.prefill):
+                toks = c.request.tokens[c.start:c.start + c.length]
+                tok[i, :len(toks)] = toks
+                start[i], length[i], tabs[i] = c.start, c.length, table(c.request.blocks)
+            pf = PrefillBatch(tok, start, length, tabs, *sp([c.request for c in plan.prefill], Bp))
+        return dec, pf
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns the outputs it produced (possibly none)."""
+        outputs: list[RequestOutput] = []
+        self._drain_inbox(outputs)
+        t0 = time.perf_counter()
+        plan = self.scheduler.schedule(t0)
+        if plan.empty:
+            return outputs
+        dec, pf = self._pack(plan)
+        use_hidden = plan.use_hidden
+        hidden = self._pf_hidden if use_hidden else None
+        shape_key = (None if dec is None else dec.tokens.shape, None if pf is None else pf.tokens.shape,
+                     (dec or pf).tables.shape[1], use_hidden)
+        self.compiled_shapes.add(shape_key)
+        o = engine_step(self.gdef, self.state, self.pool, dec, pf, hidden, np.asarray(plan.group, np.int32),
+                        block_size=self.cfg.block_size, use_hidden=use_hidden, return_logits=self.cfg.record_logits)
+        self.pool = o.pool
+        host = jax.device_get((o.dec_next, o.dec_logprob, o.dec_top, o.pf_next, o.pf_logprob, o.pf_top,
+                               o.experts_touched, o.dec_logits, o.pf_logits))
+        d_next, d_lp, d_top, p_next, p_lp, p_top, touched, d_logits, p_logits = host
+        t1 = time.perf_counter()
+
+        L = self.mcfg.n_layers
+        for i, req in enumerate(plan.decode):
+            req.num_computed = req.num_tokens
+            self._append(req, int(d_next[i]), float(d_lp[i]), d_top[0][i], d_top[1][i],
+                         None if d_logits is None else d_logits[i], t1, outputs)
+        for i, c in enumerate(plan.prefill):
+            req = c.request
+            if plan.group[1] == L:
+                req.num_computed = c.start + c.length
+            if c.last:
+                e = self.entries.get(req.id)
+                if req.aborted and e is not None:
+                    self._finish(e, "abort", outputs)
+                    continue
+                self.scheduler.prefilling.remove(req)
+                self.scheduler.running.append(req)
+                req.status = Status.RUNNING
+                self._append(req, int(p_next[i]), float(p_lp[i]), p_top[0][i], p_top[1][i],
+                             None if p_logits is None else p_logits[i], t1, outputs)
+        for req in list(self.scheduler.running) + list(self.scheduler.prefilling):
+            self.scheduler.register_full_blocks(req)
+        self.scheduler.on_step_done(plan)
+        self._pf_hidden = o.pf_hidden if (plan.prefill and not plan.prefill[0].last) else None
+
+        it = IterationStats(t0, t1, len(plan.decode), sum(c.length for c in plan.prefill), tuple(plan.group),
+                            [int(x) for x in touched], int(touched.sum()) * self.expert_bytes, len(plan.preempted))
+        self.iterations.append(it)
+        self.prom.on_iteration(it, len(self.scheduler.running), len(self.scheduler.waiting),
+                               self.alloc.num_used / max(self.alloc.num_blocks - 1, 1))
+        return outputs
+
+    def _append(self, req: Request, tok: int, lp: float, top_ids, top_lps, logits, now: float, outputs):
+        e = self.entries[req.id]
+        req.output.append(tok)
+        m = e.metrics
+        if m.first_token is None:
+            m.first_token = now
+            m.cached_tokens = req.cached_tokens
+        m.token_times.append(now)
+        e.logprobs.append(lp)
+        k = req.params.logprobs
+        top = [(int(a), float(b)) for a, b in zip(top_ids[:k], top_lps[:k])]
+        e.tops.append(top)
+        if logits is not None:
+            e.logits.append(np.asarray(logits))
+        out = RequestOutput(req.id, [tok], [lp], [top], False, None, len(req.prompt), req.cached_tokens)
+        if tok in req.params.stop_token_ids:
+            self._finish(e, "stop", outputs, out)
+        elif len(req.output) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            self._finish(e, "length", outputs, out)
+        else:
+            self._emit(e, out, outputs)
+
+    # ----------------------------------------------------------------------------------------- offline
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, progress: bool = False) -> list[Completion]:
+        """Run prompts to completion (all queued at once; continuous batching does the rest)."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        done: dict[str, Completion] = {}
+        keep: dict[str, _Entry] = {}
+        ids = []
+        for p, sp in zip(prompts, params):
+            rid = self.add_request(p, sp)
+            ids.append(rid)
+        self._drain_inbox([])
+        for rid in ids:
+            keep[rid] = self.entries[rid]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(ids), desc="generate", unit="req")
+        while len(done) < len(ids):
+            for out in self.step():
+                if out.finished and out.request_id in keep:
+                    e = keep[out.request_id]
+                    done[out.request_id] = Completion(
+                        out.request_id, e.req.prompt, list(e.req.output), e.logprobs, e.tops, out.finish_reason,
+                        e.metrics, np.stack(e.logits) if e.logits else None)
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [done[r] for r in ids]
+
+    def metrics(self, **slo) -> dict:
+        """Summary of finished requests and all iterations so far (see :func:`moejax.serve.metrics.summarize`)."""
+        return summarize(self.finished_metrics, self.iterations, **slo)
+
+    def reset_metrics(self) -> None:
+        self.finished_metrics, self.iterations = [], []

@@ -1,0 +1,338 @@
+"""Iteration schedulers: which requests decode, which prompt tokens prefill, through which layers.
+
+Both schedulers share :class:`Scheduler`'s block management (admission with prefix-cache lookup, block growth,
+preemption by recompute when the pool is full) and differ only in how prompts are cut:
+
+* :class:`ChunkedPrefillScheduler` (Sarathi-Serve / vLLM): a token budget per iteration (default 512); decode
+  rows take one token each, the rest goes to prompt chunks, every chunk through the whole layer stack.
+* :class:`LayeredPrefillScheduler` (Layered Prefill): whole prompts, cut along the *layer* axis instead: the
+  stack is split into G contiguous groups and each iteration runs the in-flight prompts through one group
+  while every running request decodes through all layers. G adapts to the prompt length (<=512 -> 1,
+  <=1024 -> 2, <=2048 -> 4, <=4096 -> 8, else 16; thresholds configurable).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from moejax.serve.kv_cache import BlockAllocator, NoFreeBlocks, block_hash
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"      # not admitted (or preempted): holds no blocks
+    PREFILL = "prefill"      # admitted, prompt (plus any recomputed output) partly in the cache
+    RUNNING = "running"      # decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """One generation request as the scheduler sees it."""
+
+    id: str
+    prompt: list[int]
+    params: object                     # engine.SamplingParams
+    arrival: float
+    output: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0               # tokens whose K/V are in the cache
+    hashes: list[bytes] = field(default_factory=list)  # chained hashes of the full blocks registered so far
+    num_preemptions: int = 0
+    cached_tokens: int = 0              # prompt tokens served from the prefix cache (last admission)
+    finish_reason: str | None = None
+    aborted: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def to_prefill(self) -> int:
+        """Tokens still to run before this request can sample its next token."""
+        return self.num_tokens - self.num_computed
+
+
+@dataclass
+class PrefillChunk:
+    request: Request
+    start: int     # first position of the chunk
+    length: int    # tokens in the chunk
+    last: bool     # the chunk (and group) completes the prompt: sample the next token
+
+
+@dataclass
+class Plan:
+    """What one iteration runs."""
+
+    decode: list[Request]
+    prefill: list[PrefillChunk]
+    group: tuple[int, int]          # (lo, hi) layers the prefill rows pass through
+    use_hidden: bool = False        # prefill rows start from the previous group's hidden states
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Engine scheduling limits.
+
+    Attributes:
+      max_num_seqs: running + prefilling requests at once (decode batch bound).
+      max_num_batched_tokens: chunked prefill's token budget per iteration (decode tokens count one each).
+      max_prefill_seqs: prompts prefilled in one iteration.
+      layered_thresholds: prompt-length upper bounds for G = 1, 2, 4, 8; longer prompts use 16 groups.
+      max_layered_tokens: total prompt tokens one layered prefill batch may hold.
+      collapse_when_idle: layered prefill runs a prompt through all layers at once when nothing is decoding
+        (no decode to interleave with, and the expert traffic is the same).
+    """
+
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512
+    max_prefill_seqs: int = 4
+    layered_thresholds: tuple[int, ...] = (512, 1024, 2048, 4096)
+    max_layered_tokens: int = 4096
+    collapse_when_idle: bool = True
+
+    def validate(self) -> SchedulerConfig:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "max_layered_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"SchedulerConfig.{name}={v!r} must be a positive integer")
+        t = tuple(self.layered_thresholds)
+        if len(t) != 4 or any(b <= a for a, b in itertools.pairwise(t)) or t[0] < 1:
+            raise ValueError(f"SchedulerConfig.layered_thresholds={t!r} must be 4 increasing positive lengths "
+                             "(upper bounds for 1, 2, 4 and 8 groups)")
+        return self
+
+
+class Scheduler:
+    """Shared admission, block growth and preemption. Subclasses implement :meth:`schedule`."""
+
+    name = "base"
+
+    def __init__(self, cfg: SchedulerConfig, allocator: BlockAllocator, n_layers: int):
+        self.cfg = cfg.validate()
+        self.alloc = allocator
+        self.bs = allocator.block_size
+        self.n_layers = n_layers
+        self.waiting: list[Request] = []
+        self.prefilling: list[Request] = []
+        self.running: list[Request] = []
+
+    # ----------------------------------------------------------------------------------------- queue
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def remove(self, req: Request) -> None:
+        """Take a request out of every queue and free its blocks (finish or abort)."""
+        for q in (self.waiting, self.prefilling, self.running):
+            if req in q:
+                q.remove(req)
+        self._free(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    @property
+    def num_active(self) -> int:
+        return len(self.prefilling) + len(self.running)
+
+    # ----------------------------------------------------------------------------------------- blocks
+    def _free(self, req: Request) -> None:
+        if req.blocks:
+            self.alloc.release(req.blocks)
+        req.blocks, req.num_computed, req.hashes = [], 0, []
+
+    def _blocks_needed(self, req: Request, upto: int) -> int:
+        return max(0, math.ceil(upto / self.bs) - len(req.blocks))
+
+    def _grow(self, req: Request, upto: int) -> bool:
+        """Make sure ``req`` has blocks for positions ``< upto``; False if the pool is full."""
+        n = self._blocks_needed(req, upto)
+        if n == 0:
+            return True
+        try:
+            req.blocks += self.alloc.allocate(n)
+        except NoFreeBlocks:
+            return False
+        return True
+
+    def _admit(self, req: Request) -> bool:
+        """Move a waiting request to PREFILL, reusing cached prefix blocks. False if it does not fit."""
+        toks = req.tokens
+        hashes, parent = [], None
+        for i in range((len(toks) - 1) // self.bs):  # always leave >= 1 token to compute
+            parent = block_hash(parent, toks[i * self.bs:(i + 1) * self.bs])
+            hashes.append(parent)
+        hit = self.alloc.lookup(hashes)
+        need = math.ceil(len(toks) / self.bs) - len(hit)
+        if need > self.alloc.num_free - sum(1 for b in hit if b in self.alloc.evictable):
+            return False
+        self.alloc.acquire(hit)
+        req.blocks = list(hit) + self.alloc.allocate(need)  # the whole prompt's blocks, reserved up front
+        req.hashes = hashes[:len(hit)]
+        req.num_computed = len(hit) * self.bs
+        req.cached_tokens = req.num_computed
+        req.status = Status.PREFILL
+        return True
+
+    def _preempt(self, victim: Request, plan: Plan) -> None:
+        """Recompute preemption: drop the victim's cache; it re-prefills prompt + output when readmitted."""
+        for q in (self.running, self.prefilling):
+            if victim in q:
+                q.remove(victim)
+        self._free(victim)
+        victim.status = Status.WAITING
+        victim.num_preemptions += 1
+        self.waiting.insert(0, victim)
+        plan.preempted.append(victim)
+
+    def _schedule_decodes(self, plan: Plan) -> None:
+        """Every running request decodes one token; preempt the newest ones while the pool is full."""
+        i = 0
+        while i < len(self.running):
+            req = self.running[i]
+            if self._grow(req, req.num_tokens):
+                i += 1
+                continue
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is req:
+                continue
+        plan.decode = list(self.running)
+
+    def register_full_blocks(self, req: Request) -> None:
+        """Add the request's newly completed blocks to the prefix cache."""
+        toks = req.tokens
+        full = min(req.num_computed, len(toks)) // self.bs
+        parent = req.hashes[-1] if req.hashes else None
+        for i in range(len(req.hashes), full):
+            parent = block_hash(parent, toks[i * self.bs:(i + 1) * self.bs])
+            req.hashes.append(parent)
+            self.alloc.register(req.blocks[i], parent)
+
+    def schedule(self, now: float) -> Plan:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def on_step_done(self, plan: Plan) -> None:
+        """Called after the step ran: state transitions that depend on the plan."""
+
+
+class ChunkedPrefillScheduler(Scheduler):
+    """Sarathi-style chunked prefill with a per-iteration token budget."""
+
+    name = "chunked"
+
+    def schedule(self, now: float) -> Plan:
+        plan = Plan([], [], (0, self.n_layers))
+        self._schedule_decodes(plan)
+        budget = self.cfg.max_num_batched_tokens - len(plan.decode)
+        # continue partly prefilled prompts first (FIFO), then admit new ones
+        candidates = list(self.prefilling)
+        while self.waiting and self.num_active < self.cfg.max_num_seqs and budget > 0:
+            req = self.waiting[0]
+            if not self._admit(req):
+                break
+            self.waiting.pop(0)
+            self.prefilling.append(req)
+            candidates.append(req)
+        for req in candidates:
+            if budget <= 0 or len(plan.prefill) >= self.cfg.max_prefill_seqs:
+                break
+            n = min(req.to_prefill, budget)
+            if not self._grow(req, req.num_computed + n):
+                break
+            plan.prefill.append(PrefillChunk(req, req.num_computed, n, req.num_computed + n == req.num_tokens))
+            budget -= n
+        return plan
+
+
+class LayeredPrefillScheduler(Scheduler):
+    """Layered prefill: one layer group of the in-flight prompts per iteration, decode through all layers."""
+
+    name = "layered"
+
+    def __init__(self, cfg: SchedulerConfig, allocator: BlockAllocator, n_layers: int):
+        super().__init__(cfg, allocator, n_layers)
+        self.batch: list[Request] = []      # prompts in flight through the layer groups
+        self.bounds: list[tuple[int, int]] = []
+        self.group_index = 0
+
+    def num_groups(self, prompt_len: int) -> int:
+        """Adaptive G from the prompt length (capped at the number of layers)."""
+        g = 16
+        for limit, groups in zip(self.cfg.layered_thresholds, (1, 2, 4, 8)):
+            if prompt_len <= limit:
+                g = groups
+                break
+        return min(g, self.n_layers)
+
+    def group_bounds(self, g: int) -> list[tuple[int, int]]:
+        """G contiguous groups of layers, sizes differing by at most one."""
+        edges = [round(i * self.n_layers / g) for i in range(g + 1)]
+        return [(a, b) for a, b in itertools.pairwise(edges)]
+
+    def schedule(self, now: float) -> Plan:
+        plan = Plan([], [], (0, self.n_layers))
+        self._schedule_decodes(plan)
+        if self.batch and any(r.status != Status.PREFILL for r in self.batch):
+            self.batch = [r for r in self.batch if r.status == Status.PREFILL]  # preempted mid-flight
+            if self.batch and self.group_index > 0:  # their hidden states are gone: restart the batch
+                for r in list(self.batch):
+                    self._preempt(r, plan)
+                self.batch = []
+        if not self.batch:
+            tokens = 0
+            while (self.waiting and self.num_active < self.cfg.max_num_seqs
+                   and len(self.batch) < self.cfg.max_prefill_seqs):
+                req = self.waiting[0]
+                if self.batch and tokens + req.num_tokens > self.cfg.max_layered_tokens:
+                    break
+                if not self._admit(req):
+                    break
+                self.waiting.pop(0)
+                self.prefilling.append(req)
+                self.batch.append(req)
+                tokens += req.to_prefill
+            if not self.batch:
+                return plan
+            longest = max(r.to_prefill for r in self.batch)
+            g = 1 if (self.cfg.collapse_when_idle and not plan.decode) else self.num_groups(longest)
+            self.bounds, self.group_index = self.group_bounds(g), 0
+        lo, hi = self.bounds[self.group_index]
+        last = self.group_index == len(self.bounds) - 1
+        plan.group = (lo, hi)
+        plan.use_hidden = self.group_index > 0
+        plan.prefill = [PrefillChunk(r, r.num_computed, r.to_prefill, last) for r in self.batch]
+        return plan
+
+    def on_step_done(self, plan: Plan) -> None:
+        if plan.prefill:
+            self.group_index += 1
+            if self.group_index == len(self.bounds):
+                self.batch, self.bounds, self.group_index = [], [], 0
+
+
+SCHEDULERS = {"chunked": ChunkedPrefillScheduler, "layered": LayeredPrefillScheduler}
+
+
+def make_scheduler(name: str, cfg: SchedulerConfig, allocator: BlockAllocator, n_layers: int) -> Scheduler:
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler={name!r}; allowed: {sorted(SCHEDULERS)}")
+    return SCHEDULERS[name](cfg, allocator, n_layers)
+
+
+def pending(reqs: Sequence[Request]) -> int:
+    return sum(r.to_prefill for r in reqs)
