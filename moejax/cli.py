@@ -99,8 +99,8 @@ def _train_configs(args):
             moe = dataclasses.replace(moe, dispatch=args.dispatch)
         cfg = dataclasses.replace(cfg, moe=moe)
     tc = load_config(args.train_config, TrainConfig) if args.train_config else TrainConfig()
-    over = {k: v for k, v in dict(steps=args.steps, minutes=args.minutes, seq_len=args.seq_len,
-                                  global_batch=args.batch, lr=args.lr, seed=args.seed).items() if v is not None}
+    over = {k: v for k, v in {"steps": args.steps, "minutes": args.minutes, "seq_len": args.seq_len,
+                                  "global_batch": args.batch, "lr": args.lr, "seed": args.seed}.items() if v is not None}
     if args.preset == "tiny" and args.steps is None and args.minutes is None and not args.train_config:
         over["steps"] = 200  # a quick default run: about 3 minutes on 2 CPU cores
     return cfg.validate(), dataclasses.replace(tc, **over).validate()
@@ -157,6 +157,28 @@ def cmd_presets(args) -> int:
         moe = (f"{cfg.moe.num_experts} experts top-{cfg.moe.router.effective_top_k}" if cfg.moe else "dense")
         print(f"{name:18s} layers {cfg.n_layers:3d} d_model {cfg.d_model:5d} {moe:22s} "
               f"params {p['total'] / 1e6:10.1f}M active {p['active'] / 1e6:9.1f}M")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import os.path
+
+    from moejax.serve.engine import Engine, EngineConfig
+    from moejax.serve.scheduler import SchedulerConfig
+    from moejax.serve.server import serve
+    from moejax.serve.tokenizer import load_tokenizer
+
+    model, cfg, path = _model_from_args(args)
+    tok = load_tokenizer(path, cfg.vocab_size)
+    sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    engine = Engine(model, EngineConfig(scheduler=args.scheduler, sched=sched, block_size=args.block_size,
+                                        num_blocks=args.num_blocks, max_model_len=args.max_model_len,
+                                        enable_prefix_cache=not args.no_prefix_cache))
+    src = args.preset or args.config or args.hf or args.ckpt
+    name = args.model_name or os.path.basename(os.path.normpath(src))
+    print(f"serving '{name}' ({args.scheduler} prefill, {engine.alloc.num_blocks} KV blocks of {args.block_size}) "
+          f"on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(engine, tok, host=args.host, port=args.port, model_name=name, max_pending=args.max_pending)
     return 0
 
 
@@ -219,6 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--model-type", choices=("mixtral", "qwen3_moe", "qwen2_moe"), default=None)
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, paged KV cache)")
+    src = s.add_argument_group("model (exactly one)")
+    src.add_argument("--preset", help="named preset with random weights, e.g. tiny (quick start)")
+    src.add_argument("--config", help="model config JSON/YAML (random weights)")
+    src.add_argument("--hf", help="local Hugging Face directory (config.json + *.safetensors [+ tokenizer.json])")
+    src.add_argument("--ckpt", help="a moejax training run directory (its latest checkpoint)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-name", default=None, help="name clients use in 'model' (default: the source's name)")
+    s.add_argument("--scheduler", choices=("chunked", "layered"), default="chunked")
+    s.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    s.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: max-num-seqs "
+                                                                 "full-length sequences)")
+    s.add_argument("--max-num-seqs", type=int, default=16, help="running requests (decode batch bound)")
+    s.add_argument("--max-num-batched-tokens", type=int, default=512, help="chunked prefill token budget")
+    s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    s.add_argument("--max-pending", type=int, default=512, help="requests in flight before 503 + Retry-After")
+    s.add_argument("--no-prefix-cache", action="store_true")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    s.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=cmd_presets)
