@@ -19,7 +19,7 @@ from typing import Any, Mapping
 ROUTER_TYPES = ("topk", "switch", "gshard", "sigmoid", "xmoe", "expert_choice")
 DISPATCH_TYPES = ("dropless", "capacity")
 GSHARD_SECOND_POLICIES = ("random", "all", "sampling")
-GROUPED_IMPLS = ("auto", "tiles", "ragged_dot", "dense")
+GROUPED_IMPLS = ("auto", "tiles", "ragged_dot", "dense", "pallas")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_dots")
 
@@ -152,8 +152,12 @@ class MoEConfig:
       grouped_impl: grouped expert compute for dropless dispatch: ``tiles`` (tile loop over sorted tokens,
         each tile one expert; fastest on CPU), ``ragged_dot`` (``jax.lax.ragged_dot``; native on GPU/TPU, a
         dense masked product on CPU), ``dense`` (every expert on every token, weighted by the routing; exact
-        dropless semantics, cheapest when ``tokens * num_experts`` is small, e.g. decode steps), ``auto``
-        (``dense`` when ``tokens * num_experts <= 256``, else ``tiles`` on CPU and ``ragged_dot`` elsewhere).
+        dropless semantics, cheapest when ``tokens * num_experts`` is small, e.g. decode steps), ``pallas``
+        (the ``pallas_kernels.gmm`` grouped-matmul kernels over unpadded sorted rows, backward through
+        ``gmm``/``tgmm`` too; interpret mode on CPU, so only for tests there), ``auto`` (``dense`` when
+        ``tokens * num_experts <= 256``, else ``tiles`` on CPU and ``ragged_dot`` elsewhere; ``auto`` picks
+        ``pallas`` only on a backend listed in ``pallas_kernels.grouped_matmul.VALIDATED_FASTER`` -- where
+        the kernel was compiled for real, validated and measured faster -- which is none yet).
       block_rows: row tile of the ``tiles`` implementation; ``None`` picks one from the token count.
     """
 

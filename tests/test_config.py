@@ -51,7 +51,7 @@ def test_router_config_cross_field_checks():
 MOE_BAD = [
     ("num_experts", 0), ("d_ff", 0), ("dispatch", "sparse"), ("capacity_factor", "1.0"),
     ("capacity_factor", None), ("num_shared_experts", -1), ("shared_d_ff", 0), ("shared_expert_gate", True),
-    ("aux_loss_coef", -0.1), ("z_loss_coef", -1.0), ("grouped_impl", "pallas"), ("block_rows", 0),
+    ("aux_loss_coef", -0.1), ("z_loss_coef", -1.0), ("grouped_impl", "megablox"), ("block_rows", 0),
     ("router", "topk"),
 ]
 

@@ -11,6 +11,8 @@ Routed experts are SwiGLU FFNs ``down(silu(x @ gate) * (x @ up))`` with stacked 
   weight gradients) as the same loop.
 - :func:`swiglu_ragged` (dropless, the GPU/TPU default): ``jax.lax.ragged_dot``. On CPU XLA lowers it to a
   dense masked product (``E`` times the work), so it is not used there by default.
+- :func:`swiglu_pallas` (dropless, ``grouped_impl="pallas"``): the ``pallas_kernels.gmm`` Pallas kernels
+  (custom VJP through ``gmm``/``tgmm``); interpret mode on CPU.
 - :func:`swiglu_capacity`: batched ``einsum`` over fixed ``[G, E, C, D]`` capacity buffers.
 
 :func:`swiglu_reference` is the naive per-expert loop the others are tested against.
@@ -174,6 +176,20 @@ def swiglu_ragged(x: jax.Array, wg, wu, wd, layout: Layout) -> jax.Array:
     b = jax.lax.ragged_dot(x, wu.astype(x.dtype), gs, preferred_element_type=_F32)
     h = (jax.nn.silu(a) * b).astype(x.dtype)
     return jax.lax.ragged_dot(h, wd.astype(x.dtype), gs, preferred_element_type=_F32).astype(x.dtype)
+
+
+def swiglu_pallas(x: jax.Array, wg, wu, wd, layout: Layout, *, interpret: bool | None = None) -> jax.Array:
+    """SwiGLU experts with the ``pallas_kernels.gmm`` kernels over unpadded dropless rows (as
+    :func:`swiglu_ragged`); ``jax.grad`` runs the ``gmm``/``tgmm`` kernels as well. ``interpret=None``:
+    interpret mode unless on the kernel's backend (so on CPU it is a slow, exact test path)."""
+    from pallas_kernels.grouped_matmul import gmm
+
+    gs = layout.group_sizes
+    kw = {"impl": "pallas", "preferred_element_type": _F32, "interpret": interpret}
+    a = gmm(x, wg.astype(x.dtype), gs, **kw)
+    b = gmm(x, wu.astype(x.dtype), gs, **kw)
+    h = (jax.nn.silu(a) * b).astype(x.dtype)
+    return gmm(h, wd.astype(x.dtype), gs, **kw).astype(x.dtype)
 
 
 def swiglu_capacity(x: jax.Array, wg, wu, wd) -> jax.Array:
