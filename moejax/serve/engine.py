@@ -368,7 +368,9 @@ class Engine:
         self._pf_hidden = o.pf_hidden if (plan.prefill and not plan.prefill[0].last) else None
 
         it = IterationStats(t0, t1, len(plan.decode), sum(c.length for c in plan.prefill), tuple(plan.group),
-                            [int(x) for x in touched], int(touched.sum()) * self.expert_bytes, len(plan.preempted))
+                            [int(x) for x in touched], int(touched.sum()) * self.expert_bytes, len(plan.preempted),
+                            sum(r.num_tokens for r in plan.decode), sum(c.start + c.length for c in plan.prefill),
+                            sum(c.length * c.start + c.length * (c.length + 1) // 2 for c in plan.prefill))
         self.iterations.append(it)
         self.prom.on_iteration(it, len(self.scheduler.running), len(self.scheduler.waiting),
                                self.alloc.num_used / max(self.alloc.num_blocks - 1, 1))

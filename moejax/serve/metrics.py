@@ -57,6 +57,9 @@ class IterationStats:
     experts_touched: list[int]      # per layer
     expert_bytes: int
     preempted: int = 0
+    decode_context: int = 0         # cached tokens the decode rows attend over (summed over rows)
+    prefill_context: int = 0        # cached + new tokens the prefill rows attend over
+    prefill_pairs: int = 0          # causal (query, key) pairs of the prefill rows
 
 
 def _pct(xs, q):

@@ -44,12 +44,19 @@ def sample_rows(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_
     """Per-row sampling with per-row keys ``[B, 2]`` (a request's key depends only on its seed and step).
 
     Returns ``(tokens [B], logprobs [B, V])``: ``temperature == 0`` rows are greedy; the log-probabilities
-    are those of the model's unmodified distribution (what OpenAI-style ``logprobs`` report).
+    are those of the model's unmodified distribution (what OpenAI-style ``logprobs`` report). The sort of the
+    nucleus filter and the random draws run only when some row samples (``lax.cond``), so all-greedy batches
+    pay for an argmax alone.
     """
     logits = logits.astype(jnp.float32)
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    filtered = top_p_filter(scaled, top_p)
-    drawn = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, filtered).astype(jnp.int32)
-    return jnp.where(temperature <= 0, argmax, drawn), logprobs
+
+    def draw(_):
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+        filtered = jax.lax.cond(jnp.any(top_p < 1.0), lambda x: top_p_filter(x, top_p), lambda x: x, scaled)
+        drawn = jax.vmap(lambda k, lg: jax.random.categorical(k, lg))(keys, filtered).astype(jnp.int32)
+        return jnp.where(temperature <= 0, argmax, drawn)
+
+    tokens = jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: argmax, None)
+    return tokens, logprobs

@@ -1,0 +1,186 @@
+"""Serving throughput of the tiny Mixtral preset: engine (offline), HTTP server, single stream, roofline.
+
+Workload (issue 5): 16 concurrent requests of 128-token prompts + 64 new tokens, greedy, float32 random
+weights of preset ``tiny``; and one request alone (ms per output token). Side by side in the same run:
+
+* ``engine``: ``Engine.generate`` (continuous batching over the paged KV cache, chunked prefill);
+* ``server``: the same engine behind ``moejax serve``'s FastAPI app on loopback (uvicorn in this process),
+  16 concurrent non-streaming ``/v1/completions`` clients (httpx, token-id prompts, ``ignore_eos``);
+* ``generate``: the core's static-batch ``generate`` (prefill + a ``while_loop`` decode in one program);
+* the roofline bound of one decode step, max(weight + KV bytes / bandwidth, FLOPs / matmul rate), with
+  bandwidth and matmul rate measured here as in ``generate_bench.py``.
+
+Throughput is generated tokens / wall time of the whole batch (prefill included), median of ``--repeats``
+after a warm-up run that compiles every shape bucket.
+
+    python experiments/serve_throughput.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from experiments.common import environment, markdown_table, write_results
+from experiments.generate_bench import measure_machine
+
+
+def start_server(app):
+    import socket
+
+    import uvicorn
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, th, f"http://127.0.0.1:{port}"
+
+
+async def http_batch(url, prompts, n_new):
+    import httpx
+
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as c:
+        async def one(p):
+            r = await c.post(url + "/v1/completions", json={"prompt": p, "max_tokens": n_new, "temperature": 0,
+                                                            "ignore_eos": True})
+            r.raise_for_status()
+            return r.json()["usage"]["completion_tokens"]
+        t = time.perf_counter()
+        toks = await asyncio.gather(*(one(p) for p in prompts))
+        return sum(toks), time.perf_counter() - t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from moejax.config import get_preset
+    from moejax.models.generate import generate
+    from moejax.models.transformer import Transformer, active_params
+    from moejax.serve.engine import Engine, EngineConfig, SamplingParams
+    from moejax.serve.scheduler import SchedulerConfig
+    from moejax.serve.server import create_app
+    from moejax.serve.tokenizer import ByteTokenizer
+
+    cfg = get_preset("tiny")
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    B, P, N = args.batch, args.prompt_len, args.new_tokens
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, 256, (B, P)).tolist()
+    sp = SamplingParams(max_tokens=N, temperature=0)
+    ecfg = EngineConfig(max_model_len=P + N + 64, enable_prefix_cache=False,
+                        sched=SchedulerConfig(max_num_seqs=B, max_num_batched_tokens=max(512, B * P // 2),
+                                              max_prefill_seqs=B))
+    engine = Engine(model, ecfg)
+
+    def median(f):
+        f()  # warm-up: compiles every bucket
+        return statistics.median(f() for _ in range(args.repeats))
+
+    def offline():
+        t = time.perf_counter()
+        res = engine.generate(prompts, sp)
+        dt = time.perf_counter() - t
+        assert sum(len(r.tokens) for r in res) == B * N
+        return dt
+
+    def single():
+        engine.reset_metrics()
+        r = engine.generate(prompts[:1], sp)[0]
+        m = r.metrics
+        return (m.token_times[-1] - m.first_token) / (len(r.tokens) - 1)
+
+    def static():
+        t = time.perf_counter()
+        generate(model, prompts, N)
+        return time.perf_counter() - t
+
+    def static_single():
+        t1 = time.perf_counter()
+        generate(model, prompts[:1], 1)
+        t1 = time.perf_counter() - t1
+        t = time.perf_counter()
+        generate(model, prompts[:1], N)
+        return (time.perf_counter() - t - t1) / (N - 1)
+
+    res = {}
+    res["engine_s"] = median(offline)
+    print(f"engine offline: {B * N / res['engine_s']:.0f} tok/s", flush=True)
+    app = create_app(engine, ByteTokenizer(cfg.vocab_size), model_name="tiny")
+    server, th, url = start_server(app)
+    try:
+        def http():
+            n, dt = asyncio.run(http_batch(url, prompts, N))
+            assert n == B * N, n
+            return dt
+        res["server_s"] = median(http)
+    finally:
+        server.should_exit = True
+        th.join(timeout=30)
+    print(f"server: {B * N / res['server_s']:.0f} tok/s", flush=True)
+    res["single_tpot_s"] = median(single)
+    res["static_s"] = median(static)
+    res["static_single_step_s"] = median(static_single)
+
+    params = nnx.state(model, nnx.Param)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - model.embed[...].nbytes
+    bw, rate = measure_machine(jax, jnp, 5)
+    act = active_params(cfg)["active"] - cfg.vocab_size * cfg.d_model
+
+    def bound(b):
+        flops = 2 * b * act + 4 * b * cfg.n_layers * cfg.n_heads * cfg.resolved_head_dim * (P + N)
+        kv = 2 * cfg.n_layers * b * (P + N) * cfg.n_kv_heads * cfg.resolved_head_dim * 4
+        return max((weight_bytes + kv) / bw, flops / rate)
+
+    rows = [
+        {"path": "engine (offline, continuous batching)", "batch": B, "gen tok/s": B * N / res["engine_s"],
+         "target": ">= 3000"},
+        {"path": "HTTP server (16 concurrent clients)", "batch": B, "gen tok/s": B * N / res["server_s"],
+         "target": ">= 2500"},
+        {"path": "static-batch generate (core)", "batch": B, "gen tok/s": B * N / res["static_s"], "target": ""},
+        {"path": "roofline decode-only bound", "batch": B, "gen tok/s": B / bound(B), "target": ""},
+    ]
+    single_rows = [
+        {"path": "engine, one request", "ms/token": 1e3 * res["single_tpot_s"], "target": "<= 2.5"},
+        {"path": "static generate, one request", "ms/token": 1e3 * res["static_single_step_s"], "target": ""},
+        {"path": "roofline bound", "ms/token": 1e3 * bound(1), "target": ""},
+    ]
+    met = {"offline": B * N / res["engine_s"] >= 3000, "server": B * N / res["server_s"] >= 2500,
+           "single": 1e3 * res["single_tpot_s"] <= 2.5}
+    env = environment()
+    md = ("# Serving throughput: tiny Mixtral preset (float32, random weights)\n\n"
+          f"{B} requests x ({P}-token prompt + {N} new tokens), greedy; measured on this machine "
+          f"({env['cpu_count']} CPUs, backend {env['backend']}); bandwidth {bw / 1e9:.1f} GB/s, matmul "
+          f"{rate / 1e9:.1f} GFLOP/s measured in the same run. Median of {args.repeats} after a warm-up.\n\n"
+          + markdown_table(rows, list(rows[0])) + "\n" + markdown_table(single_rows, list(single_rows[0]))
+          + f"\nTargets met: {met}.\n")
+    payload = {"environment": env, "args": vars(args), "seconds": res, "rows": rows, "single": single_rows,
+               "bandwidth_bytes_per_s": bw, "matmul_flops_per_s": rate, "targets_met": met}
+    print(md)
+    print("wrote", *write_results("serve_throughput", payload, md))
+
+
+if __name__ == "__main__":
+    main()
