@@ -141,20 +141,23 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths):
     _, ps, KVH, _ = k_pages.shape
     G = H // KVH
     S = block_tables.shape[1] * ps
-    k = jnp.take(k_pages, block_tables, axis=0).reshape(B, S, KVH, D)
-    v = jnp.take(v_pages, block_tables, axis=0).reshape(B, S, KVH, D)
-    qg = q.reshape(B, Tq, KVH, G, D)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=_F32) * (1.0 / math.sqrt(D))
+    # Batch axes (b, kv head) leading and the (g, t) query rows stacked: one batched matmul each way, a
+    # layout XLA:CPU runs well (non-leading batch axes are slow or unsupported there).
+    k = jnp.take(k_pages, block_tables, axis=0).reshape(B, S, KVH, D).transpose(0, 2, 1, 3)  # [B, KVH, S, D]
+    v = jnp.take(v_pages, block_tables, axis=0).reshape(B, S, KVH, D).transpose(0, 2, 1, 3)
+    qg = q.reshape(B, Tq, KVH, G, D).transpose(0, 2, 3, 1, 4).reshape(B, KVH, G * Tq, D)
+    s = jnp.einsum("bkrd,bksd->bkrs", qg, k, preferred_element_type=_F32) * (1.0 / math.sqrt(D))
     qpos = lengths[:, None] - Tq + jnp.arange(Tq, dtype=jnp.int32)[None]  # [B, Tq]
+    qpos = jnp.tile(qpos, (1, G))  # row r = g * Tq + t
     kpos = jnp.arange(S, dtype=jnp.int32)
     mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < lengths[:, None, None])
-    mask = mask[:, None, None]  # [B, 1, 1, Tq, S]
+    mask = mask[:, None]  # [B, 1, G*Tq, S]
     m = jnp.max(jnp.where(mask, s, _NEG), axis=-1, keepdims=True)
     p = jnp.where(mask, jnp.exp(s - m), 0.0)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(_F32), preferred_element_type=_F32)
-    l = jnp.moveaxis(l, -2, 1)  # [B, Tq, KVH, G, 1]
-    o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)
+    o = jnp.einsum("bkrs,bksd->bkrd", p, v.astype(_F32), preferred_element_type=_F32)
+    o = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0)  # [B, KVH, G*Tq, D]
+    o = o.reshape(B, KVH, G, Tq, D).transpose(0, 3, 1, 2, 4)
     return o.reshape(B, Tq, H, D).astype(q.dtype)
 
 
