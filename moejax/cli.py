@@ -171,11 +171,11 @@ def cmd_serve(args) -> int:
     model, cfg, path = _model_from_args(args)
     tok = load_tokenizer(path, cfg.vocab_size)
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
-    engine = Engine(model, EngineConfig(scheduler=args.scheduler, sched=sched, block_size=args.block_size,
-                                        num_blocks=args.num_blocks, max_model_len=args.max_model_len,
-                                        enable_prefix_cache=not args.no_prefix_cache))
     src = args.preset or args.config or args.hf or args.ckpt
     name = args.model_name or os.path.basename(os.path.normpath(src))
+    engine = Engine(model, EngineConfig(scheduler=args.scheduler, sched=sched, block_size=args.block_size,
+                                        num_blocks=args.num_blocks, max_model_len=args.max_model_len,
+                                        enable_prefix_cache=not args.no_prefix_cache), model_name=name)
     print(f"serving '{name}' ({args.scheduler} prefill, {engine.alloc.num_blocks} KV blocks of {args.block_size}) "
           f"on http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(engine, tok, host=args.host, port=args.port, model_name=name, max_pending=args.max_pending)
