@@ -119,7 +119,7 @@ def _validate(q, k_pages, v_pages, block_tables, lengths):
         raise ValueError("q, k_pages and block_tables must have non-empty dimensions")
 
 
-def _validate_kernel_shapes(variant, q, k_pages):
+def _validate_kernel_shapes(variant, q, k_pages, config):
     D = q.shape[-1]
     ps = k_pages.shape[1]
     if variant == "gpu":
@@ -127,6 +127,9 @@ def _validate_kernel_shapes(variant, q, k_pages):
             raise ValueError(f"head_dim={D}: the GPU (Triton) variant needs a power of two >= 16")
         if not _compat.is_pow2(ps):
             raise ValueError(f"page_size={ps}: the GPU (Triton) variant needs a power of two")
+        if config.pages_per_block is not None and config.pages_per_block * ps < 16:
+            raise ValueError(f"PagedAttentionConfig.pages_per_block={config.pages_per_block} with page_size={ps}: "
+                             "the GPU (Triton) variant needs pages_per_block * page_size >= 16 (tl.dot minimum)")
     else:
         if ps % 8:
             raise ValueError(f"page_size={ps}: the TPU variant needs a multiple of 8")
@@ -376,6 +379,6 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
     interpret = _compat.resolve_interpret(interpret, variant)
     if impl == "xla":
         return paged_attention_reference(q, k_pages, v_pages, block_tables, lengths)
-    _validate_kernel_shapes(variant, q, k_pages)
+    _validate_kernel_shapes(variant, q, k_pages, config)
     return _pallas(q, k_pages, v_pages, block_tables, lengths, variant=variant, config=config,
                    interpret=interpret)

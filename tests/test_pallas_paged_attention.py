@@ -135,6 +135,9 @@ BAD = [
      ValueError, "page_size=12"),
     (lambda q, k, v, bt, ln: paged_attention(q[..., :12], k[..., :12], v[..., :12], bt, ln, impl="pallas",
                                              variant="gpu"), ValueError, "head_dim=12"),
+    (lambda q, k, v, bt, ln: paged_attention(q, k[:, :8], v[:, :8], bt, ln, impl="pallas", variant="gpu",
+                                             config=PagedAttentionConfig(pages_per_block=1)), ValueError,
+     "pages_per_block=1 with page_size=8"),
 ]
 
 
