@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=cmd_presets)
+
+    from moejax.vision.cli import register as register_vision
+    register_vision(sub)
     return ap
 
 
