@@ -101,6 +101,9 @@ class EngineConfig:
       enable_prefix_cache: share full prompt blocks between requests by block hash.
       record_logits: keep each sampled token's full logits on the host (tests; costs a transfer per step).
       min_decode_bucket / min_prefill_tokens: smallest shape buckets.
+      attn_impl: paged attention implementation: ``"xla"`` (gather + dense, the CPU path), ``"pallas"``
+        (``pallas_kernels.paged_attention``; interpreted on CPU) or ``"auto"`` (the kernel only where it
+        has been validated faster on the backend).
     """
 
     scheduler: str = "chunked"
@@ -112,6 +115,7 @@ class EngineConfig:
     record_logits: bool = False
     min_decode_bucket: int = 1
     min_prefill_tokens: int = 16
+    attn_impl: str = "xla"
 
 
 @dataclass
@@ -171,6 +175,8 @@ class Engine:
                              f"{mcfg.max_seq_len}")
         if cfg.block_size < 1:
             raise ValueError(f"EngineConfig.block_size={cfg.block_size} must be >= 1")
+        if cfg.attn_impl not in ("xla", "pallas", "auto"):
+            raise ValueError(f"EngineConfig.attn_impl={cfg.attn_impl!r}; allowed: 'xla', 'pallas', 'auto'")
         num_blocks = cfg.num_blocks or 1 + cfg.sched.max_num_seqs * math.ceil(self.max_model_len / cfg.block_size)
         self.gdef, self.state = nnx.split(model)
         self.alloc = BlockAllocator(num_blocks, cfg.block_size, enable_prefix_cache=cfg.enable_prefix_cache)
@@ -316,7 +322,7 @@ class Engine:
             tabs = np.zeros((Bp, P), np.int32)
             for i, c in enumerate(plan.prefill):
                 toks = c.request.tokens[c.start:c.start + c.length]
-                tok[i, :len(toks)] = toks
+                tok[i, Tp - len(toks):] = toks  # left-padded (see PrefillBatch)
                 start[i], length[i], tabs[i] = c.start, c.length, table(c.request.blocks)
             pf = PrefillBatch(tok, start, length, tabs, *sp([c.request for c in plan.prefill], Bp))
         return dec, pf
@@ -336,7 +342,8 @@ class Engine:
                      (dec or pf).tables.shape[1], use_hidden)
         self.compiled_shapes.add(shape_key)
         o = engine_step(self.gdef, self.state, self.pool, dec, pf, hidden, np.asarray(plan.group, np.int32),
-                        block_size=self.cfg.block_size, use_hidden=use_hidden, return_logits=self.cfg.record_logits)
+                        block_size=self.cfg.block_size, use_hidden=use_hidden, return_logits=self.cfg.record_logits,
+                        attn_impl=self.cfg.attn_impl)
         self.pool = o.pool
         host = jax.device_get((o.dec_next, o.dec_logprob, o.dec_top, o.pf_next, o.pf_logprob, o.pf_top,
                                o.experts_touched, o.dec_logits, o.pf_logits))

@@ -49,7 +49,7 @@ class DecodeBatch(NamedTuple):
 
 
 class PrefillBatch(NamedTuple):
-    tokens: jax.Array       # [Bp, Tp] int32
+    tokens: jax.Array       # [Bp, Tp] int32, left-padded: the chunk's tokens end at column Tp - 1
     start: jax.Array        # [Bp] int32 position of the chunk's first token
     length: jax.Array       # [Bp] int32 valid tokens in the chunk (0: padding row)
     tables: jax.Array       # [Bp, P] int32
@@ -78,13 +78,22 @@ def _slots(tables, pos, block_size):
     return blk * block_size + pos % block_size
 
 
-def _paged_attend(q, kp, vp, li, tables, qpos, lengths, block_size):
+def _paged_attend(q, kp, vp, li, tables, qpos, lengths, block_size, impl="xla"):
     """Attention of ``q [B, Tq, H, hd]`` at positions ``qpos [B, Tq]`` over the row's cached keys.
 
-    XLA reference path: gather the row's pages (``kp[li]`` through ``tables``) and run masked dense
-    attention; queries see positions ``<= qpos`` and ``< lengths``. Long query blocks are split so the score
-    matrix stays bounded.
+    Rows are left-padded, so a row's queries end at position ``lengths - 1`` (the layout of
+    ``pallas_kernels.paged_attention``). ``impl="xla"``: gather the row's pages (``kp[li]`` through
+    ``tables``) and run masked dense attention; queries see positions ``<= qpos`` and ``< lengths``; long
+    query blocks are split so the score matrix stays bounded. ``impl="pallas"`` (or ``"auto"``, which picks
+    the kernel only where it was validated faster) calls the paged-attention kernel on layer ``li``'s pages.
     """
+    if impl != "xla":
+        from pallas_kernels.paged_attention import paged_attention
+
+        nb = kp.shape[1] // block_size
+        kl = kp[li].reshape(nb, block_size, *kp.shape[2:]).astype(q.dtype)
+        vl = vp[li].reshape(nb, block_size, *vp.shape[2:]).astype(q.dtype)
+        return paged_attention(q, kl, vl, tables, lengths, impl=impl)
     B, P = tables.shape
     T = P * block_size
     slots = (tables[:, :, None] * block_size + jnp.arange(block_size)).reshape(B, T)
@@ -114,9 +123,11 @@ def _sample(model, h, keys, temperature, top_p, return_logits):
     return tok, chosen, (top_id.astype(jnp.int32), top_lp), (logits if return_logits else None)
 
 
-@partial(jax.jit, static_argnames=("gdef", "block_size", "use_hidden", "return_logits"), donate_argnames=("pool",))
+@partial(jax.jit, static_argnames=("gdef", "block_size", "use_hidden", "return_logits", "attn_impl"),
+         donate_argnames=("pool",))
 def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hidden, group, *,
-                block_size: int, use_hidden: bool = False, return_logits: bool = False) -> StepOutput:
+                block_size: int, use_hidden: bool = False, return_logits: bool = False,
+                attn_impl: str = "xla") -> StepOutput:
     """One engine iteration (see the module docstring). ``dec``/``pf`` may be None (empty part).
 
     ``group`` is ``int32 [2]`` = ``(lo, hi)``: the layers the prefill rows pass through this iteration.
@@ -139,11 +150,12 @@ def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillB
         d_len = jnp.where(dec.valid, dec.pos + 1, 0)
     if has_p:
         Bp, Tp = pf.tokens.shape
-        p_pos = pf.start[:, None] + jnp.arange(Tp, dtype=jnp.int32)
-        p_valid = jnp.arange(Tp)[None, :] < pf.length[:, None]
+        pad = Tp - pf.length  # left padding
+        p_pos = (pf.start - pad)[:, None] + jnp.arange(Tp, dtype=jnp.int32)
+        p_valid = jnp.arange(Tp)[None, :] >= pad[:, None]
         xp = pf_hidden.astype(dt) if use_hidden else jnp.take(emb, pf.tokens, axis=0).astype(dt)
         p_rope = rope_tables(p_pos, hd, cfg.rope_theta)
-        p_slots = jnp.where(p_valid, _slots(pf.tables, p_pos, block_size), 0)
+        p_slots = jnp.where(p_valid, _slots(pf.tables, jnp.maximum(p_pos, 0), block_size), 0)
         p_len = jnp.where(pf.length > 0, pf.start + pf.length, 0)
 
     ks, vs, touched = list(pool.k), list(pool.v), []
@@ -166,7 +178,7 @@ def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillB
                 q, k, v = blk.attn.qkv(blk.attn_norm(x), None, rope)
                 kp = kp.at[li, slots.reshape(-1)].set(k.reshape(-1, *k.shape[2:]).astype(kp.dtype))
                 vp = vp.at[li, slots.reshape(-1)].set(v.reshape(-1, *v.shape[2:]).astype(vp.dtype))
-                o = _paged_attend(q, kp, vp, li, tables, pos2, lengths, block_size)
+                o = _paged_attend(q, kp, vp, li, tables, pos2, lengths, block_size, attn_impl)
                 return x + blk.attn.out(o).astype(x.dtype), kp, vp
 
             def decode_only(xd_, xp_, kp, vp):
@@ -225,7 +237,7 @@ def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillB
     else:
         d_next, d_lp, d_top, d_logits = empty_i, empty_f, empty_top, None
     if has_p:
-        last = jnp.take_along_axis(xp, jnp.maximum(pf.length - 1, 0)[:, None, None], axis=1)[:, 0]
+        last = xp[:, -1]  # left-padded rows end with their last token
         p_next, p_lp, p_top, p_logits = _sample(model, last, pf.keys, pf.temperature, pf.top_p, return_logits)
         p_hidden = xp
     else:
