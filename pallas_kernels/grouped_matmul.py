@@ -2,8 +2,9 @@
 
 Rows of ``lhs [M, K]`` are sorted by group (expert): group ``g`` owns rows
 ``offsets[g] : offsets[g] + group_sizes[g]`` with ``offsets = cumsum(group_sizes) - group_sizes``; the sizes
-are known only at run time (the output of routing). ``sum(group_sizes) <= M``; rows past the sum (padding)
-produce zeros.
+are known only at run time (the output of routing). ``sum(group_sizes) <= M`` is required (the kernels
+truncate groups at row ``M``; ``lax.ragged_dot`` leaves it undefined); rows past the sum (padding) produce
+zeros.
 
 - :func:`gmm` ``(lhs [M, K], rhs [G, K, N], group_sizes [G]) -> [M, N]``: ``out[rows of g] = lhs[rows of g] @
   rhs[g]`` (``rhs[g].T`` with ``transpose_rhs=True``, ``rhs [G, N, K]``).
@@ -22,7 +23,8 @@ Implementations (``impl``):
 - ``"pallas"``: one of two kernel variants (``variant``):
 
   * ``"gpu"``: written for the **Triton** Pallas backend (``jax.experimental.pallas.triton``; plain
-    ``pl.pallas_call`` with Triton compiler params, no TPU-specific grid spec). ``gmm``: grid ``(M / tm,
+    ``pl.pallas_call`` with Triton compiler params, no TPU-specific grid spec). jax 0.11 deprecates that
+    backend (a ``DeprecationWarning`` at lowering; it still works); a Mosaic GPU port is future work. ``gmm``: grid ``(M / tm,
     N / tn)``; an output tile loops over the groups that overlap its rows (at most one extra tile per group
     boundary), and for each over ``K / tk`` with rows outside the group masked to zero, so every output
     tile is written exactly once (padding rows get zeros). ``tgmm``: grid ``(G, K / tk, N / tn)``, each
@@ -472,15 +474,23 @@ def _pad_to(x, axis, mult):
     return jnp.pad(x, widths)
 
 
+def _clip_sizes(group_sizes, M):
+    """Negative sizes -> 0 and groups truncated at row ``M`` (so the kernels never index past the rows)."""
+    ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes, 0)), M).astype(jnp.int32)
+    return jnp.diff(ends, prepend=jnp.zeros(1, jnp.int32))
+
+
 def _gmm_kernel(lhs, rhs, group_sizes, st: _Static, transpose_rhs: bool):
     M, K = lhs.shape
     N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    if M == 0 or N == 0 or K == 0:
+        return jnp.zeros((M, N), st.out_dtype)
     t, v = st.tiling, st.variant
     tm, tk, tn = _fit(t.tm, M, v, rows=True), _fit(t.tk, K, v, rows=False), _fit(t.tn, N, v, rows=False)
     x = _pad_to(_pad_to(lhs, 0, tm), 1, tk)
     k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
     w = _pad_to(_pad_to(rhs, k_axis, tk), n_axis, tn)
-    gs = jnp.maximum(group_sizes, 0)
+    gs = _clip_sizes(group_sizes, M)
     if v == "gpu":
         out = _gmm_gpu_call(x, w, gs, tm=tm, tk=tk, tn=tn, transpose_rhs=transpose_rhs, out_dtype=st.out_dtype,
                             interpret=st.interpret, num_warps=t.num_warps, num_stages=t.num_stages)
@@ -493,11 +503,13 @@ def _gmm_kernel(lhs, rhs, group_sizes, st: _Static, transpose_rhs: bool):
 def _tgmm_kernel(lhs, rhs, group_sizes, st: _Static):
     M, K = lhs.shape
     N = rhs.shape[1]
+    if M == 0 or N == 0 or K == 0:
+        return jnp.zeros((group_sizes.shape[0], K, N), st.out_dtype)
     t, v = st.tiling, st.variant
     tm, tk, tn = _fit(t.tm, M, v, rows=True), _fit(t.tk, K, v, rows=False), _fit(t.tn, N, v, rows=False)
     x = _pad_to(_pad_to(lhs, 0, tm), 1, tk)
     y = _pad_to(_pad_to(rhs, 0, tm), 1, tn)
-    gs = jnp.maximum(group_sizes, 0)
+    gs = _clip_sizes(group_sizes, M)
     if v == "gpu":
         out = _tgmm_gpu_call(x, y, gs, tm=tm, tk=tk, tn=tn, out_dtype=st.out_dtype, interpret=st.interpret,
                              num_warps=t.num_warps, num_stages=t.num_stages)

@@ -21,7 +21,8 @@ sequence, then dense masked attention); ``"pallas"`` with ``variant``:
   ``Tq * (H / KVH)`` query rows that share one KV head are stacked (time-major) into blocks of
   ``block_rows`` rows, so one read of each K/V block serves every query head of the group. Each program walks
   the KV blocks of ``pages_per_block`` pages up to its last query's position (gathering token rows through
-  the block table) with an online softmax. Runs in interpret mode on CPU.
+  the block table) with an online softmax. Runs in interpret mode on CPU. (jax 0.11 deprecates the Triton
+  backend: a ``DeprecationWarning`` at lowering; it still works.)
 - ``"tpu"``: a **Mosaic** kernel; block tables and lengths are scalar-prefetched and the K/V ``BlockSpec``
   index maps read the page id, so the pipeline DMAs one page per grid step (steps past the causal limit
   repeat the last page, which is not re-fetched, and skip compute). Never run on a TPU; on CPU it runs in the

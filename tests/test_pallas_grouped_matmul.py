@@ -117,6 +117,17 @@ def test_default_tiling_and_jit():
     close(f(x, w, gs), numpy_gmm(x, w, gs), 1e-5)
 
 
+@pytest.mark.parametrize("variant", ["gpu", "tpu"])
+def test_sizes_past_m_are_truncated_and_zero_rows(variant):
+    x, w, dy, _ = make(*SHAPE, SIZES, jnp.float32, seed=4)
+    gs = jnp.asarray([20, 0, 30, 9] + [0] * (len(SIZES) - 4), jnp.int32)  # sums to 59 > 47 rows
+    clipped = jnp.asarray([20, 0, 27, 0] + [0] * (len(SIZES) - 4), jnp.int32)
+    tiling = TILING[variant]
+    close(gmm(x, w, gs, impl="pallas", variant=variant, tiling=tiling), numpy_gmm(x, w, clipped), 1e-5)
+    close(tgmm(x, dy, gs, impl="pallas", variant=variant, tiling=tiling), numpy_tgmm(x, dy, clipped), 1e-5)
+    assert gmm(x[:0], w, gs, impl="pallas", variant=variant).shape == (0, SHAPE[2])
+
+
 def test_auto_is_xla_until_validated():
     assert gm.VALIDATED_FASTER == frozenset()
     assert gm.resolve_impl("auto") == "xla"
