@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moejax.vision.spec import ConvSpec, NetSpec
@@ -215,17 +216,17 @@ def fold_bn(model: VisionNet) -> FoldedNet:
 def random_folded(spec: NetSpec, seed: int = 0, bias_scale: float = 0.1) -> FoldedNet:
     """A :class:`FoldedNet` with random He-scaled weights and random biases (for tests and memory runs)."""
     spec.validate()
-    key = jax.random.PRNGKey(seed)
+    rng = np.random.default_rng(seed)
     params = []
     for blk in spec.blocks:
         bp = []
         for c in blk.convs:
-            key, k1, k2 = jax.random.split(key, 3)
             fan_in = c.kernel * c.kernel * (c.cin // c.groups)
-            w = jax.random.normal(k1, (c.kernel, c.kernel, c.cin // c.groups, c.cout)) * (2.0 / fan_in) ** 0.5
-            bp.append((w, bias_scale * jax.random.normal(k2, (c.cout,))))
+            w = rng.standard_normal((c.kernel, c.kernel, c.cin // c.groups, c.cout)) * (2.0 / fan_in) ** 0.5
+            b = bias_scale * rng.standard_normal((c.cout,))
+            bp.append((jnp.asarray(w, jnp.float32), jnp.asarray(b, jnp.float32)))
         params.append(tuple(bp))
-    key, k1 = jax.random.split(key)
     cl = spec.blocks[-1].cout
-    head = (jax.random.normal(k1, (cl, spec.num_classes)) / cl ** 0.5, jnp.zeros((spec.num_classes,)))
+    head = (jnp.asarray(rng.standard_normal((cl, spec.num_classes)) / cl ** 0.5, jnp.float32),
+            jnp.zeros((spec.num_classes,), jnp.float32))
     return FoldedNet(spec, tuple(params), head)
