@@ -23,7 +23,7 @@ rewritten after every step, so a timeout still leaves the finished steps on disk
    the same FLOPs, all measured in this run. Targets: >= 0.85 of dense and >= 1.2x ``ragged_dot``.
 6. ``paged_decode``: paged decode attention at batch 64, context 4096, 32 query / 8 KV heads, head dim 128,
    16-token pages, against the XLA path (gather KV + dense attention); GB/s of KV read and the ratio to the
-   copy bandwidth of step 1 (target >= 0.70), with a small ``pages_per_block`` sweep.
+   copy bandwidth of step 1 (target >= 0.70), with a small ``pages_per_block`` x ``kv_splits`` sweep.
 
 Prints TFLOP/s, GB/s and ratios to the device's peak (from a table of known devices; ``null`` if unknown)
 and writes ``experiments/results/gpu_check.{json,md}`` (``gpu_check_smoke.*`` with ``--smoke``).
@@ -363,6 +363,7 @@ def main(argv=None):
         return x, w, dy, jnp.asarray(sizes, jnp.int32), 2 * M * D * F
 
     tilings = [GmmTiling(128, 128, 128), GmmTiling(128, 64, 128, num_warps=4, num_stages=4),
+               GmmTiling(128, 64, 128, num_warps=4, num_stages=4, group_m=1),
                GmmTiling(128, 64, 256, num_warps=8, num_stages=3), GmmTiling(64, 64, 128, num_warps=4, num_stages=4)]
     if variant == "tpu":
         tilings = [GmmTiling(128, 128, 128), GmmTiling(256, 512, 512), GmmTiling(512, 1024, 1024)]
@@ -444,10 +445,15 @@ def main(argv=None):
         copy = shared.get("copy_gbps")
         rows = []
         paths = {"xla (gather + dense)": jax.jit(lambda *a: paged_attention(*a, impl="xla"))}
-        ppbs = (4, 8, 16) if variant == "gpu" and not args.smoke else (None,)
-        for ppb in ppbs:
-            cfg = PagedAttentionConfig(pages_per_block=ppb)
-            paths[f"pallas ppb={ppb}"] = jax.jit(
+        if variant != "gpu":
+            configs = [(None, 1)]
+        elif args.smoke:
+            configs = [(None, 1), (None, 2)]
+        else:
+            configs = [(4, 1), (8, 1), (16, 1), (8, 2), (8, 4)]
+        for ppb, splits in configs:
+            cfg = PagedAttentionConfig(pages_per_block=ppb, kv_splits=splits)
+            paths[f"pallas ppb={ppb} splits={splits}"] = jax.jit(
                 lambda *a, cfg=cfg: paged_attention(*a, impl="pallas", config=cfg, interpret=interpret))
         xla_s = None
         for pname, f in paths.items():

@@ -24,8 +24,8 @@ Implementations (``impl``):
 
   * ``"gpu"``: written for the **Triton** Pallas backend (``jax.experimental.pallas.triton``; plain
     ``pl.pallas_call`` with Triton compiler params, no TPU-specific grid spec). jax 0.11 deprecates that
-    backend (a ``DeprecationWarning`` at lowering; it still works); a Mosaic GPU port is future work. ``gmm``: grid ``(M / tm,
-    N / tn)``; an output tile loops over the groups that overlap its rows (at most one extra tile per group
+    backend (a ``DeprecationWarning`` at lowering; it still works); a Mosaic GPU port is future work. ``gmm``: a grid of ``(M / tm) * (N / tn)`` output tiles (launched in
+    ``group_m``-row swizzled order); an output tile loops over the groups that overlap its rows (at most one extra tile per group
     boundary), and for each over ``K / tk`` with rows outside the group masked to zero, so every output
     tile is written exactly once (padding rows get zeros). ``tgmm``: grid ``(G, K / tk, N / tn)``, each
     program loops over the row tiles of its group (none for an empty group, which writes zeros). On CPU it
@@ -77,6 +77,9 @@ class GmmTiling:
       tk: contraction (``K``) tile. GPU: a power of two >= 16; TPU: a multiple of 128.
       tn: output-column (``N``) tile. GPU: a power of two >= 16; TPU: a multiple of 128.
       num_warps, num_stages: Triton launch parameters (GPU variant only; ``None`` = Triton's defaults).
+      group_m: GPU ``gmm`` launch order: programs run in groups of ``group_m`` row tiles that sweep the
+        column tiles together, so concurrently running programs share ``rhs`` column blocks in L2 (the
+        usual Triton matmul swizzle; 1 = row-major order).
     """
 
     tm: int = 128
@@ -84,6 +87,7 @@ class GmmTiling:
     tn: int = 128
     num_warps: int | None = None
     num_stages: int | None = None
+    group_m: int = 8
 
     def validate(self, variant: str) -> GmmTiling:
         for name in ("tm", "tk", "tn"):
@@ -103,6 +107,8 @@ class GmmTiling:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ValueError(f"GmmTiling.{name} must be None or a positive int, got {v!r}")
+        if not isinstance(self.group_m, int) or isinstance(self.group_m, bool) or self.group_m <= 0:
+            raise ValueError(f"GmmTiling.group_m must be a positive int, got {self.group_m!r}")
         return self
 
 
@@ -227,8 +233,18 @@ def _tgmm_xla(lhs, rhs, group_sizes, out_dtype):
 
 # ------------------------------------------------------------------------------------------ GPU (Triton) kernels
 
+def _swizzle(pid, tiles_m, tiles_n, group_m):
+    """Program id -> (row tile, column tile), ``group_m`` row tiles at a time (non-negative int math only)."""
+    group_m = min(group_m, tiles_m)
+    per_group = group_m * tiles_n
+    first_m = lax.div(pid, per_group) * group_m
+    size_m = jnp.minimum(tiles_m - first_m, group_m)
+    r = lax.rem(pid, per_group)
+    return first_m + lax.rem(r, size_m), lax.div(r, size_m)
+
+
 def _gmm_gpu_call(lhs, rhs, group_sizes, *, tm, tk, tn, transpose_rhs, out_dtype, interpret, num_warps,
-                  num_stages):
+                  num_stages, group_m):
     M, K = lhs.shape
     N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tiles_m, tiles_n, tiles_k = M // tm, N // tn, K // tk
@@ -242,7 +258,7 @@ def _gmm_gpu_call(lhs, rhs, group_sizes, *, tm, tk, tn, transpose_rhs, out_dtype
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
     def kernel(gfirst_ref, gstop_ref, off_ref, x_ref, w_ref, o_ref):
-        i, j = pl.program_id(0), pl.program_id(1)
+        i, j = _swizzle(pl.program_id(0), tiles_m, tiles_n, group_m)
         rows = i * tm + lax.broadcasted_iota(jnp.int32, (tm, tk), 0)
 
         def group_body(g, acc):
@@ -266,9 +282,9 @@ def _gmm_gpu_call(lhs, rhs, group_sizes, *, tm, tk, tn, transpose_rhs, out_dtype
     full = pl.BlockSpec()
     return pl.pallas_call(
         kernel,
-        grid=(tiles_m, tiles_n),
+        grid=(tiles_m * tiles_n,),
         in_specs=[full, full, full, full, full],
-        out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
+        out_specs=pl.BlockSpec((tm, tn), lambda p: _swizzle(p, tiles_m, tiles_n, group_m)),
         out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
         compiler_params=_compat.gpu_compiler_params(num_warps, num_stages),
         interpret=interpret,
@@ -493,7 +509,8 @@ def _gmm_kernel(lhs, rhs, group_sizes, st: _Static, transpose_rhs: bool):
     gs = _clip_sizes(group_sizes, M)
     if v == "gpu":
         out = _gmm_gpu_call(x, w, gs, tm=tm, tk=tk, tn=tn, transpose_rhs=transpose_rhs, out_dtype=st.out_dtype,
-                            interpret=st.interpret, num_warps=t.num_warps, num_stages=t.num_stages)
+                            interpret=st.interpret, num_warps=t.num_warps, num_stages=t.num_stages,
+                            group_m=t.group_m)
     else:
         out = _gmm_tpu_call(x, w, gs, tm=tm, tk=tk, tn=tn, transpose_rhs=transpose_rhs, out_dtype=st.out_dtype,
                             interpret=st.interpret)

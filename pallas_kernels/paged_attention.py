@@ -17,11 +17,12 @@ output ``[B, Tq, H, D]`` in ``q.dtype``.
 Implementations (``impl``): ``"xla"`` = :func:`paged_attention_reference` (gather the KV pages of each
 sequence, then dense masked attention); ``"pallas"`` with ``variant``:
 
-- ``"gpu"``: a **Triton**-backend kernel (plain ``pl.pallas_call``). Grid ``(B, KVH, row blocks)``: the
+- ``"gpu"``: a **Triton**-backend kernel (plain ``pl.pallas_call``). Grid ``(B, KVH, row blocks, kv_splits)``: the
   ``Tq * (H / KVH)`` query rows that share one KV head are stacked (time-major) into blocks of
   ``block_rows`` rows, so one read of each K/V block serves every query head of the group. Each program walks
   the KV blocks of ``pages_per_block`` pages up to its last query's position (gathering token rows through
-  the block table) with an online softmax. Runs in interpret mode on CPU. (jax 0.11 deprecates the Triton
+  the block table) with an online softmax; with ``kv_splits > 1`` the KV range is split over more programs
+  and their partial results are merged (flash-decoding). Runs in interpret mode on CPU. (jax 0.11 deprecates the Triton
   backend: a ``DeprecationWarning`` at lowering; it still works.)
 - ``"tpu"``: a **Mosaic** kernel; block tables and lengths are scalar-prefetched and the K/V ``BlockSpec``
   index maps read the page id, so the pipeline DMAs one page per grid step (steps past the causal limit
@@ -63,18 +64,25 @@ class PagedAttentionConfig:
         power of two, clamped to [16, 64] (GPU) or to a multiple of 8, at most 128 (TPU). GPU: a power of two
         >= 16; TPU: a multiple of 8.
       num_warps, num_stages: Triton launch parameters (GPU only; ``None`` = defaults).
+      kv_splits: GPU only: split each sequence's KV range over this many programs and merge their partial
+        softmax results afterwards (flash-decoding), for more parallelism when ``batch * kv_heads`` is small.
     """
 
     pages_per_block: int | None = None
     block_rows: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    kv_splits: int = 1
 
     def validate(self, variant: str) -> PagedAttentionConfig:
         for name in ("pages_per_block", "block_rows", "num_warps", "num_stages"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
                 raise ValueError(f"PagedAttentionConfig.{name} must be None or a positive int, got {v!r}")
+        if not isinstance(self.kv_splits, int) or isinstance(self.kv_splits, bool) or self.kv_splits <= 0:
+            raise ValueError(f"PagedAttentionConfig.kv_splits must be a positive int, got {self.kv_splits!r}")
+        if variant == "tpu" and self.kv_splits != 1:
+            raise ValueError(f"PagedAttentionConfig.kv_splits={self.kv_splits}: only the GPU variant splits KV")
         if self.pages_per_block is not None and not _compat.is_pow2(self.pages_per_block):
             raise ValueError(f"PagedAttentionConfig.pages_per_block={self.pages_per_block} must be a power of two")
         if self.block_rows is not None:
@@ -189,8 +197,10 @@ def _gpu_call(q, k_pages, v_pages, block_tables, lengths, cfg: PagedAttentionCon
     br = cfg.block_rows or min(64, max(16, _compat.next_pow2(R)))
     ppb = cfg.pages_per_block or max(1, 128 // ps)
     bk = ppb * ps
+    splits = cfg.kv_splits
     Rp = _compat.round_up(R, br)
-    maxp = _compat.round_up(block_tables.shape[1], ppb)
+    maxp = _compat.round_up(block_tables.shape[1], ppb * splits)
+    blocks_per_split = maxp // ppb // splits
     max_keys = block_tables.shape[1] * ps
     bt = jnp.pad(block_tables, ((0, 0), (0, maxp - block_tables.shape[1])))
     qs = _stack_rows(q, KVH, Rp)
@@ -198,15 +208,16 @@ def _gpu_call(q, k_pages, v_pages, block_tables, lengths, cfg: PagedAttentionCon
     v2 = v_pages.reshape(P * ps, KVH * D)
     scale = 1.0 / math.sqrt(D)
 
-    def kernel(len_ref, bt_ref, q_ref, k_ref, v_ref, o_ref):
-        b, i = pl.program_id(0), pl.program_id(2)
+    def kernel(len_ref, bt_ref, q_ref, k_ref, v_ref, *out_refs):
+        b, i, sp = pl.program_id(0), pl.program_id(2), pl.program_id(3)
         L = len_ref[b]
         qv = q_ref[...]
         rows = i * br + lax.broadcasted_iota(jnp.int32, (br, bk), 0)
         qpos = L - Tq + rows // G
         last_row = jnp.minimum(i * br + br - 1, R - 1)
-        n_keys = jnp.clip(L - Tq + last_row // G + 1, 0, max_keys)
-        n_blocks = (n_keys + bk - 1) // bk
+        n_keys = jnp.clip(L - Tq + last_row // G + 1, 0, max_keys)  # causal limit of this row block
+        j0 = sp * blocks_per_split
+        j1 = jnp.minimum((n_keys + bk - 1) // bk, j0 + blocks_per_split)
 
         def body(j, carry):
             m, l, acc = carry
@@ -226,26 +237,51 @@ def _gpu_call(q, k_pages, v_pages, block_tables, lengths, cfg: PagedAttentionCon
             return m_new, l, acc
 
         init = (jnp.full((br,), _NEG, _F32), jnp.zeros((br,), _F32), jnp.zeros((br, D), _F32))
-        _, l, acc = lax.fori_loop(0, n_blocks, body, init)
-        out = acc / jnp.where(l > 0, l, 1.0)[:, None]
-        o_ref[...] = jnp.where((l > 0)[:, None], out, 0.0).astype(o_ref.dtype)
+        m, l, acc = lax.fori_loop(j0, j1, body, init)
+        if splits == 1:
+            (o_ref,) = out_refs
+            out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+            o_ref[...] = jnp.where((l > 0)[:, None], out, 0.0).astype(o_ref.dtype)
+        else:  # partial results of this KV split, merged below
+            o_ref, m_ref, l_ref = out_refs
+            o_ref[...] = acc
+            m_ref[...] = m
+            l_ref[...] = l
 
+    o_spec = pl.BlockSpec((None, None, None, br, D), lambda b, h, i, sp: (sp, b, h, i, 0))
+    ml_spec = pl.BlockSpec((None, None, None, br), lambda b, h, i, sp: (sp, b, h, i))
+    if splits == 1:
+        out_specs = pl.BlockSpec((None, None, br, D), lambda b, h, i, sp: (b, h, i, 0))
+        out_shape = jax.ShapeDtypeStruct((B, KVH, Rp, D), q.dtype)
+    else:
+        out_specs = [o_spec, ml_spec, ml_spec]
+        out_shape = [jax.ShapeDtypeStruct((splits, B, KVH, Rp, D), _F32),
+                     jax.ShapeDtypeStruct((splits, B, KVH, Rp), _F32),
+                     jax.ShapeDtypeStruct((splits, B, KVH, Rp), _F32)]
     out = pl.pallas_call(
         kernel,
-        grid=(B, KVH, Rp // br),
+        grid=(B, KVH, Rp // br, splits),
         in_specs=[
-            pl.BlockSpec(),                                                  # lengths [B]
-            pl.BlockSpec((None, maxp), lambda b, h, i: (b, 0)),              # this sequence's block table
-            pl.BlockSpec((None, None, br, D), lambda b, h, i: (b, h, i, 0)),  # stacked query rows
-            pl.BlockSpec((P * ps, D), lambda b, h, i: (0, h)),               # kv head h of the pool
-            pl.BlockSpec((P * ps, D), lambda b, h, i: (0, h)),
+            pl.BlockSpec(),                                                      # lengths [B]
+            pl.BlockSpec((None, maxp), lambda b, h, i, sp: (b, 0)),              # this sequence's block table
+            pl.BlockSpec((None, None, br, D), lambda b, h, i, sp: (b, h, i, 0)),  # stacked query rows
+            pl.BlockSpec((P * ps, D), lambda b, h, i, sp: (0, h)),               # kv head h of the pool
+            pl.BlockSpec((P * ps, D), lambda b, h, i, sp: (0, h)),
         ],
-        out_specs=pl.BlockSpec((None, None, br, D), lambda b, h, i: (b, h, i, 0)),
-        out_shape=jax.ShapeDtypeStruct((B, KVH, Rp, D), q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=_compat.gpu_compiler_params(cfg.num_warps, cfg.num_stages),
         interpret=interpret,
-        name=f"paged_attention_gpu_br{br}_bk{bk}",
+        name=f"paged_attention_gpu_br{br}_bk{bk}_s{splits}",
     )(lengths, bt, qs, k2, v2)
+    if splits > 1:  # flash-decoding merge of the per-split (acc, max, sum)
+        acc, m, l = out
+        m_all = jnp.max(m, axis=0)
+        corr = jnp.exp(m - m_all[None])
+        l_all = jnp.sum(l * corr, axis=0)
+        o = jnp.sum(acc * corr[..., None], axis=0)
+        out = jnp.where((l_all > 0)[..., None], o / jnp.where(l_all > 0, l_all, 1.0)[..., None], 0.0)
+        out = out.astype(q.dtype)
     return _unstack_rows(out, Tq, G)
 
 

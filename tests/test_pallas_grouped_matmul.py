@@ -151,6 +151,7 @@ BAD = [
      "GmmTiling.tn=64"),
     (lambda x, w, gs: gmm(x, w, gs, impl="pallas", tiling=GmmTiling(tm=0)), ValueError, "positive int"),
     (lambda x, w, gs: gmm(x, w, gs, impl="pallas", tiling=(128, 128, 128)), TypeError, "GmmTiling"),
+    (lambda x, w, gs: gmm(x, w, gs, impl="pallas", tiling=GmmTiling(group_m=0)), ValueError, "group_m"),
     (lambda x, w, gs: gmm(x, w, gs, impl="pallas", interpret="yes"), TypeError, "interpret"),
     (lambda x, w, gs: tgmm(x, x[:5], gs), ValueError, "same rows"),
 ]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from pallas_kernels.grouped_matmul import gmm, tgmm
-from pallas_kernels.paged_attention import paged_attention
+from pallas_kernels.paged_attention import PagedAttentionConfig, paged_attention
 
 PLATFORM = {"gpu": "cuda", "tpu": "tpu"}
 
@@ -51,6 +51,9 @@ def test_paged_attention_lowers(variant, shape):
     kp = jnp.zeros((50, ps, KVH, D), jnp.bfloat16)
     bt = jnp.zeros((B, 12), jnp.int32)
     ln = jnp.zeros((B,), jnp.int32)
-    text = lower(lambda q, k, v, bt, ln: paged_attention(q, k, v, bt, ln, impl="pallas", variant=variant,
-                                                         interpret=False), (q, kp, kp, bt, ln), PLATFORM[variant])
-    assert ("triton" in text.lower()) if variant == "gpu" else ("tpu_custom_call" in text)
+    configs = [None] + ([PagedAttentionConfig(kv_splits=3)] if variant == "gpu" else [])
+    for cfg in configs:
+        text = lower(lambda q, k, v, bt, ln, cfg=cfg: paged_attention(q, k, v, bt, ln, impl="pallas", variant=variant,
+                                                                      config=cfg, interpret=False),
+                     (q, kp, kp, bt, ln), PLATFORM[variant])
+        assert ("triton" in text.lower()) if variant == "gpu" else ("tpu_custom_call" in text)

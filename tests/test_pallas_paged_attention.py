@@ -93,6 +93,15 @@ def test_kernel_matches_reference(variant, case):
     close(out, numpy_paged(*args), 1e-5)
 
 
+@pytest.mark.parametrize("kv_splits", [2, 3])
+def test_gpu_kv_splits(kv_splits):
+    """Flash-decoding split of the KV range (GPU variant): splits past a sequence's end stay empty."""
+    B, Tq, H, KVH, D, ps, lengths = CASES[0]
+    args = make(B, Tq, H, KVH, D, ps, lengths, jnp.float32, seed=11)
+    cfg = PagedAttentionConfig(pages_per_block=1, kv_splits=kv_splits)
+    close(paged_attention(*args, impl="pallas", variant="gpu", config=cfg), numpy_paged(*args), 1e-5)
+
+
 @pytest.mark.parametrize("variant", ["gpu", "tpu"])
 def test_bfloat16(variant):
     args = make(2, 2, 8, 2, 64, 16, [5, 70], jnp.bfloat16, seed=7)
@@ -135,6 +144,10 @@ BAD = [
      ValueError, "page_size=12"),
     (lambda q, k, v, bt, ln: paged_attention(q[..., :12], k[..., :12], v[..., :12], bt, ln, impl="pallas",
                                              variant="gpu"), ValueError, "head_dim=12"),
+    (lambda q, k, v, bt, ln: paged_attention(q, k, v, bt, ln, impl="pallas", variant="tpu",
+                                             config=PagedAttentionConfig(kv_splits=2)), ValueError, "kv_splits=2"),
+    (lambda q, k, v, bt, ln: paged_attention(q, k, v, bt, ln, impl="pallas",
+                                             config=PagedAttentionConfig(kv_splits=0)), ValueError, "kv_splits"),
     (lambda q, k, v, bt, ln: paged_attention(q, k[:, :8], v[:, :8], bt, ln, impl="pallas", variant="gpu",
                                              config=PagedAttentionConfig(pages_per_block=1)), ValueError,
      "pages_per_block=1 with page_size=8"),
@@ -179,3 +192,6 @@ def test_grid(variant, dtype, case):
     out = paged_attention(*args, impl="pallas", variant=variant)
     assert np.all(np.isfinite(np.asarray(out, np.float32)))
     close(out.astype(jnp.float32), ref.astype(jnp.float32), TOL[dtype])
+    if variant == "gpu" and case in (1, 3):
+        split = paged_attention(*args, impl="pallas", variant=variant, config=PagedAttentionConfig(kv_splits=4))
+        close(split.astype(jnp.float32), ref.astype(jnp.float32), TOL[dtype])
