@@ -8,11 +8,17 @@ from flax import nnx
 
 from moejax.config import MoEConfig
 from moejax.nn import dispatch as dsp
-from moejax.nn.experts import (SwiGLU, SwiGLUExperts, moe_swiglu_tiles, swiglu_capacity, swiglu_dense_combine,
-                               swiglu_pallas, swiglu_ragged)
+from moejax.nn.experts import (
+    SwiGLU,
+    SwiGLUExperts,
+    moe_swiglu_tiles,
+    swiglu_capacity,
+    swiglu_dense_combine,
+    swiglu_pallas,
+    swiglu_ragged,
+)
 from moejax.nn.routers import make_router, router_statistics
 from moejax.parallel import expert_parallel
-
 
 DENSE_MAX_ROWS = 256
 
@@ -89,13 +95,17 @@ class MoE(nnx.Module):
         else:
             out, aux = self._local(xt, token_mask=token_mask, token_index=token_index, rng=rng, train=train)
         if cfg.num_shared_experts:
-            s = self.shared(xt)
-            if cfg.shared_expert_gate:
-                g = jax.nn.sigmoid(jnp.einsum("td,do->to", xt.astype(jnp.float32),
-                                              self.shared_gate[...].astype(jnp.float32)))
-                s = (s.astype(jnp.float32) * g).astype(s.dtype)
-            out = out + s
+            out = out + self.shared_output(xt)
         return out.reshape(shape).astype(x.dtype), aux
+
+    def shared_output(self, xt):
+        """The shared experts' output for flat tokens ``xt [T, D]`` (gated as Qwen2-MoE when configured)."""
+        s = self.shared(xt)
+        if self.cfg.shared_expert_gate:
+            g = jax.nn.sigmoid(jnp.einsum("td,do->to", xt.astype(jnp.float32),
+                                          self.shared_gate[...].astype(jnp.float32)))
+            s = (s.astype(jnp.float32) * g).astype(s.dtype)
+        return s
 
     def _local(self, xt, *, token_mask=None, token_index=None, rng=None, train=False):
         """Single-device (or data-parallel) path: route, dispatch, experts, combine."""

@@ -104,6 +104,8 @@ class EngineConfig:
       attn_impl: paged attention implementation: ``"xla"`` (gather + dense, the CPU path), ``"pallas"``
         (``pallas_kernels.paged_attention``; interpreted on CPU) or ``"auto"`` (the kernel only where it
         has been validated faster on the backend).
+      offload: a :class:`moejax.offload.runtime.OffloadConfig` to serve with experts on storage and only
+        ``budget_bytes`` of them in memory (the step then runs layer by layer; see ``moejax/offload``).
     """
 
     scheduler: str = "chunked"
@@ -116,6 +118,7 @@ class EngineConfig:
     min_decode_bucket: int = 1
     min_prefill_tokens: int = 16
     attn_impl: str = "xla"
+    offload: object | None = None
 
 
 @dataclass
@@ -194,6 +197,11 @@ class Engine:
         self._rng = np.random.default_rng(0)
         self._pf_hidden = None
         self.compiled_shapes: set[tuple] = set()
+        self.runtime = None
+        if cfg.offload is not None:
+            from moejax.offload.runtime import OffloadRuntime
+
+            self.runtime = OffloadRuntime(model, cfg.offload, block_size=cfg.block_size, attn_impl=cfg.attn_impl)
 
     # ----------------------------------------------------------------------------------------- requests
     def validate_prompt(self, prompt: Sequence[int]) -> list[int]:
@@ -341,9 +349,13 @@ class Engine:
         shape_key = (None if dec is None else dec.tokens.shape, None if pf is None else pf.tokens.shape,
                      (dec or pf).tables.shape[1], use_hidden)
         self.compiled_shapes.add(shape_key)
-        o = engine_step(self.gdef, self.state, self.pool, dec, pf, hidden, np.asarray(plan.group, np.int32),
-                        block_size=self.cfg.block_size, use_hidden=use_hidden, return_logits=self.cfg.record_logits,
-                        attn_impl=self.cfg.attn_impl)
+        if self.runtime is not None:
+            o = self.runtime.step(self.pool, dec, pf, hidden, plan.group, use_hidden=use_hidden,
+                                  return_logits=self.cfg.record_logits)
+        else:
+            o = engine_step(self.gdef, self.state, self.pool, dec, pf, hidden, np.asarray(plan.group, np.int32),
+                            block_size=self.cfg.block_size, use_hidden=use_hidden,
+                            return_logits=self.cfg.record_logits, attn_impl=self.cfg.attn_impl)
         self.pool = o.pool
         host = jax.device_get((o.dec_next, o.dec_logprob, o.dec_top, o.pf_next, o.pf_logprob, o.pf_top,
                                o.experts_touched, o.dec_logits, o.pf_logits))

@@ -123,6 +123,70 @@ def _sample(model, h, keys, temperature, top_p, return_logits):
     return tok, chosen, (top_id.astype(jnp.int32), top_lp), (logits if return_logits else None)
 
 
+class RowContext(NamedTuple):
+    """Per-row attention inputs shared by every layer: RoPE tables, positions, cache slots, lengths, tables."""
+
+    rope: tuple
+    pos: jax.Array      # [B, S] query positions
+    slots: jax.Array    # [B, S] pool slots the new K/V go to (0 = scratch)
+    lengths: jax.Array  # [B] cached tokens after this step (0 = padding row)
+    tables: jax.Array   # [B, P]
+    valid: jax.Array    # [B, S] real tokens
+
+
+def prepare_rows(model, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hidden, *, block_size: int,
+                 use_hidden: bool):
+    """Embeddings (or carried hidden states) and :class:`RowContext` of the decode and prefill parts."""
+    cfg = model.cfg
+    dt = jnp.dtype(cfg.dtype)
+    hd = cfg.resolved_head_dim
+    emb = model.embed[...]
+    xd = xp = dctx = pctx = None
+    if dec is not None:
+        xd = jnp.take(emb, dec.tokens, axis=0).astype(dt)[:, None]  # [Bd, 1, D]
+        pos = dec.pos[:, None]
+        slots = jnp.where(dec.valid[:, None], _slots(dec.tables, pos, block_size), 0)
+        dctx = RowContext(rope_tables(pos, hd, cfg.rope_theta), pos, slots, jnp.where(dec.valid, dec.pos + 1, 0),
+                          dec.tables, dec.valid[:, None])
+    if pf is not None:
+        Tp = pf.tokens.shape[1]
+        pad = Tp - pf.length  # left padding
+        pos = (pf.start - pad)[:, None] + jnp.arange(Tp, dtype=jnp.int32)
+        valid = jnp.arange(Tp)[None, :] >= pad[:, None]
+        xp = pf_hidden.astype(dt) if use_hidden else jnp.take(emb, pf.tokens, axis=0).astype(dt)
+        slots = jnp.where(valid, _slots(pf.tables, jnp.maximum(pos, 0), block_size), 0)
+        pctx = RowContext(rope_tables(pos, hd, cfg.rope_theta), pos, slots,
+                          jnp.where(pf.length > 0, pf.start + pf.length, 0), pf.tables, valid)
+    return xd, xp, dctx, pctx
+
+
+def layer_attention(blk, x, ctx: RowContext, kp, vp, li, *, block_size: int, impl: str = "xla"):
+    """Pre-norm attention of rows ``x [B, S, D]`` through layer ``li`` of a run's pool (writes the new K/V)."""
+    q, k, v = blk.attn.qkv(blk.attn_norm(x), None, ctx.rope)
+    flat = ctx.slots.reshape(-1)
+    kp = kp.at[li, flat].set(k.reshape(-1, *k.shape[2:]).astype(kp.dtype))
+    vp = vp.at[li, flat].set(v.reshape(-1, *v.shape[2:]).astype(vp.dtype))
+    o = _paged_attend(q, kp, vp, li, ctx.tables, ctx.pos, ctx.lengths, block_size, impl)
+    return x + blk.attn.out(o).astype(x.dtype), kp, vp
+
+
+def ffn_rows(blk, parts):
+    """Normalized FFN inputs of several row groups ``[(x [B, S, D], valid [B, S]), ...]`` as one token batch."""
+    ys = [blk.ffn_norm(x).reshape(-1, x.shape[-1]) for x, _ in parts]
+    ms = [m.reshape(-1) for _, m in parts]
+    return (jnp.concatenate(ys), jnp.concatenate(ms)) if len(ys) > 1 else (ys[0], ms[0])
+
+
+def add_ffn(parts, f):
+    """Split the FFN output ``f [T, D]`` back over the row groups and add the residuals."""
+    out, i = [], 0
+    for x, _ in parts:
+        n = x.shape[0] * x.shape[1]
+        out.append(x + f[i:i + n].reshape(x.shape).astype(x.dtype))
+        i += n
+    return out
+
+
 @partial(jax.jit, static_argnames=("gdef", "block_size", "use_hidden", "return_logits", "attn_impl"),
          donate_argnames=("pool",))
 def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hidden, group, *,
@@ -137,26 +201,10 @@ def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillB
     model = nnx.merge(gdef, state)
     cfg = model.cfg
     dt = jnp.dtype(cfg.dtype)
-    hd = cfg.resolved_head_dim
     lo, hi = group[0], group[1]
-    emb = model.embed[...]
     has_d, has_p = dec is not None, pf is not None
-
-    if has_d:
-        Bd = dec.tokens.shape[0]
-        xd = jnp.take(emb, dec.tokens, axis=0).astype(dt)
-        d_rope = rope_tables(dec.pos[:, None], hd, cfg.rope_theta)
-        d_slots = jnp.where(dec.valid, _slots(dec.tables, dec.pos[:, None], block_size)[:, 0], 0)
-        d_len = jnp.where(dec.valid, dec.pos + 1, 0)
-    if has_p:
-        Bp, Tp = pf.tokens.shape
-        pad = Tp - pf.length  # left padding
-        p_pos = (pf.start - pad)[:, None] + jnp.arange(Tp, dtype=jnp.int32)
-        p_valid = jnp.arange(Tp)[None, :] >= pad[:, None]
-        xp = pf_hidden.astype(dt) if use_hidden else jnp.take(emb, pf.tokens, axis=0).astype(dt)
-        p_rope = rope_tables(p_pos, hd, cfg.rope_theta)
-        p_slots = jnp.where(p_valid, _slots(pf.tables, jnp.maximum(p_pos, 0), block_size), 0)
-        p_len = jnp.where(pf.length > 0, pf.start + pf.length, 0)
+    xd, xp, dctx, pctx = prepare_rows(model, dec, pf, pf_hidden, block_size=block_size, use_hidden=use_hidden)
+    attn = partial(layer_attention, block_size=block_size, impl=attn_impl)
 
     ks, vs, touched = list(pool.k), list(pool.v), []
     for r, (kind, first, n) in enumerate(model.runs):
@@ -166,59 +214,40 @@ def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillB
             xd_, xp_, kp, vp = carry
             bst, li = xs
             blk = nnx.merge(gd, bst)
-            E = cfg.moe.num_experts if kind == "moe" else 1
 
             def ffn(y, mask):
                 if kind == "moe":
                     f, aux = blk.moe(y, token_mask=mask)
-                    return f, jnp.sum(aux["expert_load"] > 0).astype(jnp.int32)
-                return blk.mlp(y), jnp.int32(0)
+                    return f.astype(dt), jnp.sum(aux["expert_load"] > 0).astype(jnp.int32)
+                return blk.mlp(y).astype(dt), jnp.int32(0)
 
-            def attn_part(x, rope, pos2, slots, tables, lengths, kp, vp):
-                q, k, v = blk.attn.qkv(blk.attn_norm(x), None, rope)
-                kp = kp.at[li, slots.reshape(-1)].set(k.reshape(-1, *k.shape[2:]).astype(kp.dtype))
-                vp = vp.at[li, slots.reshape(-1)].set(v.reshape(-1, *v.shape[2:]).astype(vp.dtype))
-                o = _paged_attend(q, kp, vp, li, tables, pos2, lengths, block_size, attn_impl)
-                return x + blk.attn.out(o).astype(x.dtype), kp, vp
+            def run(rows, kp, vp):
+                """Attention then one shared FFN call over ``rows = [(x, ctx), ...]``."""
+                parts = []
+                for x, ctx in rows:
+                    x, kp, vp = attn(blk, x, ctx, kp, vp, li)
+                    parts.append((x, ctx.valid))
+                f, cnt = ffn(*ffn_rows(blk, parts))
+                return add_ffn(parts, f), kp, vp, cnt
 
             def decode_only(xd_, xp_, kp, vp):
-                xd_, kp, vp = attn_part(xd_[:, None], d_rope, dec.pos[:, None], d_slots, dec.tables, d_len, kp, vp)
-                xd_ = xd_[:, 0]
-                f, cnt = ffn(blk.ffn_norm(xd_), dec.valid)
-                return xd_ + f.astype(xd_.dtype), xp_, kp, vp, cnt
+                (xd_,), kp, vp, cnt = run([(xd_, dctx)], kp, vp)
+                return xd_, xp_, kp, vp, cnt
 
             def with_prefill(xd_, xp_, kp, vp):
                 if has_d:
-                    xd_, kp, vp = attn_part(xd_[:, None], d_rope, dec.pos[:, None], d_slots, dec.tables, d_len,
-                                            kp, vp)
-                    xd_ = xd_[:, 0]
-                xp_, kp, vp = attn_part(xp_, p_rope, p_pos, p_slots, pf.tables, p_len, kp, vp)
-                yp = blk.ffn_norm(xp_).reshape(Bp * Tp, -1)
-                mp = p_valid.reshape(-1)
-                if has_d:
-                    y = jnp.concatenate([blk.ffn_norm(xd_), yp])
-                    m = jnp.concatenate([dec.valid, mp])
+                    (xd_, xp_), kp, vp, cnt = run([(xd_, dctx), (xp_, pctx)], kp, vp)
                 else:
-                    y, m = yp, mp
-                f, cnt = ffn(y, m)
-                f = f.astype(dt)
-                if has_d:
-                    xd_ = xd_ + f[:Bd]
-                    f = f[Bd:]
-                return xd_, xp_ + f.reshape(xp_.shape), kp, vp, cnt
+                    (xp_,), kp, vp, cnt = run([(xp_, pctx)], kp, vp)
+                return xd_, xp_, kp, vp, cnt
 
-            if has_p and has_d:
+            if has_p:
                 layer = first + li
                 active = (layer >= lo) & (layer < hi)
-                xd_, xp_, kp, vp, cnt = jax.lax.cond(active, with_prefill, decode_only, xd_, xp_, kp, vp)
-            elif has_p:
-                layer = first + li
-                active = (layer >= lo) & (layer < hi)
-                xd_, xp_, kp, vp, cnt = jax.lax.cond(
-                    active, with_prefill, lambda a, b, c, d: (a, b, c, d, jnp.int32(0)), xd_, xp_, kp, vp)
+                skip = decode_only if has_d else (lambda a, b, c, d: (a, b, c, d, jnp.int32(0)))
+                xd_, xp_, kp, vp, cnt = jax.lax.cond(active, with_prefill, skip, xd_, xp_, kp, vp)
             else:
                 xd_, xp_, kp, vp, cnt = decode_only(xd_, xp_, kp, vp)
-            del E
             return (xd_, xp_, kp, vp), cnt
 
         carry = (xd if has_d else jnp.zeros((0,), dt), xp if has_p else jnp.zeros((0,), dt), ks[r], vs[r])
@@ -228,19 +257,24 @@ def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillB
         if has_p:
             xp = xp_o
         touched.append(cnt)
+    return finish_step(model, xd, xp, dec, pf, jnp.concatenate(touched), KVPool(tuple(ks), tuple(vs)),
+                       return_logits)
 
+
+def finish_step(model, xd, xp, dec, pf, touched, pool, return_logits) -> StepOutput:
+    """Sample the decode rows and each prefill row's last token; package a :class:`StepOutput`."""
     empty_i = jnp.zeros((0,), jnp.int32)
     empty_f = jnp.zeros((0,), jnp.float32)
     empty_top = (jnp.zeros((0, TOP_LOGPROBS), jnp.int32), jnp.zeros((0, TOP_LOGPROBS), jnp.float32))
-    if has_d:
-        d_next, d_lp, d_top, d_logits = _sample(model, xd, dec.keys, dec.temperature, dec.top_p, return_logits)
+    if dec is not None:
+        d_next, d_lp, d_top, d_logits = _sample(model, xd[:, 0], dec.keys, dec.temperature, dec.top_p,
+                                                return_logits)
     else:
         d_next, d_lp, d_top, d_logits = empty_i, empty_f, empty_top, None
-    if has_p:
-        last = xp[:, -1]  # left-padded rows end with their last token
-        p_next, p_lp, p_top, p_logits = _sample(model, last, pf.keys, pf.temperature, pf.top_p, return_logits)
+    if pf is not None:
+        # left-padded rows end with their last token
+        p_next, p_lp, p_top, p_logits = _sample(model, xp[:, -1], pf.keys, pf.temperature, pf.top_p, return_logits)
         p_hidden = xp
     else:
         p_next, p_lp, p_top, p_logits, p_hidden = empty_i, empty_f, empty_top, None, empty_f
-    return StepOutput(d_next, d_lp, d_top, p_next, p_lp, p_top, p_hidden, jnp.concatenate(touched), d_logits,
-                      p_logits, KVPool(tuple(ks), tuple(vs)))
+    return StepOutput(d_next, d_lp, d_top, p_next, p_lp, p_top, p_hidden, touched, d_logits, p_logits, pool)

@@ -1,0 +1,172 @@
+"""Byte-budgeted expert cache with LRU, LFU and Belady eviction, and an exact offline optimum for tests.
+
+Items are hashable keys (e.g. ``(layer, expert)`` or ``(layer, expert, bit_plane)``) with a size in bytes. The
+cache holds at most ``budget`` bytes. :meth:`ExpertCache.access` records one access and returns whether it
+hit; on a miss the item is inserted and victims are evicted by the policy:
+
+* ``lru``: least recently used first;
+* ``lfu``: fewest accesses since insertion first (ties: least recently used);
+* ``belady``: the item whose next use is farthest in the future (never used again first). It needs the
+  future: :meth:`set_future` gives the upcoming access sequence (known in advance when routing is decided
+  before the model runs, as with Read-ME's pre-gating router), and every :meth:`access` consumes one entry.
+  For equal-size items this is optimal (Belady's MIN); with mixed sizes it is a heuristic (farthest next
+  use, ties to the larger item), compared in tests against an exact search.
+
+``pinned`` keys (e.g. the experts of the layer being computed) are never evicted.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+
+POLICIES = ("lru", "lfu", "belady")
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_loaded: int = 0
+    evictions: int = 0
+
+    @property
+    def accesses(self) -> int:
+        return self.hits + self.misses
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.accesses if self.accesses else 0.0
+
+
+class CacheTooSmall(ValueError):
+    """An item (or the set of pinned items) does not fit in the budget."""
+
+
+class ExpertCache:
+    """Byte-budgeted cache of expert weights (the bookkeeping; the engine keeps the arrays in slots)."""
+
+    def __init__(self, budget: int, policy: str = "lru"):
+        if policy not in POLICIES:
+            raise ValueError(f"policy={policy!r}; allowed: {list(POLICIES)}")
+        if budget <= 0:
+            raise ValueError(f"budget={budget} bytes must be > 0")
+        self.budget, self.policy = int(budget), policy
+        self.items: OrderedDict[Hashable, int] = OrderedDict()   # key -> size, LRU order (oldest first)
+        self.freq: dict[Hashable, int] = defaultdict(int)
+        self.used = 0
+        self.stats = CacheStats()
+        self._future: deque = deque()
+        self._next_use: dict[Hashable, deque] = defaultdict(deque)
+        self._clock = 0
+
+    # ----------------------------------------------------------------------------------------- future
+    def set_future(self, keys: Iterable[Hashable]) -> None:
+        """The upcoming access sequence (Belady). Later :meth:`extend_future` calls append to it."""
+        self._future.clear()
+        self._next_use.clear()
+        self._clock = 0
+        self.extend_future(keys)
+
+    def extend_future(self, keys: Iterable[Hashable]) -> None:
+        for k in keys:
+            self._next_use[k].append(self._clock + len(self._future))
+            self._future.append(k)
+
+    def _consume_future(self, key) -> None:
+        if self._future:
+            k = self._future.popleft()
+            if k != key:
+                raise RuntimeError(f"access to {key!r} but the announced future expected {k!r}")
+            self._next_use[k].popleft()
+            self._clock += 1
+
+    def next_use(self, key) -> float:
+        q = self._next_use.get(key)
+        return q[0] if q else float("inf")
+
+    # ----------------------------------------------------------------------------------------- access
+    def __contains__(self, key) -> bool:
+        return key in self.items
+
+    def access(self, key: Hashable, size: int, pinned: Sequence[Hashable] = ()) -> tuple[bool, list]:
+        """Record an access. Returns ``(hit, evicted_keys)``; a miss inserts ``key`` (the caller loads it)."""
+        if self.policy == "belady" and self._future:
+            self._consume_future(key)
+        if key in self.items:
+            self.items.move_to_end(key)
+            self.freq[key] += 1
+            self.stats.hits += 1
+            return True, []
+        if size > self.budget:
+            raise CacheTooSmall(f"item {key!r} of {size} bytes exceeds the cache budget of {self.budget} bytes")
+        evicted = self._make_room(size, set(pinned) | {key})
+        self.items[key] = size
+        self.freq[key] = 1
+        self.used += size
+        self.stats.misses += 1
+        self.stats.bytes_loaded += size
+        return False, evicted
+
+    def _victim(self, protected):
+        cands = [k for k in self.items if k not in protected]
+        if not cands:
+            return None
+        if self.policy == "lru":
+            return cands[0]
+        if self.policy == "lfu":
+            return min(cands, key=lambda k: self.freq[k])  # stable: least recently used among ties
+        return max(cands, key=lambda k: (self.next_use(k), self.items[k]))
+
+    def _make_room(self, size, protected) -> list:
+        evicted = []
+        while self.used + size > self.budget:
+            v = self._victim(protected)
+            if v is None:
+                raise CacheTooSmall(f"cannot fit {size} more bytes: the pinned items already use {self.used} of "
+                                    f"{self.budget} bytes")
+            self.used -= self.items.pop(v)
+            self.freq.pop(v, None)
+            self.stats.evictions += 1
+            evicted.append(v)
+        return evicted
+
+
+def simulate(trace: Sequence[Hashable], budget: int, policy: str, sizes: dict | None = None) -> CacheStats:
+    """Replay ``trace`` through a fresh cache (Belady sees the whole trace as its future)."""
+    c = ExpertCache(budget, policy)
+    if policy == "belady":
+        c.set_future(trace)
+    for k in trace:
+        c.access(k, 1 if sizes is None else sizes[k])
+    return c.stats
+
+
+def optimal_misses(trace: Sequence[Hashable], budget: int, sizes: dict | None = None) -> int:
+    """Exact minimum number of misses by exhaustive search over eviction choices (small traces only).
+
+    Demand paging (an item is loaded only when accessed, and must then be resident). Dynamic programming over
+    the set of resident items after each access.
+    """
+    size = (lambda k: 1) if sizes is None else (lambda k: sizes[k])
+    states = {frozenset(): 0}
+    for k in trace:
+        nxt: dict[frozenset, int] = {}
+        for s, cost in states.items():
+            if k in s:
+                cands = [(s, cost)]
+            else:
+                cands = []
+                others = list(s)
+                for r in range(len(others) + 1):
+                    for drop in itertools.combinations(others, r):
+                        keep = s.difference(drop) | {k}
+                        if sum(size(x) for x in keep) <= budget:
+                            cands.append((frozenset(keep), cost + 1))
+            for st, c in cands:
+                if c < nxt.get(st, 1 << 60):
+                    nxt[st] = c
+        states = nxt
+    return min(states.values())

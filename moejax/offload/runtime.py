@@ -1,0 +1,299 @@
+"""Serving with experts offloaded to storage: a layer-by-layer engine step over a byte-budgeted expert cache.
+
+The in-memory engine step (:func:`moejax.serve.step.engine_step`) is one jitted program over all layers. With
+offloading, the experts a layer needs are known only after its router runs, so the step runs layer by layer:
+
+1. attention of the decode rows (and of the prefill rows when the layer is in the active prefill group), the
+   FFN norm and the router: one jitted call;
+2. the host reads the routed expert ids, and the :class:`~moejax.offload.cache.ExpertCache` decides hits,
+   misses and evictions (each distinct ``(layer, expert)`` is one access per iteration); misses are read from
+   the :class:`~moejax.offload.store.ExpertStore` by a pool of loader threads into free *slots* of a
+   preallocated buffer ``[n_slots, ...]`` whose size is the memory budget;
+3. the experts run over the slot buffer (token -> expert ids remapped to slot ids, the same dropless tile loop
+   as in memory) plus shared experts and the residual: one jitted call.
+
+The dense part (embeddings, attention, norms, routers, shared experts) stays in memory. ``n_slots`` must hold at
+least one layer's experts. The same tokens come out as with all experts in memory (tests compare them).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.nn import dispatch as dsp
+from moejax.nn.experts import moe_swiglu_tiles
+from moejax.offload.cache import ExpertCache
+from moejax.offload.store import (
+    EXPERT_TENSORS,
+    ExpertStore,
+    anon_rss_bytes,
+    expert_param_names,
+)
+from moejax.serve.kv_cache import KVPool
+from moejax.serve.step import (
+    add_ffn,
+    ffn_rows,
+    finish_step,
+    layer_attention,
+    prepare_rows,
+)
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Expert offloading for :class:`moejax.serve.engine.Engine`.
+
+    Attributes:
+      store: an offload directory written by ``moejax offload prepare``.
+      budget_bytes: bytes of expert weights kept in memory (the slot buffer); at least one layer's experts.
+      policy: cache eviction policy, ``"lru"`` or ``"lfu"`` (``"belady"`` needs future routing, e.g. from a
+        pre-gating router, and is used through :func:`moejax.offload.cache.simulate` and the lookahead API).
+      io: ``"direct"`` (O_DIRECT), ``"fadvise"`` or ``"buffered"`` (see :class:`ExpertStore`).
+      bandwidth: throttle reads to this many bytes/s (a modelled storage device); None = the real device.
+      loader_threads: concurrent reads.
+    """
+
+    store: str
+    budget_bytes: int
+    policy: str = "lru"
+    io: str = "direct"
+    bandwidth: float | None = None
+    loader_threads: int = 4
+
+
+@dataclass
+class OffloadStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    stall_s: float = 0.0        # time the step waited for expert reads
+    step_s: float = 0.0
+    peak_anon_rss: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+
+def load_offloaded_model(store: ExpertStore):
+    """A :class:`Transformer` with the store's dense parameters and empty placeholders for the experts."""
+    from moejax.models.transformer import Transformer
+
+    cfg = store.config()
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    gdef, state = nnx.split(abstract)
+    dense = store.dense_params()
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        name = ".".join(map(str, path))
+        if name.split(".")[-2:-1] == ["experts"] and name.rsplit(".", 1)[-1] in EXPERT_TENSORS:
+            v = var.get_raw_value() if hasattr(var, "get_raw_value") else var.raw_value
+            flat.append((path, var.replace(jnp.zeros((v.shape[0], 0), v.dtype))))
+        elif name in dense:
+            flat.append((path, var.replace(jnp.asarray(dense[name]))))
+        else:
+            raise RuntimeError(f"parameter {name} is missing from {store.path}/dense.safetensors")
+    return nnx.merge(gdef, nnx.from_flat_state(flat))
+
+
+# ------------------------------------------------------------------------------------------------ jitted pieces
+@partial(jax.jit, static_argnames=("gdef", "block_size", "use_hidden"))
+def _prepare(gdef, state, dec, pf, pf_hidden, *, block_size, use_hidden):
+    return prepare_rows(nnx.merge(gdef, state), dec, pf, pf_hidden, block_size=block_size, use_hidden=use_hidden)
+
+
+@partial(jax.jit, static_argnames=("gdef", "block_size", "impl", "route"), donate_argnames=("kp", "vp"))
+def _attention(gdef, st, kp, vp, li, xs, ctxs, *, block_size, impl, route):
+    blk = nnx.merge(gdef, st)
+    parts = []
+    for x, ctx in zip(xs, ctxs):
+        x, kp, vp = layer_attention(blk, x, ctx, kp, vp, li, block_size=block_size, impl=impl)
+        parts.append(x)
+    y, m = ffn_rows(blk, [(x, c.valid) for x, c in zip(parts, ctxs)])
+    if not route:
+        return parts, kp, vp, y, m, None
+    moe = blk.moe
+    yt = y.astype(moe.dtype)
+    r, _ = moe.route(yt, token_mask=m)
+    T = y.shape[0]
+    K = r.expert_ids.shape[-1]
+    return parts, kp, vp, y, m, (r.expert_ids.reshape(T, K), r.weights.reshape(T, K), r.mask.reshape(T, K))
+
+
+@partial(jax.jit, static_argnames=("gdef", "block_rows"))
+def _experts(gdef, st, y, ids, w, rm, id_map, swg, swu, swd, *, block_rows):
+    moe = nnx.merge(gdef, st).moe
+    yt = y.astype(moe.dtype)
+    layout = dsp.dropless_layout(id_map[ids], rm, swg.shape[0], block_rows)
+    out = moe_swiglu_tiles(yt, swg, swu, swd, layout, w, block_rows)
+    if moe.cfg.num_shared_experts:
+        out = out + moe.shared_output(yt)
+    return out.astype(y.dtype)
+
+
+@partial(jax.jit, static_argnames=("gdef",))
+def _mlp(gdef, st, y):
+    return nnx.merge(gdef, st).mlp(y)
+
+
+@jax.jit
+def _residual(xs, masks, f):
+    return add_ffn(list(zip(xs, masks)), f)
+
+
+@partial(jax.jit, donate_argnums=(0, 1, 2))
+def _put(swg, swu, swd, slot, wg, wu, wd):
+    return swg.at[slot].set(wg), swu.at[slot].set(wu), swd.at[slot].set(wd)
+
+
+@partial(jax.jit, static_argnames=("gdef", "return_logits"))
+def _finish(gdef, state, xd, xp, dec, pf, touched, *, return_logits):
+    return finish_step(nnx.merge(gdef, state), xd, xp, dec, pf, touched, None, return_logits)
+
+
+class OffloadRuntime:
+    """Layer-by-layer engine step with experts read from storage into a budgeted slot buffer."""
+
+    def __init__(self, model, cfg: OffloadConfig, *, block_size: int, attn_impl: str = "xla"):
+        self.cfg = cfg
+        self.store = ExpertStore(cfg.store, io=cfg.io, bandwidth=cfg.bandwidth)
+        mcfg = model.cfg
+        if mcfg.moe is None:
+            raise ValueError("expert offloading needs an MoE model")
+        scfg = self.store.config()
+        for f in ("d_model", "n_layers", "vocab_size"):
+            if getattr(scfg, f) != getattr(mcfg, f):
+                raise ValueError(f"the offload store {cfg.store} was written for a different model "
+                                 f"({f}={getattr(scfg, f)} vs {getattr(mcfg, f)})")
+        if mcfg.moe.dispatch != "dropless":
+            raise ValueError("expert offloading supports MoEConfig.dispatch='dropless' only")
+        self.model, self.mcfg = model, mcfg
+        self.block_size, self.attn_impl = block_size, attn_impl
+        self.E = mcfg.moe.num_experts
+        self.expert_bytes = self.store.record_bytes
+        self.n_slots = int(cfg.budget_bytes // self.expert_bytes)
+        if self.n_slots < self.E:
+            raise ValueError(f"OffloadConfig.budget_bytes={cfg.budget_bytes} holds {self.n_slots} experts of "
+                             f"{self.expert_bytes} bytes; at least one layer's {self.E} experts "
+                             f"({self.E * self.expert_bytes} bytes) are needed")
+        self.cache = ExpertCache(self.n_slots * self.expert_bytes, cfg.policy)
+        self.gdef, self.state = nnx.split(model)
+        # per-layer (graphdef, state) of the blocks; expert weights are excluded (they live in the slots)
+        names = expert_param_names(model)
+        self.layers = []
+        for r, (kind, first, n) in enumerate(model.runs):
+            gd, st = nnx.split(model.stacks[r])
+            if kind == "moe":
+                st = _drop_experts(st)
+            for li in range(n):
+                self.layers.append((r, li, kind, gd, jax.tree.map(lambda a, li=li: a[li], st)))
+        del names
+        D, F = mcfg.d_model, mcfg.moe.d_ff
+        pdt = jnp.dtype(mcfg.param_dtype)
+        self.swg = jnp.zeros((self.n_slots, D, F), pdt)
+        self.swu = jnp.zeros((self.n_slots, D, F), pdt)
+        self.swd = jnp.zeros((self.n_slots, F, D), pdt)
+        self.slot_of: dict[tuple[int, int], int] = {}
+        self.free_slots = list(range(self.n_slots - 1, -1, -1))
+        self.pool = ThreadPoolExecutor(max_workers=cfg.loader_threads, thread_name_prefix="moejax-expert-io")
+        self.stats = OffloadStats()
+
+    # ----------------------------------------------------------------------------------------- cache
+    def ensure(self, layer: int, experts) -> np.ndarray:
+        """Make ``experts`` of ``layer`` resident; returns the expert -> slot map ``[E]`` (int32)."""
+        pinned = [(layer, e) for e in experts]
+        misses = []
+        for key in pinned:
+            hit, evicted = self.cache.access(key, self.expert_bytes, pinned=pinned)
+            for v in evicted:
+                self.free_slots.append(self.slot_of.pop(v))
+            if hit:
+                self.stats.hits += 1
+            else:
+                self.stats.misses += 1
+                self.slot_of[key] = self.free_slots.pop()
+                misses.append(key)
+        if misses:
+            t0 = time.perf_counter()
+            futs = [(k, self.pool.submit(self.store.read, *k)) for k in misses]
+            for k, fut in futs:
+                w = fut.result()
+                self.swg, self.swu, self.swd = _put(self.swg, self.swu, self.swd, self.slot_of[k],
+                                                    *(w[t] for t in EXPERT_TENSORS))
+                self.stats.bytes_read += self.expert_bytes
+            self.stats.stall_s += time.perf_counter() - t0
+        id_map = np.zeros(self.E, np.int32)
+        for (_, e) in pinned:
+            id_map[e] = self.slot_of[(layer, e)]
+        return id_map
+
+    # ----------------------------------------------------------------------------------------- step
+    def step(self, pool: KVPool, dec, pf, pf_hidden, group, *, use_hidden: bool, return_logits: bool):
+        """One engine iteration; returns a :class:`moejax.serve.step.StepOutput`."""
+        from moejax.serve.step import StepOutput
+
+        t0 = time.perf_counter()
+        mcfg = self.mcfg
+        xd, xp, dctx, pctx = _prepare(self.gdef, self.state, dec, pf, pf_hidden, block_size=self.block_size,
+                                      use_hidden=use_hidden)
+        ks, vs = list(pool.k), list(pool.v)
+        lo, hi = int(group[0]), int(group[1])
+        touched = np.zeros(mcfg.n_layers, np.int32)
+        for layer, (r, li, kind, gd, st) in enumerate(self.layers):
+            rows = []
+            if dec is not None:
+                rows.append(("d", xd, dctx))
+            if pf is not None and lo <= layer < hi:
+                rows.append(("p", xp, pctx))
+            if not rows:
+                continue
+            xs, ctxs = [x for _, x, _ in rows], [c for _, _, c in rows]
+            outs, ks[r], vs[r], y, _, routing = _attention(gd, st, ks[r], vs[r], jnp.int32(li), xs, ctxs,
+                                                           block_size=self.block_size, impl=self.attn_impl,
+                                                           route=kind == "moe")
+            if kind == "moe":
+                ids, w, rm = routing
+                ids_h, rm_h = jax.device_get((ids, rm))
+                needed = sorted(set(ids_h[rm_h].tolist()))
+                touched[layer] = len(needed)
+                id_map = self.ensure(layer, needed)
+                T, K = ids_h.shape
+                bt = mcfg.moe.block_rows or dsp.default_block_rows(T * K, self.E)
+                f = _experts(gd, st, y, ids, w, rm, jnp.asarray(id_map), self.swg, self.swu, self.swd,
+                             block_rows=bt)
+            else:
+                f = _mlp(gd, st, y)
+            new = _residual(outs, [c.valid for c in ctxs], f)
+            for (tag, _, _), x in zip(rows, new):
+                if tag == "d":
+                    xd = x
+                else:
+                    xp = x
+        out = _finish(self.gdef, self.state, xd, xp, dec, pf, jnp.asarray(touched), return_logits=return_logits)
+        self.stats.step_s += time.perf_counter() - t0
+        self.stats.peak_anon_rss = max(self.stats.peak_anon_rss, anon_rss_bytes())
+        return StepOutput(*out[:-1], KVPool(tuple(ks), tuple(vs)))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.store.close()
+
+
+def _drop_experts(state):
+    """A block state without the routed expert tensors (shape-[n, 0] placeholders keep the graph mergeable)."""
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        if len(path) >= 2 and path[-2] == "experts" and path[-1] in EXPERT_TENSORS:
+            v = var[...]
+            var = var.replace(jnp.zeros((v.shape[0], 0), v.dtype))
+        flat.append((path, var))
+    return nnx.from_flat_state(flat)

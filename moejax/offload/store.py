@@ -1,0 +1,252 @@
+"""Expert weights on disk: the layout ``moejax offload prepare`` writes and a reader that really hits storage.
+
+Layout of an offload directory::
+
+    manifest.json      model config, non-expert parameter index, one record per (layer, expert):
+                       offset, nbytes, crc32, and the (name, shape, dtype) of each tensor in the record
+    dense.safetensors  every parameter except the routed experts (attention, norms, router, shared experts...)
+    experts.bin        the expert records, each starting at a multiple of 4096 bytes (O_DIRECT alignment)
+
+The directory is written under a temporary name and renamed when complete, so a crash never leaves a
+half-written store behind.
+
+Reading (:class:`ExpertStore`): ``io="direct"`` opens ``experts.bin`` with ``O_DIRECT`` (reads bypass the page
+cache, so every load really reaches the device; falls back to ``fadvise`` where the filesystem refuses it);
+``io="fadvise"`` reads normally and drops the pages with ``posix_fadvise(DONTNEED)`` after each read;
+``io="buffered"`` leaves the page cache alone (a warm cache turns loads into memory copies). ``bandwidth``
+(bytes/s) additionally throttles each read to a stated storage speed (e.g. a phone's UFS): results using it are
+*modelled*, and say so. Each record's CRC32 is checked; a missing, truncated or corrupt record raises
+:class:`ExpertStoreError` naming the layer and expert.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import shutil
+import tempfile
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+ALIGN = 4096
+EXPERT_TENSORS = ("w_gate", "w_up", "w_down")
+
+
+class ExpertStoreError(RuntimeError):
+    """A missing, truncated or corrupt offload store or expert record."""
+
+
+def _round_up(n: int, a: int = ALIGN) -> int:
+    return (n + a - 1) // a * a
+
+
+def _flat_params(model):
+    """``{dotted.path: np.ndarray}`` of all parameters (paths like ``stacks.0.moe.experts.w_gate``)."""
+    from flax import nnx
+
+    return {".".join(map(str, path)): np.asarray(v[...])
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def expert_param_names(model) -> dict[str, tuple[int, str]]:
+    """Flat names of the routed-expert tensors -> (run index, tensor name)."""
+    out = {}
+    for r, (kind, _, _) in enumerate(model.runs):
+        if kind == "moe":
+            for t in EXPERT_TENSORS:
+                out[f"stacks.{r}.moe.experts.{t}"] = (r, t)
+    return out
+
+
+def prepare(model, out_dir: str, *, overwrite: bool = False, progress: bool = False) -> str:
+    """Write ``model``'s experts (one aligned record per layer and expert) and the rest to ``out_dir``."""
+    from safetensors.numpy import save_file
+
+    from moejax.config import config_to_dict
+
+    cfg = model.cfg
+    if cfg.moe is None:
+        raise ValueError("the model has no MoE layers: nothing to offload")
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists (pass overwrite=True / --overwrite to replace it)")
+    flat = _flat_params(model)
+    names = expert_param_names(model)
+    missing = [n for n in names if n not in flat]
+    if missing:
+        raise RuntimeError(f"expert parameters not found in the model state: {missing}")
+    parent = os.path.dirname(out_dir) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".offload-", dir=parent)
+    try:
+        dense = {k: v for k, v in flat.items() if k not in names}
+        save_file(dense, os.path.join(tmp, "dense.safetensors"))
+        records = []
+        offset = 0
+        layers = [(r, first, n) for r, (kind, first, n) in enumerate(model.runs) if kind == "moe"]
+        total = sum(n for _, _, n in layers) * cfg.moe.num_experts
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=total, desc="writing experts", unit="expert")
+        with open(os.path.join(tmp, "experts.bin"), "wb") as f:
+            for r, first, n in layers:
+                arrs = {t: flat[f"stacks.{r}.moe.experts.{t}"] for t in EXPERT_TENSORS}
+                for li in range(n):
+                    for e in range(cfg.moe.num_experts):
+                        parts = [np.ascontiguousarray(arrs[t][li, e]) for t in EXPERT_TENSORS]
+                        blob = b"".join(p.tobytes() for p in parts)
+                        records.append({"layer": first + li, "expert": e, "offset": offset, "nbytes": len(blob),
+                                        "crc32": zlib.crc32(blob),
+                                        "tensors": [[t, list(p.shape), str(p.dtype)]
+                                                    for t, p in zip(EXPERT_TENSORS, parts)]})
+                        f.write(blob)
+                        pad = _round_up(len(blob)) - len(blob)
+                        f.write(b"\0" * pad)
+                        offset += len(blob) + pad
+                        if bar is not None:
+                            bar.update(1)
+        if bar is not None:
+            bar.close()
+        manifest = {"format": "moejax-offload-v1", "align": ALIGN, "config": config_to_dict(cfg),
+                    "expert_param_names": {k: list(v) for k, v in names.items()}, "experts": records}
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+@dataclass
+class ReadStats:
+    reads: int = 0
+    bytes_read: int = 0
+    read_s: float = 0.0        # time spent in reads (including throttling)
+
+
+class ExpertStore:
+    """Reads expert records from an offload directory (see the module docstring for ``io`` and ``bandwidth``)."""
+
+    def __init__(self, path: str, *, io: str = "direct", bandwidth: float | None = None):
+        if io not in ("direct", "fadvise", "buffered"):
+            raise ValueError(f"io={io!r}; allowed: 'direct', 'fadvise', 'buffered'")
+        if bandwidth is not None and bandwidth <= 0:
+            raise ValueError(f"bandwidth={bandwidth} must be > 0 bytes/s")
+        self.path = os.path.abspath(path)
+        mpath = os.path.join(self.path, "manifest.json")
+        if not os.path.exists(mpath):
+            raise ExpertStoreError(f"{self.path} is not an offload store (no manifest.json); "
+                                   "create one with `moejax offload prepare`")
+        try:
+            with open(mpath) as f:
+                self.manifest = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ExpertStoreError(f"{mpath} is corrupt: {e}") from e
+        self.records = {(r["layer"], r["expert"]): r for r in self.manifest["experts"]}
+        self.bin_path = os.path.join(self.path, "experts.bin")
+        if not os.path.exists(self.bin_path):
+            raise ExpertStoreError(f"{self.bin_path} is missing")
+        size = os.path.getsize(self.bin_path)
+        last = max(self.manifest["experts"], key=lambda r: r["offset"])
+        if size < last["offset"] + last["nbytes"]:
+            raise ExpertStoreError(f"{self.bin_path} is truncated ({size} bytes; layer {last['layer']} expert "
+                                   f"{last['expert']} needs {last['offset'] + last['nbytes']})")
+        self.io, self.bandwidth = io, bandwidth
+        self.stats = ReadStats()
+        self._fd = None
+        if io == "direct":
+            try:
+                self._fd = os.open(self.bin_path, os.O_RDONLY | os.O_DIRECT)
+            except (OSError, AttributeError):
+                self.io = "fadvise"
+        if self._fd is None:
+            self._fd = os.open(self.bin_path, os.O_RDONLY)
+        self.record_bytes = max(r["nbytes"] for r in self.manifest["experts"])
+
+    def close(self, _close=os.close) -> None:
+        if getattr(self, "_fd", None) is not None:
+            _close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
+
+    def config(self):
+        from moejax.config import ModelConfig, config_from_dict
+
+        return config_from_dict(ModelConfig, self.manifest["config"])
+
+    def expert_nbytes(self, layer: int, expert: int) -> int:
+        return self.records[(layer, expert)]["nbytes"]
+
+    def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
+        """The expert's tensors ``{w_gate, w_up, w_down}`` (verified by CRC32)."""
+        rec = self.records.get((layer, expert))
+        if rec is None:
+            raise ExpertStoreError(f"layer {layer} expert {expert} is not in the store {self.path}")
+        t0 = time.perf_counter()
+        n, off = rec["nbytes"], rec["offset"]
+        if self.io == "direct":
+            buf = mmap.mmap(-1, _round_up(n))  # page-aligned buffer, as O_DIRECT requires
+            got = os.preadv(self._fd, [buf], off)
+            data = bytes(memoryview(buf)[:n])
+            buf.close()
+        else:
+            data = os.pread(self._fd, n, off)
+            got = len(data)
+            if self.io == "fadvise":
+                os.posix_fadvise(self._fd, off, _round_up(n), os.POSIX_FADV_DONTNEED)
+        if got < n:
+            raise ExpertStoreError(f"layer {layer} expert {expert}: short read ({got} of {n} bytes) from "
+                                   f"{self.bin_path}")
+        if zlib.crc32(data) != rec["crc32"]:
+            raise ExpertStoreError(f"layer {layer} expert {expert} in {self.bin_path} is corrupt "
+                                   "(CRC32 mismatch)")
+        out, pos = {}, 0
+        for name, shape, dtype in rec["tensors"]:
+            dt = np.dtype(dtype) if dtype != "bfloat16" else _bf16()
+            k = int(np.prod(shape)) * dt.itemsize
+            out[name] = np.frombuffer(data, dt, count=int(np.prod(shape)), offset=pos).reshape(shape)
+            pos += k
+        if self.bandwidth:
+            wait = n / self.bandwidth - (time.perf_counter() - t0)
+            if wait > 0:
+                time.sleep(wait)
+        self.stats.reads += 1
+        self.stats.bytes_read += n
+        self.stats.read_s += time.perf_counter() - t0
+        return out
+
+    def dense_params(self) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+
+        p = os.path.join(self.path, "dense.safetensors")
+        if not os.path.exists(p):
+            raise ExpertStoreError(f"{p} is missing")
+        return load_file(p)
+
+
+def _bf16():
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def anon_rss_bytes() -> int:
+    """Anonymous resident memory of this process (RssAnon: excludes file-backed and page-cache pages)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return -1
