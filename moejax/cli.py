@@ -168,17 +168,62 @@ def cmd_serve(args) -> int:
     from moejax.serve.server import serve
     from moejax.serve.tokenizer import load_tokenizer
 
-    model, cfg, path = _model_from_args(args)
+    offload = None
+    if args.offload:
+        from moejax.offload.runtime import OffloadConfig, load_offloaded_model
+        from moejax.offload.store import ExpertStore
+
+        if any((args.preset, args.config, args.hf, args.ckpt)):
+            raise SystemExit("error: --offload replaces --preset/--config/--hf/--ckpt (the store holds the model)")
+        store = ExpertStore(args.offload, io=args.offload_io)
+        model, cfg, path = load_offloaded_model(store), store.config(), None
+        total = len(store.records) * store.record_bytes
+        budget = parse_budget(args.expert_memory_budget or "100%", total)
+        offload = OffloadConfig(args.offload, budget, policy=args.offload_policy, io=args.offload_io)
+        args.preset = os.path.basename(os.path.normpath(args.offload))
+        print(f"offload: {total / 2**20:.1f} MiB of experts on disk, {budget / 2**20:.1f} MiB in memory",
+              file=sys.stderr)
+    else:
+        model, cfg, path = _model_from_args(args)
     tok = load_tokenizer(path, cfg.vocab_size)
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     src = args.preset or args.config or args.hf or args.ckpt
     name = args.model_name or os.path.basename(os.path.normpath(src))
     engine = Engine(model, EngineConfig(scheduler=args.scheduler, sched=sched, block_size=args.block_size,
                                         num_blocks=args.num_blocks, max_model_len=args.max_model_len,
-                                        enable_prefix_cache=not args.no_prefix_cache), model_name=name)
+                                        enable_prefix_cache=not args.no_prefix_cache, offload=offload),
+                    model_name=name)
     print(f"serving '{name}' ({args.scheduler} prefill, {engine.alloc.num_blocks} KV blocks of {args.block_size}) "
           f"on http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(engine, tok, host=args.host, port=args.port, model_name=name, max_pending=args.max_pending)
+    return 0
+
+
+def parse_budget(text: str, total: int) -> int:
+    """``"50%"`` of ``total`` bytes, or a size like ``"2GB"``, ``"512MiB"``, ``"1000000"``."""
+    t = text.strip()
+    try:
+        if t.endswith("%"):
+            v = float(t[:-1])
+            if not 0 < v <= 100:
+                raise ValueError
+            return int(total * v / 100)
+        units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+        for u, m in units.items():
+            if t.lower().endswith(u):
+                return int(float(t[:-len(u)]) * m)
+        return int(t)
+    except ValueError:
+        raise ValueError(f"--expert-memory-budget={text!r}: give a percentage in (0, 100] (e.g. 50%) or a size "
+                         "(e.g. 2GB, 512MiB, or bytes)") from None
+
+
+def cmd_offload_prepare(args) -> int:
+    from moejax.offload.store import prepare
+
+    model, _, _ = _model_from_args(args)
+    out = prepare(model, args.out, overwrite=args.overwrite, progress=True)
+    print(f"wrote {out}")
     return 0
 
 
@@ -262,7 +307,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-prefix-cache", action="store_true")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    s.add_argument("--offload", help="serve from an offload store (`moejax offload prepare`): experts on disk")
+    s.add_argument("--expert-memory-budget", help="expert bytes kept in memory with --offload: a percentage of "
+                                                  "all expert bytes (e.g. 50%%) or a size (e.g. 2GB, 512MiB)")
+    s.add_argument("--offload-policy", choices=("lru", "lfu"), default="lru")
+    s.add_argument("--offload-io", choices=("direct", "fadvise", "buffered"), default="direct")
     s.set_defaults(func=cmd_serve)
+
+    o = sub.add_parser("offload", help="expert offloading tools")
+    osub = o.add_subparsers(dest="offload_command", required=True)
+    op = osub.add_parser("prepare", help="write a model's experts to an aligned on-disk store")
+    src = op.add_argument_group("model (exactly one)")
+    src.add_argument("--preset", help="named preset with random weights")
+    src.add_argument("--config", help="model config JSON/YAML (random weights)")
+    src.add_argument("--hf", help="local Hugging Face directory")
+    src.add_argument("--ckpt", help="a moejax training run directory")
+    op.add_argument("--out", required=True, help="output directory")
+    op.add_argument("--overwrite", action="store_true")
+    op.add_argument("--seed", type=int, default=0)
+    op.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    op.set_defaults(func=cmd_offload_prepare)
 
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=cmd_presets)
