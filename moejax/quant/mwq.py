@@ -26,8 +26,10 @@ float16, and of the float32 reconstruction, ~1 ulp of ``|w|``):
 - since ``m_p = max|r_p| <= s_p / 2`` and ``s_{p+1} = 2 m_p / 2**k_{p+1}``:
   ``max|w - w_{p+1}| <= max|w - w_p| / 2**k_{p+1}`` -- the group's max error at least halves with every
   residual bit, so it is **monotone (strictly) decreasing** in the width; per element it need not be.
-- unrolled: ``max|w - w_b| <= R / 2**(b + 1)`` at width ``b``, the bound of a uniform ``b``-bit mid-rise
-  quantizer of the group (int8's mid-tread bound is ``R / 510``; MWQ at 8 bits gives ``R / 512``).
+- unrolled: ``max|w - w_b| <= R' / 2**(b + 1)`` at width ``b``, the bound of a uniform ``b``-bit mid-rise
+  quantizer of the group (int8's mid-tread bound is ``R / 510``; MWQ at 8 bits gives ``R' / 512``). Here
+  ``R' = max - z`` with the *stored* zero point; it equals the range ``R`` up to the rounding of ``min`` to
+  ``scale_dtype`` (for float16, relevant only for groups far from zero with a small spread: use float32).
 
 **Uniform baseline** (``scheme="uniform"``, EdgeMoE-style per-group asymmetric int-k, one width): mid-tread
 ``s = (max - z) / (2**k - 1)``, ``q = clip(round((w - z) / s), 0, 2**k - 1)``, ``w_hat = z + s * q``,
@@ -351,7 +353,8 @@ def _check_arrays(qt: QTensor) -> None:
 
 def _round_dir(x: np.ndarray, dt: np.dtype, up: bool, what: str, cfg: QuantConfig) -> np.ndarray:
     """``x`` (float64) in ``dt``, rounded toward +inf (``up``) or -inf, so a stored scale never shrinks."""
-    y = x.astype(dt)
+    with np.errstate(over="ignore"):
+        y = x.astype(dt)
     yf = y.astype(np.float64)
     bad = (yf < x) if up else (yf > x)
     if bad.any():
