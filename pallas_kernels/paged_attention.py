@@ -17,13 +17,13 @@ output ``[B, Tq, H, D]`` in ``q.dtype``.
 Implementations (``impl``): ``"xla"`` = :func:`paged_attention_reference` (gather the KV pages of each
 sequence, then dense masked attention); ``"pallas"`` with ``variant``:
 
-- ``"gpu"``: a **Triton**-backend kernel (plain ``pl.pallas_call``). Grid ``(B, KVH, row blocks, kv_splits)``: the
-  ``Tq * (H / KVH)`` query rows that share one KV head are stacked (time-major) into blocks of
-  ``block_rows`` rows, so one read of each K/V block serves every query head of the group. Each program walks
-  the KV blocks of ``pages_per_block`` pages up to its last query's position (gathering token rows through
-  the block table) with an online softmax; with ``kv_splits > 1`` the KV range is split over more programs
-  and their partial results are merged (flash-decoding). Runs in interpret mode on CPU. (jax 0.11 deprecates the Triton
-  backend: a ``DeprecationWarning`` at lowering; it still works.)
+- ``"gpu"``: a **Triton**-backend kernel (plain ``pl.pallas_call``). Grid ``(B, KVH, row blocks,
+  kv_splits)``: the ``Tq * (H / KVH)`` query rows that share one KV head are stacked (time-major) into blocks
+  of ``block_rows`` rows, so one read of each K/V block serves every query head of the group. Each program
+  walks the KV blocks of ``pages_per_block`` pages up to its last query's position (gathering token rows
+  through the block table) with an online softmax; with ``kv_splits > 1`` the KV range is split over more
+  programs and their partial results are merged (flash-decoding). Runs in interpret mode on CPU. (jax 0.11
+  deprecates the Triton backend: a ``DeprecationWarning`` at lowering; it still works.)
 - ``"tpu"``: a **Mosaic** kernel; block tables and lengths are scalar-prefetched and the K/V ``BlockSpec``
   index maps read the page id, so the pipeline DMAs one page per grid step (steps past the causal limit
   repeat the last page, which is not re-fetched, and skip compute). Never run on a TPU; on CPU it runs in the
