@@ -6,11 +6,20 @@ symmetric per-output-channel scale for every convolution weight (``max|w[..., c]
 in units of ``s_in * s_w[c]``.
 
 :class:`QuantNet` runs the network on int8 *codes* (integers in ``[-127, 127]`` stored as float32 so the same
-XLA convolutions apply): ``acc = conv(q_in, q_w) + q_b`` is an exact integer sum (every partial sum stays below
-2**24 while ``kernel * kernel * cin / groups <= 1040``, which holds for MobileNetV2), then ``y = act(acc * s_in * s_w)`` and ``q_out = clip(round(y / s_out))``. Because the
-accumulation is exact, patch-based and whole-image int8 inference agree bit for bit with any convolution
-algorithm. Activation memory is then one byte per element, as on a microcontroller. The classifier
-(average pool + linear) runs on dequantized features in float32.
+XLA convolutions apply), the way an integer-only MCU kernel does:
+
+* convolution: ``acc = conv(q_in, q_w) + q_b`` is an exact integer sum (every partial sum stays below 2**24
+  while ``kernel * kernel * cin / groups <= 1040``, which holds for MobileNetV2), then one requantizing
+  multiply ``q_out = clip(round(acc * m[c]), lo, hi)`` with ``m = s_in * s_w / s_out`` precomputed per channel
+  and the activation folded into the clip range (ReLU6: ``[0, round(6 / s_out)]``);
+* residual add: ``q = clip(round(q_a * A + q_b * B))`` with ``A = s_a / s_out`` and ``B = s_b / s_out`` rounded to
+  16 significant bits, so both products are exact and a fused multiply-add gives the same result as separate
+  ones.
+
+Every output code is therefore one correctly rounded operation on exact values, whatever the convolution
+algorithm, operand shapes or XLA fusion: patch-based and whole-image int8 inference agree bit for bit.
+Activation memory is one byte per element, as on a microcontroller. The classifier (average pool + linear)
+runs on dequantized features in float32.
 """
 
 from __future__ import annotations
@@ -20,15 +29,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moejax.vision.executor import run_blocks
-from moejax.vision.models import FoldedNet, activation, conv2d
+from moejax.vision.models import FoldedNet, conv2d
 
 QMAX = 127.0
+MULT_BITS = 16
 
 
 def _q(x, scale):
     return jnp.clip(jnp.round(x / scale), -QMAX, QMAX)
+
+
+def round_significand(x, bits: int = MULT_BITS) -> np.ndarray:
+    """Round positive floats to ``bits`` significant bits (so ``int8 * x`` is exact in float32)."""
+    m, e = np.frexp(np.asarray(x, np.float64))
+    return np.ldexp(np.round(np.ldexp(m, bits)), e - bits).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,18 +54,18 @@ class QuantNet:
 
     Attributes:
       spec: network description (static).
-      weights: per block, per conv, ``(q_w int8 codes, s_w [cout], q_b int32 codes)``.
-      in_scales / out_scales: per block, per conv, the activation scale read / written.
-      add_scales: per block, the scale of the residual sum (1.0 where there is none).
+      weights: per block, per conv, ``(q_w codes, q_b int32 codes, m [cout] requantization multiplier,
+        lo, hi)`` (clip range of the output codes: the activation in the integer domain).
+      scales: per block, per conv, the output activation scale ``s_out``.
+      add_params: per block, ``(A, B, s_add)`` of the residual add (ones where there is none).
       input_scale: scale of the input image.
       head_params: float classifier ``(w, b)``.
     """
 
     spec: Any
     weights: Any
-    in_scales: Any
-    out_scales: Any
-    add_scales: Any
+    scales: Any
+    add_params: Any
     input_scale: Any
     head_params: Any
 
@@ -58,21 +75,18 @@ class QuantNet:
 
     def conv(self, b: int, j: int, x, padding):
         c = self.spec.blocks[b].convs[j]
-        qw, sw, qb = self.weights[b][j]
+        qw, qb, m, lo, hi = self.weights[b][j]
         acc = conv2d(x, qw, c, padding) + qb
-        y = activation(acc * (self.in_scales[b][j] * sw), c.act)
-        return _q(y, self.out_scales[b][j])
+        return jnp.clip(jnp.round(acc * m), lo, hi)
 
     def add(self, b: int, residual, y):
-        blk = self.spec.blocks[b]
-        s_res = self.in_scales[b][0]
-        s_y = self.out_scales[b][len(blk.convs) - 1]
-        return _q(residual * s_res + y * s_y, self.add_scales[b])
+        a, bb, _ = self.add_params[b]
+        return jnp.clip(jnp.round(residual * a + y * bb), -QMAX, QMAX)
 
     def output_scale(self, b: int):
         """Scale of block ``b``'s output tensor."""
         blk = self.spec.blocks[b]
-        return self.add_scales[b] if blk.residual else self.out_scales[b][len(blk.convs) - 1]
+        return self.add_params[b][2] if blk.residual else self.scales[b][len(blk.convs) - 1]
 
     def to_float(self, x):
         """Dequantize the final feature map (output of the last block)."""
@@ -84,8 +98,7 @@ class QuantNet:
 
 
 jax.tree_util.register_dataclass(
-    QuantNet, data_fields=["weights", "in_scales", "out_scales", "add_scales", "input_scale", "head_params"],
-    meta_fields=["spec"])
+    QuantNet, data_fields=["weights", "scales", "add_params", "input_scale", "head_params"], meta_fields=["spec"])
 
 
 def calibrate(net: FoldedNet, images, batch: int = 64) -> tuple[float, list[float]]:
@@ -116,30 +129,33 @@ def quantize(net: FoldedNet, calib_images, batch: int = 64) -> QuantNet:
         return max(m, 1e-8) / QMAX
 
     s_input = scale(in_max)
-    weights, in_s, out_s, add_s = [], [], [], []
+    weights, scales, adds = [], [], []
     cur, k = s_input, 0
     for b, blk in enumerate(net.spec.blocks):
-        bw, bi, bo = [], [], []
+        bw, bs = [], []
+        s_block_in = cur
         for j, c in enumerate(blk.convs):
-            w, bias = net.params[b][j]
-            sw = jnp.maximum(jnp.max(jnp.abs(w), axis=(0, 1, 2)), 1e-8) / QMAX
-            qw = jnp.clip(jnp.round(w / sw), -QMAX, QMAX)
-            qb = jnp.round(bias / (cur * sw))
+            w, bias = (np.asarray(t, np.float64) for t in net.params[b][j])
+            sw = np.maximum(np.max(np.abs(w), axis=(0, 1, 2)), 1e-8) / QMAX
+            qw = np.clip(np.round(w / sw), -QMAX, QMAX)
+            qb = np.round(bias / (cur * sw))
             so = scale(maxes[k])
             k += 1
-            bw.append((qw, sw, qb))
-            bi.append(jnp.float32(cur))
-            bo.append(jnp.float32(so))
+            hi = min(QMAX, float(np.round(6.0 / so))) if c.act == "relu6" else QMAX
+            lo = 0.0 if c.act in ("relu6", "relu") else -QMAX
+            m = (cur * sw / so).astype(np.float32)
+            bw.append((jnp.asarray(qw, jnp.float32), jnp.asarray(qb, jnp.float32), jnp.asarray(m),
+                       jnp.float32(lo), jnp.float32(hi)))
+            bs.append(jnp.float32(so))
             cur = so
         if blk.residual:
             sa = scale(maxes[k])
             k += 1
+            adds.append((jnp.asarray(round_significand(s_block_in / sa)), jnp.asarray(round_significand(cur / sa)),
+                         jnp.float32(sa)))
             cur = sa
         else:
-            sa = 1.0
+            adds.append((jnp.float32(1.0), jnp.float32(1.0), jnp.float32(1.0)))
         weights.append(tuple(bw))
-        in_s.append(tuple(bi))
-        out_s.append(tuple(bo))
-        add_s.append(jnp.float32(sa))
-    return QuantNet(net.spec, tuple(weights), tuple(in_s), tuple(out_s), tuple(add_s), jnp.float32(s_input),
-                    net.head_params)
+        scales.append(tuple(bs))
+    return QuantNet(net.spec, tuple(weights), tuple(scales), tuple(adds), jnp.float32(s_input), net.head_params)
