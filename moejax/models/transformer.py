@@ -62,13 +62,14 @@ class Block(nnx.Module):
             self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, init_std=cfg.init_std, param_dtype=pdt, rngs=rngs)
 
     def __call__(self, x, positions, *, segment_ids=None, kv=None, cache_index=None, kv_valid=None,
-                 token_mask=None, token_index=None, rng=None, train=False, rope=None, mask=None):
+                 token_mask=None, token_index=None, rng=None, train=False, rope=None, mask=None, expert_ids=None):
         h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids=segment_ids, kv=kv,
                               cache_index=cache_index, kv_valid=kv_valid, rope=rope, mask=mask)
         x = x + h.astype(x.dtype)
         y = self.ffn_norm(x)
         if self.kind == "moe":
-            f, aux = self.moe(y, token_mask=token_mask, token_index=token_index, rng=rng, train=train)
+            f, aux = self.moe(y, token_mask=token_mask, token_index=token_index, rng=rng, train=train,
+                              expert_ids=expert_ids)
         else:
             f, aux = self.mlp(y), {}
         return x + f.astype(x.dtype), new_kv, aux
@@ -116,7 +117,7 @@ class Transformer(nnx.Module):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
         dt = dtype or dtype_of(cfg.dtype)
-        shape = lambda n: (n, batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)  # noqa: E731
+        shape = lambda n: (n, batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
         ks = tuple(jnp.zeros(shape(n), dt) for _, _, n in self.runs)
         vs = tuple(jnp.zeros(shape(n), dt) for _, _, n in self.runs)
         return KVCache(ks, vs, jnp.zeros((batch, max_len), bool))
@@ -130,7 +131,7 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, attention_mask=None, cache: KVCache | None = None,
                  cache_index=None, token_index=None, rng=None, train: bool = False, return_hidden: bool = False,
-                 layers: tuple[int, int] | None = None, hidden=None) -> ModelOutput:
+                 layers: tuple[int, int] | None = None, hidden=None, expert_ids=None) -> ModelOutput:
         """Run the model.
 
         Args:
@@ -144,6 +145,8 @@ class Transformer(nnx.Module):
           return_hidden: return final hidden states instead of logits.
           layers: ``(start, stop)`` run only these layers (requires ``hidden`` from earlier layers when
             ``start > 0``); used by layer-group schedulers.
+          expert_ids: ``[B, S]`` or ``[B, S, K]`` experts chosen outside the model (Read-ME's pre-gating
+            router), used by every MoE layer instead of its own router.
         """
         cfg = self.cfg
         B, S = tokens.shape
@@ -178,7 +181,7 @@ class Transformer(nnx.Module):
                 continue
             kv = None if cache is None else LayerKV(cache.k[r], cache.v[r])
             x, kv_out, aux = self._run_stack(r, lo, hi, x, positions, kv, cache_index, valid_tok, token_index,
-                                             rng, train, rope, mask)
+                                             expert_ids, rng, train, rope, mask)
             if cache is not None:
                 new_k.append(kv_out.k)
                 new_v.append(kv_out.v)
@@ -189,9 +192,9 @@ class Transformer(nnx.Module):
         out = x if (return_hidden or stop < cfg.n_layers) else self.head(x)
         return ModelOutput(out, new_cache, aux)
 
-    def _run_stack(self, r, lo, hi, x, positions, kv, cache_index, token_mask, token_index, rng, train, rope,
-                   mask):
-        kind, first, n = self.runs[r]
+    def _run_stack(self, r, lo, hi, x, positions, kv, cache_index, token_mask, token_index, expert_ids, rng, train,
+                   rope, mask):
+        _kind, first, n = self.runs[r]
         gdef, state = nnx.split(self.stacks[r])
         sl = (lambda a: a[lo:hi]) if (lo, hi) != (0, n) else (lambda a: a)
         layer_ids = jnp.arange(first + lo, first + hi, dtype=jnp.uint32)
@@ -201,7 +204,8 @@ class Transformer(nnx.Module):
             blk = nnx.merge(gdef, st)
             lrng = None if rng is None else jax.random.fold_in(rng, lid)
             x, new_kv, aux = blk(x, positions, kv=lkv, cache_index=cache_index, token_mask=token_mask,
-                                 token_index=token_index, rng=lrng, train=train, rope=rope, mask=mask)
+                                 token_index=token_index, rng=lrng, train=train, rope=rope, mask=mask,
+                                 expert_ids=expert_ids)
             return x, (new_kv, aux)
 
         if self.cfg.remat != "none":

@@ -17,7 +17,7 @@ from moejax.nn.experts import (
     swiglu_pallas,
     swiglu_ragged,
 )
-from moejax.nn.routers import make_router, router_statistics
+from moejax.nn.routers import RouterOutput, make_router, router_statistics
 from moejax.parallel import expert_parallel
 
 DENSE_MAX_ROWS = 256
@@ -40,6 +40,15 @@ def resolve_grouped_impl(impl: str, tokens: int, num_experts: int) -> str:
     from pallas_kernels.grouped_matmul import resolve_impl
 
     return "pallas" if resolve_impl("auto") == "pallas" else "ragged_dot"
+
+
+def forced_routing(expert_ids, token_mask, num_experts: int) -> RouterOutput:
+    """A :class:`RouterOutput` for given ``expert_ids [G, S, K]``: weight ``1/K`` each, one-hot probabilities."""
+    G, S, K = expert_ids.shape
+    ids = expert_ids.astype(jnp.int32)
+    mask = jnp.ones((G, S, K), bool) if token_mask is None else jnp.broadcast_to(token_mask[..., None], (G, S, K))
+    probs = jnp.mean(jax.nn.one_hot(ids, num_experts, dtype=jnp.float32), axis=2)
+    return RouterOutput(ids, jnp.where(mask, 1.0 / K, 0.0), mask, probs, jnp.zeros((G, S, num_experts), jnp.float32))
 
 
 class MoE(nnx.Module):
@@ -72,28 +81,41 @@ class MoE(nnx.Module):
                     nnx.initializers.normal(stddev=init_std)(rngs.params(), (d_model, 1), param_dtype),
                     logical_axes=("embed", None))
 
-    def route(self, xt, *, token_mask=None, token_index=None, rng=None, train=False):
-        """Route flat tokens ``xt [T, D]`` in routing groups; returns (RouterOutput, group-shaped mask)."""
+    def route(self, xt, *, token_mask=None, token_index=None, rng=None, train=False, expert_ids=None):
+        """Route flat tokens ``xt [T, D]`` in routing groups; returns (RouterOutput, group-shaped mask).
+
+        ``expert_ids`` (``[T]`` or ``[T, K]`` int) bypasses the router: each token goes to the given experts
+        with combine weight ``1 / K`` (a pre-gating router, as in Read-ME, decides them before the model runs).
+        """
         T, D = xt.shape
         gs = self.cfg.router.group_size or T
         if T % gs:
             raise ValueError(f"RouterConfig.group_size={gs} must divide the number of tokens in a call ({T})")
         G = T // gs
         tm = None if token_mask is None else token_mask.reshape(G, gs)
+        if expert_ids is not None:
+            return forced_routing(expert_ids.reshape(G, gs, -1), tm, self.cfg.num_experts), tm
         ti = (jnp.arange(T, dtype=jnp.int32) if token_index is None else token_index).reshape(G, gs)
         return self.router(xt.reshape(G, gs, D), token_mask=tm, token_index=ti, rng=rng, train=train), tm
 
-    def __call__(self, x, *, token_mask=None, token_index=None, rng=None, train=False):
+    def __call__(self, x, *, token_mask=None, token_index=None, rng=None, train=False, expert_ids=None):
         cfg = self.cfg
         shape = x.shape
         D = shape[-1]
         xt = x.reshape(-1, D).astype(self.dtype)
         ctx = expert_parallel.current()
+        if ctx is not None and expert_ids is not None:
+            raise NotImplementedError("expert_ids (pre-gated routing) under expert parallelism")
+        if expert_ids is not None:
+            expert_ids = expert_ids.reshape(xt.shape[0], -1)
+        if token_mask is not None:
+            token_mask = token_mask.reshape(-1)
         if ctx is not None:
             out, aux = expert_parallel.ep_moe(self, xt, ctx, token_mask=token_mask, token_index=token_index, rng=rng,
                                               train=train)
         else:
-            out, aux = self._local(xt, token_mask=token_mask, token_index=token_index, rng=rng, train=train)
+            out, aux = self._local(xt, token_mask=token_mask, token_index=token_index, rng=rng, train=train,
+                                   expert_ids=expert_ids)
         if cfg.num_shared_experts:
             out = out + self.shared_output(xt)
         return out.reshape(shape).astype(x.dtype), aux
@@ -107,11 +129,12 @@ class MoE(nnx.Module):
             s = (s.astype(jnp.float32) * g).astype(s.dtype)
         return s
 
-    def _local(self, xt, *, token_mask=None, token_index=None, rng=None, train=False):
+    def _local(self, xt, *, token_mask=None, token_index=None, rng=None, train=False, expert_ids=None):
         """Single-device (or data-parallel) path: route, dispatch, experts, combine."""
         cfg = self.cfg
         T, D = xt.shape
-        r, tm = self.route(xt, token_mask=token_mask, token_index=token_index, rng=rng, train=train)
+        r, tm = self.route(xt, token_mask=token_mask, token_index=token_index, rng=rng, train=train,
+                           expert_ids=expert_ids)
         aux = router_statistics(r, tm)
         G, S, K = r.expert_ids.shape
         E = cfg.num_experts
