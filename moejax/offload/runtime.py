@@ -54,8 +54,9 @@ class OffloadConfig:
     Attributes:
       store: an offload directory written by ``moejax offload prepare``.
       budget_bytes: bytes of expert weights kept in memory (the slot buffer); at least one layer's experts.
-      policy: cache eviction policy, ``"lru"`` or ``"lfu"`` (``"belady"`` needs future routing, e.g. from a
-        pre-gating router, and is used through :func:`moejax.offload.cache.simulate` and the lookahead API).
+      policy: cache eviction policy: ``"lru"``, ``"lfu"`` or ``"belady"``. Belady needs future routing: the
+        engine must have a pre-gating router (``EngineConfig.pregate``), whose ids give each iteration's exact
+        (layer, expert) access sequence before it runs; beyond that horizon it falls back to LRU order.
       io: ``"direct"`` (O_DIRECT), ``"fadvise"`` or ``"buffered"`` (see :class:`ExpertStore`).
       bandwidth: throttle reads to this many bytes/s (a modelled storage device); None = the real device.
       loader_threads: concurrent reads.
@@ -107,8 +108,9 @@ def load_offloaded_model(store: ExpertStore):
 
 # ------------------------------------------------------------------------------------------------ jitted pieces
 @partial(jax.jit, static_argnames=("gdef", "block_size", "use_hidden"))
-def _prepare(gdef, state, dec, pf, pf_hidden, *, block_size, use_hidden):
-    return prepare_rows(nnx.merge(gdef, state), dec, pf, pf_hidden, block_size=block_size, use_hidden=use_hidden)
+def _prepare(gdef, state, dec, pf, pf_hidden, dec_ids, pf_ids, *, block_size, use_hidden):
+    return prepare_rows(nnx.merge(gdef, state), dec, pf, pf_hidden, block_size=block_size, use_hidden=use_hidden,
+                        dec_ids=dec_ids, pf_ids=pf_ids)
 
 
 @partial(jax.jit, static_argnames=("gdef", "block_size", "impl", "route"), donate_argnames=("kp", "vp"))
@@ -118,12 +120,12 @@ def _attention(gdef, st, kp, vp, li, xs, ctxs, *, block_size, impl, route):
     for x, ctx in zip(xs, ctxs):
         x, kp, vp = layer_attention(blk, x, ctx, kp, vp, li, block_size=block_size, impl=impl)
         parts.append(x)
-    y, m = ffn_rows(blk, [(x, c.valid) for x, c in zip(parts, ctxs)])
+    y, m, ids = ffn_rows(blk, [(x, c.valid) for x, c in zip(parts, ctxs)], [c.expert_ids for c in ctxs])
     if not route:
         return parts, kp, vp, y, m, None
     moe = blk.moe
     yt = y.astype(moe.dtype)
-    r, _ = moe.route(yt, token_mask=m)
+    r, _ = moe.route(yt, token_mask=m, expert_ids=ids)
     T = y.shape[0]
     K = r.expert_ids.shape[-1]
     return parts, kp, vp, y, m, (r.expert_ids.reshape(T, K), r.weights.reshape(T, K), r.mask.reshape(T, K))
@@ -237,16 +239,27 @@ class OffloadRuntime:
         return id_map
 
     # ----------------------------------------------------------------------------------------- step
-    def step(self, pool: KVPool, dec, pf, pf_hidden, group, *, use_hidden: bool, return_logits: bool):
-        """One engine iteration; returns a :class:`moejax.serve.step.StepOutput`."""
+    def step(self, pool: KVPool, dec, pf, pf_hidden, group, *, use_hidden: bool, return_logits: bool,
+             dec_ids=None, pf_ids=None):
+        """One engine iteration; returns a :class:`moejax.serve.step.StepOutput`.
+
+        With pre-gated expert ids (``dec_ids [Bd]``, ``pf_ids [Bp, Tp]`` as numpy arrays) every layer's experts
+        are known before the step runs: the Belady policy gets this iteration's exact access sequence.
+        """
         from moejax.serve.step import StepOutput
 
         t0 = time.perf_counter()
         mcfg = self.mcfg
-        xd, xp, dctx, pctx = _prepare(self.gdef, self.state, dec, pf, pf_hidden, block_size=self.block_size,
-                                      use_hidden=use_hidden)
-        ks, vs = list(pool.k), list(pool.v)
         lo, hi = int(group[0]), int(group[1])
+        if self.cfg.policy == "belady":
+            if dec_ids is None and pf_ids is None:
+                raise ValueError("the belady policy needs future routing: serve with a pre-gating router")
+            self.cache.set_future(self.lookahead(dec, pf, dec_ids, pf_ids, lo, hi))
+        xd, xp, dctx, pctx = _prepare(self.gdef, self.state, dec, pf, pf_hidden,
+                                      None if dec_ids is None else jnp.asarray(dec_ids),
+                                      None if pf_ids is None else jnp.asarray(pf_ids),
+                                      block_size=self.block_size, use_hidden=use_hidden)
+        ks, vs = list(pool.k), list(pool.v)
         touched = np.zeros(mcfg.n_layers, np.int32)
         for layer, (r, li, kind, gd, st) in enumerate(self.layers):
             rows = []
@@ -282,6 +295,22 @@ class OffloadRuntime:
         self.stats.step_s += time.perf_counter() - t0
         self.stats.peak_anon_rss = max(self.stats.peak_anon_rss, anon_rss_bytes())
         return StepOutput(*out[:-1], KVPool(tuple(ks), tuple(vs)))
+
+    def lookahead(self, dec, pf, dec_ids, pf_ids, lo, hi) -> list[tuple[int, int]]:
+        """This iteration's (layer, expert) accesses in execution order, from pre-gated ids."""
+        seq = []
+        for layer, (_, _, kind, _, _) in enumerate(self.layers):
+            if kind != "moe":
+                continue
+            ids = set()
+            if dec is not None:
+                ids |= set(np.asarray(dec_ids)[np.asarray(dec.valid)].tolist())
+            if pf is not None and lo <= layer < hi:
+                Tp = pf.tokens.shape[1]
+                valid = np.arange(Tp)[None, :] >= (Tp - np.asarray(pf.length))[:, None]
+                ids |= set(np.asarray(pf_ids)[valid].tolist())
+            seq += [(layer, e) for e in sorted(ids)]
+        return seq
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -106,6 +106,8 @@ class EngineConfig:
         has been validated faster on the backend).
       offload: a :class:`moejax.offload.runtime.OffloadConfig` to serve with experts on storage and only
         ``budget_bytes`` of them in memory (the step then runs layer by layer; see ``moejax/offload``).
+      pregate: a :class:`moejax.models.readme.PreGate`: every MoE layer uses the experts it picks from the
+        token ids (Read-ME), known before the step runs (the offload cache's Belady policy uses them).
     """
 
     scheduler: str = "chunked"
@@ -119,6 +121,7 @@ class EngineConfig:
     min_prefill_tokens: int = 16
     attn_impl: str = "xla"
     offload: object | None = None
+    pregate: object | None = None
 
 
 @dataclass
@@ -349,12 +352,13 @@ class Engine:
         shape_key = (None if dec is None else dec.tokens.shape, None if pf is None else pf.tokens.shape,
                      (dec or pf).tables.shape[1], use_hidden)
         self.compiled_shapes.add(shape_key)
+        dec_ids, pf_ids = self._pregate(plan, dec, pf) if self.cfg.pregate is not None else (None, None)
         if self.runtime is not None:
             o = self.runtime.step(self.pool, dec, pf, hidden, plan.group, use_hidden=use_hidden,
-                                  return_logits=self.cfg.record_logits)
+                                  return_logits=self.cfg.record_logits, dec_ids=dec_ids, pf_ids=pf_ids)
         else:
             o = engine_step(self.gdef, self.state, self.pool, dec, pf, hidden, np.asarray(plan.group, np.int32),
-                            block_size=self.cfg.block_size, use_hidden=use_hidden,
+                            dec_ids, pf_ids, block_size=self.cfg.block_size, use_hidden=use_hidden,
                             return_logits=self.cfg.record_logits, attn_impl=self.cfg.attn_impl)
         self.pool = o.pool
         host = jax.device_get((o.dec_next, o.dec_logprob, o.dec_top, o.pf_next, o.pf_logprob, o.pf_top,
@@ -394,6 +398,31 @@ class Engine:
         self.prom.on_iteration(it, len(self.scheduler.running), len(self.scheduler.waiting),
                                self.alloc.num_used / max(self.alloc.num_blocks - 1, 1))
         return outputs
+
+    def _pregate(self, plan: Plan, dec, pf):
+        """Pre-gated expert ids of the decode rows ``[Bd]`` and prefill rows ``[Bp, Tp]`` (numpy)."""
+        from moejax.models.readme import pregate_ids
+
+        W = self.cfg.pregate.window
+        dec_ids = pf_ids = None
+        if dec is not None:
+            win = np.full((len(dec.tokens), W), -1, np.int32)
+            for i, r in enumerate(plan.decode):
+                t = r.tokens[-W:]
+                win[i, W - len(t):] = t
+            dec_ids = np.asarray(pregate_ids(self.cfg.pregate, win))
+        if pf is not None:
+            Bp, Tp = pf.tokens.shape
+            win = np.full((Bp, Tp, W), -1, np.int32)
+            for i, c in enumerate(plan.prefill):
+                toks = np.asarray(c.request.tokens[:c.start + c.length], np.int32)
+                pad = Tp - c.length
+                for j in range(c.length):
+                    p = c.start + j
+                    t = toks[max(0, p - W + 1):p + 1]
+                    win[i, pad + j, W - len(t):] = t
+            pf_ids = np.asarray(pregate_ids(self.cfg.pregate, win.reshape(Bp * Tp, W))).reshape(Bp, Tp)
+        return dec_ids, pf_ids
 
     def _append(self, req: Request, tok: int, lp: float, top_ids, top_lps, logits, now: float, outputs):
         e = self.entries[req.id]

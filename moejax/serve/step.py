@@ -132,11 +132,15 @@ class RowContext(NamedTuple):
     lengths: jax.Array  # [B] cached tokens after this step (0 = padding row)
     tables: jax.Array   # [B, P]
     valid: jax.Array    # [B, S] real tokens
+    expert_ids: jax.Array | None = None  # [B, S] pre-gated experts (Read-ME), used by every MoE layer
 
 
 def prepare_rows(model, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hidden, *, block_size: int,
-                 use_hidden: bool):
-    """Embeddings (or carried hidden states) and :class:`RowContext` of the decode and prefill parts."""
+                 use_hidden: bool, dec_ids=None, pf_ids=None):
+    """Embeddings (or carried hidden states) and :class:`RowContext` of the decode and prefill parts.
+
+    ``dec_ids [Bd]`` / ``pf_ids [Bp, Tp]``: experts chosen by a pre-gating router (None: the model's routers).
+    """
     cfg = model.cfg
     dt = jnp.dtype(cfg.dtype)
     hd = cfg.resolved_head_dim
@@ -147,7 +151,7 @@ def prepare_rows(model, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hid
         pos = dec.pos[:, None]
         slots = jnp.where(dec.valid[:, None], _slots(dec.tables, pos, block_size), 0)
         dctx = RowContext(rope_tables(pos, hd, cfg.rope_theta), pos, slots, jnp.where(dec.valid, dec.pos + 1, 0),
-                          dec.tables, dec.valid[:, None])
+                          dec.tables, dec.valid[:, None], None if dec_ids is None else dec_ids[:, None])
     if pf is not None:
         Tp = pf.tokens.shape[1]
         pad = Tp - pf.length  # left padding
@@ -156,7 +160,7 @@ def prepare_rows(model, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hid
         xp = pf_hidden.astype(dt) if use_hidden else jnp.take(emb, pf.tokens, axis=0).astype(dt)
         slots = jnp.where(valid, _slots(pf.tables, jnp.maximum(pos, 0), block_size), 0)
         pctx = RowContext(rope_tables(pos, hd, cfg.rope_theta), pos, slots,
-                          jnp.where(pf.length > 0, pf.start + pf.length, 0), pf.tables, valid)
+                          jnp.where(pf.length > 0, pf.start + pf.length, 0), pf.tables, valid, pf_ids)
     return xd, xp, dctx, pctx
 
 
@@ -170,11 +174,14 @@ def layer_attention(blk, x, ctx: RowContext, kp, vp, li, *, block_size: int, imp
     return x + blk.attn.out(o).astype(x.dtype), kp, vp
 
 
-def ffn_rows(blk, parts):
-    """Normalized FFN inputs of several row groups ``[(x [B, S, D], valid [B, S]), ...]`` as one token batch."""
+def ffn_rows(blk, parts, ids=None):
+    """Normalized FFN inputs of several row groups ``[(x [B, S, D], valid [B, S]), ...]`` as one token batch
+    (and their pre-gated expert ids when ``ids`` lists one ``[B, S]`` array per group)."""
     ys = [blk.ffn_norm(x).reshape(-1, x.shape[-1]) for x, _ in parts]
     ms = [m.reshape(-1) for _, m in parts]
-    return (jnp.concatenate(ys), jnp.concatenate(ms)) if len(ys) > 1 else (ys[0], ms[0])
+    if ids is None or any(i is None for i in ids):
+        return jnp.concatenate(ys), jnp.concatenate(ms), None
+    return jnp.concatenate(ys), jnp.concatenate(ms), jnp.concatenate([i.reshape(-1) for i in ids])
 
 
 def add_ffn(parts, f):
@@ -189,8 +196,8 @@ def add_ffn(parts, f):
 
 @partial(jax.jit, static_argnames=("gdef", "block_size", "use_hidden", "return_logits", "attn_impl"),
          donate_argnames=("pool",))
-def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hidden, group, *,
-                block_size: int, use_hidden: bool = False, return_logits: bool = False,
+def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hidden, group,
+                dec_ids=None, pf_ids=None, *, block_size: int, use_hidden: bool = False, return_logits: bool = False,
                 attn_impl: str = "xla") -> StepOutput:
     """One engine iteration (see the module docstring). ``dec``/``pf`` may be None (empty part).
 
@@ -203,7 +210,8 @@ def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillB
     dt = jnp.dtype(cfg.dtype)
     lo, hi = group[0], group[1]
     has_d, has_p = dec is not None, pf is not None
-    xd, xp, dctx, pctx = prepare_rows(model, dec, pf, pf_hidden, block_size=block_size, use_hidden=use_hidden)
+    xd, xp, dctx, pctx = prepare_rows(model, dec, pf, pf_hidden, block_size=block_size, use_hidden=use_hidden,
+                                      dec_ids=dec_ids, pf_ids=pf_ids)
     attn = partial(layer_attention, block_size=block_size, impl=attn_impl)
 
     ks, vs, touched = list(pool.k), list(pool.v), []
@@ -215,9 +223,9 @@ def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillB
             bst, li = xs
             blk = nnx.merge(gd, bst)
 
-            def ffn(y, mask):
+            def ffn(y, mask, ids):
                 if kind == "moe":
-                    f, aux = blk.moe(y, token_mask=mask)
+                    f, aux = blk.moe(y, token_mask=mask, expert_ids=ids)
                     return f.astype(dt), jnp.sum(aux["expert_load"] > 0).astype(jnp.int32)
                 return blk.mlp(y).astype(dt), jnp.int32(0)
 
@@ -227,7 +235,7 @@ def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillB
                 for x, ctx in rows:
                     x, kp, vp = attn(blk, x, ctx, kp, vp, li)
                     parts.append((x, ctx.valid))
-                f, cnt = ffn(*ffn_rows(blk, parts))
+                f, cnt = ffn(*ffn_rows(blk, parts, [c.expert_ids for _, c in rows]))
                 return add_ffn(parts, f), kp, vp, cnt
 
             def decode_only(xd_, xp_, kp, vp):
