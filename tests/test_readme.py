@@ -38,7 +38,7 @@ def test_domains_cover_the_stdlib(setup):
     per = setup[0]
     assert len(per) == len(rm.DOMAIN_NAMES) and all(len(x) > 10_000 for x in per)
     assert rm.domain_of("asyncio/tasks.py") == 1 and rm.domain_of("email/parser.py") == 0
-    assert rm.domain_of("json/decoder.py") == len(rm.DOMAINS)
+    assert rm.domain_of("json/decoder.py") == 5 and rm.domain_of("this.py") == len(rm.DOMAINS)
 
 
 def test_refactor_keeps_exactly_the_selected_neurons(setup):
@@ -89,7 +89,7 @@ def test_pregated_serving_with_offload_and_belady(setup, tmp_path):
     misses = {}
     for policy in ("lru", "lfu", "belady"):
         eng = Engine(om, EngineConfig(record_logits=True, block_size=8, pregate=gate,
-                                      offload=OffloadConfig(path, 4 * store.record_bytes, policy=policy)))
+                                      offload=OffloadConfig(path, 10 * store.record_bytes, policy=policy)))
         res = eng.generate(prompts, sp)
         for a, b in zip(res, ref):
             assert a.tokens == b.tokens
@@ -98,7 +98,7 @@ def test_pregated_serving_with_offload_and_belady(setup, tmp_path):
         eng.runtime.close()
     assert misses["belady"] <= misses["lru"] and misses["belady"] <= misses["lfu"], misses
     with pytest.raises(ValueError, match="pre-gating"):
-        e = Engine(om, EngineConfig(block_size=8, offload=OffloadConfig(path, 4 * store.record_bytes,
+        e = Engine(om, EngineConfig(block_size=8, offload=OffloadConfig(path, 10 * store.record_bytes,
                                                                         policy="belady")))
         e.generate(prompts[:1], sp)
 

@@ -35,13 +35,25 @@ from moejax.nn.experts import swiglu
 # Top-level stdlib packages/modules by area; files matching none go to "other".
 DOMAINS: dict[str, tuple[str, ...]] = {
     "net-web": ("email", "http", "urllib", "xml", "html", "xmlrpc", "wsgiref", "smtplib", "imaplib", "poplib",
-                "ftplib", "socket", "ssl", "mailbox", "mimetypes", "ipaddress", "nntplib", "telnetlib"),
-    "concurrency-os": ("asyncio", "concurrent", "multiprocessing", "threading", "subprocess", "os", "shutil",
-                       "pathlib", "signal", "selectors", "sched", "queue", "tempfile", "glob", "posixpath",
-                       "ntpath", "zipfile", "tarfile", "gzip", "lzma", "bz2", "zipimport", "importlib"),
-    "tools-ui": ("tkinter", "idlelib", "turtledemo", "turtle", "curses", "pydoc_data", "pydoc", "lib2to3",
-                 "ensurepip", "venv", "distutils", "unittest", "doctest", "pdb", "bdb", "pstats", "profile",
-                 "cProfile", "trace", "timeit", "argparse", "optparse", "getopt", "logging"),
+                "ftplib", "socket", "ssl", "mailbox", "mimetypes", "ipaddress", "nntplib", "telnetlib",
+                "socketserver", "cgi", "webbrowser"),
+    "concurrency": ("asyncio", "concurrent", "multiprocessing", "threading", "subprocess", "signal",
+                    "selectors", "sched", "queue", "_threading_local", "contextvars"),
+    "files-os": ("os", "shutil", "pathlib", "tempfile", "glob", "posixpath", "ntpath", "zipfile", "tarfile",
+                 "gzip", "lzma", "bz2", "zipimport", "importlib", "fileinput", "filecmp", "stat", "platform",
+                 "sysconfig", "site", "pkgutil", "compileall", "py_compile", "modulefinder", "runpy"),
+    "gui-tools": ("tkinter", "idlelib", "turtledemo", "turtle", "curses", "pydoc", "lib2to3", "ensurepip",
+                  "venv", "distutils"),
+    "dev-tools": ("unittest", "doctest", "pdb", "bdb", "pstats", "profile", "cProfile", "trace", "timeit",
+                  "argparse", "optparse", "getopt", "logging", "traceback", "inspect", "dis", "ast", "tokenize",
+                  "token", "symtable", "tabnanny", "code", "codeop", "warnings", "cmd"),
+    "text-data": ("encodings", "pydoc_data", "re", "sre_compile", "sre_parse", "sre_constants", "difflib",
+                  "textwrap", "string", "locale", "gettext", "codecs", "unicodedata", "stringprep", "json",
+                  "csv", "configparser", "pickle", "pickletools", "shelve", "dbm", "plistlib", "base64",
+                  "binascii", "quopri", "uu"),
+    "numbers-types": ("_pydecimal", "decimal", "fractions", "numbers", "statistics", "random", "math",
+                      "datetime", "calendar", "typing", "enum", "dataclasses", "collections", "functools",
+                      "operator", "abc", "copy", "types", "heapq", "bisect", "_pyio", "io", "ctypes"),
 }
 DOMAIN_NAMES = (*DOMAINS, "other")
 
