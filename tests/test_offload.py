@@ -136,3 +136,6 @@ def test_prepare_refuses_overwrite_and_small_budgets(model, store_dir, tmp_path)
     om = load_offloaded_model(ExpertStore(store_dir))
     with pytest.raises(ValueError, match="budget_bytes"):
         Engine(om, EngineConfig(offload=OffloadConfig(store_dir, 100)))
+    eng = Engine(om, EngineConfig(block_size=8, offload=OffloadConfig(store_dir, 2 * ExpertStore(store_dir).record_bytes)))
+    with pytest.raises(ValueError, match="needs .* experts this iteration"):
+        eng.generate([list(range(40))], SamplingParams(max_tokens=2))

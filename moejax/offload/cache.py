@@ -6,6 +6,7 @@ hit; on a miss the item is inserted and victims are evicted by the policy:
 
 * ``lru``: least recently used first;
 * ``lfu``: fewest accesses since insertion first (ties: least recently used);
+* ``random``: a uniformly random unpinned item (seeded; the baseline of Read-ME's comparison);
 * ``belady``: the item whose next use is farthest in the future (never used again first). It needs the
   future: :meth:`set_future` gives the upcoming access sequence (known in advance when routing is decided
   before the model runs, as with Read-ME's pre-gating router), and every :meth:`access` consumes one entry.
@@ -18,11 +19,12 @@ hit; on a miss the item is inserted and victims are evicted by the policy:
 from __future__ import annotations
 
 import itertools
+import random
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
-POLICIES = ("lru", "lfu", "belady")
+POLICIES = ("lru", "lfu", "belady", "random")
 
 
 @dataclass
@@ -48,7 +50,7 @@ class CacheTooSmall(ValueError):
 class ExpertCache:
     """Byte-budgeted cache of expert weights (the bookkeeping; the engine keeps the arrays in slots)."""
 
-    def __init__(self, budget: int, policy: str = "lru"):
+    def __init__(self, budget: int, policy: str = "lru", seed: int = 0):
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}; allowed: {list(POLICIES)}")
         if budget <= 0:
@@ -61,6 +63,7 @@ class ExpertCache:
         self._future: deque = deque()
         self._next_use: dict[Hashable, deque] = defaultdict(deque)
         self._clock = 0
+        self._rng = random.Random(seed)
 
     # ----------------------------------------------------------------------------------------- future
     def set_future(self, keys: Iterable[Hashable]) -> None:
@@ -118,6 +121,8 @@ class ExpertCache:
             return cands[0]
         if self.policy == "lfu":
             return min(cands, key=lambda k: self.freq[k])  # stable: least recently used among ties
+        if self.policy == "random":
+            return self._rng.choice(cands)
         return max(cands, key=lambda k: (self.next_use(k), self.items[k]))
 
     def _make_room(self, size, protected) -> list:
