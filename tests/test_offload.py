@@ -104,7 +104,7 @@ def test_store_io_modes_and_corruption(model, store_dir, tmp_path):
     bad = str(tmp_path / "bad")
     os.system(f"cp -r {store_dir} {bad}")
     s = ExpertStore(bad)
-    off = s.records[(3, 7)]["offset"] + 10
+    off = s.records[(3, 7, None)]["offset"] + 10
     with open(os.path.join(bad, "experts.bin"), "r+b") as f:
         f.seek(off)
         b = f.read(1)
@@ -139,3 +139,57 @@ def test_prepare_refuses_overwrite_and_small_budgets(model, store_dir, tmp_path)
     eng = Engine(om, EngineConfig(block_size=8, offload=OffloadConfig(store_dir, 2 * ExpertStore(store_dir).record_bytes)))
     with pytest.raises(ValueError, match="needs .* experts this iteration"):
         eng.generate([list(range(40))], SamplingParams(max_tokens=2))
+
+
+def _dequantized_model(model, cfg_q, bits):
+    """``model`` with every routed expert replaced by its quantized-then-decoded weights at ``bits``."""
+    import jax.numpy as jnp
+
+    from moejax.quant import quantize_experts
+
+    gd, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    for r, (kind, _, n) in enumerate(model.runs):
+        if kind != "moe":
+            continue
+        keys = [("stacks", r, "moe", "experts", t) for t in ("w_gate", "w_up", "w_down")]
+        ws = [np.asarray(flat[k][...]) for k in keys]
+        deq = [quantize_experts(tuple(w[li] for w in ws), cfg_q).dequantize(bits) for li in range(n)]
+        for i, k in enumerate(keys):
+            flat[k] = flat[k].replace(jnp.stack([d[i] for d in deq]))
+    return nnx.merge(gd, nnx.from_flat_state(list(flat.items())))
+
+
+def test_quantized_store_fixed_width_is_token_identical_and_router_respects_budget(model, tmp_path):
+    from moejax.quant import mwq_config
+
+    q = mwq_config((2, 3, 4, 8), group_size=8)
+    path = prepare(model, str(tmp_path / "q"), quant=q)
+    store = ExpertStore(path)
+    planes = [store.plane_nbytes(p) for p in range(4)]
+    assert store.quant["bits"] == [2, 3, 4, 8] and planes[3] > planes[1] == planes[2]
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (6, 19)]
+    sp = SamplingParams(max_tokens=6, temperature=0)
+    ref = Engine(_dequantized_model(model, q, 8), EngineConfig(record_logits=True, block_size=8)).generate(prompts, sp)
+    om = load_offloaded_model(store)
+    total = 3 * 8 * sum(planes)
+    for frac in (0.25, 0.5, 0.75, 1.0):
+        budget = max(int(total * frac), 8 * sum(planes))  # a prefill can need all 8 experts of a layer
+        eng = Engine(om, EngineConfig(record_logits=True, block_size=8,
+                                      offload=OffloadConfig(path, budget, bits=8)))
+        res = eng.generate(prompts, sp)
+        for a, b in zip(res, ref):
+            assert a.tokens == b.tokens
+            np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
+        assert set(eng.runtime.stats.bits_used) == {8}
+        eng.runtime.close()
+    eng = Engine(om, EngineConfig(block_size=8, offload=OffloadConfig(path, int(total * 0.3), bits="router")))
+    eng.generate(prompts, sp)
+    used = eng.runtime.stats.bits_used
+    assert set(used) <= {2, 3, 4, 8} and len(used) >= 2, used
+    assert eng.runtime.cache.used <= int(total * 0.3)
+    with pytest.raises(ValueError, match="bits"):
+        Engine(om, EngineConfig(offload=OffloadConfig(path, total)))
+    with pytest.raises(ValueError, match="bits=5"):
+        Engine(om, EngineConfig(offload=OffloadConfig(path, total, bits=5)))

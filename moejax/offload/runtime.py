@@ -18,6 +18,7 @@ distinct experts one layer needs in one iteration (checked per layer; a clear er
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,6 +61,10 @@ class OffloadConfig:
       io: ``"direct"`` (O_DIRECT), ``"fadvise"`` or ``"buffered"`` (see :class:`ExpertStore`).
       bandwidth: throttle reads to this many bytes/s (a modelled storage device); None = the real device.
       loader_threads: concurrent reads.
+      bits: for a quantized store (``prepare(..., quant=...)``): a fixed width for every expert (e.g. 8), or
+        ``"router"``: D²MoE's bit-width router gives each activated expert a width by its routing weight within
+        the layer's share of the budget, and bit-planes load hottest-expert-bit-first (HEBF). Cache items are
+        then single planes. Must be None for a float store.
     """
 
     store: str
@@ -68,6 +73,7 @@ class OffloadConfig:
     io: str = "direct"
     bandwidth: float | None = None
     loader_threads: int = 4
+    bits: int | str | None = None
 
 
 @dataclass
@@ -78,6 +84,7 @@ class OffloadStats:
     stall_s: float = 0.0        # time the step waited for expert reads
     step_s: float = 0.0
     peak_anon_rss: int = 0
+    bits_used: dict = dataclasses.field(default_factory=dict)  # width -> expert activations decoded at it
 
     @property
     def hit_rate(self) -> float:
@@ -181,12 +188,29 @@ class OffloadRuntime:
         self.model, self.mcfg = model, mcfg
         self.block_size, self.attn_impl = block_size, attn_impl
         self.E = mcfg.moe.num_experts
-        self.expert_bytes = self.store.record_bytes
-        self.n_slots = int(cfg.budget_bytes // self.expert_bytes)
+        self.quant = self.store.quant
+        if (self.quant is None) != (cfg.bits is None):
+            raise ValueError("OffloadConfig.bits must be set (an int width or 'router') exactly when the store is "
+                             f"quantized (this store is {'quantized' if self.quant else 'float'})")
+        if self.quant is not None:
+            self.qbits = tuple(self.quant["bits"])
+            if cfg.bits != "router" and cfg.bits not in self.qbits:
+                raise ValueError(f"OffloadConfig.bits={cfg.bits!r}; allowed: 'router' or one of {self.qbits}")
+            if cfg.policy == "belady" and cfg.bits == "router":
+                raise ValueError("the belady policy is not supported with the bit-width router")
+            self.plane_bytes = [self.store.plane_nbytes(p) for p in range(len(self.qbits))]
+            self.n_moe = sum(n for kind, _, n in model.runs if kind == "moe")
+            self.resident: dict = {}
+        self.expert_bytes = self.store.record_bytes if self.quant is None else sum(self.plane_bytes)
+        self.n_slots = int(cfg.budget_bytes // self.expert_bytes) if self.quant is None else self.E
+        if self.quant is not None and cfg.budget_bytes < self.plane_bytes[0]:
+            raise ValueError(f"OffloadConfig.budget_bytes={cfg.budget_bytes} is smaller than one base plane "
+                             f"({self.plane_bytes[0]} bytes)")
         if self.n_slots < 1:
             raise ValueError(f"OffloadConfig.budget_bytes={cfg.budget_bytes} is smaller than one expert "
                              f"({self.expert_bytes} bytes)")
-        self.cache = ExpertCache(self.n_slots * self.expert_bytes, cfg.policy)
+        self.cache = ExpertCache(self.n_slots * self.expert_bytes if self.quant is None else cfg.budget_bytes,
+                                 cfg.policy)
         self.gdef, self.state = nnx.split(model)
         # per-layer (graphdef, state) of the blocks; expert weights are excluded (they live in the slots)
         names = expert_param_names(model)
@@ -240,6 +264,55 @@ class OffloadRuntime:
             id_map[e] = self.slot_of[(layer, e)]
         return id_map
 
+    def ensure_quantized(self, layer: int, ids_h, w_h, rm_h) -> np.ndarray:
+        """Quantized store: choose widths, make the needed bit-planes resident (HEBF order), decode the layer's
+        activated experts into the compute slots; returns the expert -> slot map."""
+        from moejax.quant import assign_bits, dequantize_expert, hebf_order
+
+        E, bits_set = self.E, self.qbits
+        ids = np.where(rm_h, ids_h, -1)
+        active = sorted(set(ids[ids >= 0].tolist()))
+        if self.cfg.bits == "router":
+            a = assign_bits(ids, np.where(rm_h, w_h, 0.0), E, allowed_bits=bits_set,
+                            budget_bytes=self.cfg.budget_bytes / self.n_moe, plane_nbytes=self.plane_bytes,
+                            strict=False)
+            bits = [int(b or 0) for b in a.bits]
+            order = hebf_order(bits, a.importance, bits_set, plane_cost=self.plane_bytes)
+        else:
+            bits = [self.cfg.bits if e in active else 0 for e in range(E)]
+            order = [(e, p) for e in active for p in range(bits_set.index(self.cfg.bits) + 1)]
+        pinned = [(layer, e, p) for e, p in order]
+        need = sum(self.plane_bytes[p] for _, _, p in pinned)
+        if need > self.cfg.budget_bytes:
+            raise ValueError(f"layer {layer} needs {need} bytes of planes this iteration but "
+                             f"OffloadConfig.budget_bytes={self.cfg.budget_bytes}")
+        misses = []
+        for key in pinned:
+            hit, evicted = self.cache.access(key, self.plane_bytes[key[2]], pinned=pinned)
+            for v in evicted:
+                self.resident.pop(v, None)
+            if hit:
+                self.stats.hits += 1
+            else:
+                self.stats.misses += 1
+                misses.append(key)
+        if misses:
+            t0 = time.perf_counter()
+            futs = [(k, self.pool.submit(self.store.read, *k)) for k in misses]  # submitted in HEBF order
+            for k, fut in futs:
+                self.resident[k] = fut.result()
+                self.stats.bytes_read += self.plane_bytes[k[2]]
+            self.stats.stall_s += time.perf_counter() - t0
+        meta = self.store.quant_meta(layer)
+        for e in active:
+            arrays = dict(meta)
+            for p in range(bits_set.index(bits[e]) + 1):
+                arrays.update(self.resident[(layer, e, p)])
+            wg, wu, wd = dequantize_expert(arrays, bits[e], jnp.dtype(self.mcfg.param_dtype))
+            self.swg, self.swu, self.swd = _put(self.swg, self.swu, self.swd, e, wg, wu, wd)
+            self.stats.bits_used[bits[e]] = self.stats.bits_used.get(bits[e], 0) + 1
+        return np.arange(E, dtype=np.int32)
+
     # ----------------------------------------------------------------------------------------- step
     def step(self, pool: KVPool, dec, pf, pf_hidden, group, *, use_hidden: bool, return_logits: bool,
              dec_ids=None, pf_ids=None):
@@ -277,10 +350,13 @@ class OffloadRuntime:
                                                            route=kind == "moe")
             if kind == "moe":
                 ids, w, rm = routing
-                ids_h, rm_h = jax.device_get((ids, rm))
+                ids_h, w_h, rm_h = jax.device_get((ids, w, rm))
                 needed = sorted(set(ids_h[rm_h].tolist()))
                 touched[layer] = len(needed)
-                id_map = self.ensure(layer, needed)
+                if self.quant is not None:
+                    id_map = self.ensure_quantized(layer, ids_h, w_h, rm_h)
+                else:
+                    id_map = self.ensure(layer, needed)
                 T, K = ids_h.shape
                 bt = mcfg.moe.block_rows or dsp.default_block_rows(T * K, self.E)
                 f = _experts(gd, st, y, ids, w, rm, jnp.asarray(id_map), self.swg, self.swu, self.swd,

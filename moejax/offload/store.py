@@ -62,8 +62,13 @@ def expert_param_names(model) -> dict[str, tuple[int, str]]:
     return out
 
 
-def prepare(model, out_dir: str, *, overwrite: bool = False, progress: bool = False) -> str:
-    """Write ``model``'s experts (one aligned record per layer and expert) and the rest to ``out_dir``."""
+def prepare(model, out_dir: str, *, overwrite: bool = False, progress: bool = False, quant=None) -> str:
+    """Write ``model``'s experts (one aligned record per layer and expert) and the rest to ``out_dir``.
+
+    ``quant`` (a :class:`moejax.quant.QuantConfig`, e.g. ``mwq_config((2, 3, 4, 8))`` or ``uniform_config(8)``)
+    stores each expert quantized instead, one record per *bit-plane* (``plane`` in the manifest), so a reader
+    can fetch just the planes a width needs (D²MoE); the per-layer metadata arrays go to the manifest.
+    """
     from safetensors.numpy import save_file
 
     from moejax.config import config_to_dict
@@ -86,6 +91,7 @@ def prepare(model, out_dir: str, *, overwrite: bool = False, progress: bool = Fa
         dense = {k: v for k, v in flat.items() if k not in names}
         save_file(dense, os.path.join(tmp, "dense.safetensors"))
         records = []
+        meta: dict = {}
         offset = 0
         layers = [(r, first, n) for r, (kind, first, n) in enumerate(model.runs) if kind == "moe"]
         total = sum(n for _, _, n in layers) * cfg.moe.num_experts
@@ -97,23 +103,38 @@ def prepare(model, out_dir: str, *, overwrite: bool = False, progress: bool = Fa
             for r, first, n in layers:
                 arrs = {t: flat[f"stacks.{r}.moe.experts.{t}"] for t in EXPERT_TENSORS}
                 for li in range(n):
+                    if quant is not None:
+                        from moejax.quant import quantize_experts
+
+                        qe = quantize_experts(tuple(arrs[t][li] for t in EXPERT_TENSORS), quant)
+                        meta[str(first + li)] = {k: v.tolist() for k, v in qe.expert_meta_arrays(0).items()}
                     for e in range(cfg.moe.num_experts):
-                        parts = [np.ascontiguousarray(arrs[t][li, e]) for t in EXPERT_TENSORS]
-                        blob = b"".join(p.tobytes() for p in parts)
-                        records.append({"layer": first + li, "expert": e, "offset": offset, "nbytes": len(blob),
-                                        "crc32": zlib.crc32(blob),
-                                        "tensors": [[t, list(p.shape), str(p.dtype)]
-                                                    for t, p in zip(EXPERT_TENSORS, parts)]})
-                        f.write(blob)
-                        pad = _round_up(len(blob)) - len(blob)
-                        f.write(b"\0" * pad)
-                        offset += len(blob) + pad
+                        if quant is None:
+                            items = [(None, {t: arrs[t][li, e] for t in EXPERT_TENSORS})]
+                        else:
+                            items = [(p, qe.expert_plane_arrays(e, p)) for p in range(qe.num_planes)]
+                        for plane, arrays in items:
+                            parts = [(k, np.ascontiguousarray(a)) for k, a in arrays.items()]
+                            blob = b"".join(a.tobytes() for _, a in parts)
+                            rec = {"layer": first + li, "expert": e, "offset": offset, "nbytes": len(blob),
+                                   "crc32": zlib.crc32(blob),
+                                   "tensors": [[k, list(a.shape), str(a.dtype)] for k, a in parts]}
+                            if plane is not None:
+                                rec["plane"] = plane
+                            records.append(rec)
+                            f.write(blob)
+                            pad = _round_up(len(blob)) - len(blob)
+                            f.write(b"\0" * pad)
+                            offset += len(blob) + pad
                         if bar is not None:
                             bar.update(1)
         if bar is not None:
             bar.close()
         manifest = {"format": "moejax-offload-v1", "align": ALIGN, "config": config_to_dict(cfg),
                     "expert_param_names": {k: list(v) for k, v in names.items()}, "experts": records}
+        if quant is not None:
+            manifest["quant"] = {"scheme": quant.scheme, "bits": list(quant.bits), "group_size": quant.group_size,
+                                 "scale_dtype": quant.scale_dtype, "meta": meta}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump(manifest, f)
         if os.path.exists(out_dir):
@@ -150,7 +171,8 @@ class ExpertStore:
                 self.manifest = json.load(f)
         except json.JSONDecodeError as e:
             raise ExpertStoreError(f"{mpath} is corrupt: {e}") from e
-        self.records = {(r["layer"], r["expert"]): r for r in self.manifest["experts"]}
+        self.records = {(r["layer"], r["expert"], r.get("plane")): r for r in self.manifest["experts"]}
+        self.quant = self.manifest.get("quant")
         self.bin_path = os.path.join(self.path, "experts.bin")
         if not os.path.exists(self.bin_path):
             raise ExpertStoreError(f"{self.bin_path} is missing")
@@ -184,14 +206,24 @@ class ExpertStore:
 
         return config_from_dict(ModelConfig, self.manifest["config"])
 
-    def expert_nbytes(self, layer: int, expert: int) -> int:
-        return self.records[(layer, expert)]["nbytes"]
+    def expert_nbytes(self, layer: int, expert: int, plane: int | None = None) -> int:
+        return self.records[(layer, expert, plane)]["nbytes"]
 
-    def read(self, layer: int, expert: int) -> dict[str, np.ndarray]:
-        """The expert's tensors ``{w_gate, w_up, w_down}`` (verified by CRC32)."""
-        rec = self.records.get((layer, expert))
+    def plane_nbytes(self, plane: int) -> int:
+        """Bytes of one expert's plane ``plane`` record (quantized stores; the same for every expert)."""
+        return max(r["nbytes"] for r in self.manifest["experts"] if r.get("plane") == plane)
+
+    def quant_meta(self, layer: int) -> dict[str, np.ndarray]:
+        """The ``{tensor}.meta`` arrays of a quantized layer's experts."""
+        return {k: np.asarray(v, np.int64) for k, v in self.quant["meta"][str(layer)].items()}
+
+    def read(self, layer: int, expert: int, plane: int | None = None) -> dict[str, np.ndarray]:
+        """The expert's tensors ``{w_gate, w_up, w_down}`` (float stores) or plane ``plane``'s arrays
+        (quantized stores), verified by CRC32."""
+        rec = self.records.get((layer, expert, plane))
         if rec is None:
-            raise ExpertStoreError(f"layer {layer} expert {expert} is not in the store {self.path}")
+            what = f"layer {layer} expert {expert}" + ("" if plane is None else f" plane {plane}")
+            raise ExpertStoreError(f"{what} is not in the store {self.path}")
         t0 = time.perf_counter()
         n, off = rec["nbytes"], rec["offset"]
         if self.io == "direct":
