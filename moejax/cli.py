@@ -179,7 +179,12 @@ def cmd_serve(args) -> int:
         model, cfg, path = load_offloaded_model(store), store.config(), None
         total = len(store.records) * store.record_bytes
         budget = parse_budget(args.expert_memory_budget or "100%", total)
-        offload = OffloadConfig(args.offload, budget, policy=args.offload_policy, io=args.offload_io)
+        bits = args.offload_bits
+        if bits is None and store.quant is not None:
+            bits = "router" if store.quant["scheme"] == "mwq" else store.quant["bits"][0]
+        elif bits is not None and bits != "router":
+            bits = int(bits)
+        offload = OffloadConfig(args.offload, budget, policy=args.offload_policy, io=args.offload_io, bits=bits)
         args.preset = os.path.basename(os.path.normpath(args.offload))
         print(f"offload: {total / 2**20:.1f} MiB of experts on disk, {budget / 2**20:.1f} MiB in memory",
               file=sys.stderr)
@@ -220,9 +225,12 @@ def parse_budget(text: str, total: int) -> int:
 
 def cmd_offload_prepare(args) -> int:
     from moejax.offload.store import prepare
+    from moejax.quant import mwq_config, uniform_config
 
     model, _, _ = _model_from_args(args)
-    out = prepare(model, args.out, overwrite=args.overwrite, progress=True)
+    quant = {"none": None, "mwq": mwq_config((2, 3, 4, 8)), "int8": uniform_config(8),
+             "int4": uniform_config(4)}[args.quant]
+    out = prepare(model, args.out, overwrite=args.overwrite, progress=True, quant=quant)
     print(f"wrote {out}")
     return 0
 
@@ -312,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "all expert bytes (e.g. 50%%) or a size (e.g. 2GB, 512MiB)")
     s.add_argument("--offload-policy", choices=("lru", "lfu"), default="lru")
     s.add_argument("--offload-io", choices=("direct", "fadvise", "buffered"), default="direct")
+    s.add_argument("--offload-bits", default=None,
+                   help="quantized stores: a fixed width (e.g. 8) or 'router' (D2MoE bit-width router + HEBF)")
     s.set_defaults(func=cmd_serve)
 
     o = sub.add_parser("offload", help="expert offloading tools")
@@ -324,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--ckpt", help="a moejax training run directory")
     op.add_argument("--out", required=True, help="output directory")
     op.add_argument("--overwrite", action="store_true")
+    op.add_argument("--quant", choices=("none", "mwq", "int8", "int4"), default="none",
+                    help="store experts quantized: D2MoE nested bit-planes (mwq: 2/3/4/8 bits) or uniform int8/int4")
     op.add_argument("--seed", type=int, default=0)
     op.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     op.set_defaults(func=cmd_offload_prepare)
