@@ -177,7 +177,7 @@ def cmd_serve(args) -> int:
             raise SystemExit("error: --offload replaces --preset/--config/--hf/--ckpt (the store holds the model)")
         store = ExpertStore(args.offload, io=args.offload_io)
         model, cfg, path = load_offloaded_model(store), store.config(), None
-        total = len(store.records) * store.record_bytes
+        total = sum(r["nbytes"] for r in store.manifest["experts"])
         budget = parse_budget(args.expert_memory_budget or "100%", total)
         bits = args.offload_bits
         if bits is None and store.quant is not None:
