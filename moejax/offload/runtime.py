@@ -201,6 +201,7 @@ class OffloadRuntime:
             self.plane_bytes = [self.store.plane_nbytes(p) for p in range(len(self.qbits))]
             self.n_moe = sum(n for kind, _, n in model.runs if kind == "moe")
             self.resident: dict = {}
+            self._decoders: dict = {}
         self.expert_bytes = self.store.record_bytes if self.quant is None else sum(self.plane_bytes)
         self.n_slots = int(cfg.budget_bytes // self.expert_bytes) if self.quant is None else self.E
         if self.quant is not None and cfg.budget_bytes < self.plane_bytes[0]:
@@ -267,7 +268,7 @@ class OffloadRuntime:
     def ensure_quantized(self, layer: int, ids_h, w_h, rm_h) -> np.ndarray:
         """Quantized store: choose widths, make the needed bit-planes resident (HEBF order), decode the layer's
         activated experts into the compute slots; returns the expert -> slot map."""
-        from moejax.quant import assign_bits, dequantize_expert, hebf_order
+        from moejax.quant import assign_bits, hebf_order
 
         E, bits_set = self.E, self.qbits
         ids = np.where(rm_h, ids_h, -1)
@@ -303,15 +304,27 @@ class OffloadRuntime:
                 self.resident[k] = fut.result()
                 self.stats.bytes_read += self.plane_bytes[k[2]]
             self.stats.stall_s += time.perf_counter() - t0
-        meta = self.store.quant_meta(layer)
         for e in active:
-            arrays = dict(meta)
+            planes = {}
             for p in range(bits_set.index(bits[e]) + 1):
-                arrays.update(self.resident[(layer, e, p)])
-            wg, wu, wd = dequantize_expert(arrays, bits[e], jnp.dtype(self.mcfg.param_dtype))
+                planes.update(self.resident[(layer, e, p)])
+            wg, wu, wd = self._decoder(layer, bits[e])(planes)
             self.swg, self.swu, self.swd = _put(self.swg, self.swu, self.swd, e, wg, wu, wd)
             self.stats.bits_used[bits[e]] = self.stats.bits_used.get(bits[e], 0) + 1
         return np.arange(E, dtype=np.int32)
+
+    def _decoder(self, layer: int, bits: int):
+        """Plane arrays of one expert -> float ``(w_gate, w_up, w_down)`` at ``bits``; the decode is jitted once
+        per width (the expert's QTensors are built on the host and passed as pytrees)."""
+        from moejax.quant import expert_from_arrays
+
+        meta = self.store.quant_meta(layer)
+        fn = self._decoders.get(bits)
+        if fn is None:
+            dt = jnp.dtype(self.mcfg.param_dtype)
+            fn = jax.jit(lambda qts: tuple(qts[n].dequantize(bits, dt) for n in EXPERT_TENSORS))
+            self._decoders[bits] = fn
+        return lambda planes: fn(expert_from_arrays({**meta, **planes}))
 
     # ----------------------------------------------------------------------------------------- step
     def step(self, pool: KVPool, dec, pf, pf_hidden, group, *, use_hidden: bool, return_logits: bool,
