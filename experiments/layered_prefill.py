@@ -165,8 +165,10 @@ def main(argv=None):
         t = time.perf_counter()
         run_trace(eng, trace)  # compiles every shape bucket the trace needs
         warm_s = time.perf_counter() - t
+        shapes_after_warmup = len(eng.compiled_shapes)
         t = time.perf_counter()
         m = run_trace(eng, trace)
+        m["new_shapes_in_measured_run"] = len(eng.compiled_shapes) - shapes_after_warmup
         m["run_s"] = time.perf_counter() - t
         m["warmup_run_s"] = warm_s
         m["compiled_shapes"] = len(eng.compiled_shapes)

@@ -11,7 +11,8 @@ Usage::
     results = engine.generate(prompts, SamplingParams(max_tokens=64, temperature=0))   # offline
 
 Each :meth:`Engine.step` asks the scheduler for a :class:`~moejax.serve.scheduler.Plan`, packs it into
-fixed shape buckets (decode rows, prefill rows x tokens and pages per row are rounded up to powers of two),
+fixed shape buckets (decode and prefill rows are rounded up to powers of two, prefill tokens and pages per row
+to powers of two and then to multiples of 512 tokens / 32 pages),
 runs the jitted :func:`~moejax.serve.step.engine_step` (one compiled program per bucket: no recompilation
 in steady state), samples on device, and hands back per-request deltas. :meth:`add_request` and
 :meth:`abort` may be called from another thread: they are queued and applied at the start of the next step.
@@ -159,6 +160,13 @@ def pow2(n: int, minimum: int = 1) -> int:
     return b
 
 
+def bucket(n: int, minimum: int = 1, linear_from: int = 512) -> int:
+    """Shape bucket: powers of two up to ``linear_from``, then multiples of it (long prompts waste < 1/k)."""
+    if n <= linear_from:
+        return pow2(n, minimum)
+    return -(-n // linear_from) * linear_from
+
+
 class _Entry:
     __slots__ = ("callback", "logits", "logprobs", "metrics", "req", "tops")
 
@@ -296,7 +304,7 @@ class Engine:
 
     def _pack(self, plan: Plan):
         rows = [r.blocks for r in plan.decode] + [c.request.blocks for c in plan.prefill]
-        P = pow2(max(len(b) for b in rows))
+        P = bucket(max(len(b) for b in rows), 1, 32)
 
         def table(blocks):
             t = np.zeros(P, np.int32)
@@ -315,7 +323,9 @@ class Engine:
         dec = pf = None
         if plan.decode:
             n = len(plan.decode)
-            Bd = pow2(n, self.cfg.min_decode_bucket)
+            # next to a prefill the decode rows are padded to the full batch: one compiled program per prefill
+            # shape instead of one per (prefill shape, decode count); their cost is small beside the prefill
+            Bd = pow2(self.cfg.sched.max_num_seqs if plan.prefill else n, self.cfg.min_decode_bucket)
             tok = np.zeros(Bd, np.int32)
             pos = np.zeros(Bd, np.int32)
             tabs = np.zeros((Bd, P), np.int32)
@@ -326,7 +336,7 @@ class Engine:
         if plan.prefill:
             n = len(plan.prefill)
             Bp = pow2(n)
-            Tp = pow2(max(c.length for c in plan.prefill), self.cfg.min_prefill_tokens)
+            Tp = bucket(max(c.length for c in plan.prefill), self.cfg.min_prefill_tokens)
             tok = np.zeros((Bp, Tp), np.int32)
             start = np.zeros(Bp, np.int32)
             length = np.zeros(Bp, np.int32)
