@@ -303,10 +303,17 @@ class Engine:
             e.callback(out)
 
     def _pack(self, plan: Plan):
-        rows = [r.blocks for r in plan.decode] + [c.request.blocks for c in plan.prefill]
-        P = bucket(max(len(b) for b in rows), 1, 32)
+        max_pages = bucket(-(-self.max_model_len // self.cfg.block_size), 1, 32)
+        if plan.prefill:
+            # decode rows beside a prefill read through full-length tables (cheap next to the prefill, and one
+            # compiled program per prefill shape); prefill rows' tables follow their own length bucket
+            P_dec = max_pages
+            P_pf = bucket(max(len(c.request.blocks) for c in plan.prefill), 1, 32)
+        else:
+            P_dec = bucket(max(len(r.blocks) for r in plan.decode), 1, 32)
+            P_pf = 0
 
-        def table(blocks):
+        def table(blocks, P):
             t = np.zeros(P, np.int32)
             t[:len(blocks)] = blocks
             return t
@@ -328,10 +335,10 @@ class Engine:
             Bd = pow2(self.cfg.sched.max_num_seqs if plan.prefill else n, self.cfg.min_decode_bucket)
             tok = np.zeros(Bd, np.int32)
             pos = np.zeros(Bd, np.int32)
-            tabs = np.zeros((Bd, P), np.int32)
+            tabs = np.zeros((Bd, P_dec), np.int32)
             valid = np.zeros(Bd, bool)
             for i, r in enumerate(plan.decode):
-                tok[i], pos[i], tabs[i], valid[i] = r.tokens[-1], r.num_tokens - 1, table(r.blocks), True
+                tok[i], pos[i], tabs[i], valid[i] = r.tokens[-1], r.num_tokens - 1, table(r.blocks, P_dec), True
             dec = DecodeBatch(tok, pos, tabs, valid, *sp(plan.decode, Bd))
         if plan.prefill:
             n = len(plan.prefill)
@@ -340,11 +347,11 @@ class Engine:
             tok = np.zeros((Bp, Tp), np.int32)
             start = np.zeros(Bp, np.int32)
             length = np.zeros(Bp, np.int32)
-            tabs = np.zeros((Bp, P), np.int32)
+            tabs = np.zeros((Bp, P_pf), np.int32)
             for i, c in enumerate(plan.prefill):
                 toks = c.request.tokens[c.start:c.start + c.length]
                 tok[i, Tp - len(toks):] = toks  # left-padded (see PrefillBatch)
-                start[i], length[i], tabs[i] = c.start, c.length, table(c.request.blocks)
+                start[i], length[i], tabs[i] = c.start, c.length, table(c.request.blocks, P_pf)
             pf = PrefillBatch(tok, start, length, tabs, *sp([c.request for c in plan.prefill], Bp))
         return dec, pf
 
@@ -359,8 +366,8 @@ class Engine:
         dec, pf = self._pack(plan)
         use_hidden = plan.use_hidden
         hidden = self._pf_hidden if use_hidden else None
-        shape_key = (None if dec is None else dec.tokens.shape, None if pf is None else pf.tokens.shape,
-                     (dec or pf).tables.shape[1], use_hidden)
+        shape_key = (None if dec is None else dec.tables.shape, None if pf is None else pf.tables.shape,
+                     None if pf is None else pf.tokens.shape, use_hidden)
         self.compiled_shapes.add(shape_key)
         dec_ids, pf_ids = self._pregate(plan, dec, pf) if self.cfg.pregate is not None else (None, None)
         if self.runtime is not None:
