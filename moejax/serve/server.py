@@ -79,7 +79,10 @@ class AsyncEngine:
             if out.finished:
                 with self._lock:
                     self.pending -= 1
-            loop.call_soon_threadsafe(q.put_nowait, (tag, out))
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, (tag, out))
+            except RuntimeError:  # the request's event loop is gone (client and handler finished)
+                pass
 
         rid = self.engine.add_request(prompt, params, callback=cb)
         with self._lock:
