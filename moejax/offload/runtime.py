@@ -234,32 +234,44 @@ class OffloadRuntime:
         self.stats = OffloadStats()
 
     # ----------------------------------------------------------------------------------------- cache
+    def _access(self, pinned, size_of, on_evict) -> list:
+        """One cache access per key of ``pinned`` (in order); returns the misses (the caller loads them)."""
+        misses = []
+        for key in pinned:
+            hit, evicted = self.cache.access(key, size_of(key), pinned=pinned)
+            for v in evicted:
+                on_evict(v)
+            if hit:
+                self.stats.hits += 1
+            else:
+                self.stats.misses += 1
+                misses.append(key)
+        return misses
+
+    def _read(self, keys, size_of) -> list:
+        """Read ``keys`` from the store with the loader threads (in order); counts bytes and stall time."""
+        if not keys:
+            return []
+        t0 = time.perf_counter()
+        futs = [(k, self.pool.submit(self.store.read, *k)) for k in keys]
+        out = [(k, fut.result()) for k, fut in futs]
+        self.stats.bytes_read += sum(size_of(k) for k in keys)
+        self.stats.stall_s += time.perf_counter() - t0
+        return out
+
     def ensure(self, layer: int, experts) -> np.ndarray:
         """Make ``experts`` of ``layer`` resident; returns the expert -> slot map ``[E]`` (int32)."""
         pinned = [(layer, e) for e in experts]
         if len(pinned) > self.n_slots:
             raise ValueError(f"layer {layer} needs {len(pinned)} experts this iteration but the budget holds "
                              f"{self.n_slots} ({self.cfg.budget_bytes} bytes); raise budget_bytes or lower the batch")
-        misses = []
-        for key in pinned:
-            hit, evicted = self.cache.access(key, self.expert_bytes, pinned=pinned)
-            for v in evicted:
-                self.free_slots.append(self.slot_of.pop(v))
-            if hit:
-                self.stats.hits += 1
-            else:
-                self.stats.misses += 1
-                self.slot_of[key] = self.free_slots.pop()
-                misses.append(key)
-        if misses:
-            t0 = time.perf_counter()
-            futs = [(k, self.pool.submit(self.store.read, *k)) for k in misses]
-            for k, fut in futs:
-                w = fut.result()
-                self.swg, self.swu, self.swd = _put(self.swg, self.swu, self.swd, self.slot_of[k],
-                                                    *(w[t] for t in EXPERT_TENSORS))
-                self.stats.bytes_read += self.expert_bytes
-            self.stats.stall_s += time.perf_counter() - t0
+        misses = self._access(pinned, lambda k: self.expert_bytes,
+                              lambda v: self.free_slots.append(self.slot_of.pop(v)))
+        for k in misses:
+            self.slot_of[k] = self.free_slots.pop()
+        for k, w in self._read(misses, lambda k: self.expert_bytes):
+            self.swg, self.swu, self.swd = _put(self.swg, self.swu, self.swd, self.slot_of[k],
+                                                *(w[t] for t in EXPERT_TENSORS))
         id_map = np.zeros(self.E, np.int32)
         for (_, e) in pinned:
             id_map[e] = self.slot_of[(layer, e)]
@@ -287,23 +299,9 @@ class OffloadRuntime:
         if need > self.cfg.budget_bytes:
             raise ValueError(f"layer {layer} needs {need} bytes of planes this iteration but "
                              f"OffloadConfig.budget_bytes={self.cfg.budget_bytes}")
-        misses = []
-        for key in pinned:
-            hit, evicted = self.cache.access(key, self.plane_bytes[key[2]], pinned=pinned)
-            for v in evicted:
-                self.resident.pop(v, None)
-            if hit:
-                self.stats.hits += 1
-            else:
-                self.stats.misses += 1
-                misses.append(key)
-        if misses:
-            t0 = time.perf_counter()
-            futs = [(k, self.pool.submit(self.store.read, *k)) for k in misses]  # submitted in HEBF order
-            for k, fut in futs:
-                self.resident[k] = fut.result()
-                self.stats.bytes_read += self.plane_bytes[k[2]]
-            self.stats.stall_s += time.perf_counter() - t0
+        plane_size = lambda k: self.plane_bytes[k[2]]
+        misses = self._access(pinned, plane_size, lambda v: self.resident.pop(v, None))
+        self.resident.update(self._read(misses, plane_size))  # reads submitted in HEBF order
         for e in active:
             planes = {}
             for p in range(bits_set.index(bits[e]) + 1):
@@ -389,18 +387,17 @@ class OffloadRuntime:
 
     def lookahead(self, dec, pf, dec_ids, pf_ids, lo, hi) -> list[tuple[int, int]]:
         """This iteration's (layer, expert) accesses in execution order, from pre-gated ids."""
+        dec_set = set() if dec is None else set(np.asarray(dec_ids)[np.asarray(dec.valid)].tolist())
+        pf_set = set()
+        if pf is not None:
+            Tp = pf.tokens.shape[1]
+            valid = np.arange(Tp)[None, :] >= (Tp - np.asarray(pf.length))[:, None]  # left-padded rows
+            pf_set = set(np.asarray(pf_ids)[valid].tolist())
         seq = []
         for layer, (_, _, kind, _, _) in enumerate(self.layers):
-            if kind != "moe":
-                continue
-            ids = set()
-            if dec is not None:
-                ids |= set(np.asarray(dec_ids)[np.asarray(dec.valid)].tolist())
-            if pf is not None and lo <= layer < hi:
-                Tp = pf.tokens.shape[1]
-                valid = np.arange(Tp)[None, :] >= (Tp - np.asarray(pf.length))[:, None]
-                ids |= set(np.asarray(pf_ids)[valid].tolist())
-            seq += [(layer, e) for e in sorted(ids)]
+            if kind == "moe":
+                ids = dec_set | pf_set if lo <= layer < hi else dec_set
+                seq += [(layer, e) for e in sorted(ids)]
         return seq
 
     def close(self) -> None:

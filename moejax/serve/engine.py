@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.models.generate import bucket as pow2
 from moejax.models.transformer import dtype_of
 from moejax.serve.kv_cache import BlockAllocator, KVPool
 from moejax.serve.metrics import (
@@ -153,14 +154,7 @@ class Completion:
     logits: np.ndarray | None = None     # [n_tokens, V] with EngineConfig.record_logits
 
 
-def pow2(n: int, minimum: int = 1) -> int:
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
-
-
-def bucket(n: int, minimum: int = 1, linear_from: int = 512) -> int:
+def shape_bucket(n: int, minimum: int = 1, linear_from: int = 512) -> int:
     """Shape bucket: powers of two up to ``linear_from``, then multiples of it (long prompts waste < 1/k)."""
     if n <= linear_from:
         return pow2(n, minimum)
@@ -303,14 +297,14 @@ class Engine:
             e.callback(out)
 
     def _pack(self, plan: Plan):
-        max_pages = bucket(-(-self.max_model_len // self.cfg.block_size), 1, 32)
+        max_pages = shape_bucket(-(-self.max_model_len // self.cfg.block_size), 1, 32)
         if plan.prefill:
             # decode rows beside a prefill read through full-length tables (cheap next to the prefill, and one
             # compiled program per prefill shape); prefill rows' tables follow their own length bucket
             P_dec = max_pages
-            P_pf = bucket(max(len(c.request.blocks) for c in plan.prefill), 1, 32)
+            P_pf = shape_bucket(max(len(c.request.blocks) for c in plan.prefill), 1, 32)
         else:
-            P_dec = bucket(max(len(r.blocks) for r in plan.decode), 1, 32)
+            P_dec = shape_bucket(max(len(r.blocks) for r in plan.decode), 1, 32)
             P_pf = 0
 
         def table(blocks, P):
@@ -338,12 +332,12 @@ class Engine:
             tabs = np.zeros((Bd, P_dec), np.int32)
             valid = np.zeros(Bd, bool)
             for i, r in enumerate(plan.decode):
-                tok[i], pos[i], tabs[i], valid[i] = r.tokens[-1], r.num_tokens - 1, table(r.blocks, P_dec), True
+                tok[i], pos[i], tabs[i], valid[i] = r.last_token, r.num_tokens - 1, table(r.blocks, P_dec), True
             dec = DecodeBatch(tok, pos, tabs, valid, *sp(plan.decode, Bd))
         if plan.prefill:
             n = len(plan.prefill)
             Bp = pow2(n)
-            Tp = bucket(max(c.length for c in plan.prefill), self.cfg.min_prefill_tokens)
+            Tp = shape_bucket(max(c.length for c in plan.prefill), self.cfg.min_prefill_tokens)
             tok = np.zeros((Bp, Tp), np.int32)
             start = np.zeros(Bp, np.int32)
             length = np.zeros(Bp, np.int32)

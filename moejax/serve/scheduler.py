@@ -16,10 +16,14 @@ from __future__ import annotations
 import enum
 import itertools
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from moejax.serve.kv_cache import BlockAllocator, NoFreeBlocks, block_hash
+from moejax.serve.kv_cache import (
+    BlockAllocator,
+    NoFreeBlocks,
+    block_hash,
+    prefix_hashes,
+)
 
 
 class Status(enum.Enum):
@@ -50,6 +54,10 @@ class Request:
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def last_token(self) -> int:
+        return self.output[-1] if self.output else self.prompt[-1]
 
     @property
     def num_tokens(self) -> int:
@@ -172,10 +180,7 @@ class Scheduler:
     def _admit(self, req: Request) -> bool:
         """Move a waiting request to PREFILL, reusing cached prefix blocks. False if it does not fit."""
         toks = req.tokens
-        hashes, parent = [], None
-        for i in range((len(toks) - 1) // self.bs):  # always leave >= 1 token to compute
-            parent = block_hash(parent, toks[i * self.bs:(i + 1) * self.bs])
-            hashes.append(parent)
+        hashes = prefix_hashes(toks[:-1], self.bs)  # always leave >= 1 token to compute
         hit = self.alloc.lookup(hashes)
         need = math.ceil(len(toks) / self.bs) - len(hit)
         if need > self.alloc.num_free - sum(1 for b in hit if b in self.alloc.evictable):
@@ -215,8 +220,10 @@ class Scheduler:
 
     def register_full_blocks(self, req: Request) -> None:
         """Add the request's newly completed blocks to the prefix cache."""
+        full = min(req.num_computed, req.num_tokens) // self.bs
+        if full <= len(req.hashes):
+            return
         toks = req.tokens
-        full = min(req.num_computed, len(toks)) // self.bs
         parent = req.hashes[-1] if req.hashes else None
         for i in range(len(req.hashes), full):
             parent = block_hash(parent, toks[i * self.bs:(i + 1) * self.bs])
@@ -333,6 +340,3 @@ def make_scheduler(name: str, cfg: SchedulerConfig, allocator: BlockAllocator, n
         raise ValueError(f"scheduler={name!r}; allowed: {sorted(SCHEDULERS)}")
     return SCHEDULERS[name](cfg, allocator, n_layers)
 
-
-def pending(reqs: Sequence[Request]) -> int:
-    return sum(r.to_prefill for r in reqs)

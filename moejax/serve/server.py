@@ -28,7 +28,8 @@ from fastapi import Request
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field
 
-from moejax.serve.engine import Engine, RequestOutput, SamplingParams, pow2
+from moejax.models.generate import bucket as pow2
+from moejax.serve.engine import Engine, RequestOutput, SamplingParams
 
 log = logging.getLogger("moejax.serve")
 
@@ -360,6 +361,36 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "moejax", max_pen
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
+    async def stream_response(request, prompts, body, max_tokens, n_lp, rid, obj, chunk):
+        """Server-sent events of ``run_choices``: ``await chunk(choice, delta, start, end)`` gives the choice
+        entry of one event (None: nothing to send). 4xx/503 errors surface before the stream starts."""
+        gen = run_choices(request, prompts, body, max_tokens, n_lp)
+        first = await anext(gen, None)
+
+        async def events():
+            try:
+                item = first
+                while item is not None:
+                    c, delta, (a, b) = item
+                    entry = await chunk(c, delta, a, b)
+                    if entry is not None:
+                        yield sse({"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
+                                   "choices": [entry]})
+                    item = await anext(gen, None)
+                yield "data: [DONE]\n\n"
+            finally:
+                await gen.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def finished_choices(request, prompts, body, max_tokens, n_lp):
+        """The finished choices of ``run_choices`` in index order (fewer if the client went away)."""
+        final = {}
+        async for c, _, _ in run_choices(request, prompts, body, max_tokens, n_lp):
+            if c.finish_reason is not None:
+                final[c.index] = c
+        return [final[i] for i in sorted(final)]
+
     # ---------------------------------------------------------------------------------------- routes
     @app.get("/health")
     async def health():
@@ -430,48 +461,32 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "moejax", max_pen
             return {**lp, "text_offset": [int(x) for x in lp["text_offset"]]}
 
         if body.stream:
-            gen = run_choices(request, prompts, body, max_tokens, n_lp)
-            first = await anext(gen, None)  # surface 4xx/503 before the stream starts
+            echoed = set()
 
-            async def stream():
-                echoed = set()
-                try:
-                    item = first
-                    while item is not None:
-                        c, delta, (a, b) = item
-                        text, lp = delta, (c.logprobs_completion(a, b) if want_lp and b > a else None)
-                        if body.echo and c.index not in echoed:
-                            echoed.add(c.index)
-                            et, elp = await echo_part(c.prompt_ids)
-                            text, lp = et + text, merge_lp(elp, lp)
-                        if text or c.finish_reason or lp:
-                            yield sse({"id": rid, "object": "text_completion", "created": int(time.time()),
-                                       "model": model_name, "choices": [{"index": c.index, "text": text,
-                                                                         "logprobs": clean(lp),
-                                                                         "finish_reason": c.finish_reason}]})
-                        item = await anext(gen, None)
-                    yield "data: [DONE]\n\n"
-                finally:
-                    await gen.aclose()
+            async def chunk(c, delta, a, b):
+                text, lp = delta, (c.logprobs_completion(a, b) if want_lp and b > a else None)
+                if body.echo and c.index not in echoed:
+                    echoed.add(c.index)
+                    et, elp = await echo_part(c.prompt_ids)
+                    text, lp = et + text, merge_lp(elp, lp)
+                if text or c.finish_reason or lp:
+                    return {"index": c.index, "text": text, "logprobs": clean(lp), "finish_reason": c.finish_reason}
+                return None
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            return await stream_response(request, prompts, body, max_tokens, n_lp, rid, "text_completion", chunk)
 
-        final = {}
-        async for c, _, _ in run_choices(request, prompts, body, max_tokens, n_lp):
-            if c.finish_reason is not None:
-                final[c.index] = c
+        final = await finished_choices(request, prompts, body, max_tokens, n_lp)
         out = []
-        for i in sorted(final):
-            c = final[i]
+        for c in final:
             text, lp = c.text, (c.logprobs_completion(0, len(c.ids)) if want_lp else None)
             if body.echo:
                 et, elp = await echo_part(c.prompt_ids)
                 text, lp = et + text, merge_lp(elp, lp)
-            out.append({"index": i, "text": text, "logprobs": clean(lp), "finish_reason": c.finish_reason})
+            out.append({"index": c.index, "text": text, "logprobs": clean(lp), "finish_reason": c.finish_reason})
         if len(out) < len(prompts) * body.n:  # client went away
             return Response(status_code=499)
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                "choices": out, "usage": usage(final.values(), prompts)}
+                "choices": out, "usage": usage(final, prompts)}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -495,44 +510,30 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "moejax", max_pen
         n_lp = (body.top_logprobs or 0) if body.logprobs else 0
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            gen = run_choices(request, [ids], body, max_tokens, n_lp)
-            first = await anext(gen, None)
+            started = set()
 
-            async def stream():
-                started = set()
-                try:
-                    item = first
-                    while item is not None:
-                        c, delta, (a, b) = item
-                        d = {}
-                        if c.index not in started:
-                            started.add(c.index)
-                            d["role"] = "assistant"
-                        if delta:
-                            d["content"] = delta
-                        lp = c.logprobs_chat(a, b) if body.logprobs and b > a else None
-                        if d or c.finish_reason or lp:
-                            yield sse({"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                       "model": model_name, "choices": [{"index": c.index, "delta": d,
-                                                                         "logprobs": lp,
-                                                                         "finish_reason": c.finish_reason}]})
-                        item = await anext(gen, None)
-                    yield "data: [DONE]\n\n"
-                finally:
-                    await gen.aclose()
+            async def chunk(c, delta, a, b):
+                d = {}
+                if c.index not in started:
+                    started.add(c.index)
+                    d["role"] = "assistant"
+                if delta:
+                    d["content"] = delta
+                lp = c.logprobs_chat(a, b) if body.logprobs and b > a else None
+                if d or c.finish_reason or lp:
+                    return {"index": c.index, "delta": d, "logprobs": lp, "finish_reason": c.finish_reason}
+                return None
 
-            return StreamingResponse(stream(), media_type="text/event-stream")
-        final = {}
-        async for c, _, _ in run_choices(request, [ids], body, max_tokens, n_lp):
-            if c.finish_reason is not None:
-                final[c.index] = c
+            return await stream_response(request, [ids], body, max_tokens, n_lp, rid, "chat.completion.chunk",
+                                         chunk)
+        final = await finished_choices(request, [ids], body, max_tokens, n_lp)
         if len(final) < body.n:
             return Response(status_code=499)
-        choices = [{"index": i, "message": {"role": "assistant", "content": final[i].text},
-                    "logprobs": final[i].logprobs_chat(0, len(final[i].ids)) if body.logprobs else None,
-                    "finish_reason": final[i].finish_reason} for i in sorted(final)]
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": c.logprobs_chat(0, len(c.ids)) if body.logprobs else None,
+                    "finish_reason": c.finish_reason} for c in final]
         return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model_name,
-                "choices": choices, "usage": usage(final.values(), [ids])}
+                "choices": choices, "usage": usage(final, [ids])}
 
     return app
 
