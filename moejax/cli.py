@@ -235,16 +235,21 @@ def cmd_offload_prepare(args) -> int:
     return 0
 
 
+def _add_model_source(parser) -> None:
+    """The ``--preset/--config/--hf/--ckpt`` group read by :func:`_model_from_args`."""
+    src = parser.add_argument_group("model (exactly one)")
+    src.add_argument("--preset", help="named preset with random weights, e.g. tiny")
+    src.add_argument("--config", help="model config JSON/YAML (random weights)")
+    src.add_argument("--hf", help="local Hugging Face directory (config.json + *.safetensors [+ tokenizer.json])")
+    src.add_argument("--ckpt", help="a moejax training run directory (its latest checkpoint)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="moejax", description="Mixture-of-Experts training and serving in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate tokens from a preset (random weights) or an HF checkpoint")
-    src = g.add_argument_group("model (exactly one)")
-    src.add_argument("--preset", help="named preset with random weights, e.g. tiny")
-    src.add_argument("--config", help="model config JSON/YAML (random weights)")
-    src.add_argument("--hf", help="local Hugging Face directory (config.json + *.safetensors)")
-    src.add_argument("--ckpt", help="a moejax training run directory (its latest checkpoint)")
+    _add_model_source(g)
     g.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     g.add_argument("--prompt", help="prompt text (tokenizer.json of the checkpoint, or bytes for byte-level models)")
     g.add_argument("--max-new-tokens", type=int, default=32)
@@ -296,11 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, paged KV cache)")
-    src = s.add_argument_group("model (exactly one)")
-    src.add_argument("--preset", help="named preset with random weights, e.g. tiny (quick start)")
-    src.add_argument("--config", help="model config JSON/YAML (random weights)")
-    src.add_argument("--hf", help="local Hugging Face directory (config.json + *.safetensors [+ tokenizer.json])")
-    src.add_argument("--ckpt", help="a moejax training run directory (its latest checkpoint)")
+    _add_model_source(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", default=None, help="name clients use in 'model' (default: the source's name)")
@@ -327,11 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("offload", help="expert offloading tools")
     osub = o.add_subparsers(dest="offload_command", required=True)
     op = osub.add_parser("prepare", help="write a model's experts to an aligned on-disk store")
-    src = op.add_argument_group("model (exactly one)")
-    src.add_argument("--preset", help="named preset with random weights")
-    src.add_argument("--config", help="model config JSON/YAML (random weights)")
-    src.add_argument("--hf", help="local Hugging Face directory")
-    src.add_argument("--ckpt", help="a moejax training run directory")
+    _add_model_source(op)
     op.add_argument("--out", required=True, help="output directory")
     op.add_argument("--overwrite", action="store_true")
     op.add_argument("--quant", choices=("none", "mwq", "int8", "int4"), default="none",

@@ -71,11 +71,11 @@ def domain_of(relpath: str) -> int:
 def corpus_domain_tokens(root: str | None = None, split: str = "train", *, val_percent: float = 5.0,
                          cache_dir: str | None = None) -> list[np.ndarray]:
     """Tokens of each domain (:data:`DOMAIN_NAMES` order) in a corpus split (default: the stdlib)."""
-    from moejax.train.data import build_corpus, is_validation
+    from moejax.train.data import build_corpus, list_corpus, split_files, stdlib_root
 
     streams, _ = build_corpus(root, val_percent=val_percent, cache_dir=cache_dir)
     ts = streams[split]
-    files = _split_files(root, val_percent, split, is_validation)
+    files = split_files(list_corpus(os.path.abspath(root or stdlib_root())), val_percent, split)
     toks, starts = np.asarray(ts.tokens), ts.starts
     if len(files) != len(starts):
         raise RuntimeError(f"corpus cache lists {len(starts)} documents but {len(files)} files")
@@ -84,13 +84,6 @@ def corpus_domain_tokens(root: str | None = None, split: str = "train", *, val_p
     for rel, a, b in zip(files, starts, ends):
         out[domain_of(rel)].append(toks[a:b])
     return [np.concatenate(x) if x else np.zeros(0, np.uint16) for x in out]
-
-
-def _split_files(root, val_percent, split, is_validation):
-    from moejax.train.data import list_corpus, stdlib_root
-
-    files = list_corpus(os.path.abspath(root or stdlib_root()))
-    return [f for f in files if is_validation(f, val_percent) == (split == "validation")]
 
 
 # ------------------------------------------------------------------------------------------------ dense model

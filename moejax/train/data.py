@@ -60,6 +60,13 @@ def is_validation(relpath: str, val_percent: float) -> bool:
     return (h % 10000) < val_percent * 100
 
 
+def split_files(files: Sequence[str], val_percent: float, split: str) -> list[str]:
+    """The files of ``split`` ("train" or "validation"), in corpus order; a one-file corpus is in both."""
+    if len(files) <= 1:
+        return list(files)
+    return [f for f in files if is_validation(f, val_percent) == (split == "validation")]
+
+
 def file_list_hash(files: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
 
@@ -108,8 +115,7 @@ def _write_cache(out: str, base: str, files: Sequence[str], val_percent: float) 
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
     n_files = {}
     for split in ("train", "validation"):
-        chosen = [f for f in files if is_validation(f, val_percent) == (split == "validation")] \
-            if len(files) > 1 else list(files)
+        chosen = split_files(files, val_percent, split)
         n_files[split] = len(chosen)
         chunks, starts, n = [], [], 0
         for rel in chosen:
