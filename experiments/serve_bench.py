@@ -152,28 +152,22 @@ def main(argv=None):
         schedule = [(float(a - t[0]), p, o) for a, (p, o) in zip(t, lens)]
     else:
         schedule = load_trace(args.dataset)
-    server = None
-    url = args.url
-    if url is None:
+    if args.url is None:
         from flax import nnx
 
-        from experiments.serve_throughput import start_server
         from moejax.config import get_preset
         from moejax.models.transformer import Transformer
         from moejax.serve.engine import Engine, EngineConfig
-        from moejax.serve.server import create_app
+        from moejax.serve.server import create_app, serve_in_background
         from moejax.serve.tokenizer import ByteTokenizer
 
         cfg = get_preset(args.preset)
         engine = Engine(Transformer(cfg, rngs=nnx.Rngs(0)),
                         EngineConfig(scheduler=args.scheduler, max_model_len=min(args.max_len, cfg.max_seq_len)))
-        server, th, url = start_server(create_app(engine, ByteTokenizer(cfg.vocab_size), model_name=args.preset))
-    try:
-        recs, wall, prom = asyncio.run(run(url.rstrip("/"), schedule, args.seed))
-    finally:
-        if server is not None:
-            server.should_exit = True
-            th.join(timeout=30)
+        with serve_in_background(create_app(engine, ByteTokenizer(cfg.vocab_size), model_name=args.preset)) as url:
+            recs, wall, prom = asyncio.run(run(url, schedule, args.seed))
+    else:
+        recs, wall, prom = asyncio.run(run(args.url.rstrip("/"), schedule, args.seed))
     res = summarize(recs, wall, args.slo_ttft, args.slo_tpot)
     res["expert_weight_bytes"] = prom_value(prom, "moejax_expert_weight_bytes_total")
     res["engine_iterations"] = prom_value(prom, "moejax_iterations_total")

@@ -23,30 +23,12 @@ import asyncio
 import os
 import statistics
 import sys
-import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.common import environment, markdown_table, write_results
 from experiments.generate_bench import measure_machine
-
-
-def start_server(app):
-    import socket
-
-    import uvicorn
-
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, th, f"http://127.0.0.1:{port}"
 
 
 async def http_batch(url, prompts, n_new):
@@ -81,7 +63,7 @@ def main(argv=None):
     from moejax.models.transformer import Transformer, active_params
     from moejax.serve.engine import Engine, EngineConfig, SamplingParams
     from moejax.serve.scheduler import SchedulerConfig
-    from moejax.serve.server import create_app
+    from moejax.serve.server import create_app, serve_in_background
     from moejax.serve.tokenizer import ByteTokenizer
 
     cfg = get_preset("tiny")
@@ -129,16 +111,12 @@ def main(argv=None):
     res["engine_s"] = median(offline)
     print(f"engine offline: {B * N / res['engine_s']:.0f} tok/s", flush=True)
     app = create_app(engine, ByteTokenizer(cfg.vocab_size), model_name="tiny")
-    server, th, url = start_server(app)
-    try:
+    with serve_in_background(app) as url:
         def http():
             n, dt = asyncio.run(http_batch(url, prompts, N))
             assert n == B * N, n
             return dt
         res["server_s"] = median(http)
-    finally:
-        server.should_exit = True
-        th.join(timeout=30)
     print(f"server: {B * N / res['server_s']:.0f} tok/s", flush=True)
     res["single_tpot_s"] = median(single)
     res["static_s"] = median(static)

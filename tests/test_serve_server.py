@@ -2,8 +2,6 @@
 
 import asyncio
 import json
-import socket
-import threading
 import time
 
 import httpx
@@ -17,7 +15,7 @@ from moejax.models.generate import generate
 from moejax.models.transformer import Transformer
 from moejax.serve.engine import Engine, EngineConfig
 from moejax.serve.scheduler import SchedulerConfig
-from moejax.serve.server import create_app
+from moejax.serve.server import create_app, serve_in_background
 from moejax.serve.tokenizer import ByteTokenizer
 
 
@@ -162,37 +160,6 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(client):
     assert client.get("/health").status_code == 200
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-class LiveServer:
-    """uvicorn on a background thread (real sockets, so client disconnects are real)."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(200):
-            if self.server.started:
-                break
-            time.sleep(0.05)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *a):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
 def wait_idle(eng, timeout=20.0):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -204,7 +171,7 @@ def wait_idle(eng, timeout=20.0):
 
 def test_client_disconnect_mid_stream_frees_blocks(model):
     app, eng = make_app(model)
-    with LiveServer(app) as url:
+    with serve_in_background(app) as url:
         with httpx.Client(timeout=30) as c:
             with c.stream("POST", url + "/v1/completions", json={"prompt": "abc", "max_tokens": 100,
                                                                  "temperature": 0, "stream": True,
@@ -247,7 +214,7 @@ async def _load(url, clients: int, seconds: float, max_tokens: int):
 def test_load_200_streaming_clients(model):
     """200 concurrent streaming clients for 2 minutes: no 5xx other than 503 (with Retry-After); blocks freed."""
     app, eng = make_app(model, num_blocks=200)
-    with LiveServer(app) as url:
+    with serve_in_background(app) as url:
         codes = asyncio.run(_load(url, clients=200, seconds=120, max_tokens=16))
         assert wait_idle(eng, 60)
     print("status codes:", codes)

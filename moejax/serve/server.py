@@ -14,6 +14,7 @@ and their KV blocks freed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -536,6 +537,31 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "moejax", max_pen
                 "choices": choices, "usage": usage(final, [ids])}
 
     return app
+
+
+@contextlib.contextmanager
+def serve_in_background(app, host: str = "127.0.0.1"):
+    """Run ``app`` with uvicorn on a free port of ``host`` in a daemon thread; yields the base URL and stops the
+    server on exit (benchmarks and tests use real sockets, so client disconnects are real)."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(600):
+            if server.started:
+                break
+            time.sleep(0.05)
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 def serve(engine: Engine, tokenizer, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "moejax",
