@@ -84,7 +84,9 @@ def _paged_attend(q, kp, vp, li, tables, qpos, lengths, block_size, impl="xla"):
     Rows are left-padded, so a row's queries end at position ``lengths - 1`` (the layout of
     ``pallas_kernels.paged_attention``). ``impl="xla"``: gather the row's pages (``kp[li]`` through
     ``tables``) and run masked dense attention; queries see positions ``<= qpos`` and ``< lengths``; long
-    query blocks are split so the score matrix stays bounded. ``impl="pallas"`` (or ``"auto"``, which picks
+    query blocks are split so the score matrix stays bounded. This is the math of
+    ``pallas_kernels.paged_attention.paged_attention_reference``, but it gathers straight from the stacked
+    per-run pool (no copy of layer ``li``'s pages inside the layer scan) and blocks long prefill queries. ``impl="pallas"`` (or ``"auto"``, which picks
     the kernel only where it was validated faster) calls the paged-attention kernel on layer ``li``'s pages.
     """
     if impl != "xla":
