@@ -25,6 +25,14 @@ rewritten after every step, so a timeout still leaves the finished steps on disk
    16-token pages, against the XLA path (gather KV + dense attention); GB/s of KV read and the ratio to the
    copy bandwidth of step 1 (target >= 0.70), with a small ``pages_per_block`` x ``kv_splits`` sweep.
 
+7. ``check_dequant_matmul`` / ``dequant_matmul`` / ``dequant_tiling_sweep``: the dequant-matmul kernel
+   (int8, int4 and MWQ 2+1+1-bit planes, groups of 128) against its reference, then timed against the XLA
+   path (dequantize + dot) and a dense bf16 matmul at K 4096, N 14336 for 16 rows (decode) and 2048 rows
+   (prefill), and a tiling sweep at 2048 rows.
+
+``--only a,b`` runs only the steps whose names start with those prefixes, ``--skip`` the others; ``--out``
+names the results file (so a partial run does not overwrite the full one).
+
 Prints TFLOP/s, GB/s and ratios to the device's peak (from a table of known devices; ``null`` if unknown)
 and writes ``experiments/results/gpu_check.{json,md}`` (``gpu_check_smoke.*`` with ``--smoke``).
 """
@@ -164,7 +172,7 @@ def to_markdown(p):
                 checks.append({"step": name, **c})
             if not r.get("ok"):
                 checks.append({"step": name, "case": "-", "ok": False, "error": r.get("error", r.get("skipped"))})
-        elif name.startswith(("gmm_", "paged_")) and name != "gmm_tiling_sweep":
+        elif name.startswith(("gmm_", "paged_", "dequant_")) and name != "gmm_tiling_sweep":
             for c in r.get("rows", []):
                 timings.append({"step": name, **c})
             if not r.get("ok"):
@@ -173,10 +181,15 @@ def to_markdown(p):
         r = p["steps"].get(name, {})
         lines.append(f"- **{name}**: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                      for k, v in r.items() if k not in ("traceback", "sweep")))
+    sw = p["steps"].get("gmm_tiling_sweep", {}).get("sweep", {})
+    if sw:
+        lines.append("\n## Tiling sweep (8 experts top-2, uniform)\n")
+        lines.append(markdown_table([{"kernel": k, **r} for k, v in sw.items() for r in v["sweep"]],
+                                    ["kernel", "tiling", "median_ms", "tflops", "error"]))
     lines.append("\n## Correctness (kernel vs reference)\n")
     lines.append(markdown_table(checks, ["step", "case", "dtype", "rel_err", "tol", "ok", "error"]))
     lines.append("\n## Timings\n")
-    lines.append(markdown_table(timings, ["step", "path", "median_ms", "tflops", "gbps", "vs_dense", "vs_xla",
+    lines.append(markdown_table(timings, ["step", "M", "path", "median_ms", "tflops", "gbps", "vs_dense", "vs_xla",
                                           "vs_peak", "vs_copy", "target_met", "error"]))
     return "\n".join(lines) + "\n"
 
@@ -186,6 +199,8 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (interpreted on CPU); writes *_smoke")
     ap.add_argument("--budget-s", type=float, default=270.0, help="skip remaining steps after this many seconds")
     ap.add_argument("--skip", default="", help="comma-separated step-name prefixes to skip")
+    ap.add_argument("--only", default="", help="comma-separated step-name prefixes to run (default: all)")
+    ap.add_argument("--out", default=None, help="results name under experiments/results (default gpu_check)")
     args = ap.parse_args(argv)
 
     import jax
@@ -193,6 +208,11 @@ def main(argv=None):
     import numpy as np
 
     from pallas_kernels import _compat
+    from pallas_kernels.dequant_matmul import (
+        DequantTiling,
+        dequant_matmul,
+        dequant_matmul_reference,
+    )
     from pallas_kernels.grouped_matmul import (
         GmmTiling,
         gmm,
@@ -217,14 +237,15 @@ def main(argv=None):
           f"peak {peak}", flush=True)
     if not args.smoke and interpret:
         print("WARNING: no GPU/TPU backend: the kernels run interpreted; use --smoke on CPU", flush=True)
-    run = Runner("gpu_check_smoke" if args.smoke else "gpu_check", payload, args.budget_s)
+    run = Runner(args.out or ("gpu_check_smoke" if args.smoke else "gpu_check"), payload, args.budget_s)
     skip = tuple(s for s in args.skip.split(",") if s)
+    only = tuple(s for s in args.only.split(",") if s)
     it = {"iters": S["iters"], "reps": S["reps"]}
     shared = {}
 
     def step(name, fn):
-        if skip and name.startswith(skip):
-            payload["steps"][name] = {"ok": False, "skipped": "--skip"}
+        if (skip and name.startswith(skip)) or (only and not name.startswith(only)):
+            payload["steps"][name] = {"ok": True, "skipped": "--skip/--only"}
             return None
         return run.step(name, fn)
 
@@ -362,38 +383,51 @@ def main(argv=None):
         sizes[0] += M - sizes.sum()
         return x, w, dy, jnp.asarray(sizes, jnp.int32), 2 * M * D * F
 
-    tilings = [GmmTiling(128, 128, 128), GmmTiling(128, 64, 128, num_warps=4, num_stages=4),
-               GmmTiling(128, 64, 128, num_warps=4, num_stages=4, group_m=1),
-               GmmTiling(128, 64, 256, num_warps=8, num_stages=3), GmmTiling(64, 64, 128, num_warps=4, num_stages=4)]
+    tilings = [GmmTiling(128, 128, 128), GmmTiling(128, 128, 128, num_warps=8),
+               GmmTiling(128, 64, 256, num_warps=8, num_stages=3), GmmTiling(128, 64, 256, num_warps=8, num_stages=4),
+               GmmTiling(256, 64, 128, num_warps=8, num_stages=3), GmmTiling(256, 64, 128, num_warps=8, num_stages=4),
+               GmmTiling(256, 64, 256, num_warps=8, num_stages=3), GmmTiling(256, 128, 128, num_warps=8)]
+    tgmm_tilings = [GmmTiling(128, 128, 128, num_warps=8), GmmTiling(128, 128, 256, num_warps=8),
+                    GmmTiling(64, 128, 256, num_warps=8, num_stages=3), GmmTiling(64, 256, 128, num_warps=8, num_stages=3),
+                    GmmTiling(64, 128, 256, num_warps=8, num_stages=4), GmmTiling(32, 256, 256, num_warps=8, num_stages=3),
+                    GmmTiling(128, 256, 128, num_warps=8), GmmTiling(64, 256, 256, num_warps=8)]
     if variant == "tpu":
         tilings = [GmmTiling(128, 128, 128), GmmTiling(256, 512, 512), GmmTiling(512, 1024, 1024)]
+        tgmm_tilings = tilings
     if args.smoke:
         tilings = tilings[:2] if variant == "gpu" else tilings[:1]
-    shared["tiling"] = tilings[0]
+        tgmm_tilings = tgmm_tilings[:2] if variant == "gpu" else tgmm_tilings[:1]
+    shared["tiling"], shared["tgmm_tiling"] = tilings[0], tgmm_tilings[0]
 
     def sweep():
-        x, w, _, gs, flops = gmm_setup(S["gmm"]["8e-top2"], "uniform")
-        rows = []
-        for t in tilings:
-            try:
-                r = bench(jax.jit(lambda x, w, gs, t=t: gmm(x, w, gs, impl="pallas", tiling=t, interpret=interpret)),
-                          x, w, gs, **it)
-                rows.append({"tiling": str(t), "median_ms": r["median_s"] * 1e3,
-                             "tflops": flops / r["median_s"] / 1e12})
-                print(f"   {t}: {rows[-1]['tflops']:.1f} TFLOP/s", flush=True)
-            except Exception as e:  # noqa: BLE001
-                rows.append({"tiling": str(t), "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        good = [(r["median_ms"], i) for i, r in enumerate(rows) if "median_ms" in r]
-        if good:
-            shared["tiling"] = tilings[min(good)[1]]
-        return {"sweep": rows, "best": str(shared["tiling"])}
+        x, w, dy, gs, flops = gmm_setup(S["gmm"]["8e-top2"], "uniform")
+        out = {}
+        for kname, key, cands, fn, args_ in (
+                ("gmm", "tiling", tilings, lambda t: lambda x, w, gs: gmm(x, w, gs, impl="pallas", tiling=t,
+                                                                 interpret=interpret), (x, w, gs)),
+                ("tgmm", "tgmm_tiling", tgmm_tilings, lambda t: lambda x, dy, gs: tgmm(x, dy, gs, impl="pallas", tiling=t,
+                                                                       interpret=interpret), (x, dy, gs))):
+            rows = []
+            for t in cands:
+                try:
+                    r = bench(jax.jit(fn(t)), *args_, **it)
+                    rows.append({"tiling": str(t), "median_ms": r["median_s"] * 1e3,
+                                 "tflops": flops / r["median_s"] / 1e12})
+                    print(f"   {kname} {t}: {rows[-1]['tflops']:.1f} TFLOP/s", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"tiling": str(t), "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            good = [(r["median_ms"], i) for i, r in enumerate(rows) if "median_ms" in r]
+            if good:
+                shared[key] = cands[min(good)[1]]
+            out[kname] = {"sweep": rows, "best": str(shared[key])}
+        return {"sweep": out, "best": str(shared["tiling"]), "best_tgmm": str(shared["tgmm_tiling"])}
 
     step("gmm_tiling_sweep", sweep)
 
     def gmm_timing(cname, routing):
         def fn():
             x, w, dy, gs, flops = gmm_setup(S["gmm"][cname], routing)
-            t = shared["tiling"]
+            t, tt = shared["tiling"], shared["tgmm_tiling"]
             M, D = x.shape
             F = w.shape[2]
             w0 = w[0]
@@ -403,7 +437,7 @@ def main(argv=None):
                 "pallas gmm": (jax.jit(lambda x, w, gs: gmm(x, w, gs, impl="pallas", tiling=t, interpret=interpret)),
                                (x, w, gs)),
                 "ragged_dot_general (tgmm)": (jax.jit(lambda x, dy, gs: tgmm(x, dy, gs, impl="xla")), (x, dy, gs)),
-                "pallas tgmm": (jax.jit(lambda x, dy, gs: tgmm(x, dy, gs, impl="pallas", tiling=t,
+                "pallas tgmm": (jax.jit(lambda x, dy, gs: tgmm(x, dy, gs, impl="pallas", tiling=tt,
                                                                interpret=interpret)), (x, dy, gs)),
             }
             res = {}
@@ -429,7 +463,7 @@ def main(argv=None):
                 print(f"   {pname}: {row['median_ms']:.3f} ms {tf:.1f} TFLOP/s vs dense "
                       f"{row['vs_dense'] or float('nan'):.2f} vs xla {row.get('vs_xla', float('nan')):.2f}", flush=True)
             return {"M": M, "D": D, "F": F, "E": w.shape[0], "group_sizes": [int(v) for v in gs],
-                    "tiling": str(t), "rows": rows}
+                    "tiling": str(t), "tgmm_tiling": str(tt), "rows": rows}
         return fn
 
     for cname in S["gmm"]:
@@ -476,9 +510,102 @@ def main(argv=None):
         return {**c, "kv_bytes": kv_bytes, "rows": rows}
 
     step("paged_decode", paged_decode)
+
+    # 7. dequant-matmul (D2MoE / uniform int-k expert weights) ----------------------------------------
+    def dq_inputs(M, K, N, bits, gsz, seed=0):
+        rng_ = np.random.default_rng(seed)
+        planes = tuple(jnp.asarray(rng_.integers(0, 256, (K * b // 8, N), dtype=np.uint8)) for b in bits)
+        scales = tuple(jnp.asarray(rng_.uniform(0.5, 1.5, (K // gsz, N)) * 0.01 / 2 ** sum(bits[:i + 1]),
+                                   jnp.float16) for i in range(len(bits)))
+        zero = jnp.asarray(rng_.normal(0, 0.01, (K // gsz, N)), jnp.float16)
+        x = jnp.asarray(rng_.normal(0, 1, (M, K)), jnp.bfloat16)
+        wbytes = sum(p.size for p in planes) + 2 * (sum(s_.size for s_ in scales) + zero.size)
+        return x, planes, scales, zero, wbytes
+
+    dq_bits = [("int8", (8,), 0.0), ("int4", (4,), 0.0), ("mwq 2+1+1", (2, 1, 1), 0.5)]
+
+    def check_dq():
+        cases, ok = [], True
+        M, K, N, gsz = (64, 1024, 512, 128) if not args.smoke else (16, 256, 64, 128)
+        for label, bits, off in dq_bits:
+            x, planes, scales, zero, _ = dq_inputs(M, K, N, bits, gsz, seed=2)
+            kw = {"plane_bits": bits, "group_size": gsz, "base_offset": off}
+            ref = dequant_matmul_reference(x.astype(jnp.float32), planes, scales, zero, **kw)
+            for dtype in (jnp.bfloat16, jnp.float32):
+                out = jax.jit(lambda x, pl_, sc, z, kw=kw: dequant_matmul(x, pl_, sc, z, impl="pallas",
+                                                                          interpret=interpret, **kw))(x.astype(dtype), planes, scales, zero)
+                e = rel_err(out, ref)
+                cases.append({"case": f"{label} {M}x{K}x{N} G={gsz}", "dtype": jnp.dtype(dtype).name,
+                              "rel_err": e, "tol": tol[dtype], "ok": e <= tol[dtype]})
+                ok &= e <= tol[dtype]
+        return {"cases": cases, "all_ok": bool(ok)}
+
+    step("check_dequant_matmul", check_dq)
+
+    def dq_timing():
+        K, N, gsz = (4096, 14336, 128) if not args.smoke else (256, 128, 128)
+        Ms = (16, 2048) if not args.smoke else (16,)
+        copy = shared.get("copy_gbps")
+        rows = []
+        for M in Ms:
+            x0 = jnp.asarray(np.random.default_rng(4).normal(0, 1, (M, K)), jnp.bfloat16)
+            wd = jnp.zeros((K, N), jnp.bfloat16)
+            r = bench(jax.jit(lambda x, w: x @ w), x0, wd, **it)
+            dense_s = r["median_s"]
+            rows.append({"M": M, "path": "dense bf16 x @ w", "median_ms": dense_s * 1e3,
+                         "gbps": K * N * 2 / dense_s / 1e9, "tflops": 2 * M * K * N / dense_s / 1e12})
+            for label, bits, off in dq_bits:
+                x, planes, scales, zero, wbytes = dq_inputs(M, K, N, bits, gsz, seed=3)
+                kw = {"plane_bits": bits, "group_size": gsz, "base_offset": off}
+                res = {}
+                for impl in ("xla", "pallas"):
+                    f = jax.jit(lambda x, pl_, sc, z, impl=impl, kw=kw: dequant_matmul(
+                        x, pl_, sc, z, impl=impl, interpret=interpret if impl == "pallas" else None, **kw))
+                    try:
+                        res[impl] = bench(f, x, planes, scales, zero, **it)["median_s"]
+                    except Exception as e:  # noqa: BLE001
+                        rows.append({"M": M, "path": f"{impl} {label}", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                        continue
+                    gbps = wbytes / res[impl] / 1e9
+                    row = {"M": M, "path": f"{impl} {label}", "median_ms": res[impl] * 1e3, "gbps": gbps,
+                           "vs_copy": gbps / copy if copy else None, "vs_dense": dense_s / res[impl],
+                           "tflops": 2 * M * K * N / res[impl] / 1e12}
+                    if impl == "pallas" and "xla" in res:
+                        row["vs_xla"] = res["xla"] / res[impl]
+                    rows.append(row)
+                    print(f"   M={M} {impl} {label}: {row['median_ms']:.3f} ms {gbps:.0f} GB/s "
+                          f"vs dense {row['vs_dense']:.2f} vs xla {row.get('vs_xla', float('nan')):.2f}", flush=True)
+        return {"K": K, "N": N, "group_size": gsz, "rows": rows}
+
+    step("dequant_matmul", dq_timing)
+
+    def dq_sweep():
+        K, N, gsz, M = (4096, 14336, 128, 2048) if not args.smoke else (256, 128, 128, 64)
+        cands = [DequantTiling(64, 128), DequantTiling(128, 128, num_warps=8), DequantTiling(128, 256, num_warps=8),
+                 DequantTiling(256, 128, num_warps=8), DequantTiling(256, 256, num_warps=8)]
+        if args.smoke:
+            cands = cands[:2]
+        rows = []
+        for label, bits, off in dq_bits[1:]:
+            x, planes, scales, zero, _ = dq_inputs(M, K, N, bits, gsz, seed=3)
+            for t in cands:
+                f = jax.jit(lambda x, pl_, sc, z, t=t, bits=bits, off=off: dequant_matmul(
+                    x, pl_, sc, z, impl="pallas", tiling=t, interpret=interpret, plane_bits=bits, group_size=gsz,
+                    base_offset=off))
+                try:
+                    r = bench(f, x, planes, scales, zero, **it)
+                    rows.append({"M": M, "path": f"pallas {label} {t}", "median_ms": r["median_s"] * 1e3,
+                                 "tflops": 2 * M * K * N / r["median_s"] / 1e12})
+                    print(f"   {label} {t}: {rows[-1]['median_ms']:.3f} ms", flush=True)
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"M": M, "path": f"pallas {label} {t}", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        return {"rows": rows}
+
+    step("dequant_tiling_sweep", dq_sweep)
     run.write()
     failed = [n for n, r in payload["steps"].items() if not r.get("ok")]
-    bad_checks = [n for n, r in payload["steps"].items() if n.startswith("check_") and not r.get("all_ok", False)]
+    bad_checks = [n for n, r in payload["steps"].items() if n.startswith("check_") and not r.get("skipped")
+                  and not r.get("all_ok", False)]
     print(f"done in {payload['total_wall_s']:.0f}s; failed steps: {failed or 'none'}; "
           f"checks not passing: {bad_checks or 'none'}", flush=True)
     return 0 if not failed and not bad_checks else 1

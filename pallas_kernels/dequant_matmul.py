@@ -31,8 +31,12 @@ Implementations (``impl``):
   rows of every plane, unpacks and dequantizes them into a ``[c, tn]`` float32 tile (never writing the
   dequantized weight to memory) and accumulates ``x[:, chunk] @ tile``. On CPU it runs in Pallas interpret
   mode. There is no TPU (Mosaic) variant yet: ``variant="tpu"`` raises.
-- ``"auto"``: the kernel only where ``(variant, backend)`` is in :data:`VALIDATED_FASTER` (empty: the kernel
-  has not been compiled and measured on a GPU yet), else ``"xla"``.
+- ``"auto"``: the kernel only where ``(variant, backend)`` is in :data:`VALIDATED_FASTER` (the GPU variant on
+  GPUs) **and** ``x`` has at most :data:`AUTO_MAX_ROWS` rows, else ``"xla"``. On one H100 (jax 0.11.2,
+  ``experiments/results/gpu_check_dequant.md``; K 4096, N 14336, groups of 128) the kernel passed its checks
+  and at 16 rows (decode) ran 1.8x (int8), 3.4x (int4) and 1.35x (MWQ 2+1+1 bits) faster than the XLA path,
+  but at 2048 rows (prefill) it ran at 0.24-0.52x of it (0.49-0.89x with the best tiling of
+  ``gpu_check_dequant_sweep.md``): there dequantizing once and calling the dense matmul wins.
 """
 
 from __future__ import annotations
@@ -54,7 +58,9 @@ PLANE_BITS = (1, 2, 4, 8)
 SCALE_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 # (variant, backend) pairs where the kernel was compiled for real, checked against the reference and measured
 # faster than the XLA path. "auto" uses the kernel only there. Empty until a device run validates it.
-VALIDATED_FASTER: frozenset = frozenset()
+VALIDATED_FASTER: frozenset = frozenset({("gpu", "gpu")})
+# "auto" picks the kernel only up to this many rows of x (measured faster at 16 rows, slower at 2048).
+AUTO_MAX_ROWS = 16
 
 _F32 = jnp.float32
 
@@ -284,13 +290,15 @@ def _dequant_matmul_pallas(x, planes, scales, zero, *, plane_bits, group_size, b
     return out[:M, :N]
 
 
-def resolve_impl(impl: str, variant: str | None = None) -> str:
-    """``"auto"`` -> ``"pallas"`` only where ``(variant, backend)`` is in :data:`VALIDATED_FASTER`."""
+def resolve_impl(impl: str, variant: str | None = None, rows: int | None = None) -> str:
+    """``"auto"`` -> ``"pallas"`` only where ``(variant, backend)`` is in :data:`VALIDATED_FASTER` and ``rows``
+    (the rows of ``x``; ``None`` = unknown) is at most :data:`AUTO_MAX_ROWS`."""
     _check_impl(impl)
     if impl != "auto":
         return impl
     v = _check_variant(variant)
-    return "pallas" if (v, _compat.backend()) in VALIDATED_FASTER else "xla"
+    small = rows is not None and rows <= AUTO_MAX_ROWS
+    return "pallas" if (v, _compat.backend()) in VALIDATED_FASTER and small else "xla"
 
 
 def dequant_matmul(x: jax.Array, planes, scales, zero, *, plane_bits, group_size: int, base_offset: float = 0.5,
@@ -316,7 +324,7 @@ def dequant_matmul(x: jax.Array, planes, scales, zero, *, plane_bits, group_size
     Shapes, dtypes and tiling are validated before anything is traced.
     """
     plane_bits = _validate(x, planes, scales, zero, plane_bits, group_size, base_offset)
-    impl = resolve_impl(impl, variant)
+    impl = resolve_impl(impl, variant, rows=x.shape[0])
     out_dtype = jnp.dtype(preferred_element_type or x.dtype)
     if impl == "xla":
         return dequant_matmul_reference(x, tuple(planes), tuple(scales), zero, plane_bits=plane_bits,

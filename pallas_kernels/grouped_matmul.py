@@ -37,10 +37,14 @@ Implementations (``impl``):
     TPU interpreter (``pltpu.InterpretParams``).
 
 - ``"auto"``: the kernel only on backends where it has been compiled for real, validated and measured faster
-  than ``"xla"`` (:data:`VALIDATED_FASTER`, currently empty: no GPU or TPU has been lent to this project yet),
-  else ``"xla"``.
+  than ``"xla"`` (:data:`VALIDATED_FASTER`), else ``"xla"``. Today that is the GPU variant on GPUs: on one
+  H100 (jax 0.11.2, ``experiments/results/gpu_check.md``) it passed every check and ran 4.8-5.3x faster than
+  ``lax.ragged_dot`` (which XLA lowers to a dense masked product there; at 64 experts it runs out of memory)
+  at 0.50-0.71 of a dense ``jnp.dot`` with the same FLOPs (the issue's 0.85 target is not met). The TPU
+  variant has never run on a TPU.
 
-Block sizes come from :class:`GmmTiling`; tiles larger than a (rounded-up) dimension are clamped to it and
+Block sizes come from :class:`GmmTiling` (``None``: :func:`default_tiling`, the best of the H100 sweep on the
+GPU variant); tiles larger than a (rounded-up) dimension are clamped to it and
 dimensions that are not tile multiples are zero-padded around the kernel (a copy of the operand; avoid it on
 hot paths by using tile-multiple dimensions). Accumulation is float32; the output dtype is ``lhs.dtype``
 unless ``preferred_element_type`` says otherwise.
@@ -63,7 +67,7 @@ IMPLS = ("xla", "pallas", "auto")
 # (variant, backend) pairs where the kernel was compiled for real, checked against the reference and measured
 # faster than the XLA path by experiments/gpu_check.py. "auto" uses the kernel only there. Empty until a
 # device is lent and the check passes; add the pair together with the committed results.
-VALIDATED_FASTER: frozenset = frozenset()
+VALIDATED_FASTER: frozenset = frozenset({("gpu", "gpu")})
 
 _F32 = jnp.float32
 
@@ -76,7 +80,8 @@ class GmmTiling:
       tm: rows (tokens) per tile. GPU: a power of two >= 16; TPU: a multiple of 8.
       tk: contraction (``K``) tile. GPU: a power of two >= 16; TPU: a multiple of 128.
       tn: output-column (``N``) tile. GPU: a power of two >= 16; TPU: a multiple of 128.
-      num_warps, num_stages: Triton launch parameters (GPU variant only; ``None`` = Triton's defaults).
+      num_warps, num_stages: Triton launch parameters (GPU variant only). ``num_warps=None``: Triton's default;
+        ``num_stages=None``: 3, or fewer where 3 pipelined operand tiles would not fit in shared memory.
       group_m: GPU ``gmm`` launch order: programs run in groups of ``group_m`` row tiles that sweep the
         column tiles together, so concurrently running programs share ``rhs`` column blocks in L2 (the
         usual Triton matmul swizzle; 1 = row-major order).
@@ -233,6 +238,17 @@ def _tgmm_xla(lhs, rhs, group_sizes, out_dtype):
 
 # ------------------------------------------------------------------------------------------ GPU (Triton) kernels
 
+def default_tiling(variant: str, op: str = "gmm") -> GmmTiling:
+    """Block sizes used when ``tiling=None``: per kernel on the GPU variant (the fastest of the tiling sweep in
+    ``experiments/gpu_check.py`` on an H100, 8 experts top-2 at 16384 tokens: ``gmm`` 256x64x128 and ``tgmm``
+    64x128x256, 8 warps), 128x128x128 on the TPU variant. Tiles are clamped to small dimensions."""
+    if op not in ("gmm", "tgmm"):
+        raise ValueError(f"op must be 'gmm' or 'tgmm', got {op!r}")
+    if variant == "gpu":
+        return GmmTiling(256, 64, 128, num_warps=8) if op == "gmm" else GmmTiling(64, 128, 256, num_warps=8)
+    return GmmTiling()
+
+
 def _swizzle(pid, tiles_m, tiles_n, group_m):
     """Program id -> (row tile, column tile), ``group_m`` row tiles at a time (non-negative int math only)."""
     group_m = min(group_m, tiles_m)
@@ -241,6 +257,19 @@ def _swizzle(pid, tiles_m, tiles_n, group_m):
     size_m = jnp.minimum(tiles_m - first_m, group_m)
     r = lax.rem(pid, per_group)
     return first_m + lax.rem(r, size_m), lax.div(r, size_m)
+
+
+_SMEM_BUDGET = 200 * 1024  # bytes of shared memory the software pipeline may use (H100: 227 KiB per block)
+
+
+def _gpu_stages(num_stages, stage_bytes):
+    """Triton pipeline depth: the caller's, or (``None``) 3 reduced until ``stages * stage_bytes`` fits."""
+    if num_stages is not None:
+        return num_stages
+    stages = 3
+    while stages > 1 and stages * stage_bytes > _SMEM_BUDGET:
+        stages -= 1
+    return stages
 
 
 def _gmm_gpu_call(lhs, rhs, group_sizes, *, tm, tk, tn, transpose_rhs, out_dtype, interpret, num_warps,
@@ -255,41 +284,57 @@ def _gmm_gpu_call(lhs, rhs, group_sizes, *, tm, tk, tn, transpose_rhs, out_dtype
     hi = jnp.minimum(lo + tm, ends[-1])
     g_first = jnp.searchsorted(ends, lo, side="right").astype(jnp.int32)  # first group ending after lo
     g_stop = jnp.searchsorted(starts, hi, side="left").astype(jnp.int32)  # groups starting before hi
+    # A row tile wholly inside one group (the common case) needs no row mask: its operands go straight from
+    # the pipelined loads to the tensor-core dot.
+    g_safe = jnp.minimum(g_first, group_sizes.shape[0] - 1)
+    whole = ((g_stop - g_first == 1) & (offsets[g_safe] <= lo) & (offsets[g_safe + 1] >= lo + tm)).astype(jnp.int32)
     dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
 
-    def kernel(gfirst_ref, gstop_ref, off_ref, x_ref, w_ref, o_ref):
+    def kernel(gfirst_ref, gstop_ref, whole_ref, off_ref, x_ref, w_ref, o_ref):
         i, j = _swizzle(pl.program_id(0), tiles_m, tiles_n, group_m)
-        rows = i * tm + lax.broadcasted_iota(jnp.int32, (tm, tk), 0)
+        g0, g1 = gfirst_ref[i], gstop_ref[i]
 
-        def group_body(g, acc):
-            g_lo, g_hi = off_ref[g], off_ref[g + 1]
-            mask = (rows >= g_lo) & (rows < g_hi)
-
+        def k_loop(g, acc, mask):
             def k_body(kk, acc):
                 x = x_ref[pl.ds(i * tm, tm), pl.ds(kk * tk, tk)]
-                x = jnp.where(mask, x, jnp.zeros_like(x))
+                if mask is not None:
+                    x = jnp.where(mask, x, jnp.zeros_like(x))
                 if transpose_rhs:
                     w = w_ref[g, pl.ds(j * tn, tn), pl.ds(kk * tk, tk)]
                 else:
                     w = w_ref[g, pl.ds(kk * tk, tk), pl.ds(j * tn, tn)]
                 return acc + lax.dot_general(x, w, dims, preferred_element_type=_F32)
 
-            return lax.fori_loop(0, jnp.where(g_hi > g_lo, tiles_k, 0), k_body, acc)
+            return lax.fori_loop(0, tiles_k, k_body, acc)
 
-        acc = lax.fori_loop(gfirst_ref[i], gstop_ref[i], group_body, jnp.zeros((tm, tn), _F32))
+        def one_group(acc):
+            return k_loop(g0, acc, None)
+
+        def mixed(acc):
+            rows = i * tm + lax.broadcasted_iota(jnp.int32, (tm, tk), 0)
+
+            def group_body(g, acc):
+                g_lo, g_hi = off_ref[g], off_ref[g + 1]
+                mask = (rows >= g_lo) & (rows < g_hi)
+                return lax.cond(g_hi > g_lo, lambda a: k_loop(g, a, mask), lambda a: a, acc)
+
+            return lax.fori_loop(g0, g1, group_body, acc)
+
+        acc = lax.cond(whole_ref[i] == 1, one_group, mixed, jnp.zeros((tm, tn), _F32))
         o_ref[...] = acc.astype(o_ref.dtype)
 
     full = pl.BlockSpec()
+    stage_bytes = (tm * tk + tk * tn) * lhs.dtype.itemsize
     return pl.pallas_call(
         kernel,
         grid=(tiles_m * tiles_n,),
-        in_specs=[full, full, full, full, full],
+        in_specs=[full] * 6,
         out_specs=pl.BlockSpec((tm, tn), lambda p: _swizzle(p, tiles_m, tiles_n, group_m)),
         out_shape=jax.ShapeDtypeStruct((M, N), out_dtype),
-        compiler_params=_compat.gpu_compiler_params(num_warps, num_stages),
+        compiler_params=_compat.gpu_compiler_params(num_warps, _gpu_stages(num_stages, stage_bytes)),
         interpret=interpret,
         name=f"gmm_gpu_{tm}x{tk}x{tn}",
-    )(g_first, g_stop, offsets, lhs, rhs)
+    )(g_first, g_stop, whole, offsets, lhs, rhs)
 
 
 def _tgmm_gpu_call(lhs, rhs, group_sizes, *, tm, tk, tn, out_dtype, interpret, num_warps, num_stages):
@@ -297,33 +342,42 @@ def _tgmm_gpu_call(lhs, rhs, group_sizes, *, tm, tk, tn, out_dtype, interpret, n
     N = rhs.shape[1]
     G = group_sizes.shape[0]
     offsets = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(group_sizes).astype(jnp.int32)])
+    dims = (((0,), (0,)), ((), ()))
 
     def kernel(off_ref, x_ref, y_ref, o_ref):
         g, a, c = pl.program_id(0), pl.program_id(1), pl.program_id(2)
         g_lo, g_hi = off_ref[g], off_ref[g + 1]
-        t0 = g_lo // tm
-        t1 = jnp.where(g_hi > g_lo, (g_hi + tm - 1) // tm, t0)
+        nonempty = g_hi > g_lo
 
-        def body(t, acc):
-            xr = t * tm + lax.broadcasted_iota(jnp.int32, (tm, tk), 0)
-            yr = t * tm + lax.broadcasted_iota(jnp.int32, (tm, tn), 0)
+        def tile(t, acc, masked):
             x = x_ref[pl.ds(t * tm, tm), pl.ds(a * tk, tk)]
             y = y_ref[pl.ds(t * tm, tm), pl.ds(c * tn, tn)]
-            x = jnp.where((xr >= g_lo) & (xr < g_hi), x, jnp.zeros_like(x))
-            y = jnp.where((yr >= g_lo) & (yr < g_hi), y, jnp.zeros_like(y))
-            return acc + lax.dot_general(x, y, (((0,), (0,)), ((), ())), preferred_element_type=_F32)
+            if masked:  # only x: a zero row of x zeroes that row's whole contribution
+                xr = t * tm + lax.broadcasted_iota(jnp.int32, (tm, tk), 0)
+                x = jnp.where((xr >= g_lo) & (xr < g_hi), x, jnp.zeros_like(x))
+            return acc + lax.dot_general(x, y, dims, preferred_element_type=_F32)
 
-        acc = lax.fori_loop(t0, t1, body, jnp.zeros((tk, tn), _F32))
+        # Row tiles wholly inside the group run unmasked; the (at most two) partial tiles at its ends masked.
+        t_in0 = (g_lo + tm - 1) // tm
+        t_in1 = jnp.where(nonempty, g_hi // tm, t_in0)
+        acc = lax.fori_loop(t_in0, jnp.maximum(t_in0, t_in1), lambda t, acc: tile(t, acc, False),
+                            jnp.zeros((tk, tn), _F32))
+        t_head, t_tail = g_lo // tm, g_hi // tm
+        do_head = nonempty & (g_lo % tm != 0)
+        do_tail = nonempty & (g_hi % tm != 0) & ~(do_head & (t_tail == t_head))
+        acc = lax.cond(do_head, lambda a_: tile(t_head, a_, True), lambda a_: a_, acc)
+        acc = lax.cond(do_tail, lambda a_: tile(t_tail, a_, True), lambda a_: a_, acc)
         o_ref[...] = acc.astype(o_ref.dtype)
 
     full = pl.BlockSpec()
+    stage_bytes = (tm * tk + tm * tn) * lhs.dtype.itemsize
     return pl.pallas_call(
         kernel,
         grid=(G, K // tk, N // tn),
         in_specs=[full, full, full],
         out_specs=pl.BlockSpec((None, tk, tn), lambda g, a, c: (g, a, c)),
         out_shape=jax.ShapeDtypeStruct((G, K, N), out_dtype),
-        compiler_params=_compat.gpu_compiler_params(num_warps, num_stages),
+        compiler_params=_compat.gpu_compiler_params(num_warps, _gpu_stages(num_stages, stage_bytes)),
         interpret=interpret,
         name=f"tgmm_gpu_{tm}x{tk}x{tn}",
     )(offsets, lhs, rhs)
@@ -474,7 +528,7 @@ def _tgmm_tpu_call(lhs, rhs, group_sizes, *, tm, tk, tn, out_dtype, interpret):
 @dataclasses.dataclass(frozen=True)
 class _Static:
     variant: str
-    tiling: GmmTiling
+    tiling: GmmTiling | None  # None: default_tiling(variant, op) for each kernel
     interpret: bool
     transpose_rhs: bool
     out_dtype: object
@@ -501,7 +555,8 @@ def _gmm_kernel(lhs, rhs, group_sizes, st: _Static, transpose_rhs: bool):
     N = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     if M == 0 or N == 0 or K == 0:
         return jnp.zeros((M, N), st.out_dtype)
-    t, v = st.tiling, st.variant
+    v = st.variant
+    t = st.tiling or default_tiling(v, "gmm")
     tm, tk, tn = _fit(t.tm, M, v, rows=True), _fit(t.tk, K, v, rows=False), _fit(t.tn, N, v, rows=False)
     x = _pad_to(_pad_to(lhs, 0, tm), 1, tk)
     k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
@@ -522,7 +577,8 @@ def _tgmm_kernel(lhs, rhs, group_sizes, st: _Static):
     N = rhs.shape[1]
     if M == 0 or N == 0 or K == 0:
         return jnp.zeros((group_sizes.shape[0], K, N), st.out_dtype)
-    t, v = st.tiling, st.variant
+    v = st.variant
+    t = st.tiling or default_tiling(v, "tgmm")
     tm, tk, tn = _fit(t.tm, M, v, rows=True), _fit(t.tk, K, v, rows=False), _fit(t.tn, N, v, rows=False)
     x = _pad_to(_pad_to(lhs, 0, tm), 1, tk)
     y = _pad_to(_pad_to(rhs, 0, tm), 1, tn)
@@ -571,11 +627,10 @@ def resolve_impl(impl: str, variant: str | None = None) -> str:
 def _prepare(impl, variant, tiling, interpret):
     impl = resolve_impl(impl, variant)
     variant = _check_variant(variant)
-    if tiling is None:
-        tiling = GmmTiling()
-    if not isinstance(tiling, GmmTiling):
-        raise TypeError(f"tiling must be a GmmTiling or None, got {type(tiling).__name__}")
-    tiling.validate(variant)
+    if tiling is not None:
+        if not isinstance(tiling, GmmTiling):
+            raise TypeError(f"tiling must be a GmmTiling or None, got {type(tiling).__name__}")
+        tiling.validate(variant)
     return impl, variant, tiling, _compat.resolve_interpret(interpret, variant)
 
 
@@ -589,7 +644,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, impl: str = "
       rhs: ``[G, K, N]`` (``[G, N, K]`` with ``transpose_rhs``), same dtype as ``lhs``.
       group_sizes: int32 ``[G]``, non-negative, ``sum <= M``.
       impl: ``"xla"`` (``lax.ragged_dot``), ``"pallas"`` (the kernel) or ``"auto"`` (see module docstring).
-      tiling: :class:`GmmTiling` (default 128x128x128, clamped to small dimensions).
+      tiling: :class:`GmmTiling` (``None``: :func:`default_tiling` per kernel; clamped to small dimensions).
       variant: ``"gpu"`` (Triton backend) or ``"tpu"`` (Mosaic backend); ``None`` picks by backend (``tpu`` on
         TPU, else ``gpu``).
       transpose_rhs: use ``rhs[g].T``.

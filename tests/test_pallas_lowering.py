@@ -16,6 +16,31 @@ from pallas_kernels.paged_attention import PagedAttentionConfig, paged_attention
 PLATFORM = {"gpu": "cuda", "tpu": "tpu"}
 
 
+@pytest.fixture(autouse=True)
+def verify_triton_modules(monkeypatch):
+    """Run the MLIR verifier on every Triton module the GPU lowering builds.
+
+    XLA's Triton pipeline verifies the module only on a GPU ("Failed to parse Triton module"); verifying it
+    here catches ill-typed IR (e.g. an ``scf.for`` whose bounds differ in type) on this CPU machine.
+    Yields the list of verified modules so a test can check that the hook ran.
+    """
+    try:
+        from jax._src.pallas.triton import lowering as triton_lowering
+    except ImportError:  # pragma: no cover - a jax without the Triton lowering
+        yield None
+        return
+    orig, seen = triton_lowering.lower_jaxpr_to_triton_module, []
+
+    def checked(*args, **kwargs):
+        result = orig(*args, **kwargs)
+        result.module.operation.verify()  # raises MLIRError with the failing op
+        seen.append(True)
+        return result
+
+    monkeypatch.setattr(triton_lowering, "lower_jaxpr_to_triton_module", checked)
+    yield seen
+
+
 def lower(fn, args, platform):
     traced = jax.jit(fn).trace(*args)
     try:
@@ -25,11 +50,12 @@ def lower(fn, args, platform):
 
 
 @pytest.mark.parametrize("variant", ["gpu", "tpu"])
-def test_grouped_matmul_lowers(variant):
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_grouped_matmul_lowers(variant, dtype, verify_triton_modules):
     M, K, N, G = 512, 256, 384, 8
-    x = jnp.zeros((M, K), jnp.bfloat16)
-    w = jnp.zeros((G, K, N), jnp.bfloat16)
-    dy = jnp.zeros((M, N), jnp.bfloat16)
+    x = jnp.zeros((M, K), dtype)
+    w = jnp.zeros((G, K, N), dtype)
+    dy = jnp.zeros((M, N), dtype)
     gs = jnp.zeros((G,), jnp.int32)
     kw = {"impl": "pallas", "variant": variant, "interpret": False}
 
@@ -41,11 +67,13 @@ def test_grouped_matmul_lowers(variant):
                      (jax.grad(loss, (0, 1)), (x, w, gs))):
         text = lower(fn, args, PLATFORM[variant])
         assert ("triton" in text.lower()) if variant == "gpu" else ("tpu_custom_call" in text)
+    if variant == "gpu" and verify_triton_modules is not None:
+        assert len(verify_triton_modules) >= 4  # gmm, tgmm, and the gradient's gmm + tgmm were verified
 
 
 @pytest.mark.parametrize("variant", ["gpu", "tpu"])
 @pytest.mark.parametrize("shape", [(4, 1, 32, 8, 128, 16), (2, 24, 8, 2, 64, 32)])
-def test_paged_attention_lowers(variant, shape):
+def test_paged_attention_lowers(variant, shape, verify_triton_modules):
     B, Tq, H, KVH, D, ps = shape
     q = jnp.zeros((B, Tq, H, D), jnp.bfloat16)
     kp = jnp.zeros((50, ps, KVH, D), jnp.bfloat16)
@@ -57,3 +85,5 @@ def test_paged_attention_lowers(variant, shape):
                                                                       config=cfg, interpret=False),
                      (q, kp, kp, bt, ln), PLATFORM[variant])
         assert ("triton" in text.lower()) if variant == "gpu" else ("tpu_custom_call" in text)
+    if variant == "gpu" and verify_triton_modules is not None:
+        assert len(verify_triton_modules) == len(configs)
