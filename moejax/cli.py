@@ -235,6 +235,27 @@ def cmd_offload_prepare(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    """Measure collectives and the expert GEMM on this machine's devices, fit alpha-beta models, save JSON."""
+    if args.host_devices and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.host_devices}").strip()
+    import time
+
+    from moejax.schedule.profile import run_profile
+    t0 = time.perf_counter()
+    prof = run_profile(n_devices=args.devices, axis_name="x", quick=args.quick, dtype=args.dtype,
+                       progress=None if args.no_progress else (lambda line: print(line, flush=True)))
+    prof.save(args.out)
+    print(f"measured profile: {prof.devices_per_node} x {prof.device_kind} ({prof.platform}), "
+          f"{time.perf_counter() - t0:.1f} s")
+    for op, f in prof.ops.items():
+        print(f"  {op:15s} alpha {f.alpha_s * 1e6:9.2f} us  beta {f.beta_s_per_unit:.3e} s/{f.unit[:-1]}  "
+              f"r2 {f.r2:.4f}  max rel residual {f.max_rel_residual:.3f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def _add_model_source(parser) -> None:
     """The ``--preset/--config/--hf/--ckpt`` group read by :func:`_model_from_args`."""
     src = parser.add_argument_group("model (exactly one)")
@@ -336,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--seed", type=int, default=0)
     op.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     op.set_defaults(func=cmd_offload_prepare)
+
+    pr = sub.add_parser("profile", help="time collectives and expert GEMMs on this machine, fit alpha-beta "
+                                        "models (FSMoE online profiling), write a profile JSON")
+    pr.add_argument("--devices", type=int, default=None, help="devices on the profiled mesh axis (default: all)")
+    pr.add_argument("--host-devices", type=int, default=None,
+                    help="CPU: virtual host devices (sets --xla_force_host_platform_device_count if unset)")
+    pr.add_argument("--out", default="profile.json", help="output JSON path (written atomically)")
+    pr.add_argument("--quick", action="store_true", help="few sizes and repeats (seconds on CPU)")
+    pr.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    pr.add_argument("--no-progress", action="store_true")
+    pr.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("presets", help="list model presets with parameter counts")
     p.set_defaults(func=cmd_presets)
