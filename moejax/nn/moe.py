@@ -1,4 +1,5 @@
-"""The MoE layer: route -> dispatch -> experts -> combine (+ shared experts, aux statistics)."""
+"""The MoE layer: FSMoE's six stages gate -> order -> dispatch -> expert -> combine -> inverse order
+(:mod:`moejax.nn.stages`: swappable, with before/after hooks) + shared experts and aux statistics."""
 
 from __future__ import annotations
 
@@ -7,17 +8,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import MoEConfig
-from moejax.nn import dispatch as dsp
-from moejax.nn.experts import (
-    SwiGLU,
-    SwiGLUExperts,
-    moe_swiglu_tiles,
-    swiglu_capacity,
-    swiglu_dense_combine,
-    swiglu_pallas,
-    swiglu_ragged,
-)
-from moejax.nn.routers import RouterOutput, make_router, router_statistics
+from moejax.nn import stages as _stages
+from moejax.nn.experts import SwiGLU, SwiGLUExperts
+from moejax.nn.routers import RouterOutput, make_router
 from moejax.parallel import expert_parallel
 
 DENSE_MAX_ROWS = 256
@@ -62,13 +55,24 @@ class MoE(nnx.Module):
     Keyword arguments: ``token_mask`` (``[...]`` bool; masked tokens, e.g. padding, are not routed and do not
     count in the statistics), ``token_index`` (``[...]`` int; global token index for per-token randomness,
     default ``arange``), ``rng`` (a PRNG key for stochastic routers, used only when ``train``).
+
+    The routed part runs as the six stages of :mod:`moejax.nn.stages`, locally and under expert parallelism.
+    ``hooks`` (a :class:`moejax.nn.stages.MoEHooks`) run before/after this layer's stages; ``stages``
+    (``{stage: fn}``) replaces this layer's stage implementations (see :func:`moejax.nn.stages.moe_stages`
+    and :func:`moejax.nn.stages.moe_hooks` for every layer traced in a block). Both are static: they are
+    applied at trace time and are not part of the layer's state.
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig, *, init_std: float = 0.02, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, rngs: nnx.Rngs, hooks: _stages.MoEHooks | None = None,
+                 stages: dict | None = None):
         cfg.validate()
+        if hooks is not None and not isinstance(hooks, _stages.MoEHooks):
+            raise TypeError(f"MoE(hooks=...) takes a moejax.nn.stages.MoEHooks, got {type(hooks).__name__}")
         self.cfg = cfg
         self.dtype = dtype
+        self.hooks = hooks
+        self.stages = _stages.stage_overrides(stages)
         self.router = make_router(d_model, cfg.num_experts, cfg.router, capacity_factor=cfg.capacity_factor,
                                   init_std=init_std, param_dtype=param_dtype, rngs=rngs)
         self.experts = SwiGLUExperts(cfg.num_experts, d_model, cfg.d_ff, init_std=init_std,
@@ -130,34 +134,11 @@ class MoE(nnx.Module):
         return s
 
     def _local(self, xt, *, token_mask=None, token_index=None, rng=None, train=False, expert_ids=None):
-        """Single-device (or data-parallel) path: route, dispatch, experts, combine."""
+        """Single-device (or data-parallel) path: the six stages of :mod:`moejax.nn.stages` (gate, order,
+        dispatch and combine as identities, expert, inverse order) on the configured dispatch path."""
         cfg = self.cfg
-        T, D = xt.shape
-        r, tm = self.route(xt, token_mask=token_mask, token_index=token_index, rng=rng, train=train,
-                           expert_ids=expert_ids)
-        aux = router_statistics(r, tm)
-        G, S, K = r.expert_ids.shape
-        E = cfg.num_experts
-        wg, wu, wd = self.experts.weights()
-        weights, ids, mask = r.weights.reshape(T, K), r.expert_ids.reshape(T, K), r.mask.reshape(T, K)
-        if cfg.dispatch == "capacity":
-            C = dsp.layer_capacity(cfg.router.type, S, E, K, cfg.capacity_factor)
-            layout = dsp.capacity_layout(r.expert_ids, r.mask, E, C)
-            xb = dsp.gather_rows(xt, layout).reshape(G, E, C, D)
-            out = dsp.combine_rows(swiglu_capacity(xb, wg, wu, wd).reshape(G * E * C, D), layout, weights)
-        elif (impl := resolve_grouped_impl(cfg.grouped_impl, T, E)) == "dense":
-            layout = dsp.dense_layout(ids, mask, E)
-            out = swiglu_dense_combine(xt, wg, wu, wd, dsp.dense_combine_weights(weights, ids, E))
-        elif impl in ("ragged_dot", "pallas"):
-            layout = dsp.dropless_layout(ids, mask, E, 1)
-            grouped = swiglu_ragged if impl == "ragged_dot" else swiglu_pallas
-            y = grouped(dsp.gather_rows(xt, layout), wg, wu, wd, layout)
-            out = dsp.combine_rows(y, layout, weights)
-        else:
-            bt = cfg.block_rows or dsp.default_block_rows(T * K, E)
-            layout = dsp.dropless_layout(ids, mask, E, bt)
-            out = moe_swiglu_tiles(xt, wg, wu, wd, layout, weights, bt)
-        aux["dropped"] = layout.dropped
-        if cfg.dispatch == "capacity":  # kept rows (capped at C); dropless keeps router_statistics' group max
-            aux["capacity_used"] = layout.capacity_used
-        return out, aux
+        path = "capacity" if cfg.dispatch == "capacity" else resolve_grouped_impl(cfg.grouped_impl, xt.shape[0],
+                                                                                  cfg.num_experts)
+        return _stages.run_stages(self, xt, path=path, capacity_factor=cfg.capacity_factor,
+                                  expert_weights=self.experts.weights(), token_mask=token_mask,
+                                  token_index=token_index, rng=rng, train=train, expert_ids=expert_ids)

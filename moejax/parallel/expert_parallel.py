@@ -3,7 +3,8 @@
 Each device routes its own tokens (one routing group per device, so batch-dependent routing means the same as
 on one device with ``group_size`` = tokens per device), lays them out in fixed-capacity ``[E, C]`` buffers,
 exchanges them with ``all_to_all`` so every device holds the buffers of its ``E / n`` local experts from all
-devices, runs its experts and sends the results back with a second ``all_to_all``.
+devices, runs its experts and sends the results back with a second ``all_to_all`` -- FSMoE's gate, order,
+dispatch, expert, combine and inverse-order stages (:mod:`moejax.nn.stages`), each swappable and hookable.
 
 Use it by running the model inside ``shard_map`` under :func:`expert_parallel`::
 
@@ -23,11 +24,8 @@ import contextvars
 from dataclasses import dataclass
 
 import jax
-import jax.numpy as jnp
 
-from moejax.nn import dispatch as dsp
-from moejax.nn.experts import swiglu_capacity
-from moejax.nn.routers import router_statistics
+from moejax.nn import stages
 
 DEFAULT_EP_CAPACITY_FACTOR = 2.0
 
@@ -64,29 +62,21 @@ def ep_capacity_factor(moe_cfg, ctx: EPContext) -> float:
 
 
 def ep_moe(moe, xt: jax.Array, ctx: EPContext, *, token_mask=None, token_index=None, rng=None, train=False):
-    """The expert-parallel MoE forward for local tokens ``xt [T_local, D]`` (call inside shard_map)."""
+    """The expert-parallel MoE forward for local tokens ``xt [T_local, D]`` (call inside shard_map).
+
+    Runs the six stages of :mod:`moejax.nn.stages` on the ``expert_parallel`` path: gate; order into
+    ``[E, G*C, D]`` expert-major capacity buffers; dispatch ``all_to_all(split_axis=0, concat_axis=1)`` to
+    the local experts' ``[E/n, n*G*C, D]``; the experts (row-wise along axis 1); combine
+    ``all_to_all(split_axis=1, concat_axis=0)`` back; inverse order. With no hooks or replaced stages nothing
+    else runs between the two ``all_to_all`` ops.
+    """
     cfg = moe.cfg
-    T, D = xt.shape
     E = cfg.num_experts
     n = jax.lax.psum(1, ctx.axis)
     wg, wu, wd = moe.experts.weights()  # local shards [E/n, D, F]
     if wg.shape[0] * n != E:
         raise ValueError(f"expert weights are not sharded over '{ctx.axis}': local {wg.shape[0]} x {n} devices "
                          f"!= {E} experts")
-    r, tm = moe.route(xt, token_mask=token_mask, token_index=token_index, rng=rng, train=train)
-    stats = router_statistics(r, tm)
-    G, S, K = r.expert_ids.shape
-    cf = ep_capacity_factor(cfg, ctx)
-    C = dsp.layer_capacity(cfg.router.type, S, E, K, cf)
-    layout = dsp.capacity_layout(r.expert_ids, r.mask, E, C)
-    xb = dsp.gather_rows(xt, layout).reshape(G, E, C, D)
-    xb = jnp.swapaxes(xb, 0, 1).reshape(E, G * C, D)
-    # dispatch: [E, GC, D] -> local experts' buffers from every device [E/n, n*GC, D]
-    xr = jax.lax.all_to_all(xb, ctx.axis, split_axis=0, concat_axis=1, tiled=True)
-    yr = swiglu_capacity(xr[None], wg, wu, wd)[0]
-    # combine: back to this device's [E, GC, D]
-    yb = jax.lax.all_to_all(yr, ctx.axis, split_axis=1, concat_axis=0, tiled=True)
-    yb = jnp.swapaxes(yb.reshape(E, G, C, D), 0, 1).reshape(G * E * C, D)
-    out = dsp.combine_rows(yb, layout, r.weights.reshape(T, K))
-    aux = {**stats, "dropped": layout.dropped, "capacity_used": layout.capacity_used}
-    return out, aux
+    return stages.run_stages(moe, xt, path="expert_parallel", ep=ctx, capacity_factor=ep_capacity_factor(cfg, ctx),
+                             expert_weights=(wg, wu, wd), token_mask=token_mask, token_index=token_index, rng=rng,
+                             train=train)

@@ -1,0 +1,412 @@
+"""The MoE layer as FSMoE's six stages, each swappable, with before/after hooks.
+
+Every MoE call -- single device (any dispatch / grouped-compute path) or expert parallel inside
+``shard_map`` -- runs the same six stages in this order (:data:`STAGES`)::
+
+    gate -> order -> dispatch -> expert -> combine -> inverse_order
+
+Each stage is a function ``impl(ctx, value) -> value`` where ``ctx`` is the call's :class:`StageContext`.
+What flows between the stages depends on the path (``ctx.path``):
+
+- ``gate``: tokens ``[T, D]`` -> :class:`~moejax.nn.routers.RouterOutput` (``[G, S, K]`` expert ids,
+  weights, mask); the layer's routing statistics (``aux``) are computed from it afterwards.
+- ``order``: tokens ``[T, D]`` -> on the capacity paths (``capacity``, ``expert_parallel``) the expert-major
+  buffers ``[E, G*C, D]``; ``ragged_dot`` / ``pallas``: rows ``[R, D]`` sorted by expert; ``dense`` /
+  ``tiles``: the tokens unchanged (their expert stage gathers by itself). Sets ``ctx.layout`` (and
+  ``ctx.capacity`` / ``ctx.block_rows``).
+- ``dispatch``: ``expert_parallel``: the ``all_to_all`` to the local experts' buffers from every device
+  ``[E/n, n*G*C, D]``; other paths: identity.
+- ``expert``: the expert FFN outputs in the same layout (row-wise); ``dense`` / ``tiles``: the combined tokens
+  ``[T, D]`` (fused gather, experts and weighted sum).
+- ``combine``: ``expert_parallel``: the reverse ``all_to_all`` back to ``[E, G*C, D]``; other paths: identity.
+- ``inverse_order``: -> tokens ``[T, D]``: un-permute and sum each token's slots with its routing weights
+  (identity for ``dense`` / ``tiles``).
+
+**Hooks.** A :class:`MoEHooks` registry holds functions ``fn(ctx, value)`` to run ``"before"`` or ``"after"``
+a stage (:data:`WHEN`). A before-hook sees the stage's input, an after-hook its output (and ``ctx.inputs``,
+the input); a hook that returns something other than ``None`` replaces the value. Hooks may add entries to
+``ctx.aux``; they are returned with the layer's statistics. Attach hooks to one layer with
+``MoE(..., hooks=registry)`` or to every MoE layer traced inside a block with :func:`moe_hooks`::
+
+    hooks = MoEHooks()
+
+    @hooks.register("gate", "after")
+    def routing_entropy(ctx, routing):
+        p = routing.probs
+        ctx.aux["router_entropy"] = -jnp.mean(jnp.sum(p * jnp.log(p + 1e-9), -1))
+
+    with moe_hooks(hooks):
+        y, aux = model(x)          # aux["router_entropy"] per MoE layer
+
+**Swapping a stage.** Replace an implementation for one layer with ``MoE(..., stages={"expert": fn})`` or
+for every layer traced inside a block with :func:`moe_stages` (innermost wins; the context wins over the
+layer's own). Inside an implementation ``ctx.default(value)`` runs the default one, e.g. to fall back on
+paths a replacement does not handle. To inject a custom collective, swap ``dispatch`` / ``combine``
+(``ctx.ep.axis`` names the expert mesh axes under expert parallelism).
+
+Hooks and stage choices take effect when a function is *traced* (like
+:func:`moejax.parallel.expert_parallel.expert_parallel`): enter the contexts inside the function you jit or
+``shard_map``, or trace it afresh; a cached ``jax.jit`` trace does not see a context entered later. With no
+hooks and no replaced stages the traced computation is the same as the layer's fixed pipeline.
+
+**Profiling.** Each stage runs inside ``jax.named_scope(f"moe/{stage}")`` (hooks inside
+``moe_hook/{when}_{stage}``, so they are not counted as the stage), so profiler traces and HLO op metadata
+name the stages; identity stages (local ``dispatch`` / ``combine``) emit no ops. Time stages from those
+names, not from hooks (hooks run once, at trace time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from moejax.nn import dispatch as dsp
+from moejax.nn.experts import (
+    moe_swiglu_tiles,
+    swiglu_capacity,
+    swiglu_dense_combine,
+    swiglu_pallas,
+    swiglu_ragged,
+)
+from moejax.nn.routers import router_statistics
+
+STAGES = ("gate", "order", "dispatch", "expert", "combine", "inverse_order")
+"""The six MoE stages, in execution order (FSMoE's Gate, Order, Dispatch, Expert, Combine, I-Order)."""
+
+WHEN = ("before", "after")
+"""When a hook runs relative to its stage."""
+
+PATHS = ("capacity", "dense", "ragged_dot", "pallas", "tiles", "expert_parallel")
+"""The values of :attr:`StageContext.path`: the single-device dispatch/grouped-compute methods, and the
+expert-parallel (``shard_map`` + ``all_to_all``) capacity path."""
+
+CAPACITY_PATHS = ("capacity", "expert_parallel")
+
+StageFn = Callable[["StageContext", Any], Any]
+HookFn = Callable[["StageContext", Any], Any]
+
+
+def check_stage(stage: str) -> str:
+    """``stage`` if it is one of :data:`STAGES`, else ``ValueError`` naming the allowed values."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown MoE stage {stage!r}; allowed: {', '.join(STAGES)}")
+    return stage
+
+
+def check_when(when: str) -> str:
+    """``when`` if it is one of :data:`WHEN`, else ``ValueError`` naming the allowed values."""
+    if when not in WHEN:
+        raise ValueError(f"unknown hook time when={when!r}; allowed: {', '.join(WHEN)}")
+    return when
+
+
+@dataclasses.dataclass(eq=False)
+class StageContext:
+    """What a stage implementation or hook sees of one MoE call (one per call, filled in as stages run).
+
+    Attributes:
+      layer: the :class:`~moejax.nn.moe.MoE` module being called.
+      cfg: its :class:`~moejax.config.MoEConfig`.
+      path: how the layer runs, one of :data:`PATHS`.
+      ep: the :class:`~moejax.parallel.expert_parallel.EPContext` under expert parallelism (``ep.axis`` is the
+        expert mesh axis or axes), else ``None``.
+      tokens: the layer's flat input tokens ``[T, D]`` (local tokens under expert parallelism).
+      token_mask, token_index, rng, train, expert_ids: the call's keyword arguments (flattened).
+      capacity_factor: the capacity factor the capacity paths use (the layer's, or the expert-parallel one).
+      expert_weights: ``(w_gate, w_up, w_down)`` of the experts (the local shards under expert parallelism).
+      stage: the stage running now; when: ``"before"``/``"after"`` in a hook, ``None`` in the implementation.
+      inputs: the value that entered the current stage (after its before-hooks).
+      routing: the gate's :class:`~moejax.nn.routers.RouterOutput` (set after ``gate``).
+      group_mask: the token mask in routing groups ``[G, S]`` (or ``None``), set after ``gate``.
+      layout: the :class:`~moejax.nn.dispatch.Layout` (set by ``order``).
+      capacity: per-expert rows of a routing group on the capacity paths (set by ``order``), else ``None``.
+      block_rows: the row tile of the ``tiles`` path (set by ``order``), else ``None``.
+      aux: the layer's statistics so far (set after ``gate``); hooks may add entries.
+    """
+
+    layer: Any
+    cfg: Any
+    path: str
+    ep: Any
+    tokens: jax.Array
+    token_mask: jax.Array | None
+    token_index: jax.Array | None
+    rng: jax.Array | None
+    train: bool
+    expert_ids: jax.Array | None
+    capacity_factor: float
+    expert_weights: tuple
+    defaults: Mapping[str, StageFn]
+    stage: str | None = None
+    when: str | None = None
+    inputs: Any = None
+    routing: Any = None
+    group_mask: jax.Array | None = None
+    layout: Any = None
+    capacity: int | None = None
+    block_rows: int | None = None
+    aux: dict = dataclasses.field(default_factory=dict)
+
+    def default(self, value, stage: str | None = None):
+        """Run the default implementation of ``stage`` (default: the current stage) on ``value``."""
+        return self.defaults[check_stage(stage or self.stage)](self, value)
+
+    @property
+    def num_slots(self) -> int:
+        """``K``, routed slots per token (after ``gate``)."""
+        return self.routing.expert_ids.shape[-1]
+
+    def slot_weights(self) -> jax.Array:
+        """The routing weights as ``[T, K]`` (after ``gate``)."""
+        T = self.routing.expert_ids.shape[0] * self.routing.expert_ids.shape[1]
+        return self.routing.weights.reshape(T, self.num_slots)
+
+
+# ------------------------------------------------------------------------------------- default stages
+
+def gate(ctx: StageContext, x):
+    """Default ``gate``: the layer's router (or the forced ``expert_ids`` routing) over routing groups."""
+    r, _ = ctx.layer.route(x, token_mask=ctx.token_mask, token_index=ctx.token_index, rng=ctx.rng,
+                           train=ctx.train, expert_ids=ctx.expert_ids)
+    return r
+
+
+def order(ctx: StageContext, x):
+    """Default ``order``: build the layout and gather the tokens into expert-grouped order (see the table)."""
+    cfg, r = ctx.cfg, ctx.routing
+    G, S, K = r.expert_ids.shape
+    T, D = x.shape
+    E = cfg.num_experts
+    if ctx.path in CAPACITY_PATHS:
+        C = dsp.layer_capacity(cfg.router.type, S, E, K, ctx.capacity_factor)
+        ctx.capacity = C
+        ctx.layout = dsp.capacity_layout(r.expert_ids, r.mask, E, C)
+        xb = dsp.gather_rows(x, ctx.layout).reshape(G, E, C, D)
+        return jnp.swapaxes(xb, 0, 1).reshape(E, G * C, D)
+    ids, mask = r.expert_ids.reshape(T, K), r.mask.reshape(T, K)
+    if ctx.path == "dense":
+        ctx.layout = dsp.dense_layout(ids, mask, E)
+        return x
+    if ctx.path in ("ragged_dot", "pallas"):
+        ctx.layout = dsp.dropless_layout(ids, mask, E, 1)
+        return dsp.gather_rows(x, ctx.layout)
+    if ctx.path == "tiles":
+        ctx.block_rows = cfg.block_rows or dsp.default_block_rows(T * K, E)
+        ctx.layout = dsp.dropless_layout(ids, mask, E, ctx.block_rows)
+        return x
+    raise ValueError(f"unknown MoE path {ctx.path!r}; allowed: {', '.join(PATHS)}")
+
+
+def dispatch(ctx: StageContext, x):
+    """Default ``dispatch``: identity on one device; under expert parallelism the ``all_to_all`` that sends
+    each device's ``[E, G*C, D]`` buffers to the experts' owners (``[E/n, n*G*C, D]``)."""
+    if ctx.ep is None:
+        return x
+    return jax.lax.all_to_all(x, ctx.ep.axis, split_axis=0, concat_axis=1, tiled=True)
+
+
+def expert(ctx: StageContext, x):
+    """Default ``expert``: the SwiGLU experts over the dispatched value (see the table)."""
+    wg, wu, wd = ctx.expert_weights
+    if ctx.path in CAPACITY_PATHS:
+        return swiglu_capacity(x[None], wg, wu, wd)[0]  # row-wise along axis 1
+    if ctx.path == "dense":
+        E = ctx.cfg.num_experts
+        ids = ctx.routing.expert_ids.reshape(x.shape[0], -1)
+        return swiglu_dense_combine(x, wg, wu, wd, dsp.dense_combine_weights(ctx.slot_weights(), ids, E))
+    if ctx.path == "ragged_dot":
+        return swiglu_ragged(x, wg, wu, wd, ctx.layout)
+    if ctx.path == "pallas":
+        return swiglu_pallas(x, wg, wu, wd, ctx.layout)
+    if ctx.path == "tiles":
+        return moe_swiglu_tiles(x, wg, wu, wd, ctx.layout, ctx.slot_weights(), ctx.block_rows)
+    raise ValueError(f"unknown MoE path {ctx.path!r}; allowed: {', '.join(PATHS)}")
+
+
+def combine(ctx: StageContext, y):
+    """Default ``combine``: identity on one device; under expert parallelism the reverse ``all_to_all`` that
+    returns each device its ``[E, G*C, D]`` expert outputs."""
+    if ctx.ep is None:
+        return y
+    return jax.lax.all_to_all(y, ctx.ep.axis, split_axis=1, concat_axis=0, tiled=True)
+
+
+def inverse_order(ctx: StageContext, y):
+    """Default ``inverse_order``: un-permute the rows and sum each token's slots with its routing weights."""
+    if ctx.path in ("dense", "tiles"):
+        return y
+    if ctx.path in CAPACITY_PATHS:
+        G = ctx.routing.expert_ids.shape[0]
+        E, C, D = ctx.cfg.num_experts, ctx.capacity, y.shape[-1]
+        y = jnp.swapaxes(y.reshape(E, G, C, D), 0, 1).reshape(G * E * C, D)
+    return dsp.combine_rows(y, ctx.layout, ctx.slot_weights())
+
+
+DEFAULT_STAGES: Mapping[str, StageFn] = {"gate": gate, "order": order, "dispatch": dispatch, "expert": expert,
+                                         "combine": combine, "inverse_order": inverse_order}
+"""The default implementation of each stage (all paths)."""
+
+
+# ------------------------------------------------------------------------------------------- registry
+
+class MoEHooks:
+    """A registry of before/after stage hooks.
+
+    A hook is ``fn(ctx: StageContext, value) -> replacement or None``; it runs at trace time. Register with
+    ``hooks.register(stage, when, fn)`` or as a decorator ``@hooks.register(stage, when)``; attach with
+    ``MoE(..., hooks=hooks)`` or ``with moe_hooks(hooks):``. Hooks of one stage and time run in
+    registration order.
+    """
+
+    def __init__(self):
+        self._hooks: dict[tuple[str, str], list[HookFn]] = {(s, w): [] for s in STAGES for w in WHEN}
+
+    def register(self, stage: str, when: str = "after", fn: HookFn | None = None):
+        """Add ``fn`` to run ``when`` (``"before"``/``"after"``) ``stage``; returns ``fn`` (or, without
+        ``fn``, a decorator). Raises ``ValueError`` for an unknown stage or time, ``TypeError`` if ``fn`` is
+        not callable."""
+        check_stage(stage)
+        check_when(when)
+        if fn is None:
+            return lambda f: self.register(stage, when, f)
+        if not callable(fn):
+            raise TypeError(f"hook for {when} {stage!r} must be callable, got {type(fn).__name__}")
+        self._hooks[(stage, when)].append(fn)
+        return fn
+
+    def remove(self, stage: str, when: str, fn: HookFn) -> None:
+        """Remove a registered hook (``ValueError`` if it is not registered there)."""
+        hooks = self._hooks[(check_stage(stage), check_when(when))]
+        if fn not in hooks:
+            raise ValueError(f"{fn!r} is not registered {when} {stage!r}")
+        hooks.remove(fn)
+
+    def clear(self) -> None:
+        """Remove every hook."""
+        for v in self._hooks.values():
+            v.clear()
+
+    def get(self, stage: str, when: str) -> tuple[HookFn, ...]:
+        """The hooks registered ``when`` ``stage``, in order."""
+        return tuple(self._hooks[(check_stage(stage), check_when(when))])
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._hooks.values())
+
+
+_HOOKS: contextvars.ContextVar[tuple[MoEHooks, ...]] = contextvars.ContextVar("moejax_moe_hooks", default=())
+_STAGES: contextvars.ContextVar[tuple[tuple[str, StageFn], ...]] = contextvars.ContextVar("moejax_moe_stages",
+                                                                                          default=())
+
+
+def stage_overrides(stages: Mapping[str, StageFn] | None) -> tuple[tuple[str, StageFn], ...]:
+    """Validate a ``{stage: impl}`` mapping (``ValueError`` for unknown stages, ``TypeError`` for a
+    non-callable) and return it as a hashable tuple of pairs in stage order."""
+    if not stages:
+        return ()
+    for name, fn in dict(stages).items():
+        check_stage(name)
+        if not callable(fn):
+            raise TypeError(f"implementation of MoE stage {name!r} must be callable, got {type(fn).__name__}")
+    return tuple((s, stages[s]) for s in STAGES if s in stages)
+
+
+@contextlib.contextmanager
+def moe_hooks(*registries: MoEHooks):
+    """Trace-time context: the hooks of ``registries`` run in every MoE layer traced inside (after the layer's
+    own hooks and those of enclosing ``moe_hooks`` blocks)."""
+    for h in registries:
+        if not isinstance(h, MoEHooks):
+            raise TypeError(f"moe_hooks takes MoEHooks registries, got {type(h).__name__}")
+    tok = _HOOKS.set(_HOOKS.get() + tuple(registries))
+    try:
+        yield
+    finally:
+        _HOOKS.reset(tok)
+
+
+@contextlib.contextmanager
+def moe_stages(**impls: StageFn):
+    """Trace-time context: every MoE layer traced inside uses ``impls`` (``stage=fn``) in place of its stage
+    implementations (over a layer's own ``stages`` and enclosing ``moe_stages`` blocks)."""
+    new = dict(_STAGES.get())
+    new.update(stage_overrides(impls))
+    tok = _STAGES.set(tuple(new.items()))
+    try:
+        yield
+    finally:
+        _STAGES.reset(tok)
+
+
+def active_stages(layer_stages=()) -> dict[str, StageFn]:
+    """The implementations a layer traced now uses: defaults < the layer's ``stages`` < :func:`moe_stages`."""
+    impls = dict(DEFAULT_STAGES)
+    impls.update(layer_stages or ())
+    impls.update(_STAGES.get())
+    return impls
+
+
+def active_hooks(layer_hooks: MoEHooks | None = None) -> tuple[MoEHooks, ...]:
+    """The hook registries a layer traced now runs: its own, then those of :func:`moe_hooks` blocks."""
+    return ((layer_hooks,) if layer_hooks is not None else ()) + _HOOKS.get()
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+def _run_stage(ctx: StageContext, stage: str, value, impls, registries):
+    for reg in registries:
+        for fn in reg.get(stage, "before"):
+            ctx.stage, ctx.when, ctx.inputs = stage, "before", value
+            with jax.named_scope(f"moe_hook/before_{stage}"):
+                new = fn(ctx, value)
+            value = value if new is None else new
+    ctx.stage, ctx.when, ctx.inputs = stage, None, value
+    with jax.named_scope(f"moe/{stage}"):
+        out = impls[stage](ctx, value)
+    for reg in registries:
+        for fn in reg.get(stage, "after"):
+            ctx.stage, ctx.when, ctx.inputs = stage, "after", value
+            with jax.named_scope(f"moe_hook/after_{stage}"):
+                new = fn(ctx, out)
+            out = out if new is None else new
+    ctx.when = None
+    return out
+
+
+def run_stages(layer, xt: jax.Array, *, path: str, capacity_factor: float, expert_weights: tuple, ep=None,
+               token_mask=None, token_index=None, rng=None, train: bool = False, expert_ids=None):
+    """Run the six stages of ``layer`` on flat tokens ``xt [T, D]``; returns ``(out [T, D], aux)``.
+
+    ``path`` is one of :data:`PATHS`; ``ep`` the expert-parallel context (``path="expert_parallel"``).
+    ``aux`` holds :func:`~moejax.nn.routers.router_statistics` of the routing, ``dropped`` and, on the
+    capacity paths, ``capacity_used``, plus whatever hooks added.
+    """
+    if path not in PATHS:
+        raise ValueError(f"unknown MoE path {path!r}; allowed: {', '.join(PATHS)}")
+    impls = active_stages(getattr(layer, "stages", ()))
+    registries = active_hooks(getattr(layer, "hooks", None))
+    ctx = StageContext(layer=layer, cfg=layer.cfg, path=path, ep=ep, tokens=xt, token_mask=token_mask,
+                       token_index=token_index, rng=rng, train=train, expert_ids=expert_ids,
+                       capacity_factor=capacity_factor, expert_weights=expert_weights, defaults=DEFAULT_STAGES)
+    r = _run_stage(ctx, "gate", xt, impls, registries)
+    ctx.routing = r
+    G = r.expert_ids.shape[0]
+    ctx.group_mask = None if token_mask is None else token_mask.reshape(G, -1)
+    with jax.named_scope("moe/gate"):
+        ctx.aux.update(router_statistics(r, ctx.group_mask))
+    v = xt
+    for stage in STAGES[1:]:
+        v = _run_stage(ctx, stage, v, impls, registries)
+    if ctx.layout is None:
+        raise ValueError("the MoE 'order' stage must set ctx.layout (a moejax.nn.dispatch.Layout)")
+    aux = ctx.aux
+    aux["dropped"] = ctx.layout.dropped
+    if path in CAPACITY_PATHS:  # kept rows (capped at C); dropless keeps router_statistics' group max
+        aux["capacity_used"] = ctx.layout.capacity_used
+    return v, aux
