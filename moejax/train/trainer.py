@@ -65,7 +65,9 @@ def split_batch(batch):
 class Trainer:
     """Builds the model, optimizer and jitted steps for a (ModelConfig, TrainConfig) pair."""
 
-    def __init__(self, cfg: ModelConfig, tc: TrainConfig, mesh_cfg=None):
+    def __init__(self, cfg: ModelConfig, tc: TrainConfig, mesh_cfg=None, schedule=None):
+        """``schedule``: an :class:`moejax.schedule.overlap.OverlapSchedule` applied to the expert-parallel
+        step (MoE all-to-all/expert pipelining and gradient bucketing); ``None`` = the plain step."""
         cfg.validate()
         tc.validate()
         if tc.compute_dtype != cfg.dtype:
@@ -84,6 +86,9 @@ class Trainer:
         self.step = 0
         self.base_key = jax.random.PRNGKey(tc.seed)
         self.mesh = None
+        if schedule is not None:
+            schedule.validate()
+        self.schedule = schedule
         if mesh_cfg is not None and mesh_cfg.size > 1:
             self._setup_mesh(mesh_cfg)
         self._train_step = jax.jit(self._step_impl, donate_argnums=(0, 1, 2))
@@ -143,7 +148,13 @@ class Trainer:
         """Gradients and metrics of one step (accumulated over micro-batches) for this shard's batch."""
         A = self.tc.grad_accum
         micro = jax.tree.map(lambda a: a.reshape((A, a.shape[0] // A) + a.shape[1:]), batch)
-        grad_fn = jax.value_and_grad(partial(self._loss, axes=axes, n_shards=n_shards), has_aux=True)
+        loss_fn = partial(self._loss, axes=axes, n_shards=n_shards)
+        sch = self.schedule
+        if axes and sch is not None and (sch.degree_fwd > 1 or sch.degree_bwd > 1):
+            from moejax.schedule.overlap import pipeline_moe
+
+            loss_fn = pipeline_moe(loss_fn, sch.degree_fwd, bwd_degree=sch.degree_bwd)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def body(acc, xs):
             mb, i = xs
@@ -151,6 +162,12 @@ class Trainer:
             acc = jax.tree.map(jnp.add, acc, (g, loss, m))
             return acc, None
 
+        if A == 1:  # no accumulation loop: the gradients leave the backward layer scan directly (so a
+            # gradient-bucketing pass can move their reductions into that loop)
+            (loss, m), g = grad_fn(params, rest, jax.tree.map(lambda a: a[0], micro), jax.random.fold_in(key, 0))
+            m = dict(m)
+            m["loss"] = loss
+            return g, m
         zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, rest, jax.tree.map(
             lambda a: a[0], micro), key)))
         (g, loss, m), _ = jax.lax.scan(body, (zeros[1], zeros[0][0], zeros[0][1]), (micro, jnp.arange(A)))
@@ -184,6 +201,12 @@ class Trainer:
             m = {k: jax.lax.psum(v, axes) for k, v in m.items()}
             return g, m
 
+        sch = self.schedule
+        if sch is not None and sch.bucketing:
+            from moejax.schedule.overlap import bucket_gradients
+
+            local = bucket_gradients(local, bucket_bytes=None if sch.buckets else sch.bucket_bytes,
+                                     buckets=sch.buckets, inside_loops=sch.inside_loops)
         m_spec = jax.tree.map(lambda _: P(), jax.eval_shape(lambda: self._metric_shapes()))
         f = jax.shard_map(local, mesh=self.mesh, in_specs=(pspec, rspec, P(axes), P()),
                           out_specs=(pspec, m_spec), check_vma=False)

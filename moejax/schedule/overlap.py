@@ -1,0 +1,862 @@
+"""Scheduling passes over jaxprs: MoE all-to-all/expert pipelining (FSMoE) and gradient bucketing.
+
+Both passes are function transformations: they trace the given function to a jaxpr, rewrite it, and return a
+function with the same outputs (and, for :func:`pipeline_moe`, the same gradients) that emits ordinary
+collectives in a new arrangement. XLA's latency-hiding scheduler (GPU/TPU) is then free to overlap a chunk's
+collective with another chunk's compute; XLA:CPU runs collectives synchronously, so on CPU the passes can be
+checked for equality and HLO structure only (see ``../shared/notes/jax-scheduling-passes.md``).
+
+**Pipelining** (:func:`pipeline_moe`). An expert-parallel MoE layer traces to a *span*::
+
+    xr = all_to_all(xb, split_axis=s, concat_axis=c)   # dispatch: [E, T, D] -> [E/n, n*T, D]
+    y  = F(xr, weights)                                # the experts, row-wise along the token axis
+    yb = all_to_all(y, split_axis=c, concat_axis=s)    # combine: back to [E, T, D]
+
+The pass finds every such span (also inside ``scan``/``shard_map``/``jit``/``checkpoint``/``cond`` bodies),
+splits the token axis ``c`` of ``xb`` into ``r`` chunks and emits, per chunk, dispatch -> experts -> combine,
+then concatenates: chunk ``i``'s experts can run while chunk ``i+1`` is being dispatched and chunk ``i-1``
+combined. ``F`` is re-evaluated at chunk shape by an interpreter with per-primitive rules for the primitives
+that carry shapes (``reshape``, ``broadcast_in_dim``, ``squeeze``, ``dot_general``, ``reduce_*``, ``slice``;
+nested ``jit`` and ``custom_jvp_call`` bodies are inlined); a primitive that would mix rows across the token
+axis, or has no rule, makes the pass raise :class:`NotChunkable` naming it.
+
+Forward and backward degrees are chosen separately, as FSMoE does: each span becomes a ``jax.custom_vjp``
+whose forward runs ``r_fwd`` chunks and saves the dispatched activations, and whose backward runs ``r_bwd``
+chunks of (transposed combine -> expert VJP -> transposed dispatch), summing the weight gradients over
+chunks. A training step built as ``jax.grad`` of a pipelined loss therefore has ``2 r_fwd`` all-to-alls per
+MoE layer in its forward and ``2 r_bwd`` in its backward. (The pass is applied to the loss *before*
+``jax.grad`` rather than to the gradient jaxpr: rewriting transposed primitives would need chunking rules for
+every backward op, while the custom VJP gives the same separate degrees with rules for the forward only.)
+
+**Gradient bucketing** (:func:`bucket_gradients`). In a gradient function whose data-parallel reduction is a
+set of ``psum`` s (the trainer's ``shard_map`` body), the pass groups the reduced values into buckets (given
+explicitly, e.g. by the FSMoE planner, or by a byte budget, in the order the backward produces them) and
+emits one ``psum`` per bucket (flatten -> concatenate -> ``psum`` -> split), placed right after the equation
+that produces the bucket's last member, so the reduction of the gradients of late layers can overlap the
+backward of earlier ones. With a *scanned* layer stack the per-layer gradients leave the backward loop only
+when it ends, so ``inside_loops=True`` moves each reduction of a stacked loop output into the loop body
+(``psum`` commutes with stacking) and buckets the per-layer reductions there: one bucket reduction per layer
+iteration, overlapping the next iteration's backward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+__all__ = ["NotChunkable", "OverlapSchedule", "PipelineStats", "bucket_gradients", "count_collectives",
+           "find_moe_spans", "pipeline_moe"]
+
+
+@dataclasses.dataclass(frozen=True)
+class OverlapSchedule:
+    """What the trainer applies to its expert-parallel step (see :class:`moejax.train.trainer.Trainer`).
+
+    Attributes:
+      degree_fwd, degree_bwd: MoE pipeline degrees (:func:`pipeline_moe`); 1 and 1 = no pipelining. A scanned
+        layer stack shares one body, so every MoE layer of a run gets the same degrees.
+      bucket_bytes: gradient bucket size for :func:`bucket_gradients` (``None``: one bucket per group of
+        reductions); ignored when ``buckets`` is given.
+      buckets: explicit buckets (indices of the gradient reductions in production order), e.g. from the planner.
+      inside_loops: move the reductions of the per-layer gradients of scanned layer stacks into the backward
+        loop (one bucketed reduction per layer iteration).
+      bucketing: apply :func:`bucket_gradients` at all (``False``: the trainer's one ``psum`` per parameter).
+    """
+
+    degree_fwd: int = 1
+    degree_bwd: int = 1
+    bucket_bytes: int | None = None
+    buckets: tuple[tuple[int, ...], ...] | None = None
+    inside_loops: bool = True
+    bucketing: bool = True
+
+    def validate(self) -> OverlapSchedule:
+        for name in ("degree_fwd", "degree_bwd"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"OverlapSchedule.{name} must be a positive int, got {v!r}")
+        if self.bucket_bytes is not None and (not isinstance(self.bucket_bytes, int) or self.bucket_bytes < 1):
+            raise ValueError(f"OverlapSchedule.bucket_bytes must be a positive int or None, got {self.bucket_bytes!r}")
+        return self
+
+
+class NotChunkable(ValueError):
+    """A MoE span contains an operation the pipelining pass cannot split along the token axis."""
+
+
+# ------------------------------------------------------------------------------------------ jaxpr helpers
+
+_SUBJAXPR_PRIMS = ("scan", "shard_map", "jit", "pjit", "closed_call", "core_call", "checkpoint", "remat", "cond",
+                   "while", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
+
+
+def _sub_jaxprs(eqn) -> list:
+    out = []
+    for v in eqn.params.values():
+        if isinstance(v, (jcore.Jaxpr, jcore.ClosedJaxpr)):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            out.extend(x for x in v if isinstance(x, (jcore.Jaxpr, jcore.ClosedJaxpr)))
+    return out
+
+
+def _open(j):
+    return j.jaxpr if isinstance(j, jcore.ClosedJaxpr) else j
+
+
+def _contains(jaxpr, names: tuple[str, ...]) -> bool:
+    for eqn in _open(jaxpr).eqns:
+        if eqn.primitive.name in names:
+            return True
+        if any(_contains(s, names) for s in _sub_jaxprs(eqn)):
+            return True
+    return False
+
+
+def _read(env, v):
+    return v.val if isinstance(v, jcore.Literal) else env[v]
+
+
+def _bind(eqn, invals):
+    outs = eqn.primitive.bind(*invals, **eqn.params)
+    return outs if eqn.primitive.multiple_results else [outs]
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+    """Count collective ops in HLO / StableHLO text (``all-to-all``, ``all-reduce``, ``all-gather``, ...).
+
+    Counts the op names as they appear in compiled HLO (``all-to-all(``) and in StableHLO
+    (``stablehlo.all_to_all``); async pairs count once (by their ``-start``)."""
+    import re
+
+    kinds = {"all_to_all": r"(?:all-to-all(?:-start)?\(|stablehlo\.all_to_all\b)",
+             "all_reduce": r"(?:all-reduce(?:-start)?\(|stablehlo\.all_reduce\b)",
+             "all_gather": r"(?:all-gather(?:-start)?\(|stablehlo\.all_gather\b)",
+             "reduce_scatter": r"(?:reduce-scatter\(|stablehlo\.reduce_scatter\b)",
+             "collective_permute": r"(?:collective-permute(?:-start)?\(|stablehlo\.collective_permute\b)"}
+    return {k: len(re.findall(p, hlo_text)) for k, p in kinds.items()}
+
+
+# ------------------------------------------------------------------------------------------ span detection
+
+@dataclasses.dataclass(frozen=True)
+class _Span:
+    dispatch: int  # equation index of the dispatch all_to_all
+    combine: int  # equation index of the combine all_to_all
+    body: tuple[int, ...]  # equation indices strictly between (the experts), in order
+    consts: tuple  # vars (or literals) the body reads from outside the span
+    chunk_axis: int  # token axis of the dispatch input (= its concat_axis)
+
+
+def _a2a_axes(eqn):
+    p = eqn.params
+    return p["split_axis"], p["concat_axis"]
+
+
+def _find_spans(jaxpr) -> list[_Span]:
+    """Dispatch -> experts -> combine spans at this level of ``jaxpr`` (not in sub-jaxprs)."""
+    eqns = jaxpr.eqns
+    producer = {}
+    for i, e in enumerate(eqns):
+        for v in e.outvars:
+            producer[v] = i
+    consumers: dict[Any, list[int]] = {}
+    for i, e in enumerate(eqns):
+        for v in e.invars:
+            if isinstance(v, jcore.Var):
+                consumers.setdefault(v, []).append(i)
+    outvars = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
+    spans, used = [], set()
+    for d, de in enumerate(eqns):
+        if de.primitive.name != "all_to_all" or d in used:
+            continue
+        s_ax, c_ax = _a2a_axes(de)
+        if s_ax == c_ax or not de.params.get("tiled", False):
+            continue
+        # forward closure from the dispatch output until an all_to_all that reverses it
+        desc, frontier, combine = set(), [de.outvars[0]], None
+        while frontier:
+            v = frontier.pop()
+            for c in consumers.get(v, []):
+                ce = eqns[c]
+                if ce.primitive.name == "all_to_all":
+                    if (_a2a_axes(ce) == (c_ax, s_ax) and ce.params["axis_name"] == de.params["axis_name"]
+                            and combine in (None, c)):
+                        combine = c
+                        continue
+                    desc = None
+                    break
+                if c not in desc:
+                    desc.add(c)
+                    frontier.extend(ce.outvars)
+            if desc is None:
+                break
+        if desc is None or combine is None:
+            continue
+        body = tuple(sorted(desc))
+        if any(b > combine for b in body):
+            continue
+        # every body value must be consumed only inside the span (the combine input included)
+        inside = set(body) | {combine}
+        leak = any(any(c not in inside for c in consumers.get(v, [])) or v in outvars
+                   for b in body for v in eqns[b].outvars)
+        if leak or any(c not in inside for c in consumers.get(de.outvars[0], [])) or de.outvars[0] in outvars:
+            continue
+        body_out = {v for b in body for v in eqns[b].outvars} | {de.outvars[0]}
+        consts, seen = [], set()
+        for b in body:
+            for v in eqns[b].invars:
+                if isinstance(v, jcore.Literal):
+                    continue
+                if v not in body_out and v not in seen:
+                    seen.add(v)
+                    consts.append(v)
+        cv = eqns[combine].invars[0]
+        if cv not in body_out:
+            continue
+        spans.append(_Span(d, combine, body, tuple(consts), c_ax))
+        used.update({d, combine})
+    return spans
+
+
+def find_moe_spans(fn: Callable, *args, **kwargs) -> int:
+    """Number of dispatch -> experts -> combine spans :func:`pipeline_moe` would rewrite in ``fn(*args)``,
+    counting each occurrence in the jaxpr once (a span inside a scanned layer stack counts once)."""
+    closed = jax.make_jaxpr(fn)(*args, **kwargs)
+
+    def count(j):
+        j = _open(j)
+        n = len(_find_spans(j))
+        for e in j.eqns:
+            for s in _sub_jaxprs(e):
+                n += count(s)
+        return n
+
+    return count(closed)
+
+
+# ------------------------------------------------------------------------------------------ chunk interpreter
+
+_ELEMENTWISE = {
+    "add", "add_any", "sub", "mul", "div", "rem", "max", "min", "neg", "sign", "abs", "exp", "exp2", "log", "log1p",
+    "expm1", "logistic", "tanh", "sin", "cos", "sqrt", "rsqrt", "cbrt", "pow", "integer_pow", "square", "erf",
+    "erfc", "erf_inv", "convert_element_type", "copy", "copy_p", "select_n", "stop_gradient", "and", "or", "not",
+    "xor", "eq", "ne", "lt", "le", "gt", "ge", "is_finite", "floor", "ceil", "round", "nextafter", "clamp",
+    "reduce_precision", "real", "imag", "atan2", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh",
+    "atanh", "shift_left", "shift_right_logical", "shift_right_arithmetic", "population_count", "optimization_barrier",
+    "pvary", "psum_invariant",
+}
+_REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin"}
+
+
+def _ndim(x):
+    return np.ndim(x)
+
+
+def _chunk_rule(eqn, axes: list, vals: list, r: int):
+    """New params and the output chunk axis for ``eqn`` given its inputs' chunk axes (None = not chunked)."""
+    name = eqn.primitive.name
+    p = dict(eqn.params)
+    chunked = [a for a in axes if a is not None]
+    if not chunked:
+        return p, None
+    if name in _ELEMENTWISE:
+        if len(set(chunked)) != 1:
+            raise NotChunkable(f"'{name}' mixes operands chunked on different axes {chunked}")
+        a = chunked[0]
+        for ax, v in zip(axes, vals):
+            if ax is None and _ndim(v) > 0:
+                raise NotChunkable(f"'{name}' combines a chunked operand with an unchunked array of shape "
+                                   f"{np.shape(v)}")
+        return p, a
+    if name == "broadcast_in_dim":
+        a, dims = axes[0], p["broadcast_dimensions"]
+        out_a = dims[a]
+        shape = list(p["shape"])
+        shape[out_a] = np.shape(vals[0])[a]
+        p["shape"] = tuple(shape)
+        return p, out_a
+    if name == "transpose":
+        return p, list(p["permutation"]).index(axes[0])
+    if name == "squeeze":
+        a = axes[0]
+        dims = p["dimensions"]
+        if a in dims:
+            raise NotChunkable("'squeeze' removes the token axis")
+        return p, a - sum(d < a for d in dims)
+    if name == "reshape":
+        if p.get("dimensions") is not None:
+            raise NotChunkable("'reshape' with dimensions")
+        a = axes[0]
+        in_full = list(np.shape(vals[0]))
+        in_full[a] *= r
+        out_full = list(p["new_sizes"])
+        pre = math.prod(in_full[:a])
+        for j in range(len(out_full)):
+            if math.prod(out_full[:j]) == pre and out_full[j] != 1 and out_full[j] % r == 0:
+                out = list(out_full)
+                out[j] //= r
+                p["new_sizes"] = tuple(out)
+                return p, j
+            if math.prod(out_full[:j]) > pre:
+                break
+        raise NotChunkable(f"'reshape' {tuple(in_full)} -> {tuple(out_full)} does not keep the token axis "
+                           f"{a} as a leading factor")
+    if name == "dot_general":
+        (lc, rc), (lb, rb) = p["dimension_numbers"]
+        la, ra = axes
+        lnd, rnd = _ndim(vals[0]), _ndim(vals[1])
+        if la is not None and la in lc or ra is not None and ra in rc:
+            raise NotChunkable("'dot_general' contracts over the token axis")
+        if la is not None and la in lb or ra is not None and ra in rb:
+            if la is None or ra is None or lb.index(la) != rb.index(ra):
+                raise NotChunkable("'dot_general' batches over the token axis of one operand only")
+            return p, lb.index(la)
+        if la is not None and ra is not None:
+            raise NotChunkable("'dot_general' with both operands chunked on free axes")
+        if la is not None:
+            free = [d for d in range(lnd) if d not in lc and d not in lb]
+            return p, len(lb) + free.index(la)
+        lfree = lnd - len(lc) - len(lb)
+        free = [d for d in range(rnd) if d not in rc and d not in rb]
+        return p, len(lb) + lfree + free.index(ra)
+    if name in _REDUCE:
+        a = axes[0]
+        red = p["axes"]
+        if a in red:
+            raise NotChunkable(f"'{name}' reduces over the token axis")
+        return p, a - sum(d < a for d in red)
+    if name == "slice":
+        a = axes[0]
+        full = np.shape(vals[0])[a] * r
+        st, lim = list(p["start_indices"]), list(p["limit_indices"])
+        strides = p.get("strides")
+        if st[a] != 0 or lim[a] != full or (strides is not None and strides[a] != 1):
+            raise NotChunkable("'slice' along the token axis")
+        lim[a] = np.shape(vals[0])[a]
+        p["limit_indices"] = tuple(lim)
+        return p, a
+    raise NotChunkable(f"no chunking rule for primitive '{name}' inside a MoE span")
+
+
+def _eval_chunked(jaxpr, consts, args, axes, r):
+    """Evaluate ``jaxpr`` on chunk-sized ``args`` (token axis ``axes[i]`` or None); returns (outs, out_axes)."""
+    env, ax = {}, {}
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v], ax[v] = c, None
+    for v, a, x in zip(jaxpr.invars, axes, args):
+        env[v], ax[v] = x, a
+    for eqn in jaxpr.eqns:
+        invals = [_read(env, v) for v in eqn.invars]
+        inax = [None if isinstance(v, jcore.Literal) else ax[v] for v in eqn.invars]
+        name = eqn.primitive.name
+        if name in ("jit", "pjit", "closed_call", "core_call", "custom_jvp_call", "checkpoint", "remat"):
+            sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr", eqn.params.get("fun_jaxpr")))
+            sc = sub.consts if isinstance(sub, jcore.ClosedJaxpr) else []
+            outs, oax = _eval_chunked(_open(sub), sc, invals, inax, r)
+        elif all(a is None for a in inax):
+            outs, oax = _bind(eqn, invals), [None] * len(eqn.outvars)
+        else:
+            if eqn.primitive.multiple_results:
+                raise NotChunkable(f"no chunking rule for multi-output primitive '{name}' inside a MoE span")
+            params, out_a = _chunk_rule(eqn, inax, invals, r)
+            outs = eqn.primitive.bind(*invals, **params)
+            outs, oax = [outs], [out_a]
+        for v, o, a in zip(eqn.outvars, outs, oax):
+            env[v], ax[v] = o, a
+    return [_read(env, v) for v in jaxpr.outvars], [None if isinstance(v, jcore.Literal) else ax[v]
+                                                    for v in jaxpr.outvars]
+
+
+# ------------------------------------------------------------------------------------------ the span as a custom VJP
+
+@dataclasses.dataclass
+class PipelineStats:
+    """What :func:`pipeline_moe` rewrote on its last trace: spans found (per jaxpr occurrence) and degrees."""
+
+    spans: int = 0
+    degree_fwd: int = 1
+    degree_bwd: int = 1
+
+
+def _span_fn(jaxpr, span: _Span, r_fwd: int, r_bwd: int):
+    """A ``custom_vjp`` function ``(xb, *consts) -> yb`` computing the span in chunks."""
+    eqns = jaxpr.eqns
+    de, ce = eqns[span.dispatch], eqns[span.combine]
+    d_params, c_params = de.params, ce.params
+    body_eqns = [eqns[i] for i in span.body]
+    body_jaxpr = jcore.Jaxpr(constvars=[], invars=[de.outvars[0], *span.consts], outvars=[ce.invars[0]],
+                             eqns=body_eqns)
+    cax = span.chunk_axis  # token axis of the dispatch input and of the combine output
+    s_ax = d_params["split_axis"]
+
+    def dispatch(x):
+        return jax.lax.all_to_all(x, d_params["axis_name"], d_params["split_axis"], d_params["concat_axis"],
+                                  tiled=True, axis_index_groups=d_params.get("axis_index_groups"))
+
+    def combine(y):
+        return jax.lax.all_to_all(y, c_params["axis_name"], c_params["split_axis"], c_params["concat_axis"],
+                                  tiled=True, axis_index_groups=c_params.get("axis_index_groups"))
+
+    def experts(xr, consts, r):
+        outs, oax = _eval_chunked(body_jaxpr, [], [xr, *consts], [cax] + [None] * len(consts), r)
+        if oax[0] != cax:
+            raise NotChunkable(f"the experts move the token axis from {cax} to {oax[0]}")
+        return outs[0]
+
+    def check(xb, r, what):
+        T = xb.shape[cax]
+        if T % r:
+            raise NotChunkable(f"pipeline degree {what}={r} does not divide the {T} tokens per expert buffer "
+                               f"(axis {cax} of the dispatch input {tuple(xb.shape)})")
+
+    def chunks(x, r, axis):
+        return jnp.split(x, r, axis=axis) if r > 1 else [x]
+
+    def n_devices(xb, xr):
+        return xr.shape[cax] // xb.shape[cax]
+
+    def to_canonical(parts, n):
+        # chunked dispatch outputs [.., n*T/r, ..] (chunk-major) -> the unchunked layout [.., n*T, ..]
+        r = len(parts)
+        if r == 1:
+            return parts[0]
+        x = jnp.stack(parts, axis=cax)  # [.., r, n*T/r, ..]
+        sh = list(x.shape)
+        x = x.reshape(sh[:cax] + [r, n, sh[cax + 1] // n] + sh[cax + 2:])
+        x = jnp.swapaxes(x, cax, cax + 1)  # [.., n, r, T/r, ..]
+        return x.reshape(sh[:cax] + [r * sh[cax + 1]] + sh[cax + 2:])
+
+    def chunk_of_canonical(x, n, r, i):
+        # rows of chunk i (of r) of every source device, in the chunked dispatch output's layout
+        if r == 1:
+            return x
+        sh = list(x.shape)
+        T = sh[cax] // n
+        x = x.reshape(sh[:cax] + [n, r, T // r] + sh[cax + 1:])
+        x = jax.lax.index_in_dim(x, i, axis=cax + 1, keepdims=False)
+        return x.reshape(sh[:cax] + [T // r * n] + sh[cax + 1:])
+
+    @jax.custom_vjp
+    def span(xb, *consts):
+        return fwd(xb, *consts)[0]
+
+    def fwd(xb, *consts):
+        check(xb, r_fwd, "r_fwd")
+        check(xb, r_bwd, "r_bwd")
+        xrs, ys = [], []
+        for xc in chunks(xb, r_fwd, cax):
+            xr = dispatch(xc)
+            xrs.append(xr)
+            ys.append(combine(experts(xr, consts, r_fwd)))
+        n = xrs[0].shape[cax] // (xb.shape[cax] // r_fwd)
+        yb = jnp.concatenate(ys, axis=cax) if r_fwd > 1 else ys[0]
+        return yb, (to_canonical(xrs, n), consts, n)
+
+    def bwd(res, g):
+        xr_all, consts, n = res
+        dxs, dconsts = [], None
+        for i, gc in enumerate(chunks(g, r_bwd, cax)):
+            gy = jax.lax.all_to_all(gc, c_params["axis_name"], c_params["concat_axis"], c_params["split_axis"],
+                                    tiled=True, axis_index_groups=c_params.get("axis_index_groups"))
+            xr = chunk_of_canonical(xr_all, n, r_bwd, i)
+            _, vjp = jax.vjp(lambda x, *c: experts(x, c, r_bwd), xr, *consts)
+            dxr, *dc = vjp(gy)
+            dxs.append(jax.lax.all_to_all(dxr, d_params["axis_name"], d_params["concat_axis"], s_ax, tiled=True,
+                                          axis_index_groups=d_params.get("axis_index_groups")))
+            dc = [None if d is None or _is_float0(d) else d for d in dc]
+            dconsts = dc if dconsts is None else [a if b is None else (b if a is None else a + b)
+                                                  for a, b in zip(dconsts, dc)]
+        dxb = jnp.concatenate(dxs, axis=cax) if r_bwd > 1 else dxs[0]
+        dconsts = [_zero_cotangent(c) if d is None else d for c, d in zip(consts, dconsts)]
+        return (dxb, *dconsts)
+
+    span.defvjp(fwd, bwd)
+    return span
+
+
+def _is_float0(x):
+    return getattr(x, "dtype", None) == jax.dtypes.float0
+
+
+def _zero_cotangent(c):
+    c = jnp.asarray(c) if not hasattr(c, "dtype") else c
+    if jnp.issubdtype(c.dtype, jnp.inexact):
+        return jnp.zeros_like(c)
+    return np.zeros(np.shape(c), jax.dtypes.float0)
+
+
+# ------------------------------------------------------------------------------------------ the rewriting interpreter
+
+@dataclasses.dataclass
+class _Plan:
+    """A pass's decisions for one jaxpr: equations replaced by handlers, equations skipped (their outputs
+    come from a handler), and extra handlers run right after an equation (index -1: before the first)."""
+
+    replace: dict
+    skip: set
+    after: dict
+
+
+def _eval_rewritten(jaxpr, consts, args, visit: Callable):
+    """Evaluate ``jaxpr`` under a pass: ``visit(jaxpr) -> _Plan``; equations with sub-jaxprs that contain
+    targets of the pass are re-expressed through the public API with rewritten bodies; everything else is
+    re-bound unchanged."""
+    plan = visit(jaxpr)
+    env = {}
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = c
+    for v, a in zip(jaxpr.invars, args):
+        env[v] = a
+    read = lambda v: _read(env, v)
+
+    def run_after(i):
+        for h in plan.after.get(i, ()):
+            for v, o in zip(h.outvars, h(read)):
+                env[v] = o
+
+    run_after(-1)
+    for i, eqn in enumerate(jaxpr.eqns):
+        if i in plan.replace:
+            h = plan.replace[i]
+            for v, o in zip(h.outvars, h(read)):
+                env[v] = o
+        elif i not in plan.skip:
+            invals = [read(v) for v in eqn.invars]
+            subs = _sub_jaxprs(eqn)
+            if subs and any(visit.wants(s) for s in subs):
+                outs = _rewrite_structured(eqn, invals, visit)
+            else:
+                outs = _bind(eqn, invals)
+            for v, o in zip(eqn.outvars, outs):
+                env[v] = o
+        run_after(i)
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _closed_fn(closed, visit):
+    j = _open(closed)
+    consts = closed.consts if isinstance(closed, jcore.ClosedJaxpr) else []
+    return lambda *a: _eval_rewritten(j, consts, a, visit)
+
+
+def _rewrite_structured(eqn, invals, visit):
+    name = eqn.primitive.name
+    p = eqn.params
+    if name == "scan":
+        nc, ncar = p["num_consts"], p["num_carry"]
+        consts, carry, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
+        f = _closed_fn(p["jaxpr"], visit)
+
+        def body(c, x):
+            outs = f(*consts, *c, *x)
+            return outs[:ncar], outs[ncar:]
+
+        c_out, ys = jax.lax.scan(body, list(carry), list(xs), length=p["length"], reverse=p["reverse"],
+                                 unroll=p["unroll"])
+        return [*c_out, *ys]
+    if name == "shard_map":
+        f = _closed_fn(p["jaxpr"], visit)
+        kw = {}
+        if p.get("newly_manual_axes") is not None:
+            kw["axis_names"] = set(p["newly_manual_axes"])
+        elif p.get("manual_axes") is not None:
+            kw["axis_names"] = set(p["manual_axes"])
+        sm = jax.shard_map(lambda *a: tuple(f(*a)), mesh=p["mesh"], in_specs=tuple(p["in_specs"]),
+                           out_specs=tuple(p["out_specs"]), check_vma=p.get("check_vma", False), **kw)
+        return list(sm(*invals))
+    if name in ("jit", "pjit", "closed_call", "core_call"):
+        return _closed_fn(p.get("jaxpr", p.get("call_jaxpr")), visit)(*invals)
+    if name in ("checkpoint", "remat"):
+        f = _closed_fn(p["jaxpr"], visit)
+        return list(jax.checkpoint(lambda *a: tuple(f(*a)), prevent_cse=p.get("prevent_cse", True),
+                                   policy=p.get("policy"))(*invals))
+    if name == "cond":
+        fs = [_closed_fn(b, visit) for b in p["branches"]]
+        return list(jax.lax.switch(invals[0], [lambda *a, f=f: tuple(f(*a)) for f in fs], *invals[1:]))
+    if name == "while":
+        cn, bn = p["cond_nconsts"], p["body_nconsts"]
+        cc, bc, init = invals[:cn], invals[cn:cn + bn], invals[cn + bn:]
+        cf, bf = _closed_fn(p["cond_jaxpr"], visit), _closed_fn(p["body_jaxpr"], visit)
+        return list(jax.lax.while_loop(lambda s: cf(*cc, *s)[0], lambda s: tuple(bf(*bc, *s)), tuple(init)))
+    if name == "custom_jvp_call":
+        # the custom rule is lost; the rewritten body is differentiated directly (same math)
+        return _closed_fn(p["call_jaxpr"], visit)(*invals)
+    raise NotChunkable(f"cannot rewrite inside '{name}' (it contains a target of the pass)")
+
+
+class _Visitor:
+    """Per-jaxpr decisions of a pass, with a cache of "does this sub-jaxpr contain a target"."""
+
+    def __init__(self, decide: Callable, target_prims: tuple[str, ...]):
+        self._decide, self._targets, self._wants = decide, target_prims, {}
+
+    def wants(self, j) -> bool:
+        key = id(_open(j))
+        if key not in self._wants:
+            self._wants[key] = _contains(j, self._targets)
+        return self._wants[key]
+
+    def __call__(self, jaxpr):
+        return self._decide(jaxpr)
+
+
+class _Handler:
+    def __init__(self, fn, invars, outvars):
+        self.fn, self.invars, self.outvars = fn, invars, outvars
+
+    def __call__(self, read):
+        out = self.fn(*[read(v) for v in self.invars])
+        return out if isinstance(out, (list, tuple)) else [out]
+
+
+# ------------------------------------------------------------------------------------------ pass 1: pipelining
+
+def pipeline_moe(fn: Callable, degree: int = 2, *, bwd_degree: int | None = None,
+                 stats: PipelineStats | None = None) -> Callable:
+    """Return ``fn`` with every expert-parallel MoE span pipelined in ``degree`` chunks (``bwd_degree`` in
+    the backward pass; default ``degree``).
+
+    ``fn`` is any function whose trace contains the dispatch/combine ``all_to_all`` pair of
+    :func:`moejax.parallel.expert_parallel.ep_moe` (typically the loss inside the trainer's ``shard_map``, or a
+    whole ``shard_map``-ed function). Outputs and gradients equal ``fn``'s up to float reassociation. Degree 1
+    leaves the computation as it is (the span is still routed through the custom VJP).
+
+    Raises :class:`NotChunkable` if a span contains an op with no chunking rule or a degree does not divide
+    the per-expert token buffer, and ``ValueError`` for a degree that is not a positive int.
+    """
+    for name, v in (("degree", degree), ("bwd_degree", bwd_degree)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"pipeline_moe: {name} must be a positive int, got {v!r}")
+    r_f, r_b = degree, bwd_degree or degree
+
+    def decide(jaxpr):
+        spans = _find_spans(jaxpr)
+        handlers, skip = {}, set()
+        for s in spans:
+            f = _span_fn(jaxpr, s, r_f, r_b)
+            # evaluated at the combine's position: every input of the span is available there
+            handlers[s.combine] = _Handler(f, [jaxpr.eqns[s.dispatch].invars[0], *s.consts],
+                                           jaxpr.eqns[s.combine].outvars)
+            skip.update(s.body)
+            skip.add(s.dispatch)
+        if stats is not None:
+            stats.spans += len(spans)
+        return _Plan(handlers, skip, {})
+
+    visit = _Visitor(decide, ("all_to_all",))
+
+    def wrapped(*args, **kwargs):
+        closed = jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args)
+        if stats is not None:
+            stats.spans, stats.degree_fwd, stats.degree_bwd = 0, r_f, r_b
+        flat, _ = jax.tree.flatten(args)
+        out_tree = jax.tree.structure(jax.eval_shape(lambda *a: fn(*a, **kwargs), *args))
+        outs = _eval_rewritten(closed.jaxpr, closed.consts, flat, visit)
+        return jax.tree.unflatten(out_tree, outs)
+
+    return wrapped
+
+
+# ------------------------------------------------------------------------------------------ pass 2: gradient buckets
+
+def bucket_gradients(fn: Callable, *, bucket_bytes: int | None = None,
+                     buckets: Sequence[Sequence[int]] | None = None, inside_loops: bool = False,
+                     reduce_prims: tuple[str, ...] = ("psum", "psum_invariant")) -> Callable:
+    """Return ``fn`` with its data-parallel gradient ``psum`` s merged into buckets.
+
+    The reductions considered are the ``psum`` equations (single operand or several) over the same mesh axes
+    at one level of the jaxpr -- in practice the body of the ``shard_map`` that computes and reduces the
+    gradients -- ordered by when their operands are produced. ``buckets`` gives the bucket members explicitly
+    (indices into that order, e.g. from :func:`moejax.schedule.plan`); otherwise consecutive reductions are
+    grouped until a bucket holds at least ``bucket_bytes`` bytes (``None``: one bucket). Each bucket is one
+    ``psum`` of the concatenated flattened members, emitted right after the equation that produces its last
+    member.
+
+    ``inside_loops=True``: a reduction whose operand is a stacked output of a ``scan`` (the per-layer gradients
+    of a scanned layer stack) is moved into the loop body (``psum`` commutes with stacking), and the moved
+    reductions of one iteration are bucketed together by the same rule; reductions left outside loops are
+    bucketed as above.
+
+    Results equal ``fn``'s exactly (each element is reduced over the same devices; concatenation does not
+    reorder any element's sum).
+    """
+    if bucket_bytes is not None and (not isinstance(bucket_bytes, int) or isinstance(bucket_bytes, bool)
+                                     or bucket_bytes < 1):
+        raise ValueError(f"bucket_gradients: bucket_bytes must be a positive int or None, got {bucket_bytes!r}")
+    if buckets is not None and bucket_bytes is not None:
+        raise ValueError("bucket_gradients: pass buckets or bucket_bytes, not both")
+
+    def plan_buckets(sizes: list[int], explicit=True):
+        if buckets is not None and explicit:
+            flat = sorted(i for b in buckets for i in b)
+            if flat != list(range(len(sizes))):
+                raise ValueError(f"bucket_gradients: buckets must partition the {len(sizes)} reductions "
+                                 f"(indices 0..{len(sizes) - 1}), got {[list(b) for b in buckets]}")
+            return [list(b) for b in buckets]
+        out, cur, size = [], [], 0
+        for i, nbytes in enumerate(sizes):
+            cur.append(i)
+            size += nbytes
+            if bucket_bytes is not None and size >= bucket_bytes:
+                out.append(cur)
+                cur, size = [], 0
+        if cur:
+            out.append(cur)
+        return out
+
+    def decide(jaxpr):
+        replace, skip = {}, set()
+        if inside_loops:
+            replace, skip = _move_reductions_into_loops(jaxpr, reduce_prims,
+                                                        lambda sizes: plan_buckets(sizes, explicit=False))
+        return _bucket_plan(jaxpr, plan_buckets, reduce_prims, replace, skip)
+
+    visit = _Visitor(decide, tuple(reduce_prims))
+
+    def wrapped(*args, **kwargs):
+        closed = jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args)
+        flat, _ = jax.tree.flatten(args)
+        out_tree = jax.tree.structure(jax.eval_shape(lambda *a: fn(*a, **kwargs), *args))
+        outs = _eval_rewritten(closed.jaxpr, closed.consts, flat, visit)
+        return jax.tree.unflatten(out_tree, outs)
+
+    return wrapped
+
+
+def _nbytes(aval) -> int:
+    return int(np.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
+
+
+def _reduce_key(eqn):
+    return (eqn.primitive.name, tuple(sorted((k, repr(v)) for k, v in eqn.params.items())))
+
+
+class _Bucket:
+    """One bucketed reduction: concatenate the members, reduce once, split back."""
+
+    def __init__(self, prim, params, invars, outvars):
+        self.prim, self.params, self.invars, self.outvars = prim, params, invars, outvars
+
+    def __call__(self, read):
+        return _reduce_concat(self.prim, self.params, [read(v) for v in self.invars])
+
+
+def _reduce_concat(prim, params, vals):
+    if len(vals) == 1:
+        out = prim.bind(vals[0], **params)
+        return [out[0] if isinstance(out, (list, tuple)) else out]
+    dt = jnp.result_type(*[v.dtype for v in vals])
+    flat = jnp.concatenate([jnp.ravel(v).astype(dt) for v in vals])
+    red = prim.bind(flat, **params)
+    red = red[0] if isinstance(red, (list, tuple)) else red
+    outs, off = [], 0
+    for v in vals:
+        n = int(np.prod(v.shape))
+        outs.append(red[off:off + n].reshape(v.shape).astype(v.dtype))
+        off += n
+    return outs
+
+
+def _bucket_plan(jaxpr, plan_buckets, reduce_prims, replace, skip):
+    producer = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.outvars}
+    first_use: dict[Any, int] = {}
+    for i, e in enumerate(jaxpr.eqns):
+        for v in e.invars:
+            if isinstance(v, jcore.Var) and v not in first_use:
+                first_use[v] = i
+    groups: dict[tuple, list[tuple]] = {}
+    for i, e in enumerate(jaxpr.eqns):
+        if e.primitive.name in reduce_prims and i not in skip and i not in replace:
+            for v, o in zip(e.invars, e.outvars):
+                if isinstance(v, jcore.Literal):
+                    continue
+                key = (_reduce_key(e), np.dtype(v.aval.dtype).name)  # a bucket holds one dtype
+                groups.setdefault(key, []).append((producer.get(v, -1), i, v, o))
+    after: dict[int, list] = {}
+    for members in groups.values():
+        members.sort(key=lambda m: (m[0], m[1]))
+        e0 = jaxpr.eqns[members[0][1]]
+        for b in plan_buckets([_nbytes(m[2].aval) for m in members]):
+            # A bucket runs after its last member is produced; a member whose reduced value is needed earlier
+            # than that (e.g. a reduction the backward itself consumes) closes the bucket before it.
+            cur: list = []
+            for m in sorted((members[k] for k in b), key=lambda m: (m[0], m[1])):
+                need = min([first_use.get(x[3], len(jaxpr.eqns)) for x in cur + [m]])
+                if cur and max(x[0] for x in cur + [m]) >= need:
+                    _emit(after, e0, cur)
+                    cur = []
+                cur.append(m)
+            _emit(after, e0, cur)
+        skip.update(m[1] for m in members)
+    return _Plan(replace, skip, after)
+
+
+def _emit(after, e0, ms):
+    if ms:
+        after.setdefault(max(m[0] for m in ms), []).append(
+            _Bucket(e0.primitive, dict(e0.params), [m[2] for m in ms], [m[3] for m in ms]))
+
+
+def _move_reductions_into_loops(jaxpr, reduce_prims, plan_sizes):
+    """Replace ``scan`` equations whose stacked outputs feed only a reduction with a scan that reduces (in
+    buckets) inside its body; the reductions outside are skipped."""
+    consumers: dict[Any, list[int]] = {}
+    for i, e in enumerate(jaxpr.eqns):
+        for v in e.invars:
+            if isinstance(v, jcore.Var):
+                consumers.setdefault(v, []).append(i)
+    replace, skip = {}, set()
+    for si, se in enumerate(jaxpr.eqns):
+        if se.primitive.name != "scan":
+            continue
+        p = se.params
+        nc, ncar = p["num_consts"], p["num_carry"]
+        moved = {}
+        for k, y in enumerate(se.outvars[ncar:]):
+            cs = consumers.get(y, [])
+            if len(cs) == 1:
+                re = jaxpr.eqns[cs[0]]
+                if re.primitive.name in reduce_prims and len(re.invars) == 1:
+                    moved[k] = cs[0]
+        if not moved:
+            continue
+        body_closed = p["jaxpr"]
+        reds = {k: jaxpr.eqns[i] for k, i in moved.items()}
+
+        def run(*invals, p=p, nc=nc, ncar=ncar, reds=reds, body_closed=body_closed):
+            consts, carry, xs = invals[:nc], invals[nc:nc + ncar], invals[nc + ncar:]
+            order = sorted(reds)
+            by_key: dict[tuple, list[int]] = {}
+            for k in order:
+                by_key.setdefault(_reduce_key(reds[k]), []).append(k)
+
+            def body(c, x):
+                outs = jcore.jaxpr_as_fun(body_closed)(*consts, *c, *x)
+                cy, yy = list(outs[:ncar]), list(outs[ncar:])
+                for ks in by_key.values():
+                    e = reds[ks[0]]
+                    for g in plan_sizes([int(np.prod(np.shape(yy[k]))) * np.dtype(yy[k].dtype).itemsize
+                                         for k in ks]):
+                        sel = [ks[j] for j in g]
+                        for k, rv in zip(sel, _reduce_concat(e.primitive, e.params, [yy[k] for k in sel])):
+                            yy[k] = rv
+                return cy, yy
+
+            c_out, ys = jax.lax.scan(body, list(carry), list(xs), length=p["length"], reverse=p["reverse"],
+                                     unroll=p["unroll"])
+            return [*c_out, *ys]
+
+        outvars = list(se.outvars)
+        for k, ri in moved.items():
+            outvars[ncar + k] = jaxpr.eqns[ri].outvars[0]
+            skip.add(ri)
+        replace[si] = _Handler(run, list(se.invars), outvars)
+    return replace, skip
