@@ -25,6 +25,7 @@ from moejax.schedule.overlap import (
     bucket_gradients,
     count_collectives,
     pipeline_moe,
+    two_level_all_to_all,
 )
 from moejax.train.trainer import Trainer
 
@@ -228,3 +229,30 @@ def test_trainer_step_with_buckets_and_pipelining(mesh_spec):
     _assert_close(g2, g0, TOL)
     assert count_collectives(low2.compile().as_text())["all_to_all"] == 2 * 2 + 2 * 4
     assert dataclasses.replace(both, degree_fwd=1).degree_fwd == 1
+
+
+# ------------------------------------------------------------------------------------------ 2-level all-to-all
+
+@pytest.mark.parametrize("split_axis,concat_axis", [(0, 1), (1, 0), (1, 2)])
+def test_two_level_all_to_all_equals_flat(split_axis, concat_axis):
+    mesh = jax.make_mesh((2, 4), ("node", "expert"))
+    x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (8 * 16, 24, 5)),
+                       NamedSharding(mesh, P(("node", "expert"))))
+
+    def sm(f):
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P(("node", "expert")), out_specs=P(("node", "expert"))))
+
+    axes = ("node", "expert")
+    flat = sm(lambda v: jax.lax.all_to_all(v, axes, split_axis, concat_axis, tiled=True))
+    two = sm(lambda v: two_level_all_to_all(v, axes, split_axis, concat_axis))
+    np.testing.assert_array_equal(two(x), flat(x))
+    assert count_collectives(two.lower(x).compile().as_text())["all_to_all"] == 2
+
+
+def test_pipelined_two_level_step_equals_plain_step():
+    (g0, _), _ = _grads(_trainer("data=2,node=2,expert=2", "topk"))
+    sch = OverlapSchedule(degree_fwd=2, degree_bwd=2, two_level=True, bucketing=False)
+    (g1, _), lowered = _grads(_trainer("data=2,node=2,expert=2", "topk", sch))
+    _assert_close(g1, g0, TOL)
+    # every dispatch/combine (forward and backward, per chunk) is an intra-node then an inter-node exchange
+    assert count_collectives(lowered.compile().as_text())["all_to_all"] == 2 * (2 * 2 + 2 * 2)

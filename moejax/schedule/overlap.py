@@ -52,7 +52,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 __all__ = ["NotChunkable", "OverlapSchedule", "PipelineStats", "bucket_gradients", "count_collectives",
-           "find_moe_spans", "pipeline_moe"]
+           "find_moe_spans", "pipeline_moe", "two_level_all_to_all"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,7 @@ class OverlapSchedule:
       inside_loops: move the reductions of the per-layer gradients of scanned layer stacks into the backward
         loop (one bucketed reduction per layer iteration).
       bucketing: apply :func:`bucket_gradients` at all (``False``: the trainer's one ``psum`` per parameter).
+      two_level: 2-level (intra-node then inter-node) dispatch/combine all-to-alls on meshes with a ``node`` axis.
     """
 
     degree_fwd: int = 1
@@ -76,6 +77,7 @@ class OverlapSchedule:
     buckets: tuple[tuple[int, ...], ...] | None = None
     inside_loops: bool = True
     bucketing: bool = True
+    two_level: bool = False
 
     def validate(self) -> OverlapSchedule:
         for name in ("degree_fwd", "degree_bwd"):
@@ -375,6 +377,33 @@ def _eval_chunked(jaxpr, consts, args, axes, r):
                                                     for v in jaxpr.outvars]
 
 
+# ------------------------------------------------------------------------------------------ 2-level all-to-all
+
+def two_level_all_to_all(x, axis_names, split_axis: int, concat_axis: int):
+    """A tiled ``all_to_all`` over two mesh axes ``(outer, inner)`` (e.g. ``("node", "expert")``) done as an
+    intra-node exchange over ``inner`` then an inter-node exchange over ``outer``; equal to
+    ``jax.lax.all_to_all(x, axis_names, split_axis, concat_axis, tiled=True)`` (flat device index
+    ``outer * n_inner + inner``). Call inside ``shard_map``."""
+    outer, inner = axis_names
+    n_o, n_i = jax.lax.psum(1, outer), jax.lax.psum(1, inner)
+    n = n_o * n_i
+    sh = list(x.shape)
+    s, c = split_axis, concat_axis
+    if sh[s] % n:
+        raise ValueError(f"two_level_all_to_all: split axis {s} of size {sh[s]} is not divisible by {n} devices")
+    k = sh[s] // n
+    y = x.reshape(sh[:s] + [n_o, n_i, k] + sh[s + 1:])
+    y = jax.lax.all_to_all(y, inner, s + 1, s + 1, tiled=True)  # intra-node: dim s+1 now indexes the source
+    y = jax.lax.all_to_all(y, outer, s, s, tiled=True)  # inter-node: dim s now indexes the source node
+    y = y.reshape(sh[:s] + [n, k] + sh[s + 1:])  # dim s: flat source index, dim s+1: this device's slab
+    # move the source dim in front of the concat dim and merge them (source-major, as the flat all_to_all)
+    c_pos = c + 1 if c > s else c  # position of the concat dim in y
+    y = jnp.moveaxis(y, s, c_pos - 1 if c_pos > s else c_pos)
+    out = list(y.shape)
+    j = c_pos - 1 if c_pos > s else c_pos  # the source dim, now directly before the concat dim
+    return y.reshape(out[:j] + [out[j] * out[j + 1]] + out[j + 2:])
+
+
 # ------------------------------------------------------------------------------------------ the span as a custom VJP
 
 @dataclasses.dataclass
@@ -386,7 +415,15 @@ class PipelineStats:
     degree_bwd: int = 1
 
 
-def _span_fn(jaxpr, span: _Span, r_fwd: int, r_bwd: int):
+def _a2a(x, params, split_axis, concat_axis, two_level):
+    names = params["axis_name"]
+    if two_level and isinstance(names, tuple) and len(names) == 2 and params.get("axis_index_groups") is None:
+        return two_level_all_to_all(x, names, split_axis, concat_axis)
+    return jax.lax.all_to_all(x, names, split_axis, concat_axis, tiled=True,
+                              axis_index_groups=params.get("axis_index_groups"))
+
+
+def _span_fn(jaxpr, span: _Span, r_fwd: int, r_bwd: int, two_level: bool = False):
     """A ``custom_vjp`` function ``(xb, *consts) -> yb`` computing the span in chunks."""
     eqns = jaxpr.eqns
     de, ce = eqns[span.dispatch], eqns[span.combine]
@@ -398,12 +435,10 @@ def _span_fn(jaxpr, span: _Span, r_fwd: int, r_bwd: int):
     s_ax = d_params["split_axis"]
 
     def dispatch(x):
-        return jax.lax.all_to_all(x, d_params["axis_name"], d_params["split_axis"], d_params["concat_axis"],
-                                  tiled=True, axis_index_groups=d_params.get("axis_index_groups"))
+        return _a2a(x, d_params, d_params["split_axis"], d_params["concat_axis"], two_level)
 
     def combine(y):
-        return jax.lax.all_to_all(y, c_params["axis_name"], c_params["split_axis"], c_params["concat_axis"],
-                                  tiled=True, axis_index_groups=c_params.get("axis_index_groups"))
+        return _a2a(y, c_params, c_params["split_axis"], c_params["concat_axis"], two_level)
 
     def experts(xr, consts, r):
         outs, oax = _eval_chunked(body_jaxpr, [], [xr, *consts], [cax] + [None] * len(consts), r)
@@ -464,13 +499,11 @@ def _span_fn(jaxpr, span: _Span, r_fwd: int, r_bwd: int):
         xr_all, consts, n = res
         dxs, dconsts = [], None
         for i, gc in enumerate(chunks(g, r_bwd, cax)):
-            gy = jax.lax.all_to_all(gc, c_params["axis_name"], c_params["concat_axis"], c_params["split_axis"],
-                                    tiled=True, axis_index_groups=c_params.get("axis_index_groups"))
+            gy = _a2a(gc, c_params, c_params["concat_axis"], c_params["split_axis"], two_level)
             xr = chunk_of_canonical(xr_all, n, r_bwd, i)
             _, vjp = jax.vjp(lambda x, *c: experts(x, c, r_bwd), xr, *consts)
             dxr, *dc = vjp(gy)
-            dxs.append(jax.lax.all_to_all(dxr, d_params["axis_name"], d_params["concat_axis"], s_ax, tiled=True,
-                                          axis_index_groups=d_params.get("axis_index_groups")))
+            dxs.append(_a2a(dxr, d_params, d_params["concat_axis"], s_ax, two_level))
             dc = [None if d is None or _is_float0(d) else d for d in dc]
             dconsts = dc if dconsts is None else [a if b is None else (b if a is None else a + b)
                                                   for a, b in zip(dconsts, dc)]
@@ -619,10 +652,11 @@ class _Handler:
 
 # ------------------------------------------------------------------------------------------ pass 1: pipelining
 
-def pipeline_moe(fn: Callable, degree: int = 2, *, bwd_degree: int | None = None,
+def pipeline_moe(fn: Callable, degree: int = 2, *, bwd_degree: int | None = None, two_level: bool = False,
                  stats: PipelineStats | None = None) -> Callable:
     """Return ``fn`` with every expert-parallel MoE span pipelined in ``degree`` chunks (``bwd_degree`` in
-    the backward pass; default ``degree``).
+    the backward pass; default ``degree``). ``two_level``: dispatch/combine all-to-alls over two mesh axes
+    (the trainer's ``("node", "expert")``) become :func:`two_level_all_to_all` (intra-node, then inter-node).
 
     ``fn`` is any function whose trace contains the dispatch/combine ``all_to_all`` pair of
     :func:`moejax.parallel.expert_parallel.ep_moe` (typically the loss inside the trainer's ``shard_map``, or a
@@ -641,7 +675,7 @@ def pipeline_moe(fn: Callable, degree: int = 2, *, bwd_degree: int | None = None
         spans = _find_spans(jaxpr)
         handlers, skip = {}, set()
         for s in spans:
-            f = _span_fn(jaxpr, s, r_f, r_b)
+            f = _span_fn(jaxpr, s, r_f, r_b, two_level)
             # evaluated at the combine's position: every input of the span is available there
             handlers[s.combine] = _Handler(f, [jaxpr.eqns[s.dispatch].invars[0], *s.consts],
                                            jaxpr.eqns[s.combine].outvars)

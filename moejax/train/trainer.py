@@ -150,10 +150,10 @@ class Trainer:
         micro = jax.tree.map(lambda a: a.reshape((A, a.shape[0] // A) + a.shape[1:]), batch)
         loss_fn = partial(self._loss, axes=axes, n_shards=n_shards)
         sch = self.schedule
-        if axes and sch is not None and (sch.degree_fwd > 1 or sch.degree_bwd > 1):
+        if axes and sch is not None and (sch.degree_fwd > 1 or sch.degree_bwd > 1 or sch.two_level):
             from moejax.schedule.overlap import pipeline_moe
 
-            loss_fn = pipeline_moe(loss_fn, sch.degree_fwd, bwd_degree=sch.degree_bwd)
+            loss_fn = pipeline_moe(loss_fn, sch.degree_fwd, bwd_degree=sch.degree_bwd, two_level=sch.two_level)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def body(acc, xs):
