@@ -118,7 +118,9 @@ def cmd_train(args) -> int:
     if args.mesh:
         from moejax.parallel.mesh import MeshConfig
         mesh = MeshConfig.parse(args.mesh)
-    summary = train(cfg, tc, out, corpus=args.corpus, resume=args.resume, progress=not args.no_progress, mesh=mesh)
+    schedule = _train_schedule(args, cfg, tc, mesh)
+    summary = train(cfg, tc, out, corpus=args.corpus, resume=args.resume, progress=not args.no_progress, mesh=mesh,
+                    schedule=schedule)
     import jax
     if jax.process_index() != 0:
         return 0
@@ -127,6 +129,47 @@ def cmd_train(args) -> int:
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"log: {summary['log']}")
     return 0
+
+
+def _train_schedule(args, cfg, tc, mesh):
+    """``--schedule``: None, explicit degrees, or an FSMoE plan from a (measured or given) profile."""
+    spec = (args.schedule or "none").strip().lower()
+    if spec == "none":
+        return None
+    if mesh is None:
+        raise SystemExit("--schedule needs --mesh (the passes rewrite the expert-parallel step)")
+    from moejax.schedule.overlap import OverlapSchedule, schedule_from_plan
+
+    if spec != "auto":
+        try:
+            degrees = [int(v) for v in spec.split(",")]
+        except ValueError:
+            degrees = []
+        if len(degrees) not in (1, 2) or min(degrees) < 1:
+            raise SystemExit(f"--schedule {args.schedule!r}: expected 'none', 'auto', 'R' or 'RFWD,RBWD' with "
+                             f"positive integers")
+        return OverlapSchedule(degree_fwd=degrees[0], degree_bwd=degrees[-1], two_level=args.two_level_a2a)
+    import jax
+
+    from moejax.schedule import plan as fsmoe_plan
+    from moejax.schedule.profile import Profile, run_profile
+
+    if args.profile:
+        profile = Profile.load(args.profile)
+    else:
+        print(f"profiling collectives and expert GEMMs on {mesh.size} devices (quick)...", flush=True)
+        profile = run_profile(n_devices=mesh.size, quick=True)
+    sizes = {"data": mesh.data, "expert": mesh.node * mesh.expert}  # experts are sharded over (node, expert)
+    tokens = tc.global_batch // tc.grad_accum * tc.seq_len // mesh.size
+    p = fsmoe_plan(cfg, sizes, profile, tokens, seq_len=tc.seq_len)
+    sch = schedule_from_plan(p, two_level=args.two_level_a2a)
+    if jax.process_index() == 0:
+        print(f"FSMoE plan ({p.profile_source} profile, modelled): forward degrees {p.fwd_degrees}, backward "
+              f"{p.bwd_degrees}, {len(p.buckets)} gradient bucket(s); modelled step {p.step_s * 1e3:.2f} ms vs "
+              f"{p.no_overlap_step_s * 1e3:.2f} ms without overlap -> applying degrees "
+              f"{sch.degree_fwd}/{sch.degree_bwd}, per-layer buckets in the backward loop: {sch.inside_loops}",
+              flush=True)
+    return sch
 
 
 def cmd_eval(args) -> int:
@@ -298,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="output directory (default runs/<preset>)")
     t.add_argument("--mesh", help="device mesh, e.g. expert=8 or data=2,expert=4 (CPU: set XLA_FLAGS="
                                   "--xla_force_host_platform_device_count=8)")
+    t.add_argument("--schedule", default="none",
+                   help="FSMoE scheduling of the expert-parallel step (needs --mesh): 'none', 'auto' (profile, "
+                        "plan pipeline degrees and gradient buckets with the FSMoE cost model), or explicit "
+                        "degrees 'R' or 'RFWD,RBWD' (e.g. 4,2)")
+    t.add_argument("--profile", help="profile JSON for --schedule auto (default: measure a quick one on this mesh; "
+                                     "see `moejax profile`)")
+    t.add_argument("--two-level-a2a", action="store_true",
+                   help="2-level (intra-node then inter-node) all-to-all on meshes with a node axis")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--coordinator", help="multi-process: coordinator host:port (or JAX_COORDINATOR_ADDRESS etc.)")
     t.add_argument("--num-processes", type=int)

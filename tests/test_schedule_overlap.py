@@ -106,6 +106,9 @@ def test_pipeline_stats_and_errors():
     tr._loss = lambda *a, **k: pipeline_moe(lambda *x: orig(*x, **k), 3)(*a)
     with pytest.raises(NotChunkable, match="degree r_fwd=3 does not divide the 16 tokens"):
         jax.jit(tr._sharded_grads).lower(tr.params, tr.rest, b, key)
+    tr._loss = lambda *a, **k: pipeline_moe(lambda *x: orig(*x, **k), 3, strict=False)(*a)
+    with pytest.warns(UserWarning, match="using 2"):
+        jax.jit(tr._sharded_grads).lower(tr.params, tr.rest, b, key)
     for bad in (0, 2.0, True):
         with pytest.raises(ValueError, match="degree must be a positive int"):
             pipeline_moe(orig, bad)
@@ -256,3 +259,50 @@ def test_pipelined_two_level_step_equals_plain_step():
     _assert_close(g1, g0, TOL)
     # every dispatch/combine (forward and backward, per chunk) is an intra-node then an inter-node exchange
     assert count_collectives(lowered.compile().as_text())["all_to_all"] == 2 * (2 * 2 + 2 * 2)
+
+
+# ------------------------------------------------------------------------------------------ train integration
+
+def test_train_with_schedule_matches_plain_training(tmp_path):
+    import json
+    import types
+
+    from moejax.cli import _train_schedule
+    from moejax.config import ModelConfig, MoEConfig, TrainConfig
+    from moejax.schedule.overlap import schedule_from_plan
+    from moejax.train.trainer import train
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        (corpus / f"m{i}.py").write_text("".join(rng.choice(list("abcdef ()\n:"), 400)))
+    cfg = ModelConfig(vocab_size=260, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64,
+                      moe=MoEConfig(num_experts=8, d_ff=32, router=RouterConfig(type="topk", top_k=2)))
+    tc = TrainConfig(steps=3, seq_len=16, global_batch=16, log_every=1, eval_every=3, eval_batches=1, ckpt_every=3,
+                     warmup_steps=1, val_percent=25.0)
+    mesh = MeshConfig(expert=8)
+
+    def losses(out):
+        recs = [json.loads(line) for line in open(out / "log.jsonl")]
+        return [r["loss"] for r in recs if "loss" in r and "event" not in r]
+
+    kw = {"corpus": str(corpus), "cache_dir": str(tmp_path / "cache"), "progress": False, "mesh": mesh}
+    train(cfg, tc, str(tmp_path / "plain"), **kw)
+    sch = OverlapSchedule(degree_fwd=4, degree_bwd=2)
+    summary = train(cfg, tc, str(tmp_path / "fsmoe"), schedule=sch, **kw)
+    assert summary["schedule"]["degree_fwd"] == 4
+    a, b = losses(tmp_path / "fsmoe"), losses(tmp_path / "plain")
+    assert len(a) == len(b) == 3
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    with pytest.raises(ValueError, match="schedule needs a mesh"):
+        train(cfg, tc, str(tmp_path / "nomesh"), schedule=sch, **{**kw, "mesh": None})
+    # CLI spelling of --schedule
+    args = types.SimpleNamespace(schedule="4,2", two_level_a2a=False, profile=None)
+    assert _train_schedule(args, cfg, tc, mesh) == OverlapSchedule(degree_fwd=4, degree_bwd=2)
+    for bad in ("fast", "0", "1,2,3"):
+        with pytest.raises(SystemExit, match="expected 'none', 'auto'"):
+            _train_schedule(types.SimpleNamespace(schedule=bad, two_level_a2a=False, profile=None), cfg, tc, mesh)
+    # a plan's per-layer degrees -> one pair for the scanned stack; several buckets -> per-layer buckets in the loop
+    plan = types.SimpleNamespace(fwd_degrees=(2, 2, 4), bwd_degrees=(8, 8, 8), buckets=((2,), (1, 0)))
+    assert schedule_from_plan(plan) == OverlapSchedule(degree_fwd=2, degree_bwd=8, inside_loops=True)

@@ -52,7 +52,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 __all__ = ["NotChunkable", "OverlapSchedule", "PipelineStats", "bucket_gradients", "count_collectives",
-           "find_moe_spans", "pipeline_moe", "two_level_all_to_all"]
+           "find_moe_spans", "pipeline_moe", "schedule_from_plan", "two_level_all_to_all"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +91,22 @@ class OverlapSchedule:
 
 class NotChunkable(ValueError):
     """A MoE span contains an operation the pipelining pass cannot split along the token axis."""
+
+
+def schedule_from_plan(plan, *, two_level: bool = False) -> OverlapSchedule:
+    """Turn a :class:`moejax.schedule.cost_model.SchedulePlan` into what the trainer applies.
+
+    A scanned layer stack shares one traced body, so its MoE layers get one degree pair: the most common of
+    the plan's per-layer degrees (identical layers get identical degrees, so nothing is lost for uniform
+    models). The plan's gradient buckets are groups of layers in backward order; the trainer realises "more
+    than one bucket" as per-layer bucketed reductions inside the backward loop (``inside_loops``) and "one
+    bucket" as one bucketed reduction after the backward."""
+    from collections import Counter
+
+    fwd = Counter(plan.fwd_degrees).most_common(1)[0][0] if plan.fwd_degrees else 1
+    bwd = Counter(plan.bwd_degrees).most_common(1)[0][0] if plan.bwd_degrees else 1
+    return OverlapSchedule(degree_fwd=int(fwd), degree_bwd=int(bwd), inside_loops=len(plan.buckets) > 1,
+                           two_level=two_level).validate()
 
 
 # ------------------------------------------------------------------------------------------ jaxpr helpers
@@ -423,7 +439,21 @@ def _a2a(x, params, split_axis, concat_axis, two_level):
                               axis_index_groups=params.get("axis_index_groups"))
 
 
-def _span_fn(jaxpr, span: _Span, r_fwd: int, r_bwd: int, two_level: bool = False):
+def _fit_degree(r: int, T: int, what: str, strict: bool) -> int:
+    if T % r == 0:
+        return r
+    if strict:
+        raise NotChunkable(f"pipeline degree {what}={r} does not divide the {T} tokens per expert buffer")
+    best = max(d for d in range(1, r + 1) if T % d == 0)
+    import warnings
+
+    warnings.warn(f"pipeline degree {what}={r} does not divide the {T}-token expert buffers: using {best}",
+                  stacklevel=3)
+    return best
+
+
+def _span_fn(jaxpr, span: _Span, r_fwd: int, r_bwd: int, two_level: bool = False, strict: bool = True,
+             shape=None):
     """A ``custom_vjp`` function ``(xb, *consts) -> yb`` computing the span in chunks."""
     eqns = jaxpr.eqns
     de, ce = eqns[span.dispatch], eqns[span.combine]
@@ -433,6 +463,8 @@ def _span_fn(jaxpr, span: _Span, r_fwd: int, r_bwd: int, two_level: bool = False
                              eqns=body_eqns)
     cax = span.chunk_axis  # token axis of the dispatch input and of the combine output
     s_ax = d_params["split_axis"]
+    T = de.invars[0].aval.shape[cax]
+    r_fwd, r_bwd = _fit_degree(r_fwd, T, "r_fwd", strict), _fit_degree(r_bwd, T, "r_bwd", strict)
 
     def dispatch(x):
         return _a2a(x, d_params, d_params["split_axis"], d_params["concat_axis"], two_level)
@@ -445,12 +477,6 @@ def _span_fn(jaxpr, span: _Span, r_fwd: int, r_bwd: int, two_level: bool = False
         if oax[0] != cax:
             raise NotChunkable(f"the experts move the token axis from {cax} to {oax[0]}")
         return outs[0]
-
-    def check(xb, r, what):
-        T = xb.shape[cax]
-        if T % r:
-            raise NotChunkable(f"pipeline degree {what}={r} does not divide the {T} tokens per expert buffer "
-                               f"(axis {cax} of the dispatch input {tuple(xb.shape)})")
 
     def chunks(x, r, axis):
         return jnp.split(x, r, axis=axis) if r > 1 else [x]
@@ -484,8 +510,6 @@ def _span_fn(jaxpr, span: _Span, r_fwd: int, r_bwd: int, two_level: bool = False
         return fwd(xb, *consts)[0]
 
     def fwd(xb, *consts):
-        check(xb, r_fwd, "r_fwd")
-        check(xb, r_bwd, "r_bwd")
         xrs, ys = [], []
         for xc in chunks(xb, r_fwd, cax):
             xr = dispatch(xc)
@@ -653,7 +677,7 @@ class _Handler:
 # ------------------------------------------------------------------------------------------ pass 1: pipelining
 
 def pipeline_moe(fn: Callable, degree: int = 2, *, bwd_degree: int | None = None, two_level: bool = False,
-                 stats: PipelineStats | None = None) -> Callable:
+                 strict: bool = True, stats: PipelineStats | None = None) -> Callable:
     """Return ``fn`` with every expert-parallel MoE span pipelined in ``degree`` chunks (``bwd_degree`` in
     the backward pass; default ``degree``). ``two_level``: dispatch/combine all-to-alls over two mesh axes
     (the trainer's ``("node", "expert")``) become :func:`two_level_all_to_all` (intra-node, then inter-node).
@@ -663,8 +687,8 @@ def pipeline_moe(fn: Callable, degree: int = 2, *, bwd_degree: int | None = None
     whole ``shard_map``-ed function). Outputs and gradients equal ``fn``'s up to float reassociation. Degree 1
     leaves the computation as it is (the span is still routed through the custom VJP).
 
-    Raises :class:`NotChunkable` if a span contains an op with no chunking rule or a degree does not divide
-    the per-expert token buffer, and ``ValueError`` for a degree that is not a positive int.
+    Raises :class:`NotChunkable` if a span contains an op with no chunking rule or (``strict``) a degree does
+    not divide the per-expert token buffer (``strict=False``: warn and use the largest divisor below it), and ``ValueError`` for a degree that is not a positive int.
     """
     for name, v in (("degree", degree), ("bwd_degree", bwd_degree)):
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
@@ -675,7 +699,7 @@ def pipeline_moe(fn: Callable, degree: int = 2, *, bwd_degree: int | None = None
         spans = _find_spans(jaxpr)
         handlers, skip = {}, set()
         for s in spans:
-            f = _span_fn(jaxpr, s, r_f, r_b, two_level)
+            f = _span_fn(jaxpr, s, r_f, r_b, two_level, strict)
             # evaluated at the combine's position: every input of the span is available there
             handlers[s.combine] = _Handler(f, [jaxpr.eqns[s.dispatch].invars[0], *s.consts],
                                            jaxpr.eqns[s.combine].outvars)

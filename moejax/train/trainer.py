@@ -153,7 +153,8 @@ class Trainer:
         if axes and sch is not None and (sch.degree_fwd > 1 or sch.degree_bwd > 1 or sch.two_level):
             from moejax.schedule.overlap import pipeline_moe
 
-            loss_fn = pipeline_moe(loss_fn, sch.degree_fwd, bwd_degree=sch.degree_bwd, two_level=sch.two_level)
+            loss_fn = pipeline_moe(loss_fn, sch.degree_fwd, bwd_degree=sch.degree_bwd, two_level=sch.two_level,
+                                   strict=False)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def body(acc, xs):
@@ -343,13 +344,15 @@ def _compatible(saved: dict, current: dict, what: str, ignore=()) -> None:
 
 
 def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None = None, resume: bool = False,
-          cache_dir: str | None = None, progress: bool = True, max_steps: int | None = None, mesh=None) -> dict:
+          cache_dir: str | None = None, progress: bool = True, max_steps: int | None = None, mesh=None,
+          schedule=None) -> dict:
     """Train on a byte-level corpus (default: the stdlib's .py files); logs and checkpoints go to ``out_dir``.
 
     ``resume=True`` continues from the latest complete checkpoint in ``out_dir`` (same configs required, except
     the step/time budget). ``max_steps`` stops this call early (the schedule still spans ``tc.steps``), as a
     kill would. ``mesh`` (a :class:`~moejax.parallel.mesh.MeshConfig`) trains expert-parallel on several
-    devices. Returns a summary dict (also written to ``out_dir/summary.json``).
+    devices; ``schedule`` (an :class:`~moejax.schedule.overlap.OverlapSchedule`, needs ``mesh``) applies the
+    FSMoE passes to its step. Returns a summary dict (also written to ``out_dir/summary.json``).
     """
     from moejax.config import config_to_dict
     from moejax.train.checkpoint import Checkpointer, configs_from_meta, meta_dict
@@ -359,7 +362,10 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
     if mesh is not None:
         mesh.validate(cfg.moe.num_experts if cfg.moe is not None else None)
     streams, info = data_lib.build_corpus(corpus, val_percent=tc.val_percent, cache_dir=cache_dir)
-    trainer = Trainer(cfg, tc, mesh)
+    if schedule is not None and mesh is None:
+        raise ValueError("schedule needs a mesh (e.g. --mesh expert=8): the FSMoE passes rewrite the expert-parallel "
+                         "step")
+    trainer = Trainer(cfg, tc, mesh, schedule=schedule)
     # Each process reads only its rows of every global batch (rows in process order match the mesh layout).
     nproc, pid = jax.process_count(), jax.process_index()
     it = data_lib.BatchIterator(streams["train"], seq_len=tc.seq_len + 1, global_batch=tc.global_batch,
@@ -452,7 +458,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
         ckpt.close()
         summary = {"step": trainer.step, "elapsed_s": now() - t_start, **last_eval, "out_dir": os.path.abspath(out_dir),
                    "checkpoint": os.path.join(ckpt.directory, str(trainer.step)), "log": log_path,
-                   "corpus_files_hash": info.files_hash, "params": trainer.n_params}
+                   "corpus_files_hash": info.files_hash, "params": trainer.n_params,
+                   "schedule": dataclasses.asdict(schedule) if schedule is not None else None}
         log.write(json.dumps({"event": "end", **summary}) + "\n")
     if writer:
         write_json_atomic(os.path.join(out_dir, "summary.json"), summary)
