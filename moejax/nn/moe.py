@@ -22,7 +22,7 @@ def resolve_grouped_impl(impl: str, tokens: int, num_experts: int) -> str:
     ``auto``: ``dense`` when ``tokens * num_experts <= DENSE_MAX_ROWS`` (small decode batches: one batched
     matmul over all experts beats sorting and looping), otherwise ``tiles`` on CPU (``ragged_dot`` is a dense
     masked product there) and, on GPU/TPU, ``pallas`` where ``pallas_kernels`` lists the backend as validated
-    and measured faster (none yet), else ``ragged_dot``.
+    and measured faster (GPUs, since an H100 run: ``experiments/results/gpu_check.md``), else ``ragged_dot``.
     """
     if impl != "auto":
         return impl
