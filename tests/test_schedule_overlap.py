@@ -306,3 +306,30 @@ def test_train_with_schedule_matches_plain_training(tmp_path):
     # a plan's per-layer degrees -> one pair for the scanned stack; several buckets -> per-layer buckets in the loop
     plan = types.SimpleNamespace(fwd_degrees=(2, 2, 4), bwd_degrees=(8, 8, 8), buckets=((2,), (1, 0)))
     assert schedule_from_plan(plan) == OverlapSchedule(degree_fwd=2, degree_bwd=8, inside_loops=True)
+
+
+def test_pipelined_layer_with_scheduling_annotations():
+    mesh = jax.make_mesh((8,), ("e",))
+    w = jax.random.normal(jax.random.PRNGKey(1), (4, 4))
+
+    def layer(x, w):  # [E=8, T, D] -> dispatch -> row-wise experts -> combine
+        xr = jax.lax.all_to_all(x, "e", 0, 1, tiled=True)
+        y = jnp.tanh(xr @ w) * xr
+        return jax.lax.all_to_all(y, "e", 1, 0, tiled=True)
+
+    x = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (64, 16, 4)), NamedSharding(mesh, P("e")))
+
+    def sm(f):
+        return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("e"), P()), out_specs=P("e")))
+
+    def loss(f):
+        return jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(sm(f)(x, w) ** 2), argnums=(0, 1)))
+
+    ref = loss(layer)(x, w)
+    piped = pipeline_moe(layer, 4, bwd_degree=2, annotate=True)
+    got = loss(piped)(x, w)
+    _assert_close(got, ref, TOL)
+    text = loss(piped).lower(x, w).as_text()
+    assert "_scheduling_group_id" in text
+    assert count_collectives(text)["all_to_all"] == 2 * 4 + 2 * 2
+    assert "_scheduling_group_id" not in loss(pipeline_moe(layer, 4)).lower(x, w).as_text()

@@ -452,8 +452,39 @@ def _fit_degree(r: int, T: int, what: str, strict: bool) -> int:
     return best
 
 
+_GROUP_IDS = iter(range(1, 1 << 30))
+
+
+def _group(annotate: bool):
+    """A context attaching a fresh ``_scheduling_group_id`` to the ops emitted in it (or a no-op)."""
+    import contextlib
+
+    if not annotate:
+        return contextlib.nullcontext()
+    from jax.experimental.xla_metadata import set_xla_metadata
+
+    return set_xla_metadata(_scheduling_group_id=str(next(_GROUP_IDS)))
+
+
+def _pipelined(parts, first, middle, last, annotate):
+    """Software-pipelined emission: ``first(0)``; then per chunk ``i`` one scheduling group holding
+    ``first(i+1)``, ``middle(i)`` and ``last(i-1)`` (the collectives a chunk's compute should overlap); finally
+    ``last(r-1)``. Returns the outputs of ``last`` in chunk order."""
+    r = len(parts)
+    a, b, out = {0: first(parts[0])}, {}, {}
+    for i in range(r):
+        with _group(annotate and r > 1):
+            if i + 1 < r:
+                a[i + 1] = first(parts[i + 1])
+            b[i] = middle(a.pop(i), i)
+            if i >= 1:
+                out[i - 1] = last(b.pop(i - 1), i - 1)
+    out[r - 1] = last(b.pop(r - 1), r - 1)
+    return [out[i] for i in range(r)]
+
+
 def _span_fn(jaxpr, span: _Span, r_fwd: int, r_bwd: int, two_level: bool = False, strict: bool = True,
-             shape=None):
+             annotate: bool = False):
     """A ``custom_vjp`` function ``(xb, *consts) -> yb`` computing the span in chunks."""
     eqns = jaxpr.eqns
     de, ce = eqns[span.dispatch], eqns[span.combine]
@@ -510,25 +541,45 @@ def _span_fn(jaxpr, span: _Span, r_fwd: int, r_bwd: int, two_level: bool = False
         return fwd(xb, *consts)[0]
 
     def fwd(xb, *consts):
-        xrs, ys = [], []
-        for xc in chunks(xb, r_fwd, cax):
-            xr = dispatch(xc)
-            xrs.append(xr)
-            ys.append(combine(experts(xr, consts, r_fwd)))
-        n = xrs[0].shape[cax] // (xb.shape[cax] // r_fwd)
+        xrs = {}
+
+        def first(xc):
+            return dispatch(xc)
+
+        def middle(xr, i):
+            xrs[i] = xr
+            return experts(xr, consts, r_fwd)
+
+        def last(y, i):
+            return combine(y)
+
+        ys = _pipelined(chunks(xb, r_fwd, cax), first, middle, last, annotate)
+        parts = [xrs[i] for i in range(r_fwd)]
+        n = parts[0].shape[cax] // (xb.shape[cax] // r_fwd)
         yb = jnp.concatenate(ys, axis=cax) if r_fwd > 1 else ys[0]
-        return yb, (to_canonical(xrs, n), consts, n)
+        return yb, (to_canonical(parts, n), consts, n)
 
     def bwd(res, g):
         xr_all, consts, n = res
-        dxs, dconsts = [], None
-        for i, gc in enumerate(chunks(g, r_bwd, cax)):
-            gy = _a2a(gc, c_params, c_params["concat_axis"], c_params["split_axis"], two_level)
+        dcs = {}
+
+        def first(gc):  # transposed combine
+            return _a2a(gc, c_params, c_params["concat_axis"], c_params["split_axis"], two_level)
+
+        def middle(gy, i):
             xr = chunk_of_canonical(xr_all, n, r_bwd, i)
             _, vjp = jax.vjp(lambda x, *c: experts(x, c, r_bwd), xr, *consts)
             dxr, *dc = vjp(gy)
-            dxs.append(_a2a(dxr, d_params, d_params["concat_axis"], s_ax, two_level))
-            dc = [None if d is None or _is_float0(d) else d for d in dc]
+            dcs[i] = [None if d is None or _is_float0(d) else d for d in dc]
+            return dxr
+
+        def last(dxr, i):  # transposed dispatch
+            return _a2a(dxr, d_params, d_params["concat_axis"], s_ax, two_level)
+
+        dxs = _pipelined(chunks(g, r_bwd, cax), first, middle, last, annotate)
+        dconsts = None
+        for i in range(r_bwd):
+            dc = dcs[i]
             dconsts = dc if dconsts is None else [a if b is None else (b if a is None else a + b)
                                                   for a, b in zip(dconsts, dc)]
         dxb = jnp.concatenate(dxs, axis=cax) if r_bwd > 1 else dxs[0]
@@ -677,10 +728,14 @@ class _Handler:
 # ------------------------------------------------------------------------------------------ pass 1: pipelining
 
 def pipeline_moe(fn: Callable, degree: int = 2, *, bwd_degree: int | None = None, two_level: bool = False,
-                 strict: bool = True, stats: PipelineStats | None = None) -> Callable:
+                 strict: bool = True, annotate: bool = False, stats: PipelineStats | None = None) -> Callable:
     """Return ``fn`` with every expert-parallel MoE span pipelined in ``degree`` chunks (``bwd_degree`` in
     the backward pass; default ``degree``). ``two_level``: dispatch/combine all-to-alls over two mesh axes
     (the trainer's ``("node", "expert")``) become :func:`two_level_all_to_all` (intra-node, then inter-node).
+    The chunks are emitted software-pipelined (dispatch of chunk ``i+1``, experts of ``i``, combine of
+    ``i-1``); ``annotate=True`` also tags each such triple with an XLA ``_scheduling_group_id`` frontend
+    attribute (``jax.experimental.xla_metadata``) for the latency-hiding scheduler -- opt-in: it has only been
+    checked to appear in the lowered module, not yet compiled on a GPU/TPU.
 
     ``fn`` is any function whose trace contains the dispatch/combine ``all_to_all`` pair of
     :func:`moejax.parallel.expert_parallel.ep_moe` (typically the loss inside the trainer's ``shard_map``, or a
@@ -699,7 +754,7 @@ def pipeline_moe(fn: Callable, degree: int = 2, *, bwd_degree: int | None = None
         spans = _find_spans(jaxpr)
         handlers, skip = {}, set()
         for s in spans:
-            f = _span_fn(jaxpr, s, r_f, r_b, two_level, strict)
+            f = _span_fn(jaxpr, s, r_f, r_b, two_level, strict, annotate)
             # evaluated at the combine's position: every input of the span is available there
             handlers[s.combine] = _Handler(f, [jaxpr.eqns[s.dispatch].invars[0], *s.consts],
                                            jaxpr.eqns[s.combine].outvars)
