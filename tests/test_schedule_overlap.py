@@ -284,7 +284,7 @@ def test_train_with_schedule_matches_plain_training(tmp_path):
     mesh = MeshConfig(expert=8)
 
     def losses(out):
-        recs = [json.loads(line) for line in open(out / "log.jsonl")]
+        recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         return [r["loss"] for r in recs if "loss" in r and "event" not in r]
 
     kw = {"corpus": str(corpus), "cache_dir": str(tmp_path / "cache"), "progress": False, "mesh": mesh}
@@ -333,3 +333,35 @@ def test_pipelined_layer_with_scheduling_annotations():
     assert "_scheduling_group_id" in text
     assert count_collectives(text)["all_to_all"] == 2 * 4 + 2 * 2
     assert "_scheduling_group_id" not in loss(pipeline_moe(layer, 4)).lower(x, w).as_text()
+
+
+def test_buckets_of_an_unrolled_stack_are_placed_inside_the_backward():
+    """Unrolled layers: each layer's gradient is ready as soon as its backward ran, so a bucket's reduction is
+    emitted between the backward computations of earlier layers (where XLA can overlap it)."""
+    mesh = jax.make_mesh((8,), ("data",))
+
+    def loss(params, x):
+        h = x
+        for w in params:  # unrolled: one set of equations per layer
+            h = jnp.tanh(h @ w) + h
+        return jnp.sum(h)
+
+    def grads(params, x):
+        return [jax.lax.psum(g, "data") for g in jax.grad(loss)(params, x)]
+
+    params = [jax.random.normal(jax.random.PRNGKey(i), (D, D)) * 0.3 for i in range(L)]
+    x = jax.device_put(jax.random.normal(jax.random.PRNGKey(9), (64, D)), NamedSharding(mesh, P("data")))
+    f = bucket_gradients(grads, bucket_bytes=2 * D * D * 4)  # two layers per bucket
+
+    def sm(g):
+        return jax.shard_map(g, mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=False)
+
+    for a, b in zip(jax.jit(sm(f))(params, x), jax.jit(sm(grads))(params, x)):
+        np.testing.assert_array_equal(a, b)
+    body = next(e for e in jax.make_jaxpr(sm(f))(params, x).jaxpr.eqns
+                if e.primitive.name == "shard_map").params["jaxpr"]
+    names = [e.primitive.name for e in body.eqns]
+    psums = [i for i, n in enumerate(names) if n == "psum"]
+    dots = [i for i, n in enumerate(names) if n == "dot_general"]
+    assert len(psums) == L // 2  # one reduction per bucket
+    assert psums[0] < dots[-1]  # the first bucket is reduced while earlier layers' backward is still to run
