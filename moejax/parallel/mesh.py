@@ -4,17 +4,24 @@ Mesh axes: ``data`` (pure data parallelism), ``node`` and ``expert`` (experts sh
 so expert parallelism can span nodes: ``node`` is the inter-node level, ``expert`` the intra-node level; both also
 split the batch for the non-expert layers), ``tensor`` (expert and attention hidden dimensions). Parameters carry logical axis names
 (``logical_axes`` metadata on ``nnx.Param``); :data:`RULES` maps each to a mesh axis (or ``None`` = replicated).
+
+FSDP/ZeRO-style sharding (opt-in: ``MeshConfig(fsdp=True)``, mesh spec ``"data=2,expert=4,fsdp"``) additionally
+shards each parameter -- and, following it, its optimizer moments -- over ``data`` along one dimension: the
+largest dimension not already sharded whose size the ``data`` size divides (the first such on ties). Parameters
+with fewer than :data:`FSDP_MIN_SIZE` elements, or no such dimension, stay replicated over ``data``. The train
+step all-gathers those parameters over ``data`` inside its ``shard_map`` and reduce-scatters their gradients
+(see :meth:`moejax.train.trainer.Trainer._sharded_grads`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "node", "expert", "tensor")
 BATCH_AXES = ("data", "node", "expert")
@@ -33,15 +40,25 @@ RULES: dict[str, str | None] = {
     "layers": None,
 }
 
+# FSDP leaves parameters with fewer elements than this replicated (norm scales, biases: not worth a collective).
+FSDP_MIN_SIZE = 1024
+
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Mesh shape. ``data * node * expert * tensor`` devices are used."""
+    """Mesh shape. ``data * node * expert * tensor`` devices are used.
+
+    Attributes:
+      data, expert, tensor, node: axis sizes (see the module docstring).
+      fsdp: also shard parameters and optimizer state over ``data`` (FSDP/ZeRO-3 style; needs ``data >= 2``);
+        in a mesh spec, the bare word ``fsdp`` (``"data=2,expert=4,fsdp"``).
+    """
 
     data: int = 1
     expert: int = 1
     tensor: int = 1
     node: int = 1
+    fsdp: bool = False
 
     @property
     def size(self) -> int:
@@ -51,11 +68,16 @@ class MeshConfig:
     def expert_parallel(self) -> int:
         return self.node * self.expert
 
-    def validate(self, num_experts: int | None = None, n_devices: int | None = None) -> "MeshConfig":
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"MeshConfig.{f.name}={v!r} is invalid: must be an integer >= 1")
+    def validate(self, num_experts: int | None = None, n_devices: int | None = None) -> MeshConfig:
+        for a in AXES:
+            v = getattr(self, a)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"MeshConfig.{a}={v!r} is invalid: must be an integer >= 1")
+        if type(self.fsdp) is not bool:
+            raise ValueError(f"MeshConfig.fsdp={self.fsdp!r} is invalid: must be True or False")
+        if self.fsdp and self.data < 2:
+            raise ValueError(f"MeshConfig.fsdp=True is invalid with data={self.data}: FSDP shards parameters and "
+                             f"optimizer state over the data axis, so it needs data >= 2 (e.g. 'data=2,expert=4,fsdp')")
         n = jax.device_count() if n_devices is None else n_devices
         if self.size > n:
             raise ValueError(f"mesh {self.spec()} needs {self.size} devices, {n} are available")
@@ -64,19 +86,33 @@ class MeshConfig:
                              f"num_experts={num_experts}")
         return self
 
+    @property
+    def fsdp_size(self) -> int:
+        """How many ways parameters are sharded over ``data`` (1 = not at all)."""
+        return self.data if self.fsdp else 1
+
     def spec(self) -> str:
-        return ",".join(f"{a}={getattr(self, a)}" for a in AXES)
+        return ",".join(f"{a}={getattr(self, a)}" for a in AXES) + (",fsdp" if self.fsdp else "")
 
     @staticmethod
-    def parse(text: str) -> "MeshConfig":
-        """``"data=2,expert=4"`` -> MeshConfig (unnamed axes are 1)."""
+    def parse(text: str) -> MeshConfig:
+        """``"data=2,expert=4"`` -> MeshConfig (unnamed axes are 1); a bare ``fsdp`` (or ``fsdp=true|false``)
+        sets :attr:`MeshConfig.fsdp`."""
         kw = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
+            key, _, val = (s.strip() for s in part.partition("="))
+            if key == "fsdp":
+                flags = {"": True, "1": True, "true": True, "0": False, "false": False}
+                if val.lower() not in flags:
+                    raise ValueError(f"mesh {text!r}: fsdp takes no value or true/false, got {val!r}")
+                kw["fsdp"] = flags[val.lower()]
+                continue
             if "=" not in part:
                 raise ValueError(f"mesh {text!r}: expected axis=size pairs like 'data=2,expert=4'")
             k, v = (s.strip() for s in part.split("=", 1))
             if k not in AXES:
-                raise ValueError(f"mesh {text!r}: unknown axis {k!r}; allowed axes are {', '.join(AXES)}")
+                raise ValueError(f"mesh {text!r}: unknown axis {k!r}; allowed axes are {', '.join(AXES)} "
+                                 f"(and the flag fsdp)")
             try:
                 kw[k] = int(v)
             except ValueError:
@@ -99,25 +135,55 @@ def logical_to_spec(logical_axes, ndim: int, rules=RULES) -> P:
     return P(*(rules.get(n) if n is not None else None for n in names))
 
 
-def state_specs(state, rules=RULES):
-    """A PartitionSpec per Variable of an ``nnx.State`` (a prefix tree of it), from ``logical_axes`` metadata."""
+def add_fsdp(spec: P, shape, fsdp: int, min_size: int = FSDP_MIN_SIZE) -> P:
+    """``spec`` with ``data`` on the largest not-yet-sharded dimension of ``shape`` divisible by ``fsdp``
+    (unchanged when ``fsdp == 1``, the array has fewer than ``min_size`` elements, or no dimension fits)."""
+    if fsdp <= 1 or math.prod(shape) < min_size:
+        return spec
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    free = [d for d, (e, n) in enumerate(zip(entries, shape)) if e is None and n % fsdp == 0]
+    if not free:
+        return spec
+    d = max(free, key=lambda i: (shape[i], -i))
+    return P(*(("data" if i == d else e) for i, e in enumerate(entries)))
+
+
+def fsdp_dim(spec: P) -> int | None:
+    """The dimension :func:`add_fsdp` sharded over ``data`` (``None``: not FSDP-sharded)."""
+    for i, e in enumerate(spec):
+        if e == "data":
+            return i
+    return None
+
+
+def _variable_spec(v, rules, fsdp):
     from flax import nnx
 
-    def spec(v):
-        if isinstance(v, nnx.Variable):
-            return logical_to_spec(v.get_metadata().get("logical_axes"), np.ndim(v.get_value()), rules)
-        return logical_to_spec(None, np.ndim(v), rules)
-
-    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if isinstance(v, nnx.Variable):
+        shape = np.shape(v.get_value())
+        return add_fsdp(logical_to_spec(v.get_metadata().get("logical_axes"), len(shape), rules), shape, fsdp)
+    return logical_to_spec(None, np.ndim(v), rules)
 
 
-def shard_state(state, mesh: Mesh, rules=RULES):
-    """Place an ``nnx.State`` on ``mesh`` by its logical axes."""
+def state_specs(state, rules=RULES, fsdp: int = 1):
+    """A PartitionSpec per Variable of an ``nnx.State`` (a prefix tree of it), from ``logical_axes`` metadata;
+    ``fsdp > 1`` also shards each large parameter over ``data`` (:func:`add_fsdp`)."""
+    from flax import nnx
+
+    return jax.tree.map(lambda v: _variable_spec(v, rules, fsdp), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_state(state, mesh: Mesh, rules=RULES, fsdp: int = 1):
+    """Place an ``nnx.State`` (or any tree holding ``nnx.Variable`` such as an optimizer state of them) on
+    ``mesh`` by its logical axes (and over ``data`` with ``fsdp > 1``); other leaves are replicated."""
     from flax import nnx
 
     def put(v):
-        spec = logical_to_spec(v.get_metadata().get("logical_axes"), np.ndim(v.get_value()), rules)
-        return v.replace(jax.device_put(v.get_value(), NamedSharding(mesh, spec)))
+        spec = _variable_spec(v, rules, fsdp)
+        if isinstance(v, nnx.Variable):
+            return v.replace(jax.device_put(v.get_value(), NamedSharding(mesh, spec)))
+        return jax.device_put(v, NamedSharding(mesh, spec))
 
     return jax.tree.map(put, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

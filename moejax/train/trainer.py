@@ -86,6 +86,7 @@ class Trainer:
         self.step = 0
         self.base_key = jax.random.PRNGKey(tc.seed)
         self.mesh = None
+        self.fsdp = 1  # ways parameters and optimizer state are sharded over ``data`` (MeshConfig.fsdp)
         if schedule is not None:
             schedule.validate()
         self.schedule = schedule
@@ -107,12 +108,12 @@ class Trainer:
             raise ValueError(f"micro-batch {tc.global_batch // tc.grad_accum} (TrainConfig.global_batch / grad_accum) "
                              f"is not divisible by the {n} batch shards of mesh {mesh_cfg.spec()}")
         self.mesh_cfg, self.mesh, self.n_shards = mesh_cfg, mesh_lib.make_mesh(mesh_cfg), n
-        self.params = mesh_lib.shard_state(self.params, self.mesh)
+        self.fsdp = mesh_cfg.fsdp_size
+        self.params = mesh_lib.shard_state(self.params, self.mesh, fsdp=self.fsdp)
         self.rest = mesh_lib.shard_state(self.rest, self.mesh)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.opt_state = jax.tree.map(  # moments follow the parameters; scalars (step counts) are replicated
-            lambda a: a if isinstance(a.sharding, jax.sharding.NamedSharding) else jax.device_put(a, replicated),
-            jax.jit(self.opt.init)(self.params))
+        # moments (nnx.Param-typed leaves, with the parameters' logical axes) follow the parameters, FSDP
+        # included; scalars (step counts) are replicated
+        self.opt_state = mesh_lib.shard_state(jax.jit(self.opt.init)(self.params), self.mesh, fsdp=self.fsdp)
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(mesh_lib.BATCH_AXES))
 
     # ------------------------------------------------------------------------------------------------ model
@@ -180,25 +181,43 @@ class Trainer:
     def _sharded_grads(self, params, rest, batch, key):
         """``_grads`` under ``shard_map``: experts sharded over ``expert`` (all_to_all MoE layers), the batch over
         ``(data, expert)``, and an explicit data-parallel gradient reduction: each gradient is ``psum``-ed over
-        the batch axes its parameter is replicated on."""
+        the batch axes its parameter is replicated on.
+
+        With FSDP (``MeshConfig.fsdp``) the parameters come in sharded over ``data`` too: the step first
+        all-gathers each such parameter over ``data`` (``all_gather(tiled=True)`` along its FSDP dimension), and
+        reduces its gradient with a ``psum_scatter`` over ``data`` back to the shard (then a ``psum`` over the
+        remaining batch axes), so the optimizer update runs on shards."""
         from jax.sharding import PartitionSpec as P
 
         from moejax.parallel import mesh as mesh_lib
         from moejax.parallel.expert_parallel import expert_parallel
 
         axes = mesh_lib.BATCH_AXES
-        pspec, rspec = mesh_lib.state_specs(params), mesh_lib.state_specs(rest)
+        pspec, rspec = mesh_lib.state_specs(params, fsdp=self.fsdp), mesh_lib.state_specs(rest)
+
+        def is_spec(x):
+            return isinstance(x, P)
 
         def local(params, rest, batch, key):
+            if self.fsdp > 1:
+                def gather(spec, pi):
+                    d = mesh_lib.fsdp_dim(spec)
+                    return pi if d is None else jax.tree.map(
+                        lambda v: jax.lax.all_gather(v, "data", axis=d, tiled=True), pi)
+
+                params = jax.tree.map(gather, pspec, params, is_leaf=is_spec)
             with expert_parallel(axis=mesh_lib.EXPERT_AXES, batch_axes=axes):
                 g, m = self._grads(params, rest, batch, key, axes=axes, n_shards=self.n_shards)
 
             def reduce(spec, gi):  # gi: the gradient Variable of one parameter
                 used = {a for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
                 red = tuple(a for a in axes if a not in used)
+                d = mesh_lib.fsdp_dim(spec)
+                if d is not None:  # FSDP: reduce-scatter over data to this device's shard
+                    gi = jax.tree.map(lambda v: jax.lax.psum_scatter(v, "data", scatter_dimension=d, tiled=True), gi)
                 return jax.tree.map(lambda v: jax.lax.psum(v, red), gi) if red else gi
 
-            g = jax.tree.map(reduce, pspec, g, is_leaf=lambda x: isinstance(x, P))
+            g = jax.tree.map(reduce, pspec, g, is_leaf=is_spec)
             m = {k: jax.lax.psum(v, axes) for k, v in m.items()}
             return g, m
 
@@ -212,6 +231,18 @@ class Trainer:
         f = jax.shard_map(local, mesh=self.mesh, in_specs=(pspec, rspec, P(axes), P()),
                           out_specs=(pspec, m_spec), check_vma=False)
         return f(params, rest, batch, key)
+
+    def _constrain(self, state):
+        """``with_sharding_constraint`` of a state tree (parameters or optimizer state) to its mesh placement."""
+        from jax.sharding import NamedSharding, PartitionSpec as P
+
+        from moejax.parallel import mesh as mesh_lib
+
+        def pin(spec, v):
+            return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, NamedSharding(self.mesh, spec)), v)
+
+        return jax.tree.map(pin, mesh_lib.state_specs(state, fsdp=self.fsdp), state,
+                            is_leaf=lambda x: isinstance(x, P))
 
     def _metric_shapes(self):
         m = {"ce": 0.0, "tokens": 0, "loss": 0.0}
@@ -229,6 +260,8 @@ class Trainer:
         loss = m.pop("loss")
         updates, opt_state = self.opt.update(g, opt_state, params)
         params = optax.apply_updates(params, updates)
+        if self.fsdp > 1:  # keep parameters and moments sharded over data (jit would propagate it; this pins it)
+            params, opt_state = self._constrain(params), self._constrain(opt_state)
         if "expert_load" in m:
             rest = self._update_router_bias(params, rest, m["expert_load"])
         m["loss"] = loss
