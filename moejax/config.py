@@ -21,7 +21,8 @@ DISPATCH_TYPES = ("dropless", "capacity")
 GSHARD_SECOND_POLICIES = ("random", "all", "sampling")
 GROUPED_IMPLS = ("auto", "tiles", "ragged_dot", "dense", "pallas")
 DTYPES = ("float32", "bfloat16")
-REMAT_POLICIES = ("none", "full", "save_dots")
+# ModelConfig.remat -> jax.checkpoint policy of each scanned layer (moejax.models.transformer.remat_policy)
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_dots")
 
 
 def _err(cls: str, name: str, value: Any, allowed: str) -> ValueError:
@@ -219,8 +220,12 @@ class ModelConfig:
       dtype: compute dtype (``float32`` or ``bfloat16``); parameters are stored in ``param_dtype``.
       param_dtype: parameter storage dtype.
       init_std: standard deviation of the normal initializer.
-      remat: rematerialization of each layer in the backward pass: ``none`` (keep activations), ``full``
-        (recompute the whole layer), ``save_dots`` (keep matmul outputs, recompute the rest).
+      remat: rematerialization of each layer of the scanned stack in the backward pass (``jax.checkpoint`` of
+        the layer with a policy): ``none`` (keep activations), ``full`` (save only the layer's input, recompute
+        the whole layer), ``dots`` (keep every matmul output, ``checkpoint_dots``), ``dots_no_batch`` (keep
+        matmul outputs without batch dimensions, ``dots_with_no_batch_dims_saveable``: the weight-stationary
+        projections, not attention scores or batched expert GEMMs), ``save_dots`` (older name of
+        ``dots_no_batch``). Results are identical; only memory and recompute change.
     """
 
     vocab_size: int = 512

@@ -31,6 +31,17 @@ def dtype_of(name: str):
     return _DTYPES[name]
 
 
+def remat_policy(name: str):
+    """The ``jax.checkpoint`` policy of ``ModelConfig.remat`` (``None``: save nothing but the layer input)."""
+    cp = jax.checkpoint_policies
+    policies = {"full": None, "dots": cp.checkpoint_dots, "dots_no_batch": cp.dots_with_no_batch_dims_saveable,
+                "save_dots": cp.dots_with_no_batch_dims_saveable}
+    if name not in policies:
+        raise ValueError(f"ModelConfig.remat={name!r} is invalid: allowed values with rematerialization are "
+                         f"{', '.join(map(repr, policies))} (or 'none')")
+    return policies[name]
+
+
 class KVCache(NamedTuple):
     """Per-run stacked keys/values ``[n_layers_in_run, B, S_max, KV, hd]`` and column validity ``[B, S_max]``."""
 
@@ -209,9 +220,7 @@ class Transformer(nnx.Module):
             return x, (new_kv, aux)
 
         if self.cfg.remat != "none":
-            policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.cfg.remat == "save_dots"
-                      else None)
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            body = jax.checkpoint(body, policy=remat_policy(self.cfg.remat), prevent_cse=False)
         kv_in = None if kv is None else LayerKV(sl(kv.k), sl(kv.v))
         x, (kv_out, aux) = jax.lax.scan(body, x, (jax.tree.map(sl, state), kv_in, layer_ids))
         if kv is not None and (lo, hi) != (0, n):
