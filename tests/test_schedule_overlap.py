@@ -77,9 +77,9 @@ def _check_pipeline(mesh_spec, router, r_fwd, r_bwd):
 
 @pytest.mark.parametrize("mesh_spec,router,r_fwd,r_bwd", [
     ("expert=8", "topk", 4, 4),
-    ("expert=8", "gshard", 1, 4),
-    ("data=2,expert=4", "topk", 4, 1),
-    ("data=2,expert=4", "gshard", 4, 4),
+    ("data=2,expert=4", "gshard", 1, 4),
+    pytest.param("expert=8", "gshard", 4, 1, marks=pytest.mark.slow),
+    pytest.param("data=2,expert=4", "topk", 4, 4, marks=pytest.mark.slow),
 ])
 def test_pipelined_step_equals_plain_step(mesh_spec, router, r_fwd, r_bwd):
     _check_pipeline(mesh_spec, router, r_fwd, r_bwd)
@@ -209,7 +209,7 @@ def _top_level_reduction_groups(tr):
     return len(psums), {(tuple(e.params["axes"]), str(v.aval.dtype)) for e in psums for v in e.invars}
 
 
-@pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4"])
+@pytest.mark.parametrize("mesh_spec", ["expert=8", pytest.param("data=2,expert=4", marks=pytest.mark.slow)])
 def test_trainer_step_with_buckets_and_pipelining(mesh_spec):
     plain = _trainer(mesh_spec, "topk")
     n_psums, groups = _top_level_reduction_groups(plain)
