@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.nn.norms import rms_norm
+from moejax.parallel import tensor_parallel as tp
 
 _NEG = -1e30
 
@@ -96,8 +97,10 @@ class Attention(nnx.Module):
             self.k_norm = nnx.Param(jnp.ones((head_dim,), param_dtype), logical_axes=("head_dim",))
 
     def qkv(self, x, positions, rope=None):
+        """q, k, v ``[B, S, heads, hd]`` with RoPE. Under :func:`~moejax.parallel.tensor_parallel.tensor_parallel`
+        the projections are column-parallel: the local heads only (``x`` replicated, its gradient summed)."""
         dt = self.dtype
-        x = x.astype(dt)
+        x = tp.copy_to_tensor(x.astype(dt))
         q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
         k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
         v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
@@ -110,7 +113,9 @@ class Attention(nnx.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def out(self, o):
-        return jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(self.dtype))
+        """The output projection (row-parallel under tensor parallelism: partial sums over the local heads,
+        summed over the tensor axis)."""
+        return tp.reduce_from_tensor(jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(self.dtype)))
 
     def __call__(self, x, positions, *, segment_ids=None, kv: LayerKV | None = None, cache_index=None,
                  kv_valid=None, rope=None, mask=None):

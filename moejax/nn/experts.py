@@ -272,4 +272,9 @@ class SwiGLU(nnx.Module):
         self.w_down = nnx.Param(init(rngs.params(), (d_ff, d_model), param_dtype), logical_axes=("mlp", "embed"))
 
     def __call__(self, x):
-        return swiglu(x, self.w_gate[...], self.w_up[...], self.w_down[...])
+        """``x [..., D]``; under :func:`~moejax.parallel.tensor_parallel.tensor_parallel` gate/up are
+        column-parallel and down row-parallel over ``d_ff`` (Megatron's f before, g after)."""
+        from moejax.parallel import tensor_parallel as tp
+
+        y = swiglu(tp.copy_to_tensor(x), self.w_gate[...], self.w_up[...], self.w_down[...])
+        return tp.reduce_from_tensor(y)

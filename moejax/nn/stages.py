@@ -75,6 +75,7 @@ from moejax.nn.experts import (
     swiglu_ragged,
 )
 from moejax.nn.routers import router_statistics
+from moejax.parallel import tensor_parallel as tp
 
 STAGES = ("gate", "order", "dispatch", "expert", "combine", "inverse_order")
 """The six MoE stages, in execution order (FSMoE's Gate, Order, Dispatch, Expert, Combine, I-Order)."""
@@ -212,7 +213,14 @@ def dispatch(ctx: StageContext, x):
 
 
 def expert(ctx: StageContext, x):
-    """Default ``expert``: the SwiGLU experts over the dispatched value (see the table)."""
+    """Default ``expert``: the SwiGLU experts over the dispatched value (see the table). Under
+    :func:`~moejax.parallel.tensor_parallel.tensor_parallel` the weights are ``d_ff`` shards (gate/up
+    column-parallel, down row-parallel) and the partial outputs are summed over the tensor axis here, on the
+    expert output rows (before ``combine``)."""
+    return tp.reduce_from_tensor(_expert_ffn(ctx, x))
+
+
+def _expert_ffn(ctx: StageContext, x):
     wg, wu, wd = ctx.expert_weights
     if ctx.path in CAPACITY_PATHS:
         return swiglu_capacity(x[None], wg, wu, wd)[0]  # row-wise along axis 1
@@ -400,7 +408,9 @@ def run_stages(layer, xt: jax.Array, *, path: str, capacity_factor: float, exper
     ctx.group_mask = None if token_mask is None else token_mask.reshape(G, -1)
     with jax.named_scope("moe/gate"):
         ctx.aux.update(router_statistics(r, ctx.group_mask))
-    v = xt
+    # tensor parallelism: the experts' input gradient (from their d_ff shards) is summed over the tensor axis
+    # where the tokens enter ``order`` (Megatron's f; the router's own input gradient is not)
+    v = tp.copy_to_tensor(xt)
     for stage in STAGES[1:]:
         v = _run_stage(ctx, stage, v, impls, registries)
     if ctx.layout is None:

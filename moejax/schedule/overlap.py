@@ -269,7 +269,7 @@ _ELEMENTWISE = {
     "xor", "eq", "ne", "lt", "le", "gt", "ge", "is_finite", "floor", "ceil", "round", "nextafter", "clamp",
     "reduce_precision", "real", "imag", "atan2", "tan", "asin", "acos", "atan", "sinh", "cosh", "asinh", "acosh",
     "atanh", "shift_left", "shift_right_logical", "shift_right_arithmetic", "population_count", "optimization_barrier",
-    "pvary", "psum_invariant",
+    "pvary", "psum_invariant", "psum",
 }
 _REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin"}
 

@@ -9,6 +9,7 @@ one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -100,9 +101,9 @@ class Trainer:
 
         cfg, tc = self.cfg, self.tc
         mesh_cfg.validate(cfg.moe.num_experts if cfg.moe is not None else None)
-        if mesh_cfg.tensor > 1:
-            raise ValueError(f"MeshConfig.tensor={mesh_cfg.tensor}: tensor parallelism is not implemented yet; "
-                             f"use data and expert axes")
+        from moejax.parallel.tensor_parallel import check_config
+
+        check_config(cfg, mesh_cfg.tensor)
         n = mesh_lib.num_batch_shards(mesh_cfg)
         if (tc.global_batch // tc.grad_accum) % n:
             raise ValueError(f"micro-batch {tc.global_batch // tc.grad_accum} (TrainConfig.global_batch / grad_accum) "
@@ -183,6 +184,11 @@ class Trainer:
         ``(data, expert)``, and an explicit data-parallel gradient reduction: each gradient is ``psum``-ed over
         the batch axes its parameter is replicated on.
 
+        With ``MeshConfig.tensor > 1`` the layers run Megatron-style tensor parallel over ``tensor``
+        (:mod:`moejax.parallel.tensor_parallel`): the batch is replicated over it, attention heads and FFN/expert
+        ``d_ff`` are sharded, and replicated parameters get identical gradients on every tensor rank, so the
+        reduction stays over the batch axes only.
+
         With FSDP (``MeshConfig.fsdp``) the parameters come in sharded over ``data`` too: the step first
         all-gathers each such parameter over ``data`` (``all_gather(tiled=True)`` along its FSDP dimension), and
         reduces its gradient with a ``psum_scatter`` over ``data`` back to the shard (then a ``psum`` over the
@@ -191,6 +197,7 @@ class Trainer:
 
         from moejax.parallel import mesh as mesh_lib
         from moejax.parallel.expert_parallel import expert_parallel
+        from moejax.parallel.tensor_parallel import tensor_parallel
 
         axes = mesh_lib.BATCH_AXES
         pspec, rspec = mesh_lib.state_specs(params, fsdp=self.fsdp), mesh_lib.state_specs(rest)
@@ -206,7 +213,8 @@ class Trainer:
                         lambda v: jax.lax.all_gather(v, "data", axis=d, tiled=True), pi)
 
                 params = jax.tree.map(gather, pspec, params, is_leaf=is_spec)
-            with expert_parallel(axis=mesh_lib.EXPERT_AXES, batch_axes=axes):
+            with expert_parallel(axis=mesh_lib.EXPERT_AXES, batch_axes=axes), \
+                    (tensor_parallel("tensor") if self.mesh_cfg.tensor > 1 else contextlib.nullcontext()):
                 g, m = self._grads(params, rest, batch, key, axes=axes, n_shards=self.n_shards)
 
             def reduce(spec, gi):  # gi: the gradient Variable of one parameter
