@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from test_expert_parallel import ROUTERS  # the six routers, one config each
 
 from moejax.config import ROUTER_TYPES, ModelConfig, MoEConfig, RouterConfig
 from moejax.models.transformer import Transformer
@@ -38,14 +39,6 @@ OUT_TOL = 1e-5
 D, F, E = 16, 24, 8
 T_LOCAL = 8
 
-ROUTERS = {
-    "topk": RouterConfig(type="topk", top_k=2),
-    "switch": RouterConfig(type="switch"),
-    "gshard": RouterConfig(type="gshard"),
-    "sigmoid": RouterConfig(type="sigmoid", top_k=2),
-    "xmoe": RouterConfig(type="xmoe", top_k=2, xmoe_dim=8),
-    "expert_choice": RouterConfig(type="expert_choice"),
-}
 assert set(ROUTERS) == set(ROUTER_TYPES)
 ALL_EVENTS = [(s, w) for s in STAGES for w in WHEN]
 

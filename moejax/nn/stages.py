@@ -367,22 +367,24 @@ def active_hooks(layer_hooks: MoEHooks | None = None) -> tuple[MoEHooks, ...]:
 
 # ----------------------------------------------------------------------------------------------- driver
 
-def _run_stage(ctx: StageContext, stage: str, value, impls, registries):
+def _run_hooks(ctx: StageContext, stage: str, when: str, inputs, value, registries):
+    """Run the ``when`` hooks of ``stage``; each may replace ``value`` by returning something else than None.
+    ``ctx.inputs`` is the stage's input (``None``: the current value, as for the before-hooks)."""
     for reg in registries:
-        for fn in reg.get(stage, "before"):
-            ctx.stage, ctx.when, ctx.inputs = stage, "before", value
-            with jax.named_scope(f"moe_hook/before_{stage}"):
+        for fn in reg.get(stage, when):
+            ctx.stage, ctx.when, ctx.inputs = stage, when, value if inputs is None else inputs
+            with jax.named_scope(f"moe_hook/{when}_{stage}"):
                 new = fn(ctx, value)
             value = value if new is None else new
+    return value
+
+
+def _run_stage(ctx: StageContext, stage: str, value, impls, registries):
+    value = _run_hooks(ctx, stage, "before", None, value, registries)
     ctx.stage, ctx.when, ctx.inputs = stage, None, value
     with jax.named_scope(f"moe/{stage}"):
         out = impls[stage](ctx, value)
-    for reg in registries:
-        for fn in reg.get(stage, "after"):
-            ctx.stage, ctx.when, ctx.inputs = stage, "after", value
-            with jax.named_scope(f"moe_hook/after_{stage}"):
-                new = fn(ctx, out)
-            out = out if new is None else new
+    out = _run_hooks(ctx, stage, "after", value, out, registries)
     ctx.when = None
     return out
 

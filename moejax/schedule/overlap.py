@@ -111,9 +111,6 @@ def schedule_from_plan(plan, *, two_level: bool = False) -> OverlapSchedule:
 
 # ------------------------------------------------------------------------------------------ jaxpr helpers
 
-_SUBJAXPR_PRIMS = ("scan", "shard_map", "jit", "pjit", "closed_call", "core_call", "checkpoint", "remat", "cond",
-                   "while", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr")
-
 
 def _sub_jaxprs(eqn) -> list:
     out = []
@@ -725,6 +722,13 @@ class _Handler:
         return out if isinstance(out, (list, tuple)) else [out]
 
 
+def _run_pass(fn, visit, args, kwargs):
+    """Trace ``fn(*args, **kwargs)`` once and evaluate its jaxpr under the pass ``visit``."""
+    closed, out_shape = jax.make_jaxpr(lambda *a: fn(*a, **kwargs), return_shape=True)(*args)
+    outs = _eval_rewritten(closed.jaxpr, closed.consts, jax.tree.leaves(args), visit)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+
 # ------------------------------------------------------------------------------------------ pass 1: pipelining
 
 def pipeline_moe(fn: Callable, degree: int = 2, *, bwd_degree: int | None = None, two_level: bool = False,
@@ -767,13 +771,9 @@ def pipeline_moe(fn: Callable, degree: int = 2, *, bwd_degree: int | None = None
     visit = _Visitor(decide, ("all_to_all",))
 
     def wrapped(*args, **kwargs):
-        closed = jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args)
         if stats is not None:
             stats.spans, stats.degree_fwd, stats.degree_bwd = 0, r_f, r_b
-        flat, _ = jax.tree.flatten(args)
-        out_tree = jax.tree.structure(jax.eval_shape(lambda *a: fn(*a, **kwargs), *args))
-        outs = _eval_rewritten(closed.jaxpr, closed.consts, flat, visit)
-        return jax.tree.unflatten(out_tree, outs)
+        return _run_pass(fn, visit, args, kwargs)
 
     return wrapped
 
@@ -835,11 +835,7 @@ def bucket_gradients(fn: Callable, *, bucket_bytes: int | None = None,
     visit = _Visitor(decide, tuple(reduce_prims))
 
     def wrapped(*args, **kwargs):
-        closed = jax.make_jaxpr(lambda *a: fn(*a, **kwargs))(*args)
-        flat, _ = jax.tree.flatten(args)
-        out_tree = jax.tree.structure(jax.eval_shape(lambda *a: fn(*a, **kwargs), *args))
-        outs = _eval_rewritten(closed.jaxpr, closed.consts, flat, visit)
-        return jax.tree.unflatten(out_tree, outs)
+        return _run_pass(fn, visit, args, kwargs)
 
     return wrapped
 

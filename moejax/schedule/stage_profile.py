@@ -25,7 +25,8 @@ from collections.abc import Callable
 import jax
 
 _SCOPE = re.compile(r"moe/(gate|order|dispatch|expert|combine|inverse_order)\b")
-_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
+_NAME = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=")
+_INSTR = re.compile(_NAME.pattern + r".*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
 
 
 def instruction_stages(hlo_text: str) -> dict[str, str]:
@@ -52,8 +53,9 @@ def stage_times(fn: Callable, *args, repeats: int = 3, per_device: bool = True) 
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"stage_times: repeats must be a positive int, got {repeats!r}")
     jf = jax.jit(fn)
-    compiled = jf.lower(*args).compile()
-    stages = instruction_stages(compiled.as_text())
+    hlo = jf.lower(*args).compile().as_text()
+    stages = instruction_stages(hlo)
+    names = {m.group(1) for m in map(_NAME.match, hlo.splitlines()) if m}
     jax.block_until_ready(jf(*args))
     tmp = tempfile.mkdtemp(prefix="moejax_stage_profile_")
     try:
@@ -68,7 +70,6 @@ def stage_times(fn: Callable, *args, repeats: int = 3, per_device: bool = True) 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    names = set(_hlo_names(compiled.as_text()))
     totals: dict[str, float] = {}
     for e in events:
         if e.get("ph") != "X":
@@ -86,9 +87,3 @@ def stage_times(fn: Callable, *args, repeats: int = 3, per_device: bool = True) 
     out["total"] = sum(out.values())
     return out
 
-
-def _hlo_names(hlo_text: str):
-    for line in hlo_text.splitlines():
-        m = re.match(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=", line)
-        if m:
-            yield m.group(1)
