@@ -11,14 +11,18 @@ What flows between the stages depends on the path (``ctx.path``):
 - ``gate``: tokens ``[T, D]`` -> :class:`~moejax.nn.routers.RouterOutput` (``[G, S, K]`` expert ids,
   weights, mask); the layer's routing statistics (``aux``) are computed from it afterwards.
 - ``order``: tokens ``[T, D]`` -> on the capacity paths (``capacity``, ``expert_parallel``) the expert-major
-  buffers ``[E, G*C, D]``; ``ragged_dot`` / ``pallas``: rows ``[R, D]`` sorted by expert; ``dense`` /
+  buffers ``[E, G*C, D]``; ``ragged_dot`` / ``pallas`` / ``expert_parallel_ragged``: rows ``[T*K, D]`` sorted
+  by expert; ``dense`` /
   ``tiles``: the tokens unchanged (their expert stage gathers by itself). Sets ``ctx.layout`` (and
   ``ctx.capacity`` / ``ctx.block_rows``).
 - ``dispatch``: ``expert_parallel``: the ``all_to_all`` to the local experts' buffers from every device
-  ``[E/n, n*G*C, D]``; other paths: identity.
+  ``[E/n, n*G*C, D]``; ``expert_parallel_ragged``: the ``ragged_all_to_all`` of the sorted rows into a receive
+  buffer ``[M, D]`` grouped by (source device, local expert) (sets ``ctx.exchange``); other paths: identity.
 - ``expert``: the expert FFN outputs in the same layout (row-wise); ``dense`` / ``tiles``: the combined tokens
   ``[T, D]`` (fused gather, experts and weighted sum).
-- ``combine``: ``expert_parallel``: the reverse ``all_to_all`` back to ``[E, G*C, D]``; other paths: identity.
+- ``combine``: ``expert_parallel``: the reverse ``all_to_all`` back to ``[E, G*C, D]``;
+  ``expert_parallel_ragged``: the reverse ``ragged_all_to_all`` back to the sorted rows ``[T*K, D]``; other
+  paths: identity.
 - ``inverse_order``: -> tokens ``[T, D]``: un-permute and sum each token's slots with its routing weights
   (identity for ``dense`` / ``tiles``).
 
@@ -75,6 +79,7 @@ from moejax.nn.experts import (
     swiglu_ragged,
 )
 from moejax.nn.routers import router_statistics
+from moejax.parallel import ragged_a2a
 from moejax.parallel import tensor_parallel as tp
 
 STAGES = ("gate", "order", "dispatch", "expert", "combine", "inverse_order")
@@ -83,11 +88,13 @@ STAGES = ("gate", "order", "dispatch", "expert", "combine", "inverse_order")
 WHEN = ("before", "after")
 """When a hook runs relative to its stage."""
 
-PATHS = ("capacity", "dense", "ragged_dot", "pallas", "tiles", "expert_parallel")
-"""The values of :attr:`StageContext.path`: the single-device dispatch/grouped-compute methods, and the
-expert-parallel (``shard_map`` + ``all_to_all``) capacity path."""
+PATHS = ("capacity", "dense", "ragged_dot", "pallas", "tiles", "expert_parallel", "expert_parallel_ragged")
+"""The values of :attr:`StageContext.path`: the single-device dispatch/grouped-compute methods, the
+expert-parallel (``shard_map`` + ``all_to_all``) capacity path and the dropless expert-parallel path
+(``ragged_all_to_all``, :mod:`moejax.parallel.ragged_a2a`)."""
 
 CAPACITY_PATHS = ("capacity", "expert_parallel")
+EP_PATHS = ("expert_parallel", "expert_parallel_ragged")
 
 StageFn = Callable[["StageContext", Any], Any]
 HookFn = Callable[["StageContext", Any], Any]
@@ -129,6 +136,8 @@ class StageContext:
       capacity: per-expert rows of a routing group on the capacity paths (set by ``order``), else ``None``.
       block_rows: the row tile of the ``tiles`` path (set by ``order``), else ``None``.
       aux: the layer's statistics so far (set after ``gate``); hooks may add entries.
+      exchange: ``expert_parallel_ragged``: the :class:`~moejax.parallel.ragged_a2a.RaggedPlan` (set by
+        ``dispatch``), else ``None``.
     """
 
     layer: Any
@@ -153,6 +162,7 @@ class StageContext:
     capacity: int | None = None
     block_rows: int | None = None
     aux: dict = dataclasses.field(default_factory=dict)
+    exchange: Any = None
 
     def default(self, value, stage: str | None = None):
         """Run the default implementation of ``stage`` (default: the current stage) on ``value``."""
@@ -194,7 +204,7 @@ def order(ctx: StageContext, x):
     if ctx.path == "dense":
         ctx.layout = dsp.dense_layout(ids, mask, E)
         return x
-    if ctx.path in ("ragged_dot", "pallas"):
+    if ctx.path in ("ragged_dot", "pallas", "expert_parallel_ragged"):
         ctx.layout = dsp.dropless_layout(ids, mask, E, 1)
         return dsp.gather_rows(x, ctx.layout)
     if ctx.path == "tiles":
@@ -209,7 +219,22 @@ def dispatch(ctx: StageContext, x):
     each device's ``[E, G*C, D]`` buffers to the experts' owners (``[E/n, n*G*C, D]``)."""
     if ctx.ep is None:
         return x
+    if ctx.path == "expert_parallel_ragged":
+        return _ragged_dispatch(ctx, x)
     return jax.lax.all_to_all(x, ctx.ep.axis, split_axis=0, concat_axis=1, tiled=True)
+
+
+def _ragged_dispatch(ctx: StageContext, x):
+    """Sorted rows ``[T*K, D]`` -> this device's receive buffer ``[M, D]`` (rows of its local experts from
+    every device, grouped by (source, local expert)); rows beyond ``M`` are dropped and counted."""
+    n = jax.lax.psum(1, ctx.ep.axis)
+    M = ragged_a2a.receive_rows(x.shape[0], n, ctx.ep.ragged_bound)
+    plan = ragged_a2a.make_plan(ctx.layout.group_sizes, ctx.ep.axis, n, M)
+    ctx.exchange = plan
+    ctx.layout = ctx.layout._replace(dropped=plan.dropped)
+    out = jnp.zeros((M,) + x.shape[1:], x.dtype)
+    return ragged_a2a.exchange(x, out, *plan.forward_args(), ctx.ep.axis,
+                               emulated=ctx.ep.a2a == "ragged_emulated")
 
 
 def expert(ctx: StageContext, x):
@@ -222,6 +247,8 @@ def expert(ctx: StageContext, x):
 
 def _expert_ffn(ctx: StageContext, x):
     wg, wu, wd = ctx.expert_weights
+    if ctx.path == "expert_parallel_ragged":
+        return _grouped_rows(ctx, x, ctx.exchange.row_expert)
     if ctx.path in CAPACITY_PATHS:
         return swiglu_capacity(x[None], wg, wu, wd)[0]  # row-wise along axis 1
     if ctx.path == "dense":
@@ -237,11 +264,38 @@ def _expert_ffn(ctx: StageContext, x):
     raise ValueError(f"unknown MoE path {ctx.path!r}; allowed: {', '.join(PATHS)}")
 
 
+def _grouped_rows(ctx: StageContext, x, row_expert):
+    """The local experts on rows ``x [M, D]`` whose expert is ``row_expert [M]`` (``E_local``: empty row, output
+    zero), in any order: the rows are sorted by expert and run through the layer's dropless grouped compute
+    (``cfg.grouped_impl``, resolved for ``M`` rows) as one-slot tokens of weight 1."""
+    from moejax.nn.moe import resolve_grouped_impl  # moe imports this module
+
+    wg, wu, wd = ctx.expert_weights
+    M, El = x.shape[0], wg.shape[0]
+    ids = jnp.minimum(row_expert, El - 1)[:, None]
+    valid = (row_expert < El)[:, None]
+    ones = valid.astype(jnp.float32)
+    method = resolve_grouped_impl(ctx.cfg.grouped_impl, M, El)
+    if method == "dense":
+        return swiglu_dense_combine(x, wg, wu, wd, dsp.dense_combine_weights(ones, ids, El))
+    if method == "tiles":
+        bt = ctx.cfg.block_rows or dsp.default_block_rows(M, El)
+        return moe_swiglu_tiles(x, wg, wu, wd, dsp.dropless_layout(ids, valid, El, bt), ones, bt)
+    layout = dsp.dropless_layout(ids, valid, El, 1)
+    rows = dsp.gather_rows(x, layout)
+    ys = swiglu_pallas(rows, wg, wu, wd, layout) if method == "pallas" else swiglu_ragged(rows, wg, wu, wd, layout)
+    return dsp.combine_rows(ys, layout, ones)
+
+
 def combine(ctx: StageContext, y):
     """Default ``combine``: identity on one device; under expert parallelism the reverse ``all_to_all`` that
     returns each device its ``[E, G*C, D]`` expert outputs."""
     if ctx.ep is None:
         return y
+    if ctx.path == "expert_parallel_ragged":
+        out = jnp.zeros((ctx.layout.slot_row.shape[0],) + y.shape[1:], y.dtype)  # [T*K, D]: rows dropped stay 0
+        return ragged_a2a.exchange(y, out, *ctx.exchange.reverse_args(), ctx.ep.axis,
+                                   emulated=ctx.ep.a2a == "ragged_emulated")
     return jax.lax.all_to_all(y, ctx.ep.axis, split_axis=1, concat_axis=0, tiled=True)
 
 
