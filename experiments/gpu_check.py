@@ -30,6 +30,14 @@ rewritten after every step, so a timeout still leaves the finished steps on disk
    path (dequantize + dot) and a dense bf16 matmul at K 4096, N 14336 for 16 rows (decode) and 2048 rows
    (prefill), and a tiling sweep at 2048 rows.
 
+8. ``ep_ragged``: the dropless expert-parallel MoE (``expert_parallel(a2a="ragged")``) with the real
+   ``jax.lax.ragged_all_to_all`` on a 1-device mesh (``expert=1``), forward and gradients, against the
+   fixed-capacity ``all_to_all`` path with a capacity that drops nothing, and with a receive bound that drops
+   rows against the all_gather emulation of the primitive (max errors and pass/fail in the JSON; float32 at
+   ``highest`` matmul precision, tolerance 1e-4). Skipped, with the reason recorded, on CPU (XLA:CPU has no
+   ``ragged_all_to_all``). When it passes on a GPU, add ``"gpu"`` to
+   ``moejax.parallel.expert_parallel.RAGGED_VALIDATED_BACKENDS`` so ``a2a="auto"`` picks the ragged path.
+
 ``--only a,b`` runs only the steps whose names start with those prefixes, ``--skip`` the others; ``--out``
 names the results file (so a partial run does not overwrite the full one).
 
@@ -84,6 +92,81 @@ SMOKE = {
     "pa": {"B": 4, "ctx": 128, "H": 8, "KVH": 2, "D": 64, "ps": 16},
     "iters": 1, "reps": 1,
 }
+
+
+EP_RAGGED_TOL = 1e-4
+
+
+def ep_ragged_compare(mode="ragged", *, T=256, D=64, F=96, E=8, top_k=2, bound=0.5):
+    """The ``ep_ragged`` step: the ragged EP MoE (``mode``: ``ragged`` = the real primitive, or
+    ``ragged_emulated``) on a 1-device mesh vs the fixed path (capacity = group size, nothing dropped), outputs
+    and loss gradients w.r.t. params and input; then with ``ragged_bound=bound`` (rows dropped) vs the
+    emulation. Errors are max-abs relative to ``max(1, max|ref|)``."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+
+    from moejax.config import MoEConfig, RouterConfig
+    from moejax.nn.moe import MoE
+    from moejax.parallel.expert_parallel import expert_parallel
+    from moejax.parallel.mesh import (
+        BATCH_AXES,
+        EXPERT_AXES,
+        MeshConfig,
+        make_mesh,
+        state_specs,
+    )
+
+    mesh = make_mesh(MeshConfig())  # every axis 1: one device
+    cfg = MoEConfig(num_experts=E, d_ff=F, router=RouterConfig(type="topk", top_k=top_k), dispatch="dropless")
+    model = MoE(D, cfg, init_std=0.3, rngs=nnx.Rngs(0))
+    gdef, params, rest = nnx.split(model, nnx.Param, ...)
+    pspec, rspec = state_specs(params), state_specs(rest)
+    x = jax.random.normal(jax.random.PRNGKey(1), (T, D), jnp.float32)
+    cot = jax.random.normal(jax.random.PRNGKey(2), (T, D), jnp.float32)
+
+    def run(ep_kw):
+        def body(params, rest, x, cot):
+            with expert_parallel(axis=EXPERT_AXES, batch_axes=BATCH_AXES, **ep_kw):
+                y, aux = nnx.merge(gdef, params, rest)(x)
+            return y, jnp.sum(y * cot)[None], jax.lax.psum(aux["dropped"], BATCH_AXES)
+
+        f = jax.shard_map(body, mesh=mesh, in_specs=(pspec, rspec, P(BATCH_AXES), P(BATCH_AXES)),
+                          out_specs=(P(BATCH_AXES), P(BATCH_AXES), P()), check_vma=False)
+
+        def loss(params, x):
+            y, l, dropped = f(params, rest, x, cot)
+            return jnp.sum(l), (y, dropped)
+
+        g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        with jax.default_matmul_precision("highest"):
+            hlo = g.trace(params, x).lower().as_text()
+            (_, (y, dropped)), (gp, gx) = g(params, x)
+        return {"y": y, "gx": gx, "gp": jax.tree.leaves(gp), "dropped": int(dropped),
+                "has_ragged_a2a": "ragged_all_to_all" in hlo}
+
+    def errs(a, b):
+        e = {"out": rel_err(a["y"], b["y"]), "dx": rel_err(a["gx"], b["gx"]),
+             "dparams": max(rel_err(u, v) for u, v in zip(a["gp"], b["gp"]))}
+        return e, max(e.values())
+
+    cases = []
+    rag = run({"a2a": mode})
+    fixed = run({"a2a": "fixed", "capacity_factor": 0})
+    e, m = errs(rag, fixed)
+    ok = (m <= EP_RAGGED_TOL and rag["dropped"] == 0 == fixed["dropped"]
+          and (mode != "ragged" or rag["has_ragged_a2a"]))
+    cases.append({"case": f"{mode} vs fixed (no drops) T={T} E={E} k={top_k}", **e, "max_err": m,
+                  "dropped": rag["dropped"], "primitive_in_hlo": rag["has_ragged_a2a"], "ok": ok})
+    rb = run({"a2a": mode, "ragged_bound": bound})
+    em = run({"a2a": "ragged_emulated", "ragged_bound": bound})
+    e, m = errs(rb, em)
+    ok2 = m <= EP_RAGGED_TOL and rb["dropped"] == em["dropped"] > 0
+    cases.append({"case": f"{mode} vs emulation, ragged_bound={bound}", **e, "max_err": m,
+                  "dropped": rb["dropped"], "dropped_emulated": em["dropped"], "ok": ok2})
+    worst = max(c["max_err"] for c in cases)
+    return {"cases": cases, "max_err": worst, "tol": EP_RAGGED_TOL, "all_ok": bool(ok and ok2)}
 
 
 def peak_for(kind: str):
@@ -177,10 +260,12 @@ def to_markdown(p):
                 timings.append({"step": name, **c})
             if not r.get("ok"):
                 timings.append({"step": name, "path": "-", "error": r.get("error", r.get("skipped"))})
-    for name in ("copy_bandwidth", "dense_matmul", "gmm_tiling_sweep"):
+    for name in ("copy_bandwidth", "dense_matmul", "gmm_tiling_sweep", "ep_ragged"):
         r = p["steps"].get(name, {})
         lines.append(f"- **{name}**: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                     for k, v in r.items() if k not in ("traceback", "sweep")))
+                                                     for k, v in r.items() if k not in ("traceback", "sweep", "cases")))
+    for c in p["steps"].get("ep_ragged", {}).get("cases", []):
+        lines.append(f"  - ep_ragged {c['case']}: max_err={c['max_err']:.3g} dropped={c['dropped']} ok={c['ok']}")
     sw = p["steps"].get("gmm_tiling_sweep", {}).get("sweep", {})
     if sw:
         lines.append("\n## Tiling sweep (8 experts top-2, uniform)\n")
@@ -602,10 +687,19 @@ def main(argv=None):
         return {"rows": rows}
 
     step("dequant_tiling_sweep", dq_sweep)
+
+    # 8. ragged expert parallelism ---------------------------------------------------------------------
+    def ep_ragged():
+        if jax.default_backend() == "cpu":
+            return {"skipped": "XLA:CPU does not implement ragged_all_to_all (the CPU tests use the emulation: "
+                               "tests/test_ragged_ep.py)", "all_ok": True}
+        return ep_ragged_compare("ragged", T=64 if args.smoke else 256)
+
+    step("ep_ragged", ep_ragged)
     run.write()
     failed = [n for n, r in payload["steps"].items() if not r.get("ok")]
-    bad_checks = [n for n, r in payload["steps"].items() if n.startswith("check_") and not r.get("skipped")
-                  and not r.get("all_ok", False)]
+    bad_checks = [n for n, r in payload["steps"].items() if (n.startswith("check_") or n == "ep_ragged")
+                  and not r.get("skipped") and not r.get("all_ok", False)]
     print(f"done in {payload['total_wall_s']:.0f}s; failed steps: {failed or 'none'}; "
           f"checks not passing: {bad_checks or 'none'}", flush=True)
     return 0 if not failed and not bad_checks else 1
