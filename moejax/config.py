@@ -29,6 +29,10 @@ def _err(cls: str, name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{cls}.{name}={value!r} is invalid: {allowed}")
 
 
+EP_A2A_MODES = ("fixed", "ragged", "auto", "ragged_emulated")
+"""Expert-parallel exchange modes (``TrainConfig.ep_a2a``, ``moejax.parallel.expert_parallel.A2A_MODES``)."""
+
+
 def _check_choice(cls: str, name: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise _err(cls, name, value, f"allowed values are {', '.join(map(repr, choices))}")
@@ -309,6 +313,11 @@ class TrainConfig:
       log_every: steps between metric log lines.
       seed: parameter init, data order and router randomness.
       val_percent: share of corpus files held out for validation (by path hash).
+      ep_a2a: the expert-parallel token exchange on a mesh with ``expert`` (or ``node``) > 1, one of
+        :data:`EP_A2A_MODES`: ``fixed`` (capacity ``all_to_all``), ``ragged`` (dropless
+        ``ragged_all_to_all``; not on CPU), ``auto`` (``fixed`` until a backend is validated for ``ragged``) or
+        ``ragged_emulated`` (the ragged path with a CPU emulation of the primitive, for tests); see
+        :mod:`moejax.parallel.expert_parallel`.
     """
 
     steps: int = 1000
@@ -332,6 +341,7 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     val_percent: float = 5.0
+    ep_a2a: str = "fixed"
 
     def validate(self) -> "TrainConfig":
         c = "TrainConfig"
@@ -360,6 +370,7 @@ class TrainConfig:
         _check_float(c, "val_percent", self.val_percent, 0.0, strict=True)
         if self.val_percent >= 100:
             raise _err(c, "val_percent", self.val_percent, "must be in (0, 100)")
+        _check_choice(c, "ep_a2a", self.ep_a2a, EP_A2A_MODES)
         return self
 
 

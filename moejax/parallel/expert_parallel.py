@@ -47,12 +47,13 @@ from dataclasses import dataclass
 
 import jax
 
+from moejax.config import EP_A2A_MODES
 from moejax.nn import stages
 
 DEFAULT_EP_CAPACITY_FACTOR = 2.0
 
-A2A_MODES = ("fixed", "ragged", "auto", "ragged_emulated")
-"""Values of ``EPContext.a2a`` (see the module docstring)."""
+A2A_MODES = EP_A2A_MODES
+"""Values of ``EPContext.a2a`` (see the module docstring): fixed, ragged, auto, ragged_emulated."""
 
 # Backends on which ``a2a="auto"`` picks the ragged path. Empty: ragged_all_to_all has never run on a real
 # accelerator in this project. A GPU session adds "gpu" after ``experiments/gpu_check.py --only ep_ragged``

@@ -213,7 +213,7 @@ class Trainer:
                         lambda v: jax.lax.all_gather(v, "data", axis=d, tiled=True), pi)
 
                 params = jax.tree.map(gather, pspec, params, is_leaf=is_spec)
-            with expert_parallel(axis=mesh_lib.EXPERT_AXES, batch_axes=axes), \
+            with expert_parallel(axis=mesh_lib.EXPERT_AXES, batch_axes=axes, a2a=self.tc.ep_a2a), \
                     (tensor_parallel("tensor") if self.mesh_cfg.tensor > 1 else contextlib.nullcontext()):
                 g, m = self._grads(params, rest, batch, key, axes=axes, n_shards=self.n_shards)
 
