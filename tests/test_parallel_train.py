@@ -28,12 +28,13 @@ def configs(router, mesh_cfg):
     return cfg, ref, tc
 
 
-def batch(seed=0):
+def batch(seed=0, batch_size=BATCH, seq=SEQ):
+    """A random byte batch ``[batch_size, seq + 1]`` of two packed documents per row (shared by other tests)."""
     rng = np.random.default_rng(seed)
-    tok = rng.integers(0, 256, (BATCH, SEQ + 1)).astype(np.int32)
+    tok = rng.integers(0, 256, (batch_size, seq + 1)).astype(np.int32)
     seg = np.ones_like(tok)
-    seg[:, SEQ // 2:] = 2
-    pos = np.concatenate([np.arange(SEQ // 2), np.arange(SEQ + 1 - SEQ // 2)])[None].repeat(BATCH, 0)
+    seg[:, seq // 2:] = 2
+    pos = np.concatenate([np.arange(seq // 2), np.arange(seq + 1 - seq // 2)])[None].repeat(batch_size, 0)
     return {"tokens": tok, "segment_ids": seg, "positions": pos.astype(np.int32)}
 
 

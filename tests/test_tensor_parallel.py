@@ -1,6 +1,7 @@
 """Tensor parallelism (Megatron-style over the ``tensor`` mesh axis) in the shard_map train step equals one device."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +11,16 @@ import pytest
 from moejax.config import ModelConfig, MoEConfig, RouterConfig, TrainConfig
 from moejax.parallel.mesh import MeshConfig, num_batch_shards
 from moejax.train.trainer import Trainer
+from tests.test_parallel_train import batch as shared_batch
 
 SEQ, BATCH = 8, 8
 TOL = 1e-5  # relative to each gradient's (and loss's) max magnitude
 
 
-def configs(mesh_cfg, moe=True, router=RouterConfig(type="topk", top_k=2), n_heads=4, n_kv_heads=2):
+TOPK = RouterConfig(type="topk", top_k=2)
+
+
+def configs(mesh_cfg, moe=True, router=TOPK, n_heads=4, n_kv_heads=2):
     n = num_batch_shards(mesh_cfg)
     m = MoEConfig(num_experts=4, d_ff=16, dispatch="capacity", capacity_factor=2.0, router=router,
                   num_shared_experts=1, shared_d_ff=8) if moe else None
@@ -28,12 +33,7 @@ def configs(mesh_cfg, moe=True, router=RouterConfig(type="topk", top_k=2), n_hea
 
 
 def batch(seed=0):
-    rng = np.random.default_rng(seed)
-    tok = rng.integers(0, 256, (BATCH, SEQ + 1)).astype(np.int32)
-    seg = np.ones_like(tok)
-    seg[:, SEQ // 2:] = 2
-    pos = np.concatenate([np.arange(SEQ // 2), np.arange(SEQ + 1 - SEQ // 2)])[None].repeat(BATCH, 0)
-    return {"tokens": tok, "segment_ids": seg, "positions": pos.astype(np.int32)}
+    return shared_batch(seed, batch_size=BATCH, seq=SEQ)
 
 
 def close(a, b):
@@ -41,29 +41,37 @@ def close(a, b):
     return np.max(np.abs(a - b)) <= TOL * max(np.max(np.abs(b)), 1e-30)
 
 
-def _check(mesh_spec, moe=True):
+def _grads(t, b, key):
+    if t.mesh is None:
+        return jax.jit(t._grads)(t.params, t.rest, jax.tree.map(jnp.asarray, b), key)
+    return jax.jit(t._sharded_grads)(t.params, t.rest, jax.tree.map(lambda a: jax.device_put(a, t.batch_sharding), b),
+                                     key)
+
+
+def _check(mesh_spec, moe=True, schedule=None):
+    """One step's loss, metrics and gradients on ``mesh_spec`` (tensor-parallel) equal one device's."""
     mesh_cfg = MeshConfig.parse(mesh_spec)
     cfg, ref_cfg, tc = configs(mesh_cfg, moe=moe)
-    par, one = Trainer(cfg, tc, mesh_cfg), Trainer(ref_cfg, tc)
+    par, one = Trainer(cfg, tc, mesh_cfg, schedule=schedule), Trainer(ref_cfg, tc)
     b = batch()
     key = jax.random.PRNGKey(5)
-    gp, mp = jax.jit(par._sharded_grads)(par.params, par.rest,
-                                        jax.tree.map(lambda a: jax.device_put(a, par.batch_sharding), b), key)
-    g1, m1 = jax.jit(one._grads)(one.params, one.rest, jax.tree.map(jnp.asarray, b), key)
+    gp, mp = _grads(par, b, key)
+    g1, m1 = _grads(one, b, key)
     keys = ("loss", "ce") + (("aux_loss", "z_loss") if moe else ())
     for k in keys:
         assert close(mp[k], m1[k]), (k, float(mp[k]), float(m1[k]))
     if moe:
         np.testing.assert_array_equal(np.asarray(mp["expert_load"]), np.asarray(m1["expert_load"]))
+        assert int(mp["dropped"]) == int(m1["dropped"])
     leaves1 = jax.tree.leaves(g1)
     for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(gp), leaves1, strict=True):
         assert close(a, b_), (jax.tree_util.keystr(path), float(np.max(np.abs(np.asarray(a) - np.asarray(b_)))))
-    return par
+    return par, one
 
 
 @pytest.mark.parametrize("mesh_spec", ["tensor=2,expert=4", "data=2,tensor=2,expert=2"])
 def test_tensor_parallel_grads_equal_single_device(mesh_spec):
-    par = _check(mesh_spec)
+    par, _ = _check(mesh_spec)
     st = par.params["stacks"][0]
     # the parameters are really sharded over tensor (heads, d_ff), experts over the expert axes
     assert st["attn"]["wq"].get_value().sharding.spec[2] == "tensor"
@@ -78,7 +86,7 @@ def test_tensor_parallel_grads_equal_single_device(mesh_spec):
 
 
 def test_tensor_parallel_dense_model():
-    par = _check("data=4,tensor=2", moe=False)
+    par, _ = _check("data=4,tensor=2", moe=False)
     assert par.params["stacks"][0]["mlp"]["w_gate"].get_value().sharding.spec[2] == "tensor"
 
 
@@ -103,14 +111,101 @@ def test_tensor_parallel_pipelined_step():
     keep the tensor-parallel step equal to one device."""
     from moejax.schedule.overlap import OverlapSchedule
 
-    mesh_cfg = MeshConfig.parse("tensor=2,expert=4")
+    _check("tensor=2,expert=4", schedule=OverlapSchedule(degree_fwd=2, degree_bwd=2))
+
+
+# ------------------------------------------------------------------------------------------ combinations
+
+def _uses(spec, axis):
+    return any(e == axis or (isinstance(e, tuple) and axis in e) for e in spec)
+
+
+def _two_steps(par, one):
+    """Two optimizer steps: losses equal one device's, parameters after them too."""
+    for s in range(2):
+        lp, l1 = par.train_step(batch(s))["loss"], one.train_step(batch(s))["loss"]
+        assert close(lp, l1), (s, float(lp), float(l1))
+    for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(par.params), jax.tree.leaves(one.params),
+                             strict=True):
+        assert close(a, b_), (jax.tree_util.keystr(path), float(np.max(np.abs(np.asarray(a) - np.asarray(b_)))))
+
+
+def test_tensor_parallel_with_fsdp():
+    """Tensor parallelism with FSDP over data: parameters sharded over both tensor and data; the step
+    all-gathers over data only (the tensor shards stay local), and its loss and gradients equal one device's."""
+    par, _ = _check("data=2,tensor=2,expert=2,fsdp")
+    assert par.fsdp == 2
+    specs = {jax.tree_util.keystr(p): v.sharding.spec for p, v in jax.tree_util.tree_leaves_with_path(par.params)}
+    both = [k for k, s in specs.items() if _uses(s, "data") and _uses(s, "tensor")]
+    assert "['stacks'][0]['attn']['wq'].value" in both and "['stacks'][0]['moe']['experts']['w_gate'].value" in both
+    w = par.params["stacks"][0]["moe"]["experts"]["w_gate"].get_value()
+    assert w.addressable_shards[0].data.size * 2 * 2 * 2 == w.size  # expert (2) x data (2) x tensor (2)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_with_fsdp_two_steps():
+    """... and two optimizer steps (updates on the data x tensor shards): losses and parameters equal one
+    device's, and the parameters keep their placement."""
+    mesh_cfg = MeshConfig.parse("data=2,tensor=2,expert=2,fsdp")
     cfg, ref_cfg, tc = configs(mesh_cfg)
-    par = Trainer(cfg, tc, mesh_cfg, schedule=OverlapSchedule(degree_fwd=2, degree_bwd=2))
-    one = Trainer(ref_cfg, tc)
-    b, key = batch(), jax.random.PRNGKey(5)
-    gp, mp = jax.jit(par._sharded_grads)(par.params, par.rest,
-                                        jax.tree.map(lambda a: jax.device_put(a, par.batch_sharding), b), key)
-    g1, m1 = jax.jit(one._grads)(one.params, one.rest, jax.tree.map(jnp.asarray, b), key)
-    assert close(mp["loss"], m1["loss"])
-    for a, b_ in zip(jax.tree.leaves(gp), jax.tree.leaves(g1), strict=True):
-        assert close(a, b_)
+    par, one = Trainer(cfg, tc, mesh_cfg), Trainer(ref_cfg, tc)
+    before = jax.tree.map(lambda v: v.sharding, par.params)
+    _two_steps(par, one)
+    for (path, v), sh in zip(jax.tree_util.tree_leaves_with_path(par.params), jax.tree.leaves(before), strict=True):
+        assert v.sharding.is_equivalent_to(sh, v.ndim), (jax.tree_util.keystr(path), v.sharding, sh)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_with_node_axis():
+    """Experts over (node, expert), the batch over (node, expert), tensor inside: equals one device."""
+    par, _ = _check("node=2,tensor=2,expert=2")
+    w = par.params["stacks"][0]["moe"]["experts"]["w_gate"].get_value()
+    assert w.sharding.spec[1] == ("node", "expert") and w.sharding.spec[3] == "tensor"
+
+
+def test_tensor_parallel_two_level_all_to_all():
+    """2-level (intra-node, then inter-node) dispatch/combine all-to-alls with pipelined expert stages holding
+    the tensor psum: equals one device, and every exchange is really split in two."""
+    from moejax.schedule.overlap import OverlapSchedule, count_collectives
+
+    sch = OverlapSchedule(degree_fwd=2, degree_bwd=2, two_level=True, bucketing=False)
+    par, _ = _check("node=2,tensor=2,expert=2", schedule=sch)
+    b = jax.tree.map(lambda a: jax.device_put(a, par.batch_sharding), batch())
+    hlo = jax.jit(par._sharded_grads).lower(par.params, par.rest, b, jax.random.PRNGKey(5)).compile().as_text()
+    # per (scanned) MoE layer: dispatch + combine, forward and backward, 2 chunks each, 2 exchanges each
+    assert count_collectives(hlo)["all_to_all"] == 2 * (2 * 2 + 2 * 2)
+
+
+def _all_gather_shapes(hlo: str) -> set[tuple[int, ...]]:
+    """Result shapes (leading 1s dropped) of the all-gathers in compiled HLO text."""
+    out = set()
+    for line in hlo.splitlines():
+        lhs, _, rhs = line.partition(" all-gather(")
+        if rhs and "=" in lhs:
+            for dims in re.findall(r"\w+\[([\d,]*)\]", lhs.split("=", 1)[1]):
+                shape = tuple(int(d) for d in dims.split(",") if d)
+                while shape and shape[0] == 1:
+                    shape = shape[1:]
+                out.add(shape)
+    return out
+
+
+def test_tensor_parallel_evaluate_equals_single_device():
+    """``Trainer.evaluate`` (plain jit over the tensor-sharded parameters: GSPMD partitions the whole-batch
+    model, routing included) equals one device, and does not gather the tensor-sharded weights."""
+    mesh_cfg = MeshConfig.parse("data=2,tensor=2,expert=2")
+    cfg, _, tc = configs(mesh_cfg)
+    par, one = Trainer(cfg, tc, mesh_cfg), Trainer(cfg, tc)
+    batches = [batch(7), batch(8)]
+    ep, e1 = par.evaluate(batches), one.evaluate(batches)
+    assert ep["val_bytes"] == e1["val_bytes"] > 0
+    assert close(ep["val_bits_per_byte"], e1["val_bits_per_byte"]), (ep, e1)
+    # no all-gather rebuilds a whole tensor-sharded weight (per layer or stacked); the eval step stays
+    # tensor-parallel (the parameters stay sharded in the trainer's state too)
+    hlo = par._eval_step.lower(par.params, par.rest, par.place(batches[0])).compile().as_text()
+    full = set()
+    for v in jax.tree.leaves(par.params):
+        if _uses(v.sharding.spec, "tensor"):
+            full |= {tuple(v.shape), tuple(v.shape[1:])}
+    assert full and not (_all_gather_shapes(hlo) & full), _all_gather_shapes(hlo) & full
+    assert par.params["stacks"][0]["attn"]["wq"].get_value().sharding.spec[2] == "tensor"
