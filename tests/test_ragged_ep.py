@@ -292,3 +292,15 @@ def test_trainer_ragged_ep_grads_equal_single_device():
     assert int(mp["dropped"]) == 0 == int(m1["dropped"])
     for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(gp), jax.tree.leaves(g1)):
         assert rel(a, b_) <= TOL, (jax.tree_util.keystr(path), rel(a, b_))
+
+
+def test_trainer_rejects_moe_pipelining_with_the_ragged_exchange():
+    from moejax.config import ModelConfig, MoEConfig, TrainConfig
+    from moejax.schedule.overlap import OverlapSchedule
+    from moejax.train.trainer import Trainer
+
+    cfg = ModelConfig(vocab_size=260, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=16, max_seq_len=16,
+                      moe=MoEConfig(num_experts=8, d_ff=16))
+    with pytest.raises(ValueError, match="ep_a2a='ragged_emulated'.*pipeline_moe"):
+        Trainer(cfg, TrainConfig(seq_len=8, global_batch=8, ep_a2a="ragged_emulated"), MeshConfig(expert=8),
+                schedule=OverlapSchedule(degree_fwd=2))

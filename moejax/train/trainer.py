@@ -90,6 +90,13 @@ class Trainer:
         self.fsdp = 1  # ways parameters and optimizer state are sharded over ``data`` (MeshConfig.fsdp)
         if schedule is not None:
             schedule.validate()
+            from moejax.parallel.expert_parallel import EPContext
+
+            if ((schedule.degree_fwd > 1 or schedule.degree_bwd > 1 or schedule.two_level)
+                    and EPContext(a2a=tc.ep_a2a).resolved_a2a() != "fixed"):
+                raise ValueError(f"TrainConfig.ep_a2a={tc.ep_a2a!r} with MoE pipelining (schedule degrees "
+                                 f"{schedule.degree_fwd}/{schedule.degree_bwd}, two_level={schedule.two_level}): "
+                                 f"pipeline_moe rewrites the fixed all_to_all exchange only; use ep_a2a='fixed'")
         self.schedule = schedule
         if mesh_cfg is not None and mesh_cfg.size > 1:
             self._setup_mesh(mesh_cfg)
