@@ -94,7 +94,6 @@ expert-parallel (``shard_map`` + ``all_to_all``) capacity path and the dropless 
 (``ragged_all_to_all``, :mod:`moejax.parallel.ragged_a2a`)."""
 
 CAPACITY_PATHS = ("capacity", "expert_parallel")
-EP_PATHS = ("expert_parallel", "expert_parallel_ragged")
 
 StageFn = Callable[["StageContext", Any], Any]
 HookFn = Callable[["StageContext", Any], Any]

@@ -137,6 +137,7 @@ def make_plan(group_sizes: jax.Array, axis_name, n: int, recv_rows: int) -> Ragg
     recv_sizes = jnp.clip(M - recv_start, 0, recv_req).astype(jnp.int32)
     recv_offsets = jnp.where(recv_sizes > 0, recv_start, 0).astype(jnp.int32)
     send_sizes = jax.lax.all_to_all(recv_sizes, axis_name, 0, 0, tiled=True)
+    send_offsets = jnp.where(send_sizes > 0, send_offsets, 0)  # empty slices at offset 0 (never past the end)
     remote_offsets = jax.lax.all_to_all(recv_offsets, axis_name, 0, 0, tiled=True)
     source_offsets = jax.lax.all_to_all(send_offsets, axis_name, 0, 0, tiled=True)
     # kept rows per (source, local expert): the first recv_sizes[s] rows of s's block, in local-expert order
