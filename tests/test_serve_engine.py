@@ -53,12 +53,15 @@ def check_against_generate(model, prompts, results, n_new):
         assert err <= LOGIT_TOL, err
 
 
-@pytest.mark.parametrize("scheduler", ["chunked", "layered"])
-def test_engine_matches_generate(model, scheduler):
+@pytest.mark.parametrize(("scheduler", "kv_block", "layer_loop"), [("chunked", 16, "scan"), ("layered", 24, "unroll")])
+def test_engine_matches_generate(model, scheduler, kv_block, layer_loop):
+    """Both schedulers, both layer loops, and attention over several key blocks (up to 50 tokens in blocks
+    of 16 / 24) against sequential generate."""
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 97, n).tolist() for n in (3, 40, 17, 29, 9)]
-    eng = Engine(model, EngineConfig(scheduler=scheduler, record_logits=True, block_size=8,
-                                     sched=sched_cfg(collapse_when_idle=False)))
+    eng = Engine(model, EngineConfig(scheduler=scheduler, record_logits=True, block_size=8, kv_block=kv_block,
+                                     layer_loop=layer_loop, sched=sched_cfg(collapse_when_idle=False)))
+    assert (eng.layer_states is None) == (layer_loop == "scan")
     res = eng.generate(prompts, SamplingParams(max_tokens=10, temperature=0))
     check_against_generate(model, prompts, res, 10)
     assert all(r.finish_reason == "length" and len(r.tokens) == 10 for r in res)
@@ -205,3 +208,42 @@ def test_engine_with_pallas_paged_attention_matches_xla():
     for a, b in zip(out["xla"], out["pallas"]):
         assert a.tokens == b.tokens
         assert np.abs(a.logits - b.logits).max() <= 1e-5 * max(1.0, np.abs(a.logits).max())
+
+
+def test_warmup_compiles_every_step_shape(model):
+    """After Engine.warmup, serving prompts of any length (long and short, batched and alone, decode with and
+    without a prefill beside it) compiles no engine step."""
+    import logging
+
+    import jax
+
+    sched = sched_cfg(max_num_seqs=2, max_prefill_seqs=2, max_num_batched_tokens=32)
+    eng = Engine(model, EngineConfig(block_size=8, sched=sched))
+    keys = eng.warmup_shapes()
+    assert keys == [(1, None), (2, None), (2, (1, 16)), (2, (1, 32)), (2, (2, 16)), (2, (2, 32))]
+    assert eng.warmup() == len(keys) and eng.warmup() == 0  # compiled once
+    msgs = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            msgs.append(record.getMessage())
+
+    h = Catch()
+    logging.getLogger("jax").addHandler(h)
+    try:
+        with jax.log_compiles(True):
+            rng = np.random.default_rng(5)
+            prompts = [rng.integers(0, 97, n).tolist() for n in (3, 61, 17, 9, 33)]
+            res = eng.generate(prompts, SamplingParams(max_tokens=5, temperature=0))
+    finally:
+        logging.getLogger("jax").removeHandler(h)
+    assert all(len(r.tokens) == 5 for r in res)
+    assert set(eng.compiled_shapes) == set(keys)
+    assert not [m for m in msgs if "engine_step" in m and "ompil" in m], msgs
+
+
+def test_engine_config_kv_block_and_layer_loop_validated(model):
+    with pytest.raises(ValueError, match="kv_block"):
+        Engine(model, EngineConfig(block_size=8, kv_block=12))
+    with pytest.raises(ValueError, match="layer_loop"):
+        Engine(model, EngineConfig(layer_loop="vmap"))

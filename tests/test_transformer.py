@@ -95,6 +95,26 @@ def test_generate_greedy_equals_teacher_forced_argmax(model):
         assert res.tokens[b].tolist() == np.argmax(np.asarray(lg), -1).tolist()
 
 
+def test_layer_loops_agree(model):
+    """The per-layer-weights loop (``layer_loop="unroll"``, the CPU default) equals the scanned stack: a
+    forward over a dense + MoE run with a KV cache, and generation."""
+    from moejax.models.transformer import resolve_layer_loop, unstack_layers
+
+    toks = jnp.array([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+    ls = unstack_layers(model)
+    assert [len(r) for r in ls] == [n for _, _, n in model.runs]
+    a = model(toks, cache=model.init_cache(2, 8), cache_index=0)
+    b = model(toks, cache=model.init_cache(2, 8), cache_index=0, layer_states=ls)
+    close(b.logits, a.logits)
+    close(b.cache.k[1], a.cache.k[1])
+    close(b.aux["load_balance_loss"], a.aux["load_balance_loss"])
+    g = {loop: generate(model, [[3, 4, 5], [6]], 6, return_logits=True, layer_loop=loop) for loop in ("scan", "unroll")}
+    close(g["unroll"].logits, g["scan"].logits)
+    assert resolve_layer_loop("auto") == ("unroll" if jax.default_backend() == "cpu" else "scan")
+    with pytest.raises(ValueError, match="layer_loop"):
+        generate(model, [[1]], 2, layer_loop="python")
+
+
 def test_generate_compiles_once_per_bucket(model):
     generate(model, [[1, 2, 3]], 5)
     n = _generate._cache_size()

@@ -8,15 +8,16 @@ per-token Python dispatch), stopping early once every row has produced ``eos_id`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.models.transformer import resolve_layer_loop, unstack_layers
 from moejax.serve.sampling import sample
 
 
@@ -39,13 +40,13 @@ class GenerateResult:
 
 
 @partial(jax.jit, static_argnames=("gdef", "cache_len", "n_max", "greedy", "return_logits"))
-def _generate(gdef, state, tokens, mask, key, temperature, top_p, n_new, eos_id, *, cache_len, n_max, greedy,
-              return_logits):
+def _generate(gdef, state, layer_states, tokens, mask, key, temperature, top_p, n_new, eos_id, *, cache_len, n_max,
+              greedy, return_logits):
     model = nnx.merge(gdef, state)
     B, S = tokens.shape
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
     out = model(tokens, positions=positions, attention_mask=mask, cache=model.init_cache(B, cache_len),
-                cache_index=0)
+                cache_index=0, layer_states=layer_states)
     V = out.logits.shape[-1]
     toks = jnp.full((B, n_max), eos_id, jnp.int32)
     lg = jnp.zeros((B, n_max, V) if return_logits else (0,), jnp.float32)
@@ -66,7 +67,7 @@ def _generate(gdef, state, tokens, mask, key, temperature, top_p, n_new, eos_id,
         i, cache, logits, done, pos, toks, lg = c
         t, done, toks, lg = emit(i, logits, done, toks, lg)
         o = model(t[:, None], positions=pos[:, None], attention_mask=jnp.ones((B, 1), jnp.int32), cache=cache,
-                  cache_index=S + i)
+                  cache_index=S + i, layer_states=layer_states)
         return i + 1, o.cache, o.logits[:, 0], done, pos + 1, toks, lg
 
     init = (jnp.int32(0), out.cache, out.logits[:, -1], jnp.zeros(B, bool), positions[:, -1] + 1, toks, lg)
@@ -77,10 +78,13 @@ def _generate(gdef, state, tokens, mask, key, temperature, top_p, n_new, eos_id,
 
 def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | np.ndarray, max_new_tokens: int, *,
              greedy: bool = True, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-             eos_id: int | None = None, return_logits: bool = False, pad_id: int = 0) -> GenerateResult:
+             eos_id: int | None = None, return_logits: bool = False, pad_id: int = 0,
+             layer_loop: str = "auto") -> GenerateResult:
     """Generate up to ``max_new_tokens`` for each prompt (a list of token-id lists of any lengths).
 
     Greedy by default; otherwise temperature / nucleus sampling with ``seed``. Rows stop at ``eos_id``.
+    ``layer_loop``: how the layer stack runs (:func:`moejax.models.transformer.resolve_layer_loop`; ``auto``
+    applies per-layer weight copies one layer at a time on CPU, a scan over the stacked weights elsewhere).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
@@ -88,6 +92,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | np.ndarray, m
         raise ValueError(f"top_p={top_p} must be in (0, 1]")
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0")
+    layer_loop = resolve_layer_loop(layer_loop)
     prompts = [list(map(int, p)) for p in prompts]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -110,7 +115,8 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | np.ndarray, m
         mask[b, S - len(p):] = 1
     gdef, state = nnx.split(model)
     eos = -1 if eos_id is None else int(eos_id)
-    toks, lg = _generate(gdef, state, jnp.asarray(tokens), jnp.asarray(mask), jax.random.PRNGKey(seed),
+    layer_states = unstack_layers(model) if layer_loop == "unroll" else None
+    toks, lg = _generate(gdef, state, layer_states, jnp.asarray(tokens), jnp.asarray(mask), jax.random.PRNGKey(seed),
                          jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens), jnp.int32(eos),
                          cache_len=S + N, n_max=N, greedy=greedy, return_logits=return_logits)
     toks = np.asarray(toks)[:, :max_new_tokens]

@@ -31,14 +31,15 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
-from safetensors import safe_open
-from safetensors.numpy import save_file
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from moejax.config import DTYPES, ModelConfig, MoEConfig, RouterConfig
 from moejax.models.transformer import Transformer, layer_runs

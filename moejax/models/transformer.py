@@ -142,7 +142,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, attention_mask=None, cache: KVCache | None = None,
                  cache_index=None, token_index=None, rng=None, train: bool = False, return_hidden: bool = False,
-                 layers: tuple[int, int] | None = None, hidden=None, expert_ids=None) -> ModelOutput:
+                 layers: tuple[int, int] | None = None, hidden=None, expert_ids=None,
+                 layer_states=None) -> ModelOutput:
         """Run the model.
 
         Args:
@@ -192,7 +193,8 @@ class Transformer(nnx.Module):
                 continue
             kv = None if cache is None else LayerKV(cache.k[r], cache.v[r])
             x, kv_out, aux = self._run_stack(r, lo, hi, x, positions, kv, cache_index, valid_tok, token_index,
-                                             expert_ids, rng, train, rope, mask)
+                                             expert_ids, rng, train, rope, mask,
+                                             None if layer_states is None else layer_states[r])
             if cache is not None:
                 new_k.append(kv_out.k)
                 new_v.append(kv_out.v)
@@ -204,7 +206,7 @@ class Transformer(nnx.Module):
         return ModelOutput(out, new_cache, aux)
 
     def _run_stack(self, r, lo, hi, x, positions, kv, cache_index, token_mask, token_index, expert_ids, rng, train,
-                   rope, mask):
+                   rope, mask, per_layer=None):
         _kind, first, n = self.runs[r]
         gdef, state = nnx.split(self.stacks[r])
         sl = (lambda a: a[lo:hi]) if (lo, hi) != (0, n) else (lambda a: a)
@@ -222,10 +224,50 @@ class Transformer(nnx.Module):
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(self.cfg.remat), prevent_cse=False)
         kv_in = None if kv is None else LayerKV(sl(kv.k), sl(kv.v))
-        x, (kv_out, aux) = jax.lax.scan(body, x, (jax.tree.map(sl, state), kv_in, layer_ids))
+        if per_layer is None:
+            x, (kv_out, aux) = jax.lax.scan(body, x, (jax.tree.map(sl, state), kv_in, layer_ids))
+        else:  # one call per layer on its own weights (see unstack_layers)
+            kk, vv, auxes = (None, None, []) if kv_in is None else (kv_in.k, kv_in.v, [])
+            for i in range(hi - lo):
+                lkv = None if kv_in is None else LayerKV(kk[i], vv[i])
+                x, (new_kv, a) = body(x, (per_layer[lo + i], lkv, layer_ids[i]))
+                if new_kv is not None:
+                    kk, vv = kk.at[i].set(new_kv.k), vv.at[i].set(new_kv.v)
+                auxes.append(a)
+            kv_out = None if kv_in is None else LayerKV(kk, vv)
+            aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
         if kv is not None and (lo, hi) != (0, n):
             kv_out = LayerKV(kv.k.at[lo:hi].set(kv_out.k), kv.v.at[lo:hi].set(kv_out.v))
         return x, kv_out, aux
+
+
+def unstack_layers(model: Transformer) -> tuple[tuple[nnx.State, ...], ...]:
+    """Per-layer parameter states of each run of the stack (``result[run][i]`` is layer ``first + i``).
+
+    For inference loops that apply the layers one by one (``Transformer(..., layer_states=...)``, the serving
+    engine): a layer's weights are then their own buffers. Scanning the stacked weights instead makes XLA:CPU
+    copy each layer's slice out of the stack on every step (about half a decode step's time on the tiny
+    preset). The result holds copies: weights take twice the memory while both are kept.
+    """
+    out = []
+    for r, (_kind, _first, n) in enumerate(model.runs):
+        _, st = nnx.split(model.stacks[r])
+        out.append(tuple(jax.tree.map(lambda a, i=i: a[i], st) for i in range(n)))
+    return tuple(out)
+
+
+def resolve_layer_loop(layer_loop: str) -> str:
+    """``"scan"`` (the stacked weights in a ``lax.scan``), ``"unroll"`` (one call per layer over
+    :func:`unstack_layers`' per-layer weights) or ``"auto"``: ``unroll`` on CPU, where slicing a layer out
+    of the stack is a copy each step, else ``scan``."""
+    if layer_loop not in LAYER_LOOPS:
+        raise ValueError(f"layer_loop={layer_loop!r}; allowed: {', '.join(map(repr, LAYER_LOOPS))}")
+    if layer_loop == "auto":
+        return "unroll" if jax.default_backend() == "cpu" else "scan"
+    return layer_loop
+
+
+LAYER_LOOPS = ("auto", "scan", "unroll")
 
 
 def count_params(model: nnx.Module) -> int:

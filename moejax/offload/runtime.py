@@ -120,12 +120,12 @@ def _prepare(gdef, state, dec, pf, pf_hidden, dec_ids, pf_ids, *, block_size, us
                         dec_ids=dec_ids, pf_ids=pf_ids)
 
 
-@partial(jax.jit, static_argnames=("gdef", "block_size", "impl", "route"), donate_argnames=("kp", "vp"))
-def _attention(gdef, st, kp, vp, li, xs, ctxs, *, block_size, impl, route):
+@partial(jax.jit, static_argnames=("gdef", "block_size", "impl", "route", "kv_block"), donate_argnames=("kp", "vp"))
+def _attention(gdef, st, kp, vp, li, xs, ctxs, *, block_size, impl, route, kv_block=None):
     blk = nnx.merge(gdef, st)
     parts = []
     for x, ctx in zip(xs, ctxs):
-        x, kp, vp = layer_attention(blk, x, ctx, kp, vp, li, block_size=block_size, impl=impl)
+        x, kp, vp = layer_attention(blk, x, ctx, kp, vp, li, block_size=block_size, impl=impl, kv_block=kv_block)
         parts.append(x)
     y, m, ids = ffn_rows(blk, [(x, c.valid) for x, c in zip(parts, ctxs)], [c.expert_ids for c in ctxs])
     if not route:
@@ -172,7 +172,8 @@ def _finish(gdef, state, xd, xp, dec, pf, touched, *, return_logits):
 class OffloadRuntime:
     """Layer-by-layer engine step with experts read from storage into a budgeted slot buffer."""
 
-    def __init__(self, model, cfg: OffloadConfig, *, block_size: int, attn_impl: str = "xla"):
+    def __init__(self, model, cfg: OffloadConfig, *, block_size: int, attn_impl: str = "xla",
+                 kv_block: int | None = None):
         self.cfg = cfg
         self.store = ExpertStore(cfg.store, io=cfg.io, bandwidth=cfg.bandwidth)
         mcfg = model.cfg
@@ -186,7 +187,7 @@ class OffloadRuntime:
         if mcfg.moe.dispatch != "dropless":
             raise ValueError("expert offloading supports MoEConfig.dispatch='dropless' only")
         self.model, self.mcfg = model, mcfg
-        self.block_size, self.attn_impl = block_size, attn_impl
+        self.block_size, self.attn_impl, self.kv_block = block_size, attn_impl, kv_block
         self.E = mcfg.moe.num_experts
         self.quant = self.store.quant
         if (self.quant is None) != (cfg.bits is None):
@@ -357,7 +358,7 @@ class OffloadRuntime:
                 continue
             xs, ctxs = [x for _, x, _ in rows], [c for _, _, c in rows]
             outs, ks[r], vs[r], y, _, routing = _attention(gd, st, ks[r], vs[r], jnp.int32(li), xs, ctxs,
-                                                           block_size=self.block_size, impl=self.attn_impl,
+                                                           block_size=self.block_size, impl=self.attn_impl, kv_block=self.kv_block,
                                                            route=kind == "moe")
             if kind == "moe":
                 ids, w, rm = routing

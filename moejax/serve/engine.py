@@ -11,10 +11,12 @@ Usage::
     results = engine.generate(prompts, SamplingParams(max_tokens=64, temperature=0))   # offline
 
 Each :meth:`Engine.step` asks the scheduler for a :class:`~moejax.serve.scheduler.Plan`, packs it into
-fixed shape buckets (decode and prefill rows are rounded up to powers of two, prefill tokens and pages per row
-to powers of two and then to multiples of 512 tokens / 32 pages),
-runs the jitted :func:`~moejax.serve.step.engine_step` (one compiled program per bucket: no recompilation
-in steady state), samples on device, and hands back per-request deltas. :meth:`add_request` and
+fixed shape buckets, runs the jitted :func:`~moejax.serve.step.engine_step`, samples on device, and hands back
+per-request deltas. The buckets: decode rows are rounded up to a power of two (to the full batch next to a
+prefill), prefill rows to a power of two and prefill tokens to a power of two and then to multiples of 512;
+block tables always span ``max_model_len`` (attention loops over key blocks up to the longest row at run time)
+and the layer group is a run-time value, so the compiled programs do not depend on context length or layer
+group: :meth:`Engine.warmup` compiles all of them ahead of time (no recompilation in steady state). :meth:`add_request` and
 :meth:`abort` may be called from another thread: they are queued and applied at the start of the next step.
 """
 
@@ -33,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from moejax.models.generate import bucket as pow2
-from moejax.models.transformer import dtype_of
+from moejax.models.transformer import dtype_of, resolve_layer_loop, unstack_layers
 from moejax.serve.kv_cache import BlockAllocator, KVPool
 from moejax.serve.metrics import (
     IterationStats,
@@ -103,9 +105,15 @@ class EngineConfig:
       enable_prefix_cache: share full prompt blocks between requests by block hash.
       record_logits: keep each sampled token's full logits on the host (tests; costs a transfer per step).
       min_decode_bucket / min_prefill_tokens: smallest shape buckets.
+      kv_block: keys per block of the attention loop (a multiple of ``block_size``); the loop runs up to the
+        longest row's length, so block tables can span the whole context at no cost.
       attn_impl: paged attention implementation: ``"xla"`` (gather + dense, the CPU path), ``"pallas"``
         (``pallas_kernels.paged_attention``; interpreted on CPU) or ``"auto"`` (the kernel only where it
         has been validated faster on the backend).
+      layer_loop: ``"scan"``, ``"unroll"`` or ``"auto"`` (see :func:`moejax.models.transformer.resolve_layer_loop`):
+        ``unroll`` keeps a per-layer copy of the stacked layer weights (twice the layer weights' memory while
+        the model also holds them) and compiles one call per layer, which on CPU saves copying every layer's
+        weights out of the stack on every step.
       offload: a :class:`moejax.offload.runtime.OffloadConfig` to serve with experts on storage and only
         ``budget_bytes`` of them in memory (the step then runs layer by layer; see ``moejax/offload``).
       pregate: a :class:`moejax.models.readme.PreGate`: every MoE layer uses the experts it picks from the
@@ -121,7 +129,9 @@ class EngineConfig:
     record_logits: bool = False
     min_decode_bucket: int = 1
     min_prefill_tokens: int = 16
+    kv_block: int = 256
     attn_impl: str = "xla"
+    layer_loop: str = "auto"
     offload: object | None = None
     pregate: object | None = None
 
@@ -154,6 +164,17 @@ class Completion:
     logits: np.ndarray | None = None     # [n_tokens, V] with EngineConfig.record_logits
 
 
+def _bucket_edges(longest: int, minimum: int, linear_from: int = 512) -> list[int]:
+    """Lengths that reach every bucket of :func:`shape_bucket` up to ``longest``."""
+    edges, b = [], minimum
+    while b < min(longest, linear_from):
+        edges.append(b)
+        b *= 2
+    edges.append(min(longest, max(b, minimum)))
+    edges += list(range(linear_from * 2, longest, linear_from))
+    return sorted(set(edges + [longest]))
+
+
 def shape_bucket(n: int, minimum: int = 1, linear_from: int = 512) -> int:
     """Shape bucket: powers of two up to ``linear_from``, then multiples of it (long prompts waste < 1/k)."""
     if n <= linear_from:
@@ -183,10 +204,19 @@ class Engine:
                              f"{mcfg.max_seq_len}")
         if cfg.block_size < 1:
             raise ValueError(f"EngineConfig.block_size={cfg.block_size} must be >= 1")
+        if cfg.kv_block < cfg.block_size or cfg.kv_block % cfg.block_size:
+            raise ValueError(f"EngineConfig.kv_block={cfg.kv_block} must be a positive multiple of "
+                             f"block_size={cfg.block_size}")
+        ppb = cfg.kv_block // cfg.block_size
+        # block-table width: the whole context, rounded up to whole key blocks
+        self.max_pages = -(-math.ceil(self.max_model_len / cfg.block_size) // ppb) * ppb
         if cfg.attn_impl not in ("xla", "pallas", "auto"):
             raise ValueError(f"EngineConfig.attn_impl={cfg.attn_impl!r}; allowed: 'xla', 'pallas', 'auto'")
         num_blocks = cfg.num_blocks or 1 + cfg.sched.max_num_seqs * math.ceil(self.max_model_len / cfg.block_size)
         self.gdef, self.state = nnx.split(model)
+        self.layer_states = None
+        if cfg.offload is None and resolve_layer_loop(cfg.layer_loop) == "unroll":
+            self.layer_states = unstack_layers(model)
         self.alloc = BlockAllocator(num_blocks, cfg.block_size, enable_prefix_cache=cfg.enable_prefix_cache)
         self.scheduler = make_scheduler(cfg.scheduler, cfg.sched, self.alloc, mcfg.n_layers)
         self.pool = KVPool.create(model.runs, num_blocks, cfg.block_size, mcfg.n_kv_heads, mcfg.resolved_head_dim,
@@ -201,12 +231,14 @@ class Engine:
         self._ids = itertools.count()
         self._rng = np.random.default_rng(0)
         self._pf_hidden = None
-        self.compiled_shapes: set[tuple] = set()
+        self._zeros = None
+        self.compiled_shapes: set[tuple] = set()  # step shapes compiled so far (by warmup or by a step)
         self.runtime = None
         if cfg.offload is not None:
             from moejax.offload.runtime import OffloadRuntime
 
-            self.runtime = OffloadRuntime(model, cfg.offload, block_size=cfg.block_size, attn_impl=cfg.attn_impl)
+            self.runtime = OffloadRuntime(model, cfg.offload, block_size=cfg.block_size, attn_impl=cfg.attn_impl,
+                                          kv_block=cfg.kv_block)
 
     # ----------------------------------------------------------------------------------------- requests
     def validate_prompt(self, prompt: Sequence[int]) -> list[int]:
@@ -296,18 +328,19 @@ class Engine:
         if e.callback is not None:
             e.callback(out)
 
-    def _pack(self, plan: Plan):
-        max_pages = shape_bucket(-(-self.max_model_len // self.cfg.block_size), 1, 32)
-        if plan.prefill:
-            # decode rows beside a prefill read through full-length tables (cheap next to the prefill, and one
-            # compiled program per prefill shape); prefill rows' tables follow their own length bucket
-            P_dec = max_pages
-            P_pf = shape_bucket(max(len(c.request.blocks) for c in plan.prefill), 1, 32)
-        else:
-            P_dec = shape_bucket(max(len(r.blocks) for r in plan.decode), 1, 32)
-            P_pf = 0
+    def decode_rows(self, n: int, with_prefill: bool) -> int:
+        """Decode-row bucket for ``n`` running requests (the full batch next to a prefill: one compiled
+        program per prefill shape instead of one per (prefill shape, decode count))."""
+        return pow2(self.cfg.sched.max_num_seqs if with_prefill else n, self.cfg.min_decode_bucket)
 
-        def table(blocks, P):
+    def prefill_shape(self, rows: int, tokens: int) -> tuple[int, int]:
+        """``(Bp, Tp)`` bucket of a prefill part with ``rows`` chunks, the longest of ``tokens`` tokens."""
+        return pow2(rows, 1), shape_bucket(tokens, self.cfg.min_prefill_tokens)
+
+    def _pack(self, plan: Plan):
+        P = self.max_pages
+
+        def table(blocks):
             t = np.zeros(P, np.int32)
             t[:len(blocks)] = blocks
             return t
@@ -322,30 +355,27 @@ class Engine:
             return keys, temp, top_p
 
         dec = pf = None
-        if plan.decode:
-            n = len(plan.decode)
-            # next to a prefill the decode rows are padded to the full batch: one compiled program per prefill
-            # shape instead of one per (prefill shape, decode count); their cost is small beside the prefill
-            Bd = pow2(self.cfg.sched.max_num_seqs if plan.prefill else n, self.cfg.min_decode_bucket)
+        if plan.decode or (plan.prefill and self.runtime is None):
+            # next to a prefill the decode part is always there, padded to the full batch (padding rows have
+            # length 0: no attention work, no expert routed), so a prefill shape compiles once
+            Bd = self.decode_rows(len(plan.decode), bool(plan.prefill))
             tok = np.zeros(Bd, np.int32)
             pos = np.zeros(Bd, np.int32)
-            tabs = np.zeros((Bd, P_dec), np.int32)
+            tabs = np.zeros((Bd, P), np.int32)
             valid = np.zeros(Bd, bool)
             for i, r in enumerate(plan.decode):
-                tok[i], pos[i], tabs[i], valid[i] = r.last_token, r.num_tokens - 1, table(r.blocks, P_dec), True
+                tok[i], pos[i], tabs[i], valid[i] = r.last_token, r.num_tokens - 1, table(r.blocks), True
             dec = DecodeBatch(tok, pos, tabs, valid, *sp(plan.decode, Bd))
         if plan.prefill:
-            n = len(plan.prefill)
-            Bp = pow2(n)
-            Tp = shape_bucket(max(c.length for c in plan.prefill), self.cfg.min_prefill_tokens)
+            Bp, Tp = self.prefill_shape(len(plan.prefill), max(c.length for c in plan.prefill))
             tok = np.zeros((Bp, Tp), np.int32)
             start = np.zeros(Bp, np.int32)
             length = np.zeros(Bp, np.int32)
-            tabs = np.zeros((Bp, P_pf), np.int32)
+            tabs = np.zeros((Bp, P), np.int32)
             for i, c in enumerate(plan.prefill):
                 toks = c.request.tokens[c.start:c.start + c.length]
                 tok[i, Tp - len(toks):] = toks  # left-padded (see PrefillBatch)
-                start[i], length[i], tabs[i] = c.start, c.length, table(c.request.blocks, P_pf)
+                start[i], length[i], tabs[i] = c.start, c.length, table(c.request.blocks)
             pf = PrefillBatch(tok, start, length, tabs, *sp([c.request for c in plan.prefill], Bp))
         return dec, pf
 
@@ -360,17 +390,14 @@ class Engine:
         dec, pf = self._pack(plan)
         use_hidden = plan.use_hidden
         hidden = self._pf_hidden if use_hidden else None
-        shape_key = (None if dec is None else dec.tables.shape, None if pf is None else pf.tables.shape,
-                     None if pf is None else pf.tokens.shape, use_hidden)
-        self.compiled_shapes.add(shape_key)
+        self.compiled_shapes.add(self._shape_key(dec, pf))
         dec_ids, pf_ids = self._pregate(plan, dec, pf) if self.cfg.pregate is not None else (None, None)
         if self.runtime is not None:
             o = self.runtime.step(self.pool, dec, pf, hidden, plan.group, use_hidden=use_hidden,
                                   return_logits=self.cfg.record_logits, dec_ids=dec_ids, pf_ids=pf_ids)
         else:
-            o = engine_step(self.gdef, self.state, self.pool, dec, pf, hidden, np.asarray(plan.group, np.int32),
-                            dec_ids, pf_ids, block_size=self.cfg.block_size, use_hidden=use_hidden,
-                            return_logits=self.cfg.record_logits, attn_impl=self.cfg.attn_impl)
+            args, kw = self._step_args(dec, pf, hidden, plan.group, use_hidden, dec_ids, pf_ids)
+            o = engine_step(*args, **kw)
         self.pool = o.pool
         host = jax.device_get((o.dec_next, o.dec_logprob, o.dec_top, o.pf_next, o.pf_logprob, o.pf_top,
                                o.experts_touched, o.dec_logits, o.pf_logits))
@@ -409,6 +436,95 @@ class Engine:
         self.prom.on_iteration(it, len(self.scheduler.running), len(self.scheduler.waiting),
                                self.alloc.num_used / max(self.alloc.num_blocks - 1, 1))
         return outputs
+
+    # ----------------------------------------------------------------------------------------- compiling
+    @staticmethod
+    def _shape_key(dec, pf) -> tuple:
+        """What selects a compiled step: decode rows and prefill (rows, tokens)."""
+        return (None if dec is None else int(dec.tokens.shape[0]), None if pf is None else tuple(pf.tokens.shape))
+
+    def _zero_hidden(self, shape) -> jax.Array:
+        if self._zeros is None or self._zeros.shape[:2] != tuple(shape):
+            self._zeros = jnp.zeros((*shape, self.mcfg.d_model), dtype_of(self.mcfg.dtype))
+        return self._zeros
+
+    def _step_args(self, dec, pf, hidden, group, use_hidden, dec_ids, pf_ids):
+        """Positional and keyword arguments of :func:`engine_step` (shared by :meth:`step` and :meth:`warmup`)."""
+        if pf is not None and hidden is None:
+            hidden = self._zero_hidden(pf.tokens.shape)  # the layer group and use_hidden are run-time values
+        g = np.asarray((group[0], group[1], int(bool(use_hidden))), np.int32)
+        kw = {"block_size": self.cfg.block_size, "return_logits": self.cfg.record_logits,
+              "attn_impl": self.cfg.attn_impl, "kv_block": self.cfg.kv_block}
+        return (self.gdef, self.state, self.pool, dec, pf, hidden, g, dec_ids, pf_ids, self.layer_states), kw
+
+    def warmup_shapes(self, max_prompt_tokens: int | None = None) -> list[tuple]:
+        """Every step shape the scheduler can ask for (see :meth:`_shape_key`), smallest first.
+
+        Decode-only steps: each decode-row bucket up to ``max_num_seqs``. Steps with a prefill: the full decode
+        batch beside ``(rows, tokens)`` buckets for up to ``max_prefill_seqs`` rows and, per row, up to the
+        chunk budget (chunked) or the longest prompt the context allows (layered; ``max_prompt_tokens`` caps
+        it when the workload's prompts are known to be shorter).
+        """
+        sc, L = self.cfg.sched, self.max_model_len
+        longest = min(L, max_prompt_tokens) if max_prompt_tokens else L
+        if self.cfg.scheduler == "chunked":
+            longest = min(longest, sc.max_num_batched_tokens)
+        tokens = sorted({self.prefill_shape(1, t)[1] for t in _bucket_edges(longest, self.cfg.min_prefill_tokens)})
+        rows = sorted({self.prefill_shape(n, 1)[0] for n in range(1, min(sc.max_prefill_seqs, sc.max_num_seqs) + 1)})
+        multi = sc.max_num_batched_tokens if self.cfg.scheduler == "chunked" else sc.max_layered_tokens
+        keys = [(b, None) for b in sorted({self.decode_rows(n, False) for n in range(1, sc.max_num_seqs + 1)})]
+        full = self.decode_rows(0, True) if self.runtime is None else None
+        for bp in rows:
+            for tp in tokens:
+                if bp == 1 or tp <= shape_bucket(multi, self.cfg.min_prefill_tokens):
+                    keys.append((full, (bp, tp)))
+        return keys
+
+    def warmup(self, shapes: Sequence[tuple] | None = None, *, max_prompt_tokens: int | None = None,
+               workers: int = 2, progress: bool = False) -> int:
+        """Compile the engine step for ``shapes`` (default :meth:`warmup_shapes`) ahead of time, so serving
+        never stops to compile. Lowering runs here, XLA compiles on ``workers`` threads. Returns the number of
+        shapes compiled (those already compiled are skipped). Not available with ``offload`` (its layer-by-layer
+        step compiles per piece)."""
+        if self.runtime is not None:
+            raise ValueError("Engine.warmup is not available with EngineConfig.offload (the offload step runs "
+                             "layer by layer and compiles its pieces on first use)")
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [k for k in (shapes if shapes is not None else self.warmup_shapes(max_prompt_tokens))
+                if k not in self.compiled_shapes]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(todo), desc="compile engine steps", unit="shape")
+        P = self.max_pages
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            futs = []
+            for bd, pfs in todo:
+                dec = pf = None
+                if bd is not None:
+                    z = np.zeros(bd, np.int32)
+                    dec = DecodeBatch(z, z, np.zeros((bd, P), np.int32), np.zeros(bd, bool),
+                                      np.zeros((bd, 2), np.uint32), np.zeros(bd, np.float32), np.ones(bd, np.float32))
+                if pfs is not None:
+                    bp, tp = pfs
+                    z = np.zeros(bp, np.int32)
+                    pf = PrefillBatch(np.zeros((bp, tp), np.int32), z, z, np.zeros((bp, P), np.int32),
+                                      np.zeros((bp, 2), np.uint32), np.zeros(bp, np.float32), np.ones(bp, np.float32))
+                dec_ids = pf_ids = None
+                if self.cfg.pregate is not None:
+                    dec_ids = None if dec is None else np.zeros(bd, np.int32)
+                    pf_ids = None if pf is None else np.zeros(pfs, np.int32)
+                args, kw = self._step_args(dec, pf, None, (0, self.mcfg.n_layers), False, dec_ids, pf_ids)
+                futs.append((ex.submit(engine_step.lower(*args, **kw).compile), (bd, pfs)))
+            for f, key in futs:
+                f.result()
+                self.compiled_shapes.add(key)
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return len(todo)
 
     def _pregate(self, plan: Plan, dec, pf):
         """Pre-gated expert ids of the decode rows ``[Bd]`` and prefill rows ``[Bp, Tp]`` (numpy)."""

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.nn.attention import attend, rope_tables
+from moejax.nn.attention import _NEG, rope_tables
 from moejax.serve.kv_cache import KVPool
 from moejax.serve.sampling import sample_rows
 
@@ -78,16 +78,20 @@ def _slots(tables, pos, block_size):
     return blk * block_size + pos % block_size
 
 
-def _paged_attend(q, kp, vp, li, tables, qpos, lengths, block_size, impl="xla"):
+def _paged_attend(q, kp, vp, li, tables, qpos, lengths, block_size, impl="xla", kv_block=None):
     """Attention of ``q [B, Tq, H, hd]`` at positions ``qpos [B, Tq]`` over the row's cached keys.
 
     Rows are left-padded, so a row's queries end at position ``lengths - 1`` (the layout of
-    ``pallas_kernels.paged_attention``). ``impl="xla"``: gather the row's pages (``kp[li]`` through
-    ``tables``) and run masked dense attention; queries see positions ``<= qpos`` and ``< lengths``; long
-    query blocks are split so the score matrix stays bounded. This is the math of
-    ``pallas_kernels.paged_attention.paged_attention_reference``, but it gathers straight from the stacked
-    per-run pool (no copy of layer ``li``'s pages inside the layer scan) and blocks long prefill queries. ``impl="pallas"`` (or ``"auto"``, which picks
-    the kernel only where it was validated faster) calls the paged-attention kernel on layer ``li``'s pages.
+    ``pallas_kernels.paged_attention``); queries see positions ``<= qpos`` and ``< lengths``, and queries with
+    no visible key give zeros. ``impl="xla"``: a loop over key blocks of ``kv_block`` tokens (a whole number
+    of pages; default the whole table) with an online softmax, as flash attention does. The loop's trip
+    count is a run-time value (the longest row's visible length), so the table width ``P`` can be the
+    engine's maximum without costing work for short contexts: the compiled step does not depend on context
+    length. Each block gathers its pages straight from the stacked per-run pool (no copy of layer ``li``'s
+    pages); long prefill query blocks are split so the score matrix stays bounded. This computes the
+    math of ``pallas_kernels.paged_attention.paged_attention_reference``. ``impl="pallas"`` (or
+    ``"auto"``, which picks the kernel only where it was validated faster) calls the paged-attention kernel
+    on layer ``li``'s pages.
     """
     if impl != "xla":
         from pallas_kernels.paged_attention import paged_attention
@@ -97,23 +101,58 @@ def _paged_attend(q, kp, vp, li, tables, qpos, lengths, block_size, impl="xla"):
         vl = vp[li].reshape(nb, block_size, *vp.shape[2:]).astype(q.dtype)
         return paged_attention(q, kl, vl, tables, lengths, impl=impl)
     B, P = tables.shape
-    T = P * block_size
-    slots = (tables[:, :, None] * block_size + jnp.arange(block_size)).reshape(B, T)
-    k = kp[li, slots].astype(q.dtype)  # [B, T, KV, hd]
-    v = vp[li, slots].astype(q.dtype)
-    cols = jnp.arange(T)
+    kv_block = kv_block or P * block_size
+    if kv_block % block_size:
+        raise ValueError(f"kv_block={kv_block} must be a multiple of block_size={block_size}")
+    ppb = kv_block // block_size
+    if P % ppb:  # pad the table with the scratch block (never visible: beyond every length)
+        tables = jnp.pad(tables, ((0, 0), (0, ppb - P % ppb)))
+        P = tables.shape[1]
+    B, Tq, H, hd = q.shape
+    KV = kp.shape[2]
+    G = H // KV
+    scale = 1.0 / jnp.sqrt(jnp.float32(hd))
+    within = jnp.arange(kv_block)
 
-    def block(qb, pb):
-        mask = (cols[None, None, :] <= pb[:, :, None]) & (cols[None, None, :] < lengths[:, None, None])
-        return attend(qb, k, v, mask)
+    def attend_block(qb, pb):
+        """``qb [B, Tb, H, hd]`` at positions ``pb [B, Tb]``: online softmax over the visible key blocks."""
+        Tb = qb.shape[1]
+        qg = qb.reshape(B, Tb, KV, G, hd)
+        # keys needed: positions < min(length, max query position + 1) of any row
+        need = jnp.max(jnp.minimum(lengths, jnp.max(pb, axis=1) + 1))
+        n_blocks = jnp.clip((need + kv_block - 1) // kv_block, 0, P // ppb)
 
-    Tq = q.shape[1]
+        def body(j, carry):
+            m, den, acc = carry
+            tb = jax.lax.dynamic_slice_in_dim(tables, j * ppb, ppb, axis=1)
+            slots = (tb[:, :, None] * block_size + jnp.arange(block_size)).reshape(B, kv_block)
+            k = kp[li, slots].astype(qb.dtype)  # [B, kv_block, KV, hd]
+            v = vp[li, slots].astype(qb.dtype)
+            cols = j * kv_block + within
+            mask = (cols[None, None, :] <= pb[:, :, None]) & (cols[None, None, :] < lengths[:, None, None])
+            sc = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+            mk = mask[:, None, None]
+            sc = jnp.where(mk, sc, _NEG)
+            m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+            p = jnp.where(mk, jnp.exp(sc - m_new[..., None]), 0.0)
+            corr = jnp.exp(m - m_new)
+            den = den * corr + jnp.sum(p, axis=-1)
+            acc = acc * corr[..., None] + jnp.einsum("bkgst,btkd->bkgsd", p.astype(v.dtype), v,
+                                                     preferred_element_type=jnp.float32)
+            return m_new, den, acc
+
+        init = (jnp.full((B, KV, G, Tb), _NEG, jnp.float32), jnp.zeros((B, KV, G, Tb), jnp.float32),
+                jnp.zeros((B, KV, G, Tb, hd), jnp.float32))
+        _, den, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+        o = acc / jnp.where(den > 0, den, 1.0)[..., None]  # no visible key: zeros
+        return jnp.moveaxis(o, 3, 1).reshape(B, Tb, H, hd).astype(qb.dtype)
+
     if Tq <= QUERY_BLOCK or Tq % QUERY_BLOCK:
-        return block(q, qpos)
-    nb = Tq // QUERY_BLOCK
-    qs = jnp.moveaxis(q.reshape(B, nb, QUERY_BLOCK, *q.shape[2:]), 1, 0)
-    ps = jnp.moveaxis(qpos.reshape(B, nb, QUERY_BLOCK), 1, 0)
-    out = jax.lax.map(lambda a: block(*a), (qs, ps))
+        return attend_block(q, qpos)
+    nq = Tq // QUERY_BLOCK
+    qs = jnp.moveaxis(q.reshape(B, nq, QUERY_BLOCK, H, hd), 1, 0)
+    ps = jnp.moveaxis(qpos.reshape(B, nq, QUERY_BLOCK), 1, 0)
+    out = jax.lax.map(lambda a: attend_block(*a), (qs, ps))
     return jnp.moveaxis(out, 0, 1).reshape(q.shape)
 
 
@@ -141,6 +180,8 @@ def prepare_rows(model, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hid
                  use_hidden: bool, dec_ids=None, pf_ids=None):
     """Embeddings (or carried hidden states) and :class:`RowContext` of the decode and prefill parts.
 
+    ``use_hidden``: a Python bool (static choice) or a traced bool (the prefill rows start from ``pf_hidden``
+    where it is true, from the token embeddings otherwise; ``pf_hidden`` must then be given).
     ``dec_ids [Bd]`` / ``pf_ids [Bp, Tp]``: experts chosen by a pre-gating router (None: the model's routers).
     """
     cfg = model.cfg
@@ -159,20 +200,24 @@ def prepare_rows(model, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hid
         pad = Tp - pf.length  # left padding
         pos = (pf.start - pad)[:, None] + jnp.arange(Tp, dtype=jnp.int32)
         valid = jnp.arange(Tp)[None, :] >= pad[:, None]
-        xp = pf_hidden.astype(dt) if use_hidden else jnp.take(emb, pf.tokens, axis=0).astype(dt)
+        if isinstance(use_hidden, bool):
+            xp = pf_hidden.astype(dt) if use_hidden else jnp.take(emb, pf.tokens, axis=0).astype(dt)
+        else:
+            xp = jnp.where(use_hidden, pf_hidden.astype(dt), jnp.take(emb, pf.tokens, axis=0).astype(dt))
         slots = jnp.where(valid, _slots(pf.tables, jnp.maximum(pos, 0), block_size), 0)
         pctx = RowContext(rope_tables(pos, hd, cfg.rope_theta), pos, slots,
                           jnp.where(pf.length > 0, pf.start + pf.length, 0), pf.tables, valid, pf_ids)
     return xd, xp, dctx, pctx
 
 
-def layer_attention(blk, x, ctx: RowContext, kp, vp, li, *, block_size: int, impl: str = "xla"):
+def layer_attention(blk, x, ctx: RowContext, kp, vp, li, *, block_size: int, impl: str = "xla",
+                    kv_block: int | None = None):
     """Pre-norm attention of rows ``x [B, S, D]`` through layer ``li`` of a run's pool (writes the new K/V)."""
     q, k, v = blk.attn.qkv(blk.attn_norm(x), None, ctx.rope)
     flat = ctx.slots.reshape(-1)
     kp = kp.at[li, flat].set(k.reshape(-1, *k.shape[2:]).astype(kp.dtype))
     vp = vp.at[li, flat].set(v.reshape(-1, *v.shape[2:]).astype(vp.dtype))
-    o = _paged_attend(q, kp, vp, li, ctx.tables, ctx.pos, ctx.lengths, block_size, impl)
+    o = _paged_attend(q, kp, vp, li, ctx.tables, ctx.pos, ctx.lengths, block_size, impl, kv_block)
     return x + blk.attn.out(o).astype(x.dtype), kp, vp
 
 
@@ -196,25 +241,30 @@ def add_ffn(parts, f):
     return out
 
 
-@partial(jax.jit, static_argnames=("gdef", "block_size", "use_hidden", "return_logits", "attn_impl"),
+@partial(jax.jit, static_argnames=("gdef", "block_size", "return_logits", "attn_impl", "kv_block"),
          donate_argnames=("pool",))
 def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hidden, group,
-                dec_ids=None, pf_ids=None, *, block_size: int, use_hidden: bool = False, return_logits: bool = False,
-                attn_impl: str = "xla") -> StepOutput:
+                dec_ids=None, pf_ids=None, layer_states=None, *, block_size: int, return_logits: bool = False,
+                attn_impl: str = "xla", kv_block: int | None = None) -> StepOutput:
     """One engine iteration (see the module docstring). ``dec``/``pf`` may be None (empty part).
 
-    ``group`` is ``int32 [2]`` = ``(lo, hi)``: the layers the prefill rows pass through this iteration.
-    With ``use_hidden`` the prefill rows start from ``pf_hidden`` (the previous group's output) instead of
-    the token embeddings.
+    ``group`` is ``int32 [3]`` = ``(lo, hi, use_hidden)``: the prefill rows pass through layers ``[lo, hi)``
+    this iteration, starting from ``pf_hidden [Bp, Tp, D]`` (the previous group's output) where
+    ``use_hidden`` is 1 and from the token embeddings otherwise (``pf_hidden`` may be None then). All three
+    are run-time values, so one compiled step serves every layer group. ``kv_block``: key-block size of the
+    XLA attention loop (see :func:`_paged_attend`). ``layer_states`` (:func:`moejax.models.transformer.unstack_layers`): apply the
+    layers one by one on their own weight buffers instead of scanning the stacked weights (no per-layer
+    weight copy on CPU; the group mask is then tested per layer the same way).
     """
     model = nnx.merge(gdef, state)
     cfg = model.cfg
     dt = jnp.dtype(cfg.dtype)
     lo, hi = group[0], group[1]
     has_d, has_p = dec is not None, pf is not None
+    use_hidden = False if pf_hidden is None else group[2] > 0
     xd, xp, dctx, pctx = prepare_rows(model, dec, pf, pf_hidden, block_size=block_size, use_hidden=use_hidden,
                                       dec_ids=dec_ids, pf_ids=pf_ids)
-    attn = partial(layer_attention, block_size=block_size, impl=attn_impl)
+    attn = partial(layer_attention, block_size=block_size, impl=attn_impl, kv_block=kv_block)
 
     ks, vs, touched = list(pool.k), list(pool.v), []
     for r, (kind, first, n) in enumerate(model.runs):
@@ -261,7 +311,15 @@ def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillB
             return (xd_, xp_, kp, vp), cnt
 
         carry = (xd if has_d else jnp.zeros((0,), dt), xp if has_p else jnp.zeros((0,), dt), ks[r], vs[r])
-        (xd_o, xp_o, ks[r], vs[r]), cnt = jax.lax.scan(body, carry, (st, jnp.arange(n, dtype=jnp.int32)))
+        if layer_states is None:
+            carry, cnt = jax.lax.scan(body, carry, (st, jnp.arange(n, dtype=jnp.int32)))
+        else:
+            cnts = []
+            for i in range(n):
+                carry, c = body(carry, (layer_states[r][i], i))
+                cnts.append(c)
+            cnt = jnp.stack(cnts)
+        xd_o, xp_o, ks[r], vs[r] = carry
         if has_d:
             xd = xd_o
         if has_p:
