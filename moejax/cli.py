@@ -241,6 +241,12 @@ def cmd_serve(args) -> int:
                                         num_blocks=args.num_blocks, max_model_len=args.max_model_len,
                                         enable_prefix_cache=not args.no_prefix_cache, offload=offload),
                     model_name=name)
+    if args.warmup and offload is None:
+        import time
+
+        t = time.perf_counter()
+        n = engine.warmup(progress=True)
+        print(f"compiled {n} engine step shapes in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     print(f"serving '{name}' ({args.scheduler} prefill, {engine.alloc.num_blocks} KV blocks of {args.block_size}) "
           f"on http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(engine, tok, host=args.host, port=args.port, model_name=name, max_pending=args.max_pending)
@@ -386,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     s.add_argument("--max-pending", type=int, default=512, help="requests in flight before 503 + Retry-After")
     s.add_argument("--no-prefix-cache", action="store_true")
+    s.add_argument("--warmup", action="store_true",
+                   help="compile every engine step shape before serving (no compile pauses while serving; "
+                        "takes about a second or more per shape, see Engine.warmup_shapes)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     s.add_argument("--offload", help="serve from an offload store (`moejax offload prepare`): experts on disk")
