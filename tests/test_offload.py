@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from moejax.config import ModelConfig, MoEConfig, RouterConfig
 from moejax.models.transformer import Transformer
-from moejax.offload.cache import CacheTooSmall, ExpertCache, optimal_misses, simulate
+from moejax.offload.cache import (
+    CacheTooSmall,
+    ExpertCache,
+    hitting_values,
+    optimal_misses,
+    simulate,
+    simulate_served,
+    transition_matrix,
+)
 from moejax.offload.runtime import OffloadConfig, load_offloaded_model
 from moejax.offload.store import ExpertStore, ExpertStoreError, prepare
 from moejax.serve.engine import Engine, EngineConfig, SamplingParams
@@ -78,6 +86,94 @@ def test_size_aware_belady_heuristic_vs_exact_optimum(trace, budget):
     opt = optimal_misses(trace, budget, sizes)
     heur = simulate(trace, budget, "belady", sizes).misses
     assert opt <= heur <= len(trace)
+
+
+def _random_chain(rng, E):
+    p = rng.random((E, E)) ** 3 + 1e-3
+    return p / p.sum(1, keepdims=True)
+
+
+_iteration = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 4)), min_size=1, max_size=5, unique=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(_iteration, min_size=2, max_size=8), st.lists(_iteration, min_size=1, max_size=4),
+       st.integers(0, 6), st.integers(3, 8), st.integers(0, 10 ** 6))
+def test_predictive_decides_only_from_announced_accesses(iters, other_tail, cut, cap, seed):
+    """Evictions up to an iteration do not change when the accesses of later (not yet announced) iterations
+    change; the hits never exceed the exact optimum's."""
+    iters = [sorted(it) for it in iters]
+    other_tail = [sorted(it) for it in other_tail]
+    cap = max(cap, *(max(sum(1 for k in it if k[0] == lay) for lay in range(3)) for it in iters + other_tail))
+    P = _random_chain(np.random.default_rng(seed), 5)
+    cut = min(cut, len(iters) - 1)
+    kw = {"transitions": P, "n_layers": 3, "discount": 0.7}
+    a, b = [], []
+    sa = simulate_served(iters, cap, "predictive", log=a, **kw)
+    simulate_served(iters[:cut + 1] + other_tail, cap, "predictive", log=b, **kw)
+    n = sum(len(it) for it in iters[:cut + 1])
+    assert a[:n] == b[:n]
+    flat = [k for it in iters for k in it]
+    assert sa.misses >= optimal_misses(flat, cap)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=14), st.integers(1, 4), st.integers(0, 10 ** 6))
+def test_predictive_with_the_whole_future_announced_is_optimal(trace, cap, seed):
+    """Announced next uses are exact and unannounced items are never used again: Belady's MIN."""
+    keys = [(0, e) for e in trace]
+    P = _random_chain(np.random.default_rng(seed), 6)
+    c = ExpertCache(cap, "predictive", transitions=P)
+    c.set_future(keys)
+    c.set_state([trace[0]])
+    for k in keys:
+        c.access(k, 1)
+    assert c.stats.misses == optimal_misses(keys, cap)
+
+
+def test_predictive_with_a_known_cycle_is_optimal_with_one_step_lookahead():
+    """Experts follow a deterministic cycle and the model knows it: decoding one token per iteration over 3
+    layers (each token's experts known only when it starts), predictive = offline Belady, LRU misses every
+    time."""
+    E, L, C = 5, 3, 3
+    P = np.roll(np.eye(E), 1, axis=1)  # i -> i + 1
+    seq = [t % E for t in range(40)]
+    iters = [[(lay, e) for lay in range(L)] for e in seq]
+    flat = [k for it in iters for k in it]
+    pred = simulate_served(iters, C * L, "predictive", states=[[e] for e in seq], transitions=P, n_layers=L)
+    assert pred.misses == simulate(flat, C * L, "belady").misses
+    assert simulate_served(iters, C * L, "lru").hits == 0 < pred.hits
+    # one-step Belady knows nothing beyond the iteration: LRU order
+    assert simulate_served(iters, C * L, "belady").misses == simulate_served(iters, C * L, "lru").misses
+
+
+def test_hitting_values_and_transition_matrix():
+    P = transition_matrix([[0, 1, 0, 1, 2]], 3, alpha=0.0 + 1e-9)
+    np.testing.assert_allclose(P[0], [0, 1, 0], atol=1e-6)
+    np.testing.assert_allclose(P[1], [0.5, 0, 0.5], atol=1e-6)
+    rng = np.random.default_rng(0)
+    P = _random_chain(rng, 4)
+    g = 0.8
+    V = hitting_values(P, g)
+    # Monte Carlo of E[g^(T-1)]
+    for i in range(4):
+        for j in range(4):
+            tot = 0.0
+            for _ in range(3000):
+                s, t = i, 0
+                while True:
+                    s = rng.choice(4, p=P[s])
+                    t += 1
+                    if s == j or t > 60:
+                        break
+                tot += g ** (t - 1) if s == j else 0.0
+            assert abs(tot / 3000 - V[i, j]) < 0.03, (i, j)
+    with pytest.raises(ValueError, match="row-stochastic"):
+        hitting_values(np.ones((3, 3)), 0.5)
+    with pytest.raises(ValueError, match="transitions"):
+        ExpertCache(4, "predictive")
+    with pytest.raises(ValueError, match="discount"):
+        ExpertCache(4, "predictive", transitions=P, discount=1.0)
 
 
 def test_cache_pinning_and_errors():

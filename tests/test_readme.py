@@ -103,6 +103,39 @@ def test_pregated_serving_with_offload_and_belady(setup, tmp_path):
         e.generate(prompts[:1], sp)
 
 
+def test_pregated_serving_with_the_predictive_policy(setup, tmp_path):
+    """Predictive eviction (Markov model of the pre-gate's expert sequence from training text + each
+    iteration's exact lookahead): same tokens as in memory; it needs a pre-gate and a transition matrix."""
+    from moejax.offload.cache import transition_matrix
+
+    per, _, _, moe, _, gate, _ = setup
+    E = moe.cfg.moe.num_experts
+    P = transition_matrix([rm.route_tokens(gate, d[None, :400].astype(np.int32))[0] for d in per], E)
+    prompts = [per[d][2000:2000 + n].astype(int).tolist() for d, n in zip(range(4), (11, 25, 7, 30))]
+    sp = SamplingParams(max_tokens=5, temperature=0)
+    ref = Engine(moe, EngineConfig(record_logits=True, block_size=8, pregate=gate)).generate(prompts, sp)
+    path = prepare(moe, str(tmp_path / "store"))
+    store = ExpertStore(path)
+    om = load_offloaded_model(store)
+    ocfg = OffloadConfig(path, 10 * store.record_bytes, policy="predictive", transitions=tuple(map(tuple, P)))
+    eng = Engine(om, EngineConfig(record_logits=True, block_size=8, pregate=gate, offload=ocfg))
+    for p in prompts[:2]:  # single stream
+        (a,) = eng.generate([p], sp)
+        (b,) = [r for q, r in zip(prompts, ref) if q == p]
+        assert a.tokens == b.tokens
+    res = eng.generate(prompts, sp)  # concurrent rows: several current experts
+    for a, b in zip(res, ref):
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
+    assert eng.runtime.stats.hits + eng.runtime.stats.misses > 0
+    eng.runtime.close()
+    with pytest.raises(ValueError, match="transitions"):
+        Engine(om, EngineConfig(block_size=8, pregate=gate,
+                                offload=OffloadConfig(path, 10 * store.record_bytes, policy="predictive")))
+    with pytest.raises(ValueError, match="pre-gating"):
+        Engine(om, EngineConfig(block_size=8, offload=ocfg)).generate(prompts[:1], sp)
+
+
 def test_refactor_rejects_bad_inputs(setup):
     _, dense, imp, moe, _, _, _ = setup
     with pytest.raises(ValueError, match="keep"):

@@ -1,4 +1,4 @@
-"""Byte-budgeted expert cache with LRU, LFU and Belady eviction, and an exact offline optimum for tests.
+"""Byte-budgeted expert cache with LRU, LFU, Belady and predictive eviction, and an exact offline optimum for tests.
 
 Items are hashable keys (e.g. ``(layer, expert)`` or ``(layer, expert, bit_plane)``) with a size in bytes. The
 cache holds at most ``budget`` bytes. :meth:`ExpertCache.access` records one access and returns whether it
@@ -24,7 +24,9 @@ from collections import OrderedDict, defaultdict, deque
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
-POLICIES = ("lru", "lfu", "belady", "random")
+import numpy as np
+
+POLICIES = ("lru", "lfu", "belady", "random", "predictive")
 
 
 @dataclass
@@ -50,9 +52,20 @@ class CacheTooSmall(ValueError):
 class ExpertCache:
     """Byte-budgeted cache of expert weights (the bookkeeping; the engine keeps the arrays in slots)."""
 
-    def __init__(self, budget: int, policy: str = "lru", seed: int = 0):
+    def __init__(self, budget: int, policy: str = "lru", seed: int = 0, *, transitions=None,
+                 discount: float = 0.8, n_layers: int = 1):
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}; allowed: {list(POLICIES)}")
+        self._value = None
+        if policy == "predictive":
+            if transitions is None:
+                raise ValueError("the predictive policy needs transitions (an [E, E] expert transition matrix)")
+            if not 0 < discount < 1:
+                raise ValueError(f"discount={discount} must be in (0, 1)")
+            self._value = hitting_values(transitions, discount)
+            self._prior = self._value.mean(axis=0)  # before any state is known
+            self.discount, self.n_layers = float(discount), int(n_layers)
+        self._state_value = None
         if budget <= 0:
             raise ValueError(f"budget={budget} bytes must be > 0")
         self.budget, self.policy = int(budget), policy
@@ -86,6 +99,19 @@ class ExpertCache:
             self._next_use[k].popleft()
             self._clock += 1
 
+    def set_state(self, experts: Iterable[int]) -> None:
+        """Predictive policy: the experts of the tokens being computed now (the Markov chain's current states)."""
+        ex = sorted({int(e) for e in experts})
+        if self._value is None or not ex:
+            self._state_value = None
+            return
+        self._state_value = 1.0 - np.prod(1.0 - self._value[ex], axis=0)
+
+    def predicted_value(self, key) -> float:
+        """Predictive policy: the discounted value of keeping ``key`` (higher = needed sooner, more surely)."""
+        v = self._prior if self._state_value is None else self._state_value
+        return float(v[key[1]]) * self.discount ** (key[0] / self.n_layers)
+
     def next_use(self, key) -> float:
         q = self._next_use.get(key)
         return q[0] if q else float("inf")
@@ -96,7 +122,7 @@ class ExpertCache:
 
     def access(self, key: Hashable, size: int, pinned: Sequence[Hashable] = ()) -> tuple[bool, list]:
         """Record an access. Returns ``(hit, evicted_keys)``; a miss inserts ``key`` (the caller loads it)."""
-        if self.policy == "belady" and self._future:
+        if self.policy in ("belady", "predictive") and self._future:
             self._consume_future(key)
         if key in self.items:
             self.items.move_to_end(key)
@@ -123,6 +149,10 @@ class ExpertCache:
             return min(cands, key=lambda k: self.freq[k])  # stable: least recently used among ties
         if self.policy == "random":
             return self._rng.choice(cands)
+        if self.policy == "predictive":
+            unknown = [k for k in cands if not self._next_use.get(k)]
+            if unknown:
+                return min(unknown, key=self.predicted_value)  # stable: least recently used among ties
         return max(cands, key=lambda k: (self.next_use(k), self.items[k]))
 
     def _make_room(self, size, protected) -> list:
@@ -139,6 +169,32 @@ class ExpertCache:
         return evicted
 
 
+def transition_matrix(seqs: Iterable[Sequence[int]], num_experts: int, alpha: float = 0.5) -> np.ndarray:
+    """Row-stochastic ``[E, E]`` first-order transition matrix of expert sequences (``alpha`` = additive
+    smoothing of every count)."""
+    t = np.full((num_experts, num_experts), float(alpha))
+    for s in seqs:
+        s = np.asarray(s, np.int64)
+        np.add.at(t, (s[:-1], s[1:]), 1.0)
+    return t / t.sum(axis=1, keepdims=True)
+
+
+def hitting_values(transitions, discount: float) -> np.ndarray:
+    """``V[i, j] = E[discount ** (T_ij - 1)]``, ``T_ij >= 1`` the first step at which a Markov chain started in
+    ``i`` is in ``j`` (0 when never). Per target ``j``: ``V[., j] = P[., j] + discount * P[., -j] V[-j, j]``."""
+    p = np.asarray(transitions, np.float64)
+    n = p.shape[0]
+    if p.shape != (n, n) or np.any(p < 0) or not np.allclose(p.sum(axis=1), 1.0, atol=1e-6):
+        raise ValueError(f"transitions must be a row-stochastic square matrix, got shape {p.shape}")
+    v = np.zeros((n, n))
+    for j in range(n):
+        o = np.arange(n) != j
+        x = np.linalg.solve(np.eye(n - 1) - discount * p[np.ix_(o, o)], p[o, j])
+        v[o, j] = x
+        v[j, j] = p[j, j] + discount * p[j, o] @ x
+    return v
+
+
 def simulate(trace: Sequence[Hashable], budget: int, policy: str, sizes: dict | None = None) -> CacheStats:
     """Replay ``trace`` through a fresh cache (Belady sees the whole trace as its future)."""
     c = ExpertCache(budget, policy)
@@ -146,6 +202,30 @@ def simulate(trace: Sequence[Hashable], budget: int, policy: str, sizes: dict | 
         c.set_future(trace)
     for k in trace:
         c.access(k, 1 if sizes is None else sizes[k])
+    return c.stats
+
+
+def simulate_served(iterations: Sequence[Sequence[Hashable]], budget: int, policy: str, *,
+                    sizes: dict | None = None, states: Sequence[Iterable[int]] | None = None,
+                    log: list | None = None, **cache_kwargs) -> CacheStats:
+    """Replay served iterations as the offload runtime issues them: keys ``(layer, expert, ...)``; each
+    iteration's accesses are announced when it starts (belady/predictive know nothing beyond it), the keys of
+    the layer being computed are pinned, and (predictive) ``states[i]`` are iteration ``i``'s current experts
+    (default: the experts it accesses). ``log`` (if given) receives ``(access index, evicted keys)``."""
+    c = ExpertCache(budget, policy, **cache_kwargs)
+    n = 0
+    for i, it in enumerate(iterations):
+        it = list(it)
+        if policy in ("belady", "predictive"):
+            c.set_future(it)
+        if policy == "predictive":
+            c.set_state({k[1] for k in it} if states is None else states[i])
+        for k in it:
+            pinned = [x for x in it if x[0] == k[0]]
+            _, ev = c.access(k, 1 if sizes is None else sizes[k], pinned=pinned)
+            if log is not None:
+                log.append((n, ev))
+            n += 1
     return c.stats
 
 

@@ -58,6 +58,9 @@ class OffloadConfig:
       policy: cache eviction policy: ``"lru"``, ``"lfu"``, ``"random"`` or ``"belady"``. Belady needs future routing: the
         engine must have a pre-gating router (``EngineConfig.pregate``), whose ids give each iteration's exact
         (layer, expert) access sequence before it runs; beyond that horizon it falls back to LRU order.
+        ``"predictive"`` (also pre-gated): the same exact lookahead, and beyond it a Markov model of the pre-gate's
+        expert sequence (``transitions``) ranks the other cached experts by how soon they are likely needed
+        (:class:`~moejax.offload.cache.ExpertCache`); it uses only the tokens known at each iteration.
       io: ``"direct"`` (O_DIRECT), ``"fadvise"`` or ``"buffered"`` (see :class:`ExpertStore`).
       bandwidth: throttle reads to this many bytes/s (a modelled storage device); None = the real device.
       loader_threads: concurrent reads.
@@ -65,6 +68,10 @@ class OffloadConfig:
         ``"router"``: D²MoE's bit-width router gives each activated expert a width by its routing weight within
         the layer's share of the budget, and bit-planes load hottest-expert-bit-first (HEBF). Cache items are
         then single planes. Must be None for a float store.
+      transitions: for ``policy="predictive"``: ``[E, E]`` row-stochastic ``P(next token's expert | this
+        token's expert)`` (nested tuples or an array), e.g. :func:`moejax.offload.cache.transition_matrix` of
+        pre-gate routing traces of training text.
+      discount: for ``policy="predictive"``: per-token discount of the predicted next use (in (0, 1)).
     """
 
     store: str
@@ -74,6 +81,8 @@ class OffloadConfig:
     bandwidth: float | None = None
     loader_threads: int = 4
     bits: int | str | None = None
+    transitions: tuple | None = None
+    discount: float = 0.8
 
 
 @dataclass
@@ -197,8 +206,8 @@ class OffloadRuntime:
             self.qbits = tuple(self.quant["bits"])
             if cfg.bits != "router" and cfg.bits not in self.qbits:
                 raise ValueError(f"OffloadConfig.bits={cfg.bits!r}; allowed: 'router' or one of {self.qbits}")
-            if cfg.policy == "belady" and cfg.bits == "router":
-                raise ValueError("the belady policy is not supported with the bit-width router")
+            if cfg.policy in ("belady", "predictive") and cfg.bits == "router":
+                raise ValueError(f"the {cfg.policy} policy is not supported with the bit-width router")
             self.plane_bytes = [self.store.plane_nbytes(p) for p in range(len(self.qbits))]
             self.n_moe = sum(n for kind, _, n in model.runs if kind == "moe")
             self.resident: dict = {}
@@ -211,8 +220,16 @@ class OffloadRuntime:
         if self.n_slots < 1:
             raise ValueError(f"OffloadConfig.budget_bytes={cfg.budget_bytes} is smaller than one expert "
                              f"({self.expert_bytes} bytes)")
+        pred = {}
+        if cfg.policy == "predictive":
+            if cfg.transitions is None:
+                raise ValueError("the predictive policy needs OffloadConfig.transitions (an [E, E] matrix)")
+            tr = np.asarray(cfg.transitions, np.float64)
+            if tr.shape != (self.E, self.E):
+                raise ValueError(f"OffloadConfig.transitions has shape {tr.shape}; expected ({self.E}, {self.E})")
+            pred = {"transitions": tr, "discount": cfg.discount, "n_layers": mcfg.n_layers}
         self.cache = ExpertCache(self.n_slots * self.expert_bytes if self.quant is None else cfg.budget_bytes,
-                                 cfg.policy)
+                                 cfg.policy, **pred)
         self.gdef, self.state = nnx.split(model)
         # per-layer (graphdef, state) of the blocks; expert weights are excluded (they live in the slots)
         names = expert_param_names(model)
@@ -338,10 +355,12 @@ class OffloadRuntime:
         t0 = time.perf_counter()
         mcfg = self.mcfg
         lo, hi = int(group[0]), int(group[1])
-        if self.cfg.policy == "belady":
+        if self.cfg.policy in ("belady", "predictive"):
             if dec_ids is None and pf_ids is None:
-                raise ValueError("the belady policy needs future routing: serve with a pre-gating router")
+                raise ValueError(f"the {self.cfg.policy} policy needs future routing: serve with a pre-gating router")
             self.cache.set_future(self.lookahead(dec, pf, dec_ids, pf_ids, lo, hi))
+            if self.cfg.policy == "predictive":
+                self.cache.set_state(self.current_experts(dec, pf, dec_ids, pf_ids))
         xd, xp, dctx, pctx = _prepare(self.gdef, self.state, dec, pf, pf_hidden,
                                       None if dec_ids is None else jnp.asarray(dec_ids),
                                       None if pf_ids is None else jnp.asarray(pf_ids),
@@ -400,6 +419,18 @@ class OffloadRuntime:
                 ids = dec_set | pf_set if lo <= layer < hi else dec_set
                 seq += [(layer, e) for e in sorted(ids)]
         return seq
+
+    @staticmethod
+    def current_experts(dec, pf, dec_ids, pf_ids) -> set[int]:
+        """The pre-gated experts of each row's newest known token (decode rows: the token being computed;
+        prefill rows: the chunk's last token): the predictive policy's Markov states."""
+        cur = set()
+        if dec is not None:
+            cur |= set(np.asarray(dec_ids)[np.asarray(dec.valid)].tolist())
+        if pf is not None:
+            ok = np.asarray(pf.length) > 0
+            cur |= set(np.asarray(pf_ids)[ok, -1].tolist())  # left-padded: the last column is the newest token
+        return cur
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

@@ -1,0 +1,110 @@
+"""Pre-gate routing traces for cache-policy studies (a cached artifact; no policy decisions here).
+
+Re-runs the Read-ME part of ``experiments/expert_offload.py`` up to the pre-gate (same seeds), then writes
+``runs/readme-offload/pregate_traces.npz`` with
+
+* ``train_seqs``: pre-gate expert sequences of TRAINING-split text (64 texts x 1024 tokens; for estimating
+  transition statistics honestly);
+* ``val_seqs``: the same for validation text (32 texts x 1024 tokens);
+* ``served_steps`` / ``served_offsets``: the exact served access trace of the experiment's requests (6
+  single-stream requests, 128 prompt + 48 generated tokens): every engine iteration's (layer, expert) accesses
+  in execution order, as the offload runtime issues them (flattened ``[n, 2]``; iteration ``i`` is
+  ``served_steps[served_offsets[i]:served_offsets[i + 1]]``);
+
+and the gate's parameters (``gate_*``) so the served experiment can reuse it.
+
+    python experiments/offload_policy_traces.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+    import numpy as np
+    from flax import nnx
+
+    from moejax.models import readme as rm
+    from moejax.offload.runtime import (
+        OffloadConfig,
+        OffloadRuntime,
+        load_offloaded_model,
+    )
+    from moejax.offload.store import ExpertStore, prepare
+    from moejax.serve.engine import Engine, EngineConfig, SamplingParams
+    from moejax.train.checkpoint import load_model
+
+    t0 = time.perf_counter()
+    dense, _, _ = load_model(os.path.join("runs", "readme-dense"))
+    train_dom = rm.corpus_domain_tokens(split="train")
+    val_dom = rm.corpus_domain_tokens(split="validation")
+    imp = rm.neuron_importance(dense, train_dom, seq=256, windows=16)
+    moe, _info = rm.refactor(dense, imp, keep=0.5)
+    E = moe.cfg.moe.num_experts
+    rng = np.random.default_rng(0)
+    distill = np.stack([d[i:i + 256] for d in train_dom for i in rng.integers(0, len(d) - 256, 8)]).astype(np.int32)
+    targets = rm.distill_targets(dense, moe, distill)
+    gate = rm.PreGate(moe.cfg.vocab_size, E, window=32, rngs=nnx.Rngs(0))
+    gstats = rm.train_pregate(gate, distill, targets, steps=600, progress=False)
+    print("pre-gate:", gstats, f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    trng = np.random.default_rng(123)
+
+    def seqs(dom, n):
+        big = [d for d in dom if len(d) > 1100]
+        out = []
+        for i in range(n):
+            d = big[i % len(big)]
+            s = int(trng.integers(0, len(d) - 1024))
+            out.append(rm.route_tokens(gate, d[None, s:s + 1024].astype(np.int32))[0])
+        return np.stack(out).astype(np.int8)
+
+    train_seqs, val_seqs = seqs(train_dom, 64), seqs(val_dom, 32)
+
+    # the experiment's served requests (same rng draws as experiments/expert_offload.py after the pre-gate)
+    vwin = np.stack([d[i:i + 257] for d in val_dom if len(d) > 600 for i in rng.integers(0, len(d) - 257, 2)])
+    del vwin
+    for i in range(6):  # the offline-trace draws
+        d = val_dom[i % len(val_dom)]
+        int(rng.integers(0, len(d) - 1024))
+    prompts = []
+    for i in range(6):
+        d = val_dom[i % len(val_dom)]
+        s = int(rng.integers(0, len(d) - 128))
+        prompts.append(d[s:s + 128].astype(int).tolist())
+    store_dir = prepare(moe, os.path.join("runs", "readme-offload", "store"), overwrite=True)
+    store = ExpertStore(store_dir)
+    om = load_offloaded_model(store)
+    L = moe.cfg.n_layers
+    steps = []
+    orig = OffloadRuntime.lookahead
+
+    def rec(self, *a):
+        seq = orig(self, *a)
+        steps.append(seq)
+        return seq
+
+    OffloadRuntime.lookahead = rec
+    eng = Engine(om, EngineConfig(pregate=gate, offload=OffloadConfig(store_dir, 2 * L * store.record_bytes,
+                                                                      policy="belady", io="buffered")))
+    sp = SamplingParams(max_tokens=48, temperature=0)
+    for p in prompts:
+        eng.generate([p], sp)
+    eng.runtime.close()
+    OffloadRuntime.lookahead = orig
+    flat = np.asarray([k for s in steps for k in s], np.int16).reshape(-1, 2)
+    offsets = np.cumsum([0] + [len(s) for s in steps])
+    gstate = {"gate_" + ".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(gate))}
+    out = os.path.join("runs", "readme-offload", "pregate_traces.npz")
+    np.savez_compressed(out, train_seqs=train_seqs, val_seqs=val_seqs, served_steps=flat, served_offsets=offsets,
+                        n_layers=L, num_experts=E, **gstate)
+    print("wrote", out, "iterations", len(steps), "accesses", len(flat), f"({time.perf_counter() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
