@@ -247,3 +247,31 @@ def test_engine_config_kv_block_and_layer_loop_validated(model):
         Engine(model, EngineConfig(block_size=8, kv_block=12))
     with pytest.raises(ValueError, match="layer_loop"):
         Engine(model, EngineConfig(layer_loop="vmap"))
+
+
+def test_layered_batches_prompts_only_within_the_padding_bound(model):
+    """Layered prefill rows are padded to the longest prompt: a prompt joins the in-flight batch only while the
+    padded size stays within (1 + max_layered_padding) x the real tokens."""
+    rng = np.random.default_rng(6)
+    for lens, together in (((30, 28), True), ((60, 10), False)):
+        eng = Engine(model, EngineConfig(scheduler="layered", block_size=8, sched=sched_cfg()))
+        for n in lens:
+            eng.add_request(rng.integers(0, 97, n).tolist(), SamplingParams(max_tokens=2, temperature=0))
+        eng.step()
+        assert eng.iterations[0].prefill_tokens == (sum(lens) if together else lens[0])
+    with pytest.raises(ValueError, match="max_layered_padding"):
+        sched_cfg(max_layered_padding=-1).validate()
+
+
+def test_prefill_token_buckets():
+    from moejax.serve.engine import _bucket_edges, shape_bucket
+
+    for step in (256, 512):
+        for longest in (100, 300, 4096, 4192):
+            edges = _bucket_edges(longest, 16, step)
+            assert ({shape_bucket(t, 16, step) for t in edges}
+                    == {shape_bucket(t, 16, step) for t in range(1, longest + 1)})
+    assert shape_bucket(2100, 16, 256) == 2304 and shape_bucket(2100, 16, 512) == 2560
+    with pytest.raises(ValueError, match="prefill_token_step"):
+        Engine(Transformer(small_cfg(n_layers=1, dense_layers=()), rngs=nnx.Rngs(0)),
+               EngineConfig(prefill_token_step=384))

@@ -105,6 +105,8 @@ class EngineConfig:
       enable_prefix_cache: share full prompt blocks between requests by block hash.
       record_logits: keep each sampled token's full logits on the host (tests; costs a transfer per step).
       min_decode_bucket / min_prefill_tokens: smallest shape buckets.
+      prefill_token_step: prefill tokens are bucketed to powers of two up to this power of two, then to its
+        multiples (smaller: less padding of long prompts, more compiled shapes).
       kv_block: keys per block of the attention loop (a multiple of ``block_size``); the loop runs up to the
         longest row's length, so block tables can span the whole context at no cost.
       attn_impl: paged attention implementation: ``"xla"`` (gather + dense, the CPU path), ``"pallas"``
@@ -129,6 +131,7 @@ class EngineConfig:
     record_logits: bool = False
     min_decode_bucket: int = 1
     min_prefill_tokens: int = 16
+    prefill_token_step: int = 512
     kv_block: int = 256
     attn_impl: str = "xla"
     layer_loop: str = "auto"
@@ -207,6 +210,10 @@ class Engine:
         if cfg.kv_block < cfg.block_size or cfg.kv_block % cfg.block_size:
             raise ValueError(f"EngineConfig.kv_block={cfg.kv_block} must be a positive multiple of "
                              f"block_size={cfg.block_size}")
+        step = cfg.prefill_token_step
+        if not isinstance(step, int) or step < cfg.min_prefill_tokens or step & (step - 1):
+            raise ValueError(f"EngineConfig.prefill_token_step={step!r} must be a power of two >= "
+                             f"min_prefill_tokens={cfg.min_prefill_tokens}")
         ppb = cfg.kv_block // cfg.block_size
         # block-table width: the whole context, rounded up to whole key blocks
         self.max_pages = -(-math.ceil(self.max_model_len / cfg.block_size) // ppb) * ppb
@@ -335,7 +342,7 @@ class Engine:
 
     def prefill_shape(self, rows: int, tokens: int) -> tuple[int, int]:
         """``(Bp, Tp)`` bucket of a prefill part with ``rows`` chunks, the longest of ``tokens`` tokens."""
-        return pow2(rows, 1), shape_bucket(tokens, self.cfg.min_prefill_tokens)
+        return pow2(rows, 1), shape_bucket(tokens, self.cfg.min_prefill_tokens, self.cfg.prefill_token_step)
 
     def _pack(self, plan: Plan):
         P = self.max_pages
@@ -469,14 +476,15 @@ class Engine:
         longest = min(L, max_prompt_tokens) if max_prompt_tokens else L
         if self.cfg.scheduler == "chunked":
             longest = min(longest, sc.max_num_batched_tokens)
-        tokens = sorted({self.prefill_shape(1, t)[1] for t in _bucket_edges(longest, self.cfg.min_prefill_tokens)})
+        edges = _bucket_edges(longest, self.cfg.min_prefill_tokens, self.cfg.prefill_token_step)
+        tokens = sorted({self.prefill_shape(1, t)[1] for t in edges})
         rows = sorted({self.prefill_shape(n, 1)[0] for n in range(1, min(sc.max_prefill_seqs, sc.max_num_seqs) + 1)})
         multi = sc.max_num_batched_tokens if self.cfg.scheduler == "chunked" else sc.max_layered_tokens
         keys = [(b, None) for b in sorted({self.decode_rows(n, False) for n in range(1, sc.max_num_seqs + 1)})]
         full = self.decode_rows(0, True) if self.runtime is None else None
         for bp in rows:
             for tp in tokens:
-                if bp == 1 or tp <= shape_bucket(multi, self.cfg.min_prefill_tokens):
+                if bp == 1 or tp <= shape_bucket(multi, self.cfg.min_prefill_tokens, self.cfg.prefill_token_step):
                     keys.append((full, (bp, tp)))
         return keys
 

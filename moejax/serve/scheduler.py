@@ -104,6 +104,9 @@ class SchedulerConfig:
       max_layered_tokens: total prompt tokens one layered prefill batch may hold.
       collapse_when_idle: layered prefill runs a prompt through all layers at once when nothing is decoding
         (no decode to interleave with, and the expert traffic is the same).
+      max_layered_padding: a further prompt joins a layered prefill batch only while the batch's padded size
+        (power-of-two rows x longest prompt) stays within ``1 + max_layered_padding`` times its real tokens
+        (rows are padded to the longest prompt, and padding costs compute in every layer group).
     """
 
     max_num_seqs: int = 16
@@ -112,12 +115,16 @@ class SchedulerConfig:
     layered_thresholds: tuple[int, ...] = (512, 1024, 2048, 4096)
     max_layered_tokens: int = 4096
     collapse_when_idle: bool = True
+    max_layered_padding: float = 0.25
 
     def validate(self) -> SchedulerConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_seqs", "max_layered_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"SchedulerConfig.{name}={v!r} must be a positive integer")
+        p = self.max_layered_padding
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p:
+            raise ValueError(f"SchedulerConfig.max_layered_padding={p!r} must be a number >= 0")
         t = tuple(self.layered_thresholds)
         if len(t) != 4 or any(b <= a for a, b in itertools.pairwise(t)) or t[0] < 1:
             raise ValueError(f"SchedulerConfig.layered_thresholds={t!r} must be 4 increasing positive lengths "
@@ -277,6 +284,11 @@ class LayeredPrefillScheduler(Scheduler):
         self.bounds: list[tuple[int, int]] = []
         self.group_index = 0
 
+    def _padding_ok(self, reqs: list[Request]) -> bool:
+        rows = 1 << (len(reqs) - 1).bit_length()
+        real = sum(r.to_prefill for r in reqs)
+        return rows * max(r.to_prefill for r in reqs) <= (1 + self.cfg.max_layered_padding) * real
+
     def num_groups(self, prompt_len: int) -> int:
         """Adaptive G from the prompt length (capped at the number of layers)."""
         g = 16
@@ -306,6 +318,8 @@ class LayeredPrefillScheduler(Scheduler):
                    and len(self.batch) < self.cfg.max_prefill_seqs):
                 req = self.waiting[0]
                 if self.batch and tokens + req.num_tokens > self.cfg.max_layered_tokens:
+                    break
+                if self.batch and not self._padding_ok(self.batch + [req]):
                     break
                 if not self._admit(req):
                     break
