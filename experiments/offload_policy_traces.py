@@ -69,9 +69,10 @@ def main():
     # the experiment's served requests (same rng draws as experiments/expert_offload.py after the pre-gate)
     vwin = np.stack([d[i:i + 257] for d in val_dom if len(d) > 600 for i in rng.integers(0, len(d) - 257, 2)])
     del vwin
-    for i in range(6):  # the offline-trace draws
-        d = val_dom[i % len(val_dom)]
-        int(rng.integers(0, len(d) - 1024))
+    for _ in range(4):  # the offline-trace draws (one per cache size and text)
+        for i in range(6):
+            d = val_dom[i % len(val_dom)]
+            int(rng.integers(0, len(d) - 1024))
     prompts = []
     for i in range(6):
         d = val_dom[i % len(val_dom)]

@@ -1,6 +1,7 @@
 """Expert offloading: store, cache policies against an exact optimum, offloaded serving == in-memory serving."""
 
 import dataclasses
+import itertools
 import os
 
 import numpy as np
@@ -145,6 +146,31 @@ def test_predictive_with_a_known_cycle_is_optimal_with_one_step_lookahead():
     assert simulate_served(iters, C * L, "lru").hits == 0 < pred.hits
     # one-step Belady knows nothing beyond the iteration: LRU order
     assert simulate_served(iters, C * L, "belady").misses == simulate_served(iters, C * L, "lru").misses
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=3, max_size=30), st.integers(0, 10 ** 6), st.integers(1, 3))
+def test_predictive_online_learning_uses_only_known_tokens(seq, seed, cut):
+    """Learning from the served tokens' transitions: decisions up to a token do not change when later tokens
+    change, and with the whole future announced it is still optimal."""
+    L = 2
+    cut = min(cut, len(seq) - 1)
+    P = _random_chain(np.random.default_rng(seed), 5)
+
+    def run(sq, log):
+        iters = [[(lay, e) for lay in range(L)] for e in sq]
+        learn = [[]] + [[(a, b)] for a, b in itertools.pairwise(sq)]
+        return simulate_served(iters, 2 * L, "predictive", states=[[e] for e in sq], learn=learn, log=log,
+                               transitions=P, n_layers=L, online_prior=2.0)
+
+    a, b = [], []
+    run(seq, a)
+    run(seq[:cut + 1] + [(e + 1) % 5 for e in seq[cut + 1:]], b)
+    assert a[:(cut + 1) * L] == b[:(cut + 1) * L]
+    c = ExpertCache(2, "predictive", transitions=P, online_prior=1.0)
+    c.observe_transitions([(0, 1)] * 3)
+    np.testing.assert_allclose(c.transitions[0], (P[0] + [0, 3, 0, 0, 0]) / 4)
+    np.testing.assert_allclose(c.transitions[1], P[1])
 
 
 def test_hitting_values_and_transition_matrix():

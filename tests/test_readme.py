@@ -119,10 +119,14 @@ def test_pregated_serving_with_the_predictive_policy(setup, tmp_path):
     om = load_offloaded_model(store)
     ocfg = OffloadConfig(path, 10 * store.record_bytes, policy="predictive", transitions=tuple(map(tuple, P)))
     eng = Engine(om, EngineConfig(record_logits=True, block_size=8, pregate=gate, offload=ocfg))
+    learned = 0
     for p in prompts[:2]:  # single stream
         (a,) = eng.generate([p], sp)
         (b,) = [r for q, r in zip(prompts, ref) if q == p]
         assert a.tokens == b.tokens
+        # online learning saw each known consecutive pair once: the prompt's and the 4 computed decode tokens'
+        learned += len(p) - 1 + sp.max_tokens - 1
+        assert eng.runtime.cache._counts.sum() == learned
     res = eng.generate(prompts, sp)  # concurrent rows: several current experts
     for a, b in zip(res, ref):
         assert a.tokens == b.tokens

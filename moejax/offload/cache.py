@@ -53,7 +53,7 @@ class ExpertCache:
     """Byte-budgeted cache of expert weights (the bookkeeping; the engine keeps the arrays in slots)."""
 
     def __init__(self, budget: int, policy: str = "lru", seed: int = 0, *, transitions=None,
-                 discount: float = 0.8, n_layers: int = 1):
+                 discount: float = 0.8, n_layers: int = 1, online_prior: float | None = None):
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}; allowed: {list(POLICIES)}")
         self._value = None
@@ -62,9 +62,15 @@ class ExpertCache:
                 raise ValueError("the predictive policy needs transitions (an [E, E] expert transition matrix)")
             if not 0 < discount < 1:
                 raise ValueError(f"discount={discount} must be in (0, 1)")
-            self._value = hitting_values(transitions, discount)
+            if online_prior is not None and online_prior <= 0:
+                raise ValueError(f"online_prior={online_prior} must be > 0 (or None: no online learning)")
+            self._p0 = np.asarray(transitions, np.float64)
+            self._value = hitting_values(self._p0, discount)
             self._prior = self._value.mean(axis=0)  # before any state is known
             self.discount, self.n_layers = float(discount), int(n_layers)
+            self.online_prior = online_prior
+            self._counts = np.zeros_like(self._p0)
+            self._stale = False
         self._state_value = None
         if budget <= 0:
             raise ValueError(f"budget={budget} bytes must be > 0")
@@ -99,9 +105,33 @@ class ExpertCache:
             self._next_use[k].popleft()
             self._clock += 1
 
+    def observe_transitions(self, pairs: Iterable[tuple[int, int]]) -> None:
+        """Predictive policy with ``online_prior``: count observed ``(expert of a token, expert of the next
+        token)`` pairs of known tokens; the model becomes ``(online_prior * transitions[i] + counts[i]) /
+        (online_prior + n_i)`` per row (ignored without ``online_prior``)."""
+        if self._value is None or self.online_prior is None:
+            return
+        for a, b in pairs:
+            self._counts[int(a), int(b)] += 1.0
+            self._stale = True
+
+    @property
+    def transitions(self) -> np.ndarray | None:
+        """Predictive policy: the current transition model (with the online counts)."""
+        if self._value is None:
+            return None
+        if self.online_prior is None:
+            return self._p0
+        w = self.online_prior
+        return (w * self._p0 + self._counts) / (w + self._counts.sum(axis=1, keepdims=True))
+
     def set_state(self, experts: Iterable[int]) -> None:
         """Predictive policy: the experts of the tokens being computed now (the Markov chain's current states)."""
         ex = sorted({int(e) for e in experts})
+        if self._value is not None and self._stale:
+            self._value = hitting_values(self.transitions, self.discount)
+            self._prior = self._value.mean(axis=0)
+            self._stale = False
         if self._value is None or not ex:
             self._state_value = None
             return
@@ -207,11 +237,13 @@ def simulate(trace: Sequence[Hashable], budget: int, policy: str, sizes: dict | 
 
 def simulate_served(iterations: Sequence[Sequence[Hashable]], budget: int, policy: str, *,
                     sizes: dict | None = None, states: Sequence[Iterable[int]] | None = None,
-                    log: list | None = None, **cache_kwargs) -> CacheStats:
+                    learn: Sequence[Iterable[tuple[int, int]]] | None = None, log: list | None = None,
+                    **cache_kwargs) -> CacheStats:
     """Replay served iterations as the offload runtime issues them: keys ``(layer, expert, ...)``; each
     iteration's accesses are announced when it starts (belady/predictive know nothing beyond it), the keys of
     the layer being computed are pinned, and (predictive) ``states[i]`` are iteration ``i``'s current experts
-    (default: the experts it accesses). ``log`` (if given) receives ``(access index, evicted keys)``."""
+    (default: the experts it accesses) and ``learn[i]`` the ``(expert, next expert)`` pairs of tokens known when
+    iteration ``i`` starts (for ``online_prior``). ``log`` (if given) receives ``(access index, evicted keys)``."""
     c = ExpertCache(budget, policy, **cache_kwargs)
     n = 0
     for i, it in enumerate(iterations):
@@ -219,6 +251,8 @@ def simulate_served(iterations: Sequence[Sequence[Hashable]], budget: int, polic
         if policy in ("belady", "predictive"):
             c.set_future(it)
         if policy == "predictive":
+            if learn is not None:
+                c.observe_transitions(learn[i])
             c.set_state({k[1] for k in it} if states is None else states[i])
         for k in it:
             pinned = [x for x in it if x[0] == k[0]]

@@ -19,6 +19,7 @@ distinct experts one layer needs in one iteration (checked per layer; a clear er
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -72,6 +73,9 @@ class OffloadConfig:
         token's expert)`` (nested tuples or an array), e.g. :func:`moejax.offload.cache.transition_matrix` of
         pre-gate routing traces of training text.
       discount: for ``policy="predictive"``: per-token discount of the predicted next use (in (0, 1)).
+      online_prior: for ``policy="predictive"``: also learn the transitions of the served tokens (each request's
+        consecutive pre-gated experts, prompt included, once known), ``transitions`` weighing this many
+        pseudo-counts per row; None = the fixed ``transitions``.
     """
 
     store: str
@@ -83,6 +87,7 @@ class OffloadConfig:
     bits: int | str | None = None
     transitions: tuple | None = None
     discount: float = 0.8
+    online_prior: float | None = 20.0
 
 
 @dataclass
@@ -227,7 +232,10 @@ class OffloadRuntime:
             tr = np.asarray(cfg.transitions, np.float64)
             if tr.shape != (self.E, self.E):
                 raise ValueError(f"OffloadConfig.transitions has shape {tr.shape}; expected ({self.E}, {self.E})")
-            pred = {"transitions": tr, "discount": cfg.discount, "n_layers": mcfg.n_layers}
+            pred = {"transitions": tr, "discount": cfg.discount, "n_layers": mcfg.n_layers,
+                    "online_prior": cfg.online_prior}
+        self._last_expert: dict = {}  # (kv block, position) -> pre-gated expert of that token (online learning)
+        self._n_steps = 0
         self.cache = ExpertCache(self.n_slots * self.expert_bytes if self.quant is None else cfg.budget_bytes,
                                  cfg.policy, **pred)
         self.gdef, self.state = nnx.split(model)
@@ -360,6 +368,8 @@ class OffloadRuntime:
                 raise ValueError(f"the {self.cfg.policy} policy needs future routing: serve with a pre-gating router")
             self.cache.set_future(self.lookahead(dec, pf, dec_ids, pf_ids, lo, hi))
             if self.cfg.policy == "predictive":
+                if self.cfg.online_prior is not None:
+                    self.cache.observe_transitions(self.known_transitions(dec, pf, dec_ids, pf_ids, lo))
                 self.cache.set_state(self.current_experts(dec, pf, dec_ids, pf_ids))
         xd, xp, dctx, pctx = _prepare(self.gdef, self.state, dec, pf, pf_hidden,
                                       None if dec_ids is None else jnp.asarray(dec_ids),
@@ -431,6 +441,44 @@ class OffloadRuntime:
             ok = np.asarray(pf.length) > 0
             cur |= set(np.asarray(pf_ids)[ok, -1].tolist())  # left-padded: the last column is the newest token
         return cur
+
+    def known_transitions(self, dec, pf, dec_ids, pf_ids, lo: int = 0) -> list[tuple[int, int]]:
+        """(expert of a token, expert of its request's next token) for the tokens this iteration computes: within
+        prefill chunks, and from each row's previous token (remembered by its KV block and position for two
+        iterations) to its first token here. Only tokens already known are used. A prefill chunk continuing in
+        a later layer group (``lo > 0``) was counted when its first group ran."""
+        bs, step = self.block_size, self._n_steps
+        self._n_steps += 1
+        seen, pairs = self._last_expert, []
+
+        def link(tables, pos, e):
+            if pos > 0:
+                prev = seen.pop((int(tables[(pos - 1) // bs]), pos - 1), None)
+                if prev is not None:
+                    pairs.append((prev[0], e))
+
+        new = {}
+        if dec is not None:
+            tabs, pos, valid, ids = (np.asarray(a) for a in (dec.tables, dec.pos, dec.valid, dec_ids))
+            for i in np.flatnonzero(valid):
+                p, e = int(pos[i]), int(ids[i])
+                link(tabs[i], p, e)
+                new[(int(tabs[i][p // bs]), p)] = (e, step)
+        if pf is not None:
+            tabs, start, length, ids = (np.asarray(a) for a in (pf.tables, pf.start, pf.length, pf_ids))
+            Tp = ids.shape[1]
+            for i in np.flatnonzero(length > 0):
+                n, s0 = int(length[i]), int(start[i])
+                seq = [int(x) for x in ids[i, Tp - n:]]
+                if lo == 0:
+                    link(tabs[i], s0, seq[0])
+                    pairs += list(itertools.pairwise(seq))
+                last = s0 + n - 1
+                new[(int(tabs[i][last // bs]), last)] = (seq[-1], step)
+        for k in [k for k, (_, s) in seen.items() if s < step - 1]:  # not continued within two iterations
+            del seen[k]
+        seen.update(new)
+        return pairs
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
