@@ -10,9 +10,12 @@ Pipeline (all on this machine, nothing downloaded):
 3. ``moejax offload prepare``'s store; the engine serves prompts from validation files (single stream, as on a
    device: 128 prompt tokens + ``--new-tokens`` greedy tokens each) with the experts on disk and a cache of
    C experts per layer (Read-ME's "cache of C experts": the pre-gate's choice is shared by all layers), for
-   eviction policies random / LRU / LFU / Belady. Belady uses what the pre-gate truly knows: each iteration's
-   (layer, expert) accesses once its tokens are known (prompt tokens at prefill; a generated token one step
-   ahead), and LRU order beyond that horizon.
+   eviction policies random / LRU / LFU / Belady / predictive. Belady uses what the pre-gate truly knows: each
+   iteration's (layer, expert) accesses once its tokens are known (prompt tokens at prefill; a generated token
+   one step ahead), and LRU order beyond that horizon. Predictive uses the same lookahead and, beyond it, a
+   first-order Markov model of the pre-gate's expert sequence estimated on TRAINING-split text (discounted
+   first-passage values, :class:`moejax.offload.cache.ExpertCache`). A second served setting runs all requests
+   concurrently (one batch: each step knows every request's next experts).
 
 Reads use O_DIRECT (really reaching storage); ``--bandwidth`` additionally throttles reads to a stated device
 speed (default 1.5 GB/s, a phone UFS 3.x class figure) - tokens/s under it are *modelled*. Peak anonymous RSS
@@ -31,6 +34,7 @@ step, its logits from the final hidden states).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -39,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.common import environment, markdown_table, write_results
 
+POLICIES = ("random", "lru", "lfu", "belady", "predictive")
 PAPER = {"cache_2": {"random": 34.2, "lru": 33.9, "belady": 44.2}, "cache_5": {"random": 82.9, "lru": 83.5,
                                                                                "belady": 88.0}}
 
@@ -243,7 +248,18 @@ def main(argv=None):
     print("quality:", quality, flush=True)
 
     # offline traces (the paper's setting: the routing of the whole text is known in advance)
-    from moejax.offload.cache import simulate
+    from moejax.offload.cache import simulate, simulate_served, transition_matrix
+
+    # the predictive policy's Markov model: pre-gate routing of training-split text only
+    trng = np.random.default_rng(123)
+    big = [d for d in train_dom if len(d) > 1100]
+    train_seqs = []
+    for i in range(64):
+        d = big[i % len(big)]
+        s = int(trng.integers(0, len(d) - 1024))
+        train_seqs.append(rm.route_tokens(gate, d[None, s:s + 1024].astype(np.int32))[0])
+    trans = transition_matrix(train_seqs, E)
+    trans_t = tuple(map(tuple, trans.tolist()))
 
     offline = {}
     for C in (2, 4, 5, 6):
@@ -258,6 +274,32 @@ def main(argv=None):
                 counts[1] += st.accesses
         offline[C] = {p: h / n for p, (h, n) in acc.items()}
     print("offline trace hit rates:", offline, flush=True)
+    # the same texts in served order, one token known at a time: per token (0, e), ..., (L-1, e) against one
+    # cache of C * L experts; belady/predictive are told each token's accesses only when it is decoded
+    Lm = moe.cfg.n_layers
+    vrng = np.random.default_rng(7)
+    vbig = [d for d in val_dom if len(d) > 1100]
+    vseqs = []
+    for i in range(32):
+        d = vbig[i % len(vbig)]
+        s = int(vrng.integers(0, len(d) - 1024))
+        vseqs.append(rm.route_tokens(gate, d[None, s:s + 1024].astype(np.int32))[0])
+    served_order = {}
+    for C in (2, 4, 5, 6):
+        acc = {}
+        for name in ("random", "lru", "belady", "predictive (fixed model)", "predictive"):
+            p = name.split()[0]
+            kw = {"transitions": trans, "n_layers": Lm, "online_prior": None if "fixed" in name else 20.0,
+                  } if p == "predictive" else {}
+            sts = [simulate_served([[(li, int(e)) for li in range(Lm)] for e in sq], C * Lm, p,
+                                   states=[[int(e)] for e in sq],
+                                   learn=[[]] + [[(int(a), int(b))] for a, b in itertools.pairwise(sq)], **kw)
+                   for sq in vseqs]
+            acc[name] = sum(x.hits for x in sts) / sum(x.accesses for x in sts)
+        acc["belady (whole future)"] = sum(simulate([(li, int(e)) for e in sq for li in range(Lm)], C * Lm,
+                                                    "belady").hits for sq in vseqs) / (len(vseqs) * 1024 * Lm)
+        served_order[C] = acc
+    print("served-order trace hit rates:", served_order, flush=True)
 
     store_dir = prepare(moe, os.path.join(args.out, "store"), overwrite=True)
     store = ExpertStore(store_dir)
@@ -277,10 +319,10 @@ def main(argv=None):
     rows, results = [], {}
     for per_layer in (2, 4, 5, 6):
         budget = per_layer * L * store.record_bytes
-        for policy in ("random", "lru", "lfu", "belady"):
+        for policy in POLICIES:
             for bw in (None, args.bandwidth):
                 eng = Engine(om, EngineConfig(pregate=gate, offload=OffloadConfig(
-                    store_dir, budget, policy=policy, io="direct", bandwidth=bw)))
+                    store_dir, budget, policy=policy, io="direct", bandwidth=bw, transitions=trans_t)))
                 t = time.perf_counter()
                 out = []
                 for p in prompts:  # single stream: one request at a time
@@ -303,9 +345,34 @@ def main(argv=None):
                 else:
                     rows[-1]["tok/s (modelled %.1f GB/s)" % (bw / 1e9)] = rec["tokens_per_s"]
                 print(rec, flush=True)
-    best = {c: {p: results[f"{c}-{p}-direct"]["hit_rate"] for p in ("random", "lru", "lfu", "belady")}
-            for c in (2, 4, 5, 6)}
+    best = {c: {p: results[f"{c}-{p}-direct"]["hit_rate"] for p in POLICIES} for c in (2, 4, 5, 6)}
     gain2 = 100 * (best[2]["belady"] - best[2]["lru"])
+    gain2p = 100 * (best[2]["predictive"] - best[2]["lru"])
+    # concurrent requests: one batch of all prompts (each step knows every request's next experts)
+    ref_b = Engine(moe, EngineConfig(pregate=gate)).generate(prompts, sp)
+    concurrent, crows = {}, []
+    for per_layer in (2, 4, 5, 6):
+        budget = per_layer * L * store.record_bytes
+        for policy in ("random", "lru", "belady", "predictive"):
+            eng = Engine(om, EngineConfig(pregate=gate, offload=OffloadConfig(
+                store_dir, budget, policy=policy, io="direct", transitions=trans_t)))
+            out = eng.generate(prompts, sp)
+            s = eng.runtime.stats
+            eng.runtime.close()
+            concurrent[f"{per_layer}-{policy}"] = {"hit_rate": s.hit_rate, "hits": s.hits, "misses": s.misses,
+                                                   "same_tokens": all(a.tokens == b.tokens
+                                                                      for a, b in zip(out, ref_b))}
+        crows.append({"cache": f"{per_layer} of {E}",
+                      **{p: 100 * concurrent[f"{per_layer}-{p}"]["hit_rate"]
+                         for p in ("random", "lru", "belady", "predictive")},
+                      "same tokens": all(concurrent[f"{per_layer}-{p}"]["same_tokens"]
+                                         for p in ("random", "lru", "belady", "predictive"))})
+    print("concurrent:", concurrent, flush=True)
+    cgain = {c: 100 * (concurrent[f"{c}-{p}"]["hit_rate"] - concurrent[f"{c}-lru"]["hit_rate"])
+             for c in (2,) for p in ("belady",)}
+    cgain_p = 100 * (concurrent["2-predictive"]["hit_rate"] - concurrent["2-lru"]["hit_rate"])
+    so_cols = ["random", "lru", "belady", "predictive (fixed model)", "predictive", "belady (whole future)"]
+    so2 = served_order[2]
     env = environment()
     md = ("# Expert offloading with Read-ME pre-gating (measured on this CPU)\n\n"
           f"Dense `tiny-dense` model trained by `moejax train` ({run}); Read-ME refactor into {E} domain experts "
@@ -315,8 +382,14 @@ def main(argv=None):
           f"{args.prompt_len} prompt + {args.new_tokens} generated tokens; experts read with O_DIRECT; "
           f"one expert record = {store.record_bytes / 2**20:.2f} MiB.\n\n"
           + markdown_table(rows, list(rows[0]))
-          + f"\nBelady (pre-gate lookahead) vs LRU at the smallest cache: {gain2:+.1f} hit-rate points "
-          f"(target >= +5). Paper (Read-ME, cache of 2 / 5 experts): random/LRU/Belady "
+          + f"\nAt the smallest cache, vs LRU: Belady (pre-gate lookahead) {gain2:+.1f}, predictive "
+          f"{gain2p:+.1f} hit-rate points (target >= +5). Predictive = the same exact lookahead (this iteration's "
+          "accesses) plus, beyond it, a first-order Markov model P(next token's expert | this token's expert) "
+          "estimated on pre-gate routing of 64 training-split texts; a cached item without a known next use is "
+          "ranked by E[0.8^(tokens until its expert is next used - 1)] x 0.8^(layer / layers) from the current "
+          "token's expert, lowest evicted first; the model also learns online from the served tokens' own "
+          "transitions (prompt and generated, once known; the training estimate weighs 20 pseudo-counts per "
+          "row). It never sees a future token's experts. Paper (Read-ME, cache of 2 / 5 experts): random/LRU/Belady "
           f"{PAPER['cache_2']['random']}/{PAPER['cache_2']['lru']}/{PAPER['cache_2']['belady']}% and "
           f"{PAPER['cache_5']['random']}/{PAPER['cache_5']['lru']}/{PAPER['cache_5']['belady']}%.\n\n"
           "Offline traces (the paper's setting: each text's whole routing known in advance; one cache of C "
@@ -325,7 +398,39 @@ def main(argv=None):
                             for c in sorted(offline)], ["cache", "random", "lru", "lfu", "belady"])
           + "\nServing knows only one token ahead, so the served Belady above can only use each iteration's own "
           "accesses (LRU order beyond); offline Belady is the optimum the paper's numbers describe.\n\n"
-          f"Quality (validation bits/byte, teacher forced): dense {quality['dense_bits_per_byte']:.3f}, "
+          "The same kind of validation text in served order (32 texts x 1024 tokens, each token decoded alone: "
+          f"accesses (0, e) .. ({Lm - 1}, e) against one cache of C x {Lm} experts; belady/predictive told each "
+          "token's accesses only when it is decoded; the last column knows every future token), hit rate %:\n\n"
+          + markdown_table([{"cache": f"{c} of {E}", **{p: 100 * v for p, v in served_order[c].items()}}
+                            for c in sorted(served_order)], ["cache", *so_cols])
+          + f"\nOn these traces predictive gains {100 * (so2['predictive'] - so2['lru']):+.1f} points over LRU "
+          f"at a cache of 2 (whole-future Belady: {100 * (so2['belady (whole future)'] - so2['lru']):+.1f}). "
+          "In a side study on these kinds of traces (experiments/offload_policy_traces.py), the exact optimal "
+          "online policy for the fixed first-order model (value iteration over (cache set, current expert), per "
+          "layer) gained +2.7 at a cache of 2, a fixed second-order model +3.0, expected first-passage time "
+          "instead of the discounted value +1.2: a Markov model of the pre-gate sequence does not get near the "
+          "+13.7 of knowing the future.\n\n"
+          f"Concurrent serving: all {args.prompts} requests in one batch (each step's accesses cover every "
+          "request's current token), hit rate %:\n\n"
+          + markdown_table(crows, list(crows[0]))
+          + f"\nConcurrent, vs LRU: Belady {cgain[2]:+.1f}, predictive {cgain_p:+.1f} points at a cache of 2, where "
+          "the requests' distinct experts nearly fill the global budget (C x layers slots) every step and LRU "
+          "evicts each layer's experts just before the next step needs them (a thrashing baseline); at "
+          + ", ".join(f"{c}: {100 * (concurrent[f'{c}-belady']['hit_rate'] - concurrent[f'{c}-lru']['hit_rate']):+.1f}"
+                      f" / {100 * (concurrent[f'{c}-predictive']['hit_rate'] - concurrent[f'{c}-lru']['hit_rate']):+.1f}"
+                      for c in (4, 5, 6))
+          + " (cache size: Belady / predictive).\n\n"
+          + "Target (the issue's setting: single-stream serving, >= +5 hit-rate points over LRU at the smallest "
+          "cache, only known information): "
+          + ("reached" if gain2p >= 5 else "**not reached**")
+          + f" by the best honest policy found, predictive: {gain2p:+.1f} served and "
+          f"{100 * (so2['predictive'] - so2['lru']):+.1f} on validation text in served order (Belady with the "
+          f"one-token lookahead: {gain2:+.1f} / {100 * (so2['belady'] - so2['lru']):+.1f}). The served run has "
+          f"{results['2-lru-direct']['hits'] + results['2-lru-direct']['misses']} accesses per policy (one point "
+          "is ~13 accesses) of generated text, the traces 131k accesses of natural text. With concurrent requests "
+          "(each step knows every request's current experts) the gains at a cache of 2 exceed +5 only against a "
+          "thrashing LRU (above).\n\n"
+          + f"Quality (validation bits/byte, teacher forced): dense {quality['dense_bits_per_byte']:.3f}, "
           f"refactored + pre-gate {quality['refactored_pregated_bits_per_byte']:.3f}, refactored + oracle "
           f"routing {quality['oracle_routed_bits_per_byte']:.3f} (no fine-tuning after the refactor).\n\n"
           f"Peak anonymous RSS during the runs: {anon_rss_bytes() / 2**20:.0f} MiB (whole process, incl. JAX). "
@@ -333,8 +438,11 @@ def main(argv=None):
     payload = {"environment": env, "args": vars(args), "pregate": gstats, "quality": quality,
                "refactor": {"expert_width": info.expert_width, "shared_per_layer": info.shared_per_layer},
                "record_bytes": store.record_bytes, "results": results, "hit_rates": best, "paper": PAPER,
-               "offline_trace_hit_rates": offline,
-               "belady_minus_lru_points_smallest_cache": gain2}
+               "offline_trace_hit_rates": offline, "served_order_trace_hit_rates": served_order,
+               "concurrent": concurrent, "transitions": trans.tolist(),
+               "belady_minus_lru_points_smallest_cache": gain2,
+               "predictive_minus_lru_points_smallest_cache": gain2p,
+               "concurrent_predictive_minus_lru_points_smallest_cache": cgain_p}
     if d2 is not None:
         payload["d2moe"] = d2
         md += "\n" + d2moe_markdown(d2)
@@ -347,7 +455,7 @@ def main(argv=None):
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
         cs = sorted(best)
-        for p in ("random", "lru", "lfu", "belady"):
+        for p in POLICIES:
             ax.plot([c / E for c in cs], [100 * best[c][p] for c in cs], marker="o", label=p)
         ax.set_xlabel("cache size (fraction of experts per layer)")
         ax.set_ylabel("hit rate (%)")
