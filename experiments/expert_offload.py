@@ -419,7 +419,9 @@ def main(argv=None):
           + ", ".join(f"{c}: {100 * (concurrent[f'{c}-belady']['hit_rate'] - concurrent[f'{c}-lru']['hit_rate']):+.1f}"
                       f" / {100 * (concurrent[f'{c}-predictive']['hit_rate'] - concurrent[f'{c}-lru']['hit_rate']):+.1f}"
                       for c in (4, 5, 6))
-          + " (cache size: Belady / predictive).\n\n"
+          + " (cache size: Belady / predictive). With several requests, predictive takes for each expert the "
+          "largest of the requests' values (chosen over 1 - prod(1 - V), which saturates, on a replay of this "
+          "concurrent run: one sample).\n\n"
           + "Target (the issue's setting: single-stream serving, >= +5 hit-rate points over LRU at the smallest "
           "cache, only known information): "
           + ("reached" if gain2p >= 5 else "**not reached**")

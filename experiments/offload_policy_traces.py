@@ -10,6 +10,9 @@ Re-runs the Read-ME part of ``experiments/expert_offload.py`` up to the pre-gate
   single-stream requests, 128 prompt + 48 generated tokens): every engine iteration's (layer, expert) accesses
   in execution order, as the offload runtime issues them (flattened ``[n, 2]``; iteration ``i`` is
   ``served_steps[served_offsets[i]:served_offsets[i + 1]]``);
+* ``conc_*``: the same requests served concurrently (one batch) with the predictive policy: each iteration's
+  accesses (``conc_steps``/``conc_offsets``), its current experts (``conc_states``/``conc_state_offsets``) and
+  the transitions learned when it starts (``conc_learn``/``conc_learn_offsets``);
 
 and the gate's parameters (``gate_*``) so the served experiment can reuse it.
 
@@ -98,12 +101,52 @@ def main():
         eng.generate([p], sp)
     eng.runtime.close()
     OffloadRuntime.lookahead = orig
+    # the same requests served concurrently (one batch): every iteration's accesses, the predictive policy's
+    # current experts and the transitions it learns (recorded from the runtime's calls)
+    from moejax.offload.cache import ExpertCache, transition_matrix
+
+    conc = {"steps": [], "states": [], "learn": []}
+    orig_sf, orig_ss, orig_ot = ExpertCache.set_future, ExpertCache.set_state, ExpertCache.observe_transitions
+
+    def sf(self, keys):
+        keys = list(keys)
+        conc["steps"].append(keys)
+        conc["learn"].append([])
+        return orig_sf(self, keys)
+
+    def ss(self, experts):
+        experts = sorted(experts)
+        conc["states"].append(experts)
+        return orig_ss(self, experts)
+
+    def ot(self, pairs):
+        pairs = list(pairs)
+        conc["learn"][-1] += pairs
+        return orig_ot(self, pairs)
+
+    ExpertCache.set_future, ExpertCache.set_state, ExpertCache.observe_transitions = sf, ss, ot
+    P = transition_matrix(train_seqs.astype(np.int64), E)
+    eng = Engine(om, EngineConfig(pregate=gate, offload=OffloadConfig(
+        store_dir, 2 * L * store.record_bytes, policy="predictive", io="buffered",
+        transitions=tuple(map(tuple, P.tolist())))))
+    eng.generate(prompts, sp)
+    eng.runtime.close()
+    ExpertCache.set_future, ExpertCache.set_state, ExpertCache.observe_transitions = orig_sf, orig_ss, orig_ot
+
+    def pack(lists, width):
+        return (np.asarray([x for li in lists for x in li], np.int16).reshape(-1, width),
+                np.cumsum([0] + [len(li) for li in lists]))
+
+    c_steps, c_off = pack(conc["steps"], 2)
+    c_states, c_soff = pack([[(e,) for e in x] for x in conc["states"]], 1)
+    c_learn, c_loff = pack(conc["learn"], 2)
     flat = np.asarray([k for s in steps for k in s], np.int16).reshape(-1, 2)
     offsets = np.cumsum([0] + [len(s) for s in steps])
     gstate = {"gate_" + ".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(gate))}
     out = os.path.join("runs", "readme-offload", "pregate_traces.npz")
     np.savez_compressed(out, train_seqs=train_seqs, val_seqs=val_seqs, served_steps=flat, served_offsets=offsets,
-                        n_layers=L, num_experts=E, **gstate)
+                        conc_steps=c_steps, conc_offsets=c_off, conc_states=c_states, conc_state_offsets=c_soff,
+                        conc_learn=c_learn, conc_learn_offsets=c_loff, n_layers=L, num_experts=E, **gstate)
     print("wrote", out, "iterations", len(steps), "accesses", len(flat), f"({time.perf_counter() - t0:.0f} s)")
 
 

@@ -12,6 +12,20 @@ hit; on a miss the item is inserted and victims are evicted by the policy:
   before the model runs, as with Read-ME's pre-gating router), and every :meth:`access` consumes one entry.
   For equal-size items this is optimal (Belady's MIN); with mixed sizes it is a heuristic (farthest next
   use, ties to the larger item), compared in tests against an exact search.
+* ``predictive``: Belady with an *estimated* future beyond the announced one, for serving where only each
+  iteration's accesses are truly known (Read-ME's pre-gate knows a token's experts for every layer once the
+  token is sampled, not the tokens after it). Keys are ``(layer, expert, ...)``. An item whose next use is in
+  the announced future keeps that exact next use; every other item is ranked by a first-order Markov model of
+  the pre-gate's expert sequence, ``transitions[i, j] = P(next token's expert = j | this token's expert = i)``
+  (e.g. :func:`transition_matrix` of routing traces of training text): its value is the discounted
+  first-passage value ``V[i, j] = E[discount ** (T_ij - 1)]`` (``T_ij`` = tokens until expert ``j`` is next
+  used, from the current token's expert ``i`` given by :meth:`ExpertCache.set_state`; with several current
+  tokens, i.e. concurrent requests, the largest ``V[i, j]``: a lower bound of the value of the soonest of their
+  next uses), times ``discount ** (layer / n_layers)`` (a later layer is used later in a step). Items without
+  a known next use are evicted first, lowest value first (ties: least recently used); when every candidate
+  has a known next use, the farthest goes (Belady). With the whole future announced it is Belady. With
+  ``online_prior`` the model also learns from the transitions of the tokens served so far
+  (:meth:`ExpertCache.observe_transitions`; ``online_prior`` = the pseudo-count weight of ``transitions``).
 
 ``pinned`` keys (e.g. the experts of the layer being computed) are never evicted.
 """
@@ -135,7 +149,7 @@ class ExpertCache:
         if self._value is None or not ex:
             self._state_value = None
             return
-        self._state_value = 1.0 - np.prod(1.0 - self._value[ex], axis=0)
+        self._state_value = self._value[ex].max(axis=0)  # the soonest of the rows' chains: >= each one's value
 
     def predicted_value(self, key) -> float:
         """Predictive policy: the discounted value of keeping ``key`` (higher = needed sooner, more surely)."""
