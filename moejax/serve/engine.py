@@ -493,7 +493,13 @@ class Engine:
         """Compile the engine step for ``shapes`` (default :meth:`warmup_shapes`) ahead of time, so serving
         never stops to compile. Lowering runs here, XLA compiles on ``workers`` threads. Returns the number of
         shapes compiled (those already compiled are skipped). Not available with ``offload`` (its layer-by-layer
-        step compiles per piece)."""
+        step compiles per piece).
+
+        Each compiled step stays loaded (jax's compilation cache) with its JIT code: on XLA:CPU a step of an
+        8-layer model maps several hundred memory regions, so grids of many dozens of shapes across several
+        engines in one process can reach the kernel's ``vm.max_map_count`` (65530 by default; LLVM then
+        reports "Cannot allocate memory"). Keep the grid small (``prefill_token_step``, ``max_prompt_tokens``)
+        or call ``jax.clear_caches()`` between engines."""
         if self.runtime is not None:
             raise ValueError("Engine.warmup is not available with EngineConfig.offload (the offload step runs "
                              "layer by layer and compiles its pieces on first use)")
