@@ -113,6 +113,7 @@ def test_fsdp_dense_model_on_data8():
         np.testing.assert_allclose(np.asarray(a), np.asarray(ref), rtol=0, atol=TOL)
 
 
+@pytest.mark.slow  # restoring onto another mesh stays in the default suite (test_parallel_train)
 def test_checkpoint_between_fsdp_and_plain(tmp_path):
     """Saved by an FSDP run, restored without FSDP on another mesh (and back): identical parameters."""
     from moejax.train.checkpoint import Checkpointer, load_model

@@ -9,6 +9,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from moejax.config import MoEConfig, RouterConfig, get_preset
@@ -29,6 +30,7 @@ def test_auto_never_picks_pallas_yet():
     assert resolve_grouped_impl("pallas", 4096, 8) == "pallas"
 
 
+@pytest.mark.slow  # gmm/tgmm and their gradients are checked in tests/test_pallas_grouped_matmul.py by default
 def test_moe_layer_pallas_matches_ragged_dot_forward_and_grad():
     D, T = 32, 48
     outs = {}

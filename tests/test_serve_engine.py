@@ -71,7 +71,7 @@ def test_engine_matches_generate(model, scheduler, kv_block, layer_loop):
     assert eng.alloc.num_used == 0  # everything freed or evictable
 
 
-@pytest.mark.parametrize("scheduler", ["chunked", "layered"])
+@pytest.mark.parametrize("scheduler", [pytest.param("chunked", marks=pytest.mark.slow), "layered"])
 def test_prefix_sharing_and_preemption(model, scheduler):
     rng = np.random.default_rng(1)
     shared = rng.integers(0, 97, 24).tolist()
@@ -196,6 +196,7 @@ def test_block_allocator_never_leaks(ops):
     assert alloc.num_used == 0 and alloc.num_free == 11
 
 
+@pytest.mark.slow  # the kernel itself is checked in tests/test_pallas_paged_attention.py by default
 def test_engine_with_pallas_paged_attention_matches_xla():
     """attn_impl='pallas' (the Triton-style kernel, interpreted on CPU) gives the XLA path's logits."""
     m = Transformer(small_cfg(n_layers=2, dense_layers=(), head_dim=16), rngs=nnx.Rngs(0))

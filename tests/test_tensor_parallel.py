@@ -163,6 +163,7 @@ def test_tensor_parallel_with_node_axis():
     assert w.sharding.spec[1] == ("node", "expert") and w.sharding.spec[3] == "tensor"
 
 
+@pytest.mark.slow  # two-level all-to-alls without tensor parallelism stay in the default suite
 def test_tensor_parallel_two_level_all_to_all():
     """2-level (intra-node, then inter-node) dispatch/combine all-to-alls with pipelined expert stages holding
     the tensor psum: equals one device, and every exchange is really split in two."""
