@@ -13,8 +13,9 @@ import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 ROUTER_TYPES = ("topk", "switch", "gshard", "sigmoid", "xmoe", "expert_choice")
 DISPATCH_TYPES = ("dropless", "capacity")
@@ -102,7 +103,7 @@ class RouterConfig:
     def effective_top_k(self) -> int:
         return {"switch": 1, "gshard": 2}.get(self.type, self.top_k)
 
-    def validate(self, num_experts: int | None = None) -> "RouterConfig":
+    def validate(self, num_experts: int | None = None) -> RouterConfig:
         c = "RouterConfig"
         _check_choice(c, "type", self.type, ROUTER_TYPES)
         _check_int(c, "top_k", self.top_k)
@@ -179,7 +180,7 @@ class MoEConfig:
     grouped_impl: str = "auto"
     block_rows: int | None = None
 
-    def validate(self) -> "MoEConfig":
+    def validate(self) -> MoEConfig:
         c = "MoEConfig"
         _check_int(c, "num_experts", self.num_experts)
         _check_int(c, "d_ff", self.d_ff)
@@ -263,7 +264,7 @@ class ModelConfig:
     def layer_kinds(self) -> tuple[str, ...]:
         return tuple("moe" if self.is_moe_layer(i) else "dense" for i in range(self.n_layers))
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         c = "ModelConfig"
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
                      "moe_every"):
@@ -343,7 +344,7 @@ class TrainConfig:
     val_percent: float = 5.0
     ep_a2a: str = "fixed"
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         c = "TrainConfig"
         for name in ("steps", "seq_len", "global_batch", "grad_accum", "eval_every", "eval_batches", "ckpt_every",
                      "keep", "log_every"):

@@ -176,7 +176,7 @@ def test_remat_gives_the_same_gradients(remat):
     def grads(c):
         m = Transformer(c, rngs=nnx.Rngs(0))
         gdef, params, rest = nnx.split(m, nnx.Param, ...)
-        f = lambda p: jnp.mean(nnx.merge(gdef, p, rest)(tok).logits ** 2)  # noqa: E731
+        f = lambda p: jnp.mean(nnx.merge(gdef, p, rest)(tok).logits ** 2)
         return jax.tree.leaves(jax.jit(jax.grad(f))(params))
 
     for a, b in zip(grads(dataclasses.replace(cfg, remat=remat)), grads(cfg)):

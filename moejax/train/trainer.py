@@ -36,7 +36,7 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     """AdamW with linear warmup + cosine decay, global-norm clipping, no decay on vectors (norms, biases)."""
     sched = optax.warmup_cosine_decay_schedule(0.0, tc.lr, max(tc.warmup_steps, 1), max(tc.steps, tc.warmup_steps + 1),
                                                end_value=tc.lr * tc.min_lr_ratio)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     parts = [optax.clip_by_global_norm(tc.clip_norm)] if tc.clip_norm > 0 else []
     parts.append(optax.adamw(sched, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, mask=decay_mask))
     return optax.chain(*parts)
@@ -249,7 +249,8 @@ class Trainer:
 
     def _constrain(self, state):
         """``with_sharding_constraint`` of a state tree (parameters or optimizer state) to its mesh placement."""
-        from jax.sharding import NamedSharding, PartitionSpec as P
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
 
         from moejax.parallel import mesh as mesh_lib
 
