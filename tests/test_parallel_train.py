@@ -53,7 +53,12 @@ def test_sharded_grads_equal_single_device(mesh_spec, router):
 def _check_grads(mesh_spec, router):
     mesh_cfg = MeshConfig.parse(mesh_spec)
     cfg, ref_cfg, tc = configs(router, mesh_cfg)
-    par, one = Trainer(cfg, tc, mesh_cfg), Trainer(ref_cfg, tc)
+    compare_sharded_grads(Trainer(cfg, tc, mesh_cfg), Trainer(ref_cfg, tc))
+
+
+def compare_sharded_grads(par, one):
+    """``par``'s sharded step and ``one``'s single-device step on :func:`batch` agree: loss metrics and gradients
+    within ``TOL``, expert loads and dropped counts exactly. Returns both metric dicts."""
     b = batch()
     key = jax.random.PRNGKey(5)
     gp, mp = jax.jit(par._sharded_grads)(par.params, par.rest,
@@ -65,6 +70,7 @@ def _check_grads(mesh_spec, router):
     assert int(mp["dropped"]) == int(m1["dropped"])
     for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(gp), jax.tree.leaves(g1)):
         assert rel(a, b_) <= TOL, (jax.tree_util.keystr(path), rel(a, b_))
+    return mp, m1
 
 
 @pytest.mark.slow
