@@ -192,6 +192,44 @@ def d2moe_part(args):
     return {"moe_run": run, "int8_expert_bytes": int8_bytes, "results": res, "rows": rows}
 
 
+def build_readme(dense, pregate_steps, progress):
+    """The Read-ME refactor of ``dense`` (per-domain neuron statistics of the stdlib corpus) and its pre-gate,
+    distilled from the dense FFNs, as this experiment builds them (seeded). Returns
+    ``(moe, info, gate, gate_stats, train_domains, val_domains, rng)``; ``rng`` continues the experiment's
+    draws after the distillation windows."""
+    import numpy as np
+    from flax import nnx
+
+    from moejax.models import readme as rm
+
+    train_dom = rm.corpus_domain_tokens(split="train")
+    val_dom = rm.corpus_domain_tokens(split="validation")
+    imp = rm.neuron_importance(dense, train_dom, seq=256, windows=16)
+    moe, info = rm.refactor(dense, imp, keep=0.5)
+    rng = np.random.default_rng(0)
+    distill = np.stack([d[i:i + 256] for d in train_dom for i in rng.integers(0, len(d) - 256, 8)]).astype(np.int32)
+    targets = rm.distill_targets(dense, moe, distill)
+    gate = rm.PreGate(moe.cfg.vocab_size, moe.cfg.moe.num_experts, window=32, rngs=nnx.Rngs(0))
+    gstats = rm.train_pregate(gate, distill, targets, steps=pregate_steps, progress=progress)
+    return moe, info, gate, gstats, train_dom, val_dom, rng
+
+
+def route_texts(gate, domains, n, rng, length=1024):
+    """Pre-gate expert sequences of ``n`` windows of ``length`` tokens, one from each text longer than 1100
+    tokens in turn, at offsets drawn from ``rng``."""
+    import numpy as np
+
+    from moejax.models import readme as rm
+
+    big = [d for d in domains if len(d) > 1100]
+    out = []
+    for i in range(n):
+        d = big[i % len(big)]
+        s = int(rng.integers(0, len(d) - length))
+        out.append(rm.route_tokens(gate, d[None, s:s + length].astype(np.int32))[0])
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense-run", help="a `moejax train` run of a dense model (default: train runs/readme-dense)")
@@ -217,7 +255,6 @@ def main(argv=None):
 
     import jax
     import numpy as np
-    from flax import nnx
 
     from moejax.models import readme as rm
     from moejax.offload.runtime import OffloadConfig, load_offloaded_model
@@ -227,16 +264,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     dense, run = dense_model(args)
     print(f"dense model from {run} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    train_dom = rm.corpus_domain_tokens(split="train")
-    val_dom = rm.corpus_domain_tokens(split="validation")
-    imp = rm.neuron_importance(dense, train_dom, seq=256, windows=16)
-    moe, info = rm.refactor(dense, imp, keep=0.5)
+    moe, info, gate, gstats, train_dom, val_dom, rng = build_readme(dense, args.pregate_steps, progress=True)
     E = moe.cfg.moe.num_experts
-    rng = np.random.default_rng(0)
-    distill = np.stack([d[i:i + 256] for d in train_dom for i in rng.integers(0, len(d) - 256, 8)]).astype(np.int32)
-    targets = rm.distill_targets(dense, moe, distill)
-    gate = rm.PreGate(moe.cfg.vocab_size, E, window=32, rngs=nnx.Rngs(0))
-    gstats = rm.train_pregate(gate, distill, targets, steps=args.pregate_steps, progress=True)
     print("pre-gate:", gstats, flush=True)
     # quality on validation windows (teacher forced)
     vwin = np.stack([d[i:i + 257] for d in val_dom if len(d) > 600 for i in rng.integers(0, len(d) - 257, 2)]
@@ -251,13 +280,7 @@ def main(argv=None):
     from moejax.offload.cache import simulate, simulate_served, transition_matrix
 
     # the predictive policy's Markov model: pre-gate routing of training-split text only
-    trng = np.random.default_rng(123)
-    big = [d for d in train_dom if len(d) > 1100]
-    train_seqs = []
-    for i in range(64):
-        d = big[i % len(big)]
-        s = int(trng.integers(0, len(d) - 1024))
-        train_seqs.append(rm.route_tokens(gate, d[None, s:s + 1024].astype(np.int32))[0])
+    train_seqs = route_texts(gate, train_dom, 64, np.random.default_rng(123))
     trans = transition_matrix(train_seqs, E)
     trans_t = tuple(map(tuple, trans.tolist()))
 
@@ -277,13 +300,7 @@ def main(argv=None):
     # the same texts in served order, one token known at a time: per token (0, e), ..., (L-1, e) against one
     # cache of C * L experts; belady/predictive are told each token's accesses only when it is decoded
     Lm = moe.cfg.n_layers
-    vrng = np.random.default_rng(7)
-    vbig = [d for d in val_dom if len(d) > 1100]
-    vseqs = []
-    for i in range(32):
-        d = vbig[i % len(vbig)]
-        s = int(vrng.integers(0, len(d) - 1024))
-        vseqs.append(rm.route_tokens(gate, d[None, s:s + 1024].astype(np.int32))[0])
+    vseqs = route_texts(gate, val_dom, 32, np.random.default_rng(7))
     served_order = {}
     for C in (2, 4, 5, 6):
         acc = {}

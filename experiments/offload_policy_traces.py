@@ -32,7 +32,7 @@ def main():
     import numpy as np
     from flax import nnx
 
-    from moejax.models import readme as rm
+    from experiments.expert_offload import build_readme, route_texts
     from moejax.offload.runtime import (
         OffloadConfig,
         OffloadRuntime,
@@ -44,30 +44,13 @@ def main():
 
     t0 = time.perf_counter()
     dense, _, _ = load_model(os.path.join("runs", "readme-dense"))
-    train_dom = rm.corpus_domain_tokens(split="train")
-    val_dom = rm.corpus_domain_tokens(split="validation")
-    imp = rm.neuron_importance(dense, train_dom, seq=256, windows=16)
-    moe, _info = rm.refactor(dense, imp, keep=0.5)
+    moe, _info, gate, gstats, train_dom, val_dom, rng = build_readme(dense, 600, progress=False)
     E = moe.cfg.moe.num_experts
-    rng = np.random.default_rng(0)
-    distill = np.stack([d[i:i + 256] for d in train_dom for i in rng.integers(0, len(d) - 256, 8)]).astype(np.int32)
-    targets = rm.distill_targets(dense, moe, distill)
-    gate = rm.PreGate(moe.cfg.vocab_size, E, window=32, rngs=nnx.Rngs(0))
-    gstats = rm.train_pregate(gate, distill, targets, steps=600, progress=False)
     print("pre-gate:", gstats, f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     trng = np.random.default_rng(123)
-
-    def seqs(dom, n):
-        big = [d for d in dom if len(d) > 1100]
-        out = []
-        for i in range(n):
-            d = big[i % len(big)]
-            s = int(trng.integers(0, len(d) - 1024))
-            out.append(rm.route_tokens(gate, d[None, s:s + 1024].astype(np.int32))[0])
-        return np.stack(out).astype(np.int8)
-
-    train_seqs, val_seqs = seqs(train_dom, 64), seqs(val_dom, 32)
+    train_seqs = np.stack(route_texts(gate, train_dom, 64, trng)).astype(np.int8)
+    val_seqs = np.stack(route_texts(gate, val_dom, 32, trng)).astype(np.int8)
 
     # the experiment's served requests (same rng draws as experiments/expert_offload.py after the pre-gate)
     vwin = np.stack([d[i:i + 257] for d in val_dom if len(d) > 600 for i in rng.integers(0, len(d) - 257, 2)])
