@@ -344,46 +344,42 @@ class Engine:
         """``(Bp, Tp)`` bucket of a prefill part with ``rows`` chunks, the longest of ``tokens`` tokens."""
         return pow2(rows, 1), shape_bucket(tokens, self.cfg.min_prefill_tokens, self.cfg.prefill_token_step)
 
+    def _blank_decode(self, n: int) -> DecodeBatch:
+        """A decode part of ``n`` padding rows (length 0: no attention work, no expert routed)."""
+        return DecodeBatch(np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros((n, self.max_pages), np.int32),
+                           np.zeros(n, bool), np.zeros((n, 2), np.uint32), np.zeros(n, np.float32),
+                           np.ones(n, np.float32))
+
+    def _blank_prefill(self, rows: int, tokens: int) -> PrefillBatch:
+        """A prefill part of ``rows`` empty rows of ``tokens`` tokens."""
+        return PrefillBatch(np.zeros((rows, tokens), np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32),
+                            np.zeros((rows, self.max_pages), np.int32), np.zeros((rows, 2), np.uint32),
+                            np.zeros(rows, np.float32), np.ones(rows, np.float32))
+
+    @staticmethod
+    def _fill_row(part, i: int, req: Request) -> None:
+        """Row ``i``'s block table and sampling parameters."""
+        part.tables[i, :len(req.blocks)] = req.blocks
+        part.keys[i] = (req.params.seed, len(req.output))
+        part.temperature[i], part.top_p[i] = req.params.temperature, req.params.top_p
+
     def _pack(self, plan: Plan):
-        P = self.max_pages
-
-        def table(blocks):
-            t = np.zeros(P, np.int32)
-            t[:len(blocks)] = blocks
-            return t
-
-        def sp(reqs, n):
-            keys = np.zeros((n, 2), np.uint32)
-            temp = np.zeros(n, np.float32)
-            top_p = np.ones(n, np.float32)
-            for i, r in enumerate(reqs):
-                keys[i] = (r.params.seed, len(r.output))
-                temp[i], top_p[i] = r.params.temperature, r.params.top_p
-            return keys, temp, top_p
-
         dec = pf = None
         if plan.decode or (plan.prefill and self.runtime is None):
-            # next to a prefill the decode part is always there, padded to the full batch (padding rows have
-            # length 0: no attention work, no expert routed), so a prefill shape compiles once
-            Bd = self.decode_rows(len(plan.decode), bool(plan.prefill))
-            tok = np.zeros(Bd, np.int32)
-            pos = np.zeros(Bd, np.int32)
-            tabs = np.zeros((Bd, P), np.int32)
-            valid = np.zeros(Bd, bool)
+            # next to a prefill the decode part is always there, padded to the full batch, so a prefill shape
+            # compiles once
+            dec = self._blank_decode(self.decode_rows(len(plan.decode), bool(plan.prefill)))
             for i, r in enumerate(plan.decode):
-                tok[i], pos[i], tabs[i], valid[i] = r.last_token, r.num_tokens - 1, table(r.blocks), True
-            dec = DecodeBatch(tok, pos, tabs, valid, *sp(plan.decode, Bd))
+                dec.tokens[i], dec.pos[i], dec.valid[i] = r.last_token, r.num_tokens - 1, True
+                self._fill_row(dec, i, r)
         if plan.prefill:
-            Bp, Tp = self.prefill_shape(len(plan.prefill), max(c.length for c in plan.prefill))
-            tok = np.zeros((Bp, Tp), np.int32)
-            start = np.zeros(Bp, np.int32)
-            length = np.zeros(Bp, np.int32)
-            tabs = np.zeros((Bp, P), np.int32)
+            pf = self._blank_prefill(*self.prefill_shape(len(plan.prefill), max(c.length for c in plan.prefill)))
+            Tp = pf.tokens.shape[1]
             for i, c in enumerate(plan.prefill):
                 toks = c.request.tokens[c.start:c.start + c.length]
-                tok[i, Tp - len(toks):] = toks  # left-padded (see PrefillBatch)
-                start[i], length[i], tabs[i] = c.start, c.length, table(c.request.blocks)
-            pf = PrefillBatch(tok, start, length, tabs, *sp([c.request for c in plan.prefill], Bp))
+                pf.tokens[i, Tp - len(toks):] = toks  # left-padded (see PrefillBatch)
+                pf.start[i], pf.length[i] = c.start, c.length
+                self._fill_row(pf, i, c.request)
         return dec, pf
 
     def step(self) -> list[RequestOutput]:
@@ -511,20 +507,11 @@ class Engine:
         if progress:
             from tqdm import tqdm
             bar = tqdm(total=len(todo), desc="compile engine steps", unit="shape")
-        P = self.max_pages
         with ThreadPoolExecutor(max(1, workers)) as ex:
             futs = []
             for bd, pfs in todo:
-                dec = pf = None
-                if bd is not None:
-                    z = np.zeros(bd, np.int32)
-                    dec = DecodeBatch(z, z, np.zeros((bd, P), np.int32), np.zeros(bd, bool),
-                                      np.zeros((bd, 2), np.uint32), np.zeros(bd, np.float32), np.ones(bd, np.float32))
-                if pfs is not None:
-                    bp, tp = pfs
-                    z = np.zeros(bp, np.int32)
-                    pf = PrefillBatch(np.zeros((bp, tp), np.int32), z, z, np.zeros((bp, P), np.int32),
-                                      np.zeros((bp, 2), np.uint32), np.zeros(bp, np.float32), np.ones(bp, np.float32))
+                dec = None if bd is None else self._blank_decode(bd)
+                pf = None if pfs is None else self._blank_prefill(*pfs)
                 dec_ids = pf_ids = None
                 if self.cfg.pregate is not None:
                     dec_ids = None if dec is None else np.zeros(bd, np.int32)
