@@ -256,6 +256,9 @@ def unstack_layers(model: Transformer) -> tuple[tuple[nnx.State, ...], ...]:
     return tuple(out)
 
 
+LAYER_LOOPS = ("auto", "scan", "unroll")
+
+
 def resolve_layer_loop(layer_loop: str) -> str:
     """``"scan"`` (the stacked weights in a ``lax.scan``), ``"unroll"`` (one call per layer over
     :func:`unstack_layers`' per-layer weights) or ``"auto"``: ``unroll`` on CPU, where slicing a layer out
@@ -265,9 +268,6 @@ def resolve_layer_loop(layer_loop: str) -> str:
     if layer_loop == "auto":
         return "unroll" if jax.default_backend() == "cpu" else "scan"
     return layer_loop
-
-
-LAYER_LOOPS = ("auto", "scan", "unroll")
 
 
 def count_params(model: nnx.Module) -> int:
