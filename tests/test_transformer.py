@@ -108,6 +108,17 @@ def test_layer_loops_agree(model):
     close(b.logits, a.logits)
     close(b.cache.k[1], a.cache.k[1])
     close(b.aux["load_balance_loss"], a.aux["load_balance_loss"])
+    # a per-layer cache (one buffer per layer) gives the same result with either loop, also for a layer range
+    for states in (ls, None):
+        c = model(toks, cache=model.init_cache(2, 8, per_layer=True), cache_index=0, layer_states=states)
+        close(c.logits, a.logits)
+        assert isinstance(c.cache.k[1], tuple) and len(c.cache.k[1]) == len(ls[1])
+        close(jnp.stack(c.cache.k[1]), a.cache.k[1])
+        close(jnp.stack(c.cache.v[0]), a.cache.v[0])
+        h = model(toks, cache=model.init_cache(2, 8, per_layer=True), cache_index=0, layer_states=states,
+                  layers=(0, 2))
+        close(jnp.stack(h.cache.k[1])[:1], a.cache.k[1][:1])  # layer 1 (first of the MoE run) ran
+        assert float(jnp.abs(h.cache.k[1][1]).max()) == 0.0  # layer 2 did not
     g = {loop: generate(model, [[3, 4, 5], [6]], 6, return_logits=True, layer_loop=loop) for loop in ("scan", "unroll")}
     close(g["unroll"].logits, g["scan"].logits)
     assert resolve_layer_loop("auto") == ("unroll" if jax.default_backend() == "cpu" else "scan")

@@ -45,7 +45,7 @@ def _generate(gdef, state, layer_states, tokens, mask, key, temperature, top_p, 
     model = nnx.merge(gdef, state)
     B, S = tokens.shape
     positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
-    out = model(tokens, positions=positions, attention_mask=mask, cache=model.init_cache(B, cache_len),
+    out = model(tokens, positions=positions, attention_mask=mask, cache=model.init_cache(B, cache_len, per_layer=layer_states is not None),
                 cache_index=0, layer_states=layer_states)
     V = out.logits.shape[-1]
     toks = jnp.full((B, n_max), eos_id, jnp.int32)

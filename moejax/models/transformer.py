@@ -43,7 +43,13 @@ def remat_policy(name: str):
 
 
 class KVCache(NamedTuple):
-    """Per-run stacked keys/values ``[n_layers_in_run, B, S_max, KV, hd]`` and column validity ``[B, S_max]``."""
+    """Keys/values per run of the stack and column validity ``[B, S_max]``.
+
+    ``k[r]``/``v[r]`` is either one stacked array ``[n_layers_in_run, B, S_max, KV, hd]`` (for the scanned
+    stack) or, from ``init_cache(..., per_layer=True)``, a tuple of per-layer arrays ``[B, S_max, KV, hd]``:
+    with the per-layer weight loop (``layer_states``) each layer then updates its own buffer in place, where
+    a stacked cache costs a slice and a write-back of the layer's whole cache per layer and step on XLA:CPU.
+    """
 
     k: tuple
     v: tuple
@@ -122,15 +128,20 @@ class Transformer(nnx.Module):
                                      logical_axes=("embed", "vocab"))
 
     # -------------------------------------------------------------------------------------------- cache
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens."""
+    def init_cache(self, batch: int, max_len: int, dtype=None, *, per_layer: bool = False) -> KVCache:
+        """An empty KV cache for ``batch`` sequences of up to ``max_len`` tokens (``per_layer``: one buffer per
+        layer instead of one stacked array per run, see :class:`KVCache`)."""
         cfg = self.cfg
         if max_len > cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds ModelConfig.max_seq_len={cfg.max_seq_len}")
         dt = dtype or dtype_of(cfg.dtype)
-        shape = lambda n: (n, batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
-        ks = tuple(jnp.zeros(shape(n), dt) for _, _, n in self.runs)
-        vs = tuple(jnp.zeros(shape(n), dt) for _, _, n in self.runs)
+        shape = (batch, max_len, cfg.n_kv_heads, cfg.resolved_head_dim)
+
+        def run_cache(n):
+            return tuple(jnp.zeros(shape, dt) for _ in range(n)) if per_layer else jnp.zeros((n, *shape), dt)
+
+        ks = tuple(run_cache(n) for _, _, n in self.runs)
+        vs = tuple(run_cache(n) for _, _, n in self.runs)
         return KVCache(ks, vs, jnp.zeros((batch, max_len), bool))
 
     # -------------------------------------------------------------------------------------------- forward
@@ -223,22 +234,35 @@ class Transformer(nnx.Module):
 
         if self.cfg.remat != "none":
             body = jax.checkpoint(body, policy=remat_policy(self.cfg.remat), prevent_cse=False)
-        kv_in = None if kv is None else LayerKV(sl(kv.k), sl(kv.v))
+        listed = kv is not None and isinstance(kv.k, tuple)  # a per-layer cache (init_cache(per_layer=True))
         if per_layer is None:
+            if listed:
+                kv = LayerKV(jnp.stack(kv.k), jnp.stack(kv.v))
+            kv_in = None if kv is None else LayerKV(sl(kv.k), sl(kv.v))
             x, (kv_out, aux) = jax.lax.scan(body, x, (jax.tree.map(sl, state), kv_in, layer_ids))
-        else:  # one call per layer on its own weights (see unstack_layers)
-            kk, vv, auxes = (None, None, []) if kv_in is None else (kv_in.k, kv_in.v, [])
-            for i in range(hi - lo):
-                lkv = None if kv_in is None else LayerKV(kk[i], vv[i])
-                x, (new_kv, a) = body(x, (per_layer[lo + i], lkv, layer_ids[i]))
-                if new_kv is not None:
+            if kv is not None and (lo, hi) != (0, n):
+                kv_out = LayerKV(kv.k.at[lo:hi].set(kv_out.k), kv.v.at[lo:hi].set(kv_out.v))
+            if listed:
+                kv_out = LayerKV(tuple(kv_out.k), tuple(kv_out.v))
+            return x, kv_out, aux
+        # one call per layer on its own weights (see unstack_layers)
+        kk = vv = None
+        if kv is not None:
+            kk, vv = (list(kv.k), list(kv.v)) if listed else (kv.k, kv.v)
+        auxes = []
+        for i in range(lo, hi):
+            lkv = None if kv is None else LayerKV(kk[i], vv[i])
+            x, (new_kv, a) = body(x, (per_layer[i], lkv, layer_ids[i - lo]))
+            if new_kv is not None:
+                if listed:
+                    kk[i], vv[i] = new_kv.k, new_kv.v
+                else:
                     kk, vv = kk.at[i].set(new_kv.k), vv.at[i].set(new_kv.v)
-                auxes.append(a)
-            kv_out = None if kv_in is None else LayerKV(kk, vv)
-            aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
-        if kv is not None and (lo, hi) != (0, n):
-            kv_out = LayerKV(kv.k.at[lo:hi].set(kv_out.k), kv.v.at[lo:hi].set(kv_out.v))
-        return x, kv_out, aux
+            auxes.append(a)
+        kv_out = None
+        if kv is not None:
+            kv_out = LayerKV(tuple(kk), tuple(vv)) if listed else LayerKV(kk, vv)
+        return x, kv_out, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
 
 
 def unstack_layers(model: Transformer) -> tuple[tuple[nnx.State, ...], ...]:
