@@ -243,6 +243,39 @@ def test_warmup_compiles_every_step_shape(model):
     assert not [m for m in msgs if "engine_step" in m and "ompil" in m], msgs
 
 
+def test_multi_step_decode_matches_single_steps(model):
+    """EngineConfig.decode_steps=4 (four decode iterations per call, tokens fed back on the device) gives the
+    same tokens, log-probabilities and logits as one iteration per call: greedy and seeded sampling, rows that
+    finish inside a group (max_tokens not a multiple of 4, a stop token) and a row that reaches the context
+    limit (the engine falls back to single steps where a group would not fit)."""
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (5, 13, 21, 9, 30)]
+    one = Engine(model, EngineConfig(block_size=8, max_model_len=48, record_logits=True, sched=sched_cfg()))
+    ref0 = one.generate(prompts[:1], SamplingParams(max_tokens=9, temperature=0))[0].tokens
+    params = [SamplingParams(max_tokens=9, temperature=0, stop_token_ids=(ref0[6],)),
+              SamplingParams(max_tokens=10, temperature=0), SamplingParams(max_tokens=7, temperature=0),
+              SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7),
+              SamplingParams(max_tokens=40, temperature=0)]  # 30 + 40 > 48: stops at the context limit
+    one.reset_metrics()
+    ref = one.generate(prompts, params)
+    four = Engine(model, EngineConfig(block_size=8, max_model_len=48, record_logits=True, sched=sched_cfg(),
+                                      decode_steps=4))
+    got = four.generate(prompts, params)
+    assert any(len(k) == 3 and k[2] == 4 for k in four.compiled_shapes)  # multi-step calls ran
+    assert any(len(k) == 2 and k[1] is None for k in four.compiled_shapes)  # and single decode steps
+    for a, b in zip(ref, got):
+        assert b.tokens == a.tokens and b.finish_reason == a.finish_reason
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)
+        assert np.abs(b.logits - a.logits).max() <= LOGIT_TOL
+    assert got[0].finish_reason == "stop" and got[4].finish_reason == "length" and len(got[4].tokens) == 18
+    assert sum(it.decode_tokens for it in four.iterations) == sum(it.decode_tokens for it in one.iterations)
+    four.alloc.check()
+    assert four.alloc.num_used == 0
+    assert (1, None, 4) in four.warmup_shapes()
+    with pytest.raises(ValueError, match="decode_steps"):
+        Engine(model, EngineConfig(decode_steps=0))
+
+
 def test_engine_config_kv_block_and_layer_loop_validated(model):
     with pytest.raises(ValueError, match="kv_block"):
         Engine(model, EngineConfig(block_size=8, kv_block=12))

@@ -50,7 +50,13 @@ from moejax.serve.scheduler import (
     Status,
     make_scheduler,
 )
-from moejax.serve.step import TOP_LOGPROBS, DecodeBatch, PrefillBatch, engine_step
+from moejax.serve.step import (
+    TOP_LOGPROBS,
+    DecodeBatch,
+    PrefillBatch,
+    engine_decode_steps,
+    engine_step,
+)
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,13 @@ class EngineConfig:
         ``budget_bytes`` of them in memory (the step then runs layer by layer; see ``moejax/offload``).
       pregate: a :class:`moejax.models.readme.PreGate`: every MoE layer uses the experts it picks from the
         token ids (Read-ME), known before the step runs (the offload cache's Belady policy uses them).
+      decode_steps: multi-step decoding (as vLLM's multi-step scheduling): when an iteration would only
+        decode (no prompt to prefill, none waiting), run this many decode iterations in one compiled call,
+        feeding the sampled tokens back on the device, so the host's per-iteration work (scheduling, packing,
+        dispatch, the transfer back) is paid once per ``decode_steps`` tokens. Tokens are the same as with 1;
+        they reach the caller (and streams) in groups of up to ``decode_steps``, and a request that finishes
+        inside a group costs the rest of the group's compute for its row. New requests wait at most one
+        group. 1 (default) disables it.
     """
 
     scheduler: str = "chunked"
@@ -137,6 +150,7 @@ class EngineConfig:
     layer_loop: str = "auto"
     offload: object | None = None
     pregate: object | None = None
+    decode_steps: int = 1
 
 
 @dataclass
@@ -214,6 +228,9 @@ class Engine:
         if not isinstance(step, int) or step < cfg.min_prefill_tokens or step & (step - 1):
             raise ValueError(f"EngineConfig.prefill_token_step={step!r} must be a power of two >= "
                              f"min_prefill_tokens={cfg.min_prefill_tokens}")
+        k = cfg.decode_steps
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"EngineConfig.decode_steps={k!r} must be an integer >= 1")
         ppb = cfg.kv_block // cfg.block_size
         # block-table width: the whole context, rounded up to whole key blocks
         self.max_pages = -(-math.ceil(self.max_model_len / cfg.block_size) // ppb) * ppb
@@ -390,7 +407,10 @@ class Engine:
         plan = self.scheduler.schedule(t0)
         if plan.empty:
             return outputs
+        steps = self._decode_steps(plan)  # (grows the rows' blocks first: the tables are packed next)
         dec, pf = self._pack(plan)
+        if steps > 1:
+            return self._step_multi(plan, dec, steps, t0, outputs)
         use_hidden = plan.use_hidden
         hidden = self._pf_hidden if use_hidden else None
         self.compiled_shapes.add(self._shape_key(dec, pf))
@@ -440,11 +460,59 @@ class Engine:
                                self.alloc.num_used / max(self.alloc.num_blocks - 1, 1))
         return outputs
 
+    def _decode_steps(self, plan: Plan) -> int:
+        """Decode iterations to fuse into this call: ``EngineConfig.decode_steps`` when the plan only decodes,
+        nothing waits to be admitted, every row's context has room and the rows' blocks can grow to cover the
+        whole group; else 1."""
+        k = self.cfg.decode_steps
+        sched = self.scheduler
+        if (k == 1 or plan.prefill or not plan.decode or plan.preempted or self.runtime is not None
+                or self.cfg.pregate is not None or sched.waiting or sched.prefilling or not self._inbox.empty()):
+            return 1
+        if any(r.num_tokens + k > self.max_model_len for r in plan.decode):
+            return 1
+        # positions num_tokens - 1 .. num_tokens + k - 2 get K/V written (blocks left over are used later)
+        return k if all(sched._grow(r, r.num_tokens + k - 1) for r in plan.decode) else 1
+
+    def _step_multi(self, plan: Plan, dec: DecodeBatch, k: int, t0: float,
+                    outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Run ``k`` decode iterations in one call (:func:`~moejax.serve.step.engine_decode_steps`) and hand
+        out their tokens in order; a request that finishes inside the group drops its later tokens."""
+        self.compiled_shapes.add(self._shape_key(dec, None, k))
+        o = engine_decode_steps(self.gdef, self.state, self.pool, dec, self.layer_states, **self._multi_kw(k))
+        self.pool = o.pool
+        toks, lps, (tids, tlps), touched, logits = jax.device_get((o.tokens, o.logprob, o.top, o.experts_touched,
+                                                                  o.logits))
+        t1 = time.perf_counter()
+        dt = (t1 - t0) / k
+        for j in range(k):
+            live = [(i, r) for i, r in enumerate(plan.decode) if r.status != Status.FINISHED]
+            for i, req in live:
+                req.num_computed = req.num_tokens
+                self._append(req, int(toks[j, i]), float(lps[j, i]), tids[j, i], tlps[j, i],
+                             None if logits is None else logits[j, i], t1, outputs)
+            it = IterationStats(t0 + j * dt, t0 + (j + 1) * dt, len(live), 0, (0, self.mcfg.n_layers),
+                                [int(x) for x in touched[j]], int(touched[j].sum()) * self.expert_bytes,
+                                0, sum(r.num_tokens for _, r in live))
+            self.iterations.append(it)
+            self.prom.on_iteration(it, len(self.scheduler.running), len(self.scheduler.waiting),
+                                   self.alloc.num_used / max(self.alloc.num_blocks - 1, 1))
+        for req in self.scheduler.running:
+            self.scheduler.register_full_blocks(req)
+        self.scheduler.on_step_done(plan)
+        return outputs
+
+    def _multi_kw(self, k: int) -> dict:
+        return {"steps": k, "block_size": self.cfg.block_size, "return_logits": self.cfg.record_logits,
+                "attn_impl": self.cfg.attn_impl, "kv_block": self.cfg.kv_block}
+
     # ----------------------------------------------------------------------------------------- compiling
     @staticmethod
-    def _shape_key(dec, pf) -> tuple:
-        """What selects a compiled step: decode rows and prefill (rows, tokens)."""
-        return (None if dec is None else int(dec.tokens.shape[0]), None if pf is None else tuple(pf.tokens.shape))
+    def _shape_key(dec, pf, steps: int = 1) -> tuple:
+        """What selects a compiled step: decode rows and prefill (rows, tokens); multi-step decode calls
+        (``EngineConfig.decode_steps``) are ``(rows, None, steps)``."""
+        key = (None if dec is None else int(dec.tokens.shape[0]), None if pf is None else tuple(pf.tokens.shape))
+        return key if steps == 1 else (*key, steps)
 
     def _zero_hidden(self, shape) -> jax.Array:
         if self._zeros is None or self._zeros.shape[:2] != tuple(shape):
@@ -476,7 +544,10 @@ class Engine:
         tokens = sorted({self.prefill_shape(1, t)[1] for t in edges})
         rows = sorted({self.prefill_shape(n, 1)[0] for n in range(1, min(sc.max_prefill_seqs, sc.max_num_seqs) + 1)})
         multi = sc.max_num_batched_tokens if self.cfg.scheduler == "chunked" else sc.max_layered_tokens
-        keys = [(b, None) for b in sorted({self.decode_rows(n, False) for n in range(1, sc.max_num_seqs + 1)})]
+        buckets = sorted({self.decode_rows(n, False) for n in range(1, sc.max_num_seqs + 1)})
+        keys = [(b, None) for b in buckets]
+        if self.cfg.decode_steps > 1 and self.runtime is None and self.cfg.pregate is None:
+            keys += [(b, None, self.cfg.decode_steps) for b in buckets]
         full = self.decode_rows(0, True) if self.runtime is None else None
         for bp in rows:
             for tp in tokens:
@@ -509,15 +580,21 @@ class Engine:
             bar = tqdm(total=len(todo), desc="compile engine steps", unit="shape")
         with ThreadPoolExecutor(max(1, workers)) as ex:
             futs = []
-            for bd, pfs in todo:
+            for key in todo:
+                bd, pfs = key[:2]
                 dec = None if bd is None else self._blank_decode(bd)
+                if len(key) > 2:  # a multi-step decode call
+                    lower = engine_decode_steps.lower(self.gdef, self.state, self.pool, dec, self.layer_states,
+                                                      **self._multi_kw(key[2]))
+                    futs.append((ex.submit(lower.compile), key))
+                    continue
                 pf = None if pfs is None else self._blank_prefill(*pfs)
                 dec_ids = pf_ids = None
                 if self.cfg.pregate is not None:
                     dec_ids = None if dec is None else np.zeros(bd, np.int32)
                     pf_ids = None if pf is None else np.zeros(pfs, np.int32)
                 args, kw = self._step_args(dec, pf, None, (0, self.mcfg.n_layers), False, dec_ids, pf_ids)
-                futs.append((ex.submit(engine_step.lower(*args, **kw).compile), (bd, pfs)))
+                futs.append((ex.submit(engine_step.lower(*args, **kw).compile), key))
             for f, key in futs:
                 f.result()
                 self.compiled_shapes.add(key)

@@ -244,11 +244,9 @@ def add_ffn(parts, f):
     return out
 
 
-@partial(jax.jit, static_argnames=("gdef", "block_size", "return_logits", "attn_impl", "kv_block"),
-         donate_argnames=("pool",))
-def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hidden, group,
-                dec_ids=None, pf_ids=None, layer_states=None, *, block_size: int, return_logits: bool = False,
-                attn_impl: str = "xla", kv_block: int | None = None) -> StepOutput:
+def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hidden, group,
+                 dec_ids=None, pf_ids=None, layer_states=None, *, block_size: int, return_logits: bool = False,
+                 attn_impl: str = "xla", kv_block: int | None = None) -> StepOutput:
     """One engine iteration (see the module docstring). ``dec``/``pf`` may be None (empty part).
 
     ``group`` is ``int32 [3]`` = ``(lo, hi, use_hidden)``: the prefill rows pass through layers ``[lo, hi)``
@@ -330,6 +328,57 @@ def engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillB
         touched.append(cnt)
     return finish_step(model, xd, xp, dec, pf, jnp.concatenate(touched), KVPool(tuple(ks), tuple(vs)),
                        return_logits)
+
+
+_STATIC = ("gdef", "block_size", "return_logits", "attn_impl", "kv_block")
+engine_step = jax.jit(_engine_step, static_argnames=_STATIC, donate_argnames=("pool",))
+engine_step.__doc__ = _engine_step.__doc__
+
+
+class MultiStepOutput(NamedTuple):
+    """``steps`` decode iterations of :func:`engine_decode_steps` (leading axis: the iteration)."""
+
+    tokens: jax.Array          # [steps, Bd]
+    logprob: jax.Array         # [steps, Bd]
+    top: tuple                 # ([steps, Bd, 5] ids, [steps, Bd, 5] logprobs)
+    experts_touched: jax.Array  # [steps, n_layers]
+    logits: jax.Array | None   # [steps, Bd, V] (only with return_logits)
+    pool: KVPool
+
+
+@partial(jax.jit, static_argnames=(*_STATIC, "steps"), donate_argnames=("pool",))
+def engine_decode_steps(gdef, state, pool: KVPool, dec: DecodeBatch, layer_states=None, *, steps: int,
+                        block_size: int, return_logits: bool = False, attn_impl: str = "xla",
+                        kv_block: int | None = None) -> MultiStepOutput:
+    """``steps`` decode iterations in one call (multi-step scheduling): iteration ``j`` feeds back the tokens
+    iteration ``j - 1`` sampled, at positions ``dec.pos + j``, with sampling keys ``dec.keys + (0, j)`` (the
+    key a single step would use for that output index), so it computes exactly what ``steps`` calls of
+    :func:`engine_step` on decode-only batches would. The rows' block tables must already cover positions
+    ``< dec.pos + steps``. A row that finishes early (stop token, ``max_tokens``) keeps decoding to the end of
+    the call; the host drops its extra tokens (their K/V lie beyond the row's end, never visible)."""
+    mcfg = nnx.merge(gdef, state).cfg
+    L, V, Bd = mcfg.n_layers, mcfg.vocab_size, dec.tokens.shape[0]
+    group = jnp.asarray([0, L, 0], jnp.int32)
+    kw = {"block_size": block_size, "return_logits": return_logits, "attn_impl": attn_impl, "kv_block": kv_block}
+
+    def body(j, carry):
+        tok, pool, toks, lps, tids, tlps, touched, logits = carry
+        step_key = jnp.asarray([0, 1], jnp.uint32) * j.astype(jnp.uint32)  # (seed, output index + j)
+        d = dec._replace(tokens=tok, pos=dec.pos + j, keys=dec.keys + step_key)
+        o = _engine_step(gdef, state, pool, d, None, None, group, layer_states=layer_states, **kw)
+        toks, lps = toks.at[j].set(o.dec_next), lps.at[j].set(o.dec_logprob)
+        tids, tlps = tids.at[j].set(o.dec_top[0]), tlps.at[j].set(o.dec_top[1])
+        touched = touched.at[j].set(o.experts_touched)
+        if return_logits:
+            logits = logits.at[j].set(o.dec_logits)
+        return o.dec_next, o.pool, toks, lps, tids, tlps, touched, logits
+
+    init = (dec.tokens, pool, jnp.zeros((steps, Bd), jnp.int32), jnp.zeros((steps, Bd), jnp.float32),
+            jnp.zeros((steps, Bd, TOP_LOGPROBS), jnp.int32), jnp.zeros((steps, Bd, TOP_LOGPROBS), jnp.float32),
+            jnp.zeros((steps, L), jnp.int32),
+            jnp.zeros((steps, Bd, V) if return_logits else (0,), jnp.float32))
+    _, pool, toks, lps, tids, tlps, touched, logits = jax.lax.fori_loop(0, steps, body, init)
+    return MultiStepOutput(toks, lps, (tids, tlps), touched, logits if return_logits else None, pool)
 
 
 def finish_step(model, xd, xp, dec, pf, touched, pool, return_logits) -> StepOutput:
