@@ -3,7 +3,9 @@
 Workload (issue 5): 16 concurrent requests of 128-token prompts + 64 new tokens, greedy, float32 random
 weights of preset ``tiny``; and one request alone (ms per output token). Side by side in the same run:
 
-* ``engine``: ``Engine.generate`` (continuous batching over the paged KV cache, chunked prefill);
+* ``engine``: ``Engine.generate`` (continuous batching over the paged KV cache, chunked prefill), with
+  ``--decode-steps`` (default 4) decode iterations per compiled call once every prompt is in, and the same
+  engine with single steps (``decode_steps=1``) as the baseline;
 * ``server``: the same engine behind ``moejax serve``'s FastAPI app on loopback (uvicorn in this process),
   16 concurrent non-streaming ``/v1/completions`` clients (httpx, token-id prompts, ``ignore_eos``);
 * ``generate``: the core's static-batch ``generate`` (prefill + a ``while_loop`` decode in one program);
@@ -51,6 +53,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--decode-steps", type=int, default=4,
+                    help="EngineConfig.decode_steps of the measured engine (>1: multi-step decoding; an engine "
+                         "with 1 is then measured first as the baseline)")
     args = ap.parse_args(argv)
 
     import jax
@@ -72,14 +77,16 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, 256, (B, P)).tolist()
     sp = SamplingParams(max_tokens=N, temperature=0)
-    ecfg = EngineConfig(max_model_len=P + N + 64, enable_prefix_cache=False,
-                        sched=SchedulerConfig(max_num_seqs=B, max_num_batched_tokens=max(512, B * P // 2),
-                                              max_prefill_seqs=B))
-    engine = Engine(model, ecfg)
-    t = time.perf_counter()
-    n_shapes = engine.warmup(max_prompt_tokens=P)  # every step shape, compiled ahead of time
-    warmup_s = time.perf_counter() - t
-    print(f"warmup: {n_shapes} step shapes compiled in {warmup_s:.1f} s", flush=True)
+    def make_engine(decode_steps):
+        ecfg = EngineConfig(max_model_len=P + N + 64, enable_prefix_cache=False, decode_steps=decode_steps,
+                            sched=SchedulerConfig(max_num_seqs=B, max_num_batched_tokens=max(512, B * P // 2),
+                                                  max_prefill_seqs=B))
+        engine = Engine(model, ecfg)
+        t = time.perf_counter()
+        n = engine.warmup(max_prompt_tokens=P)  # every step shape, compiled ahead of time
+        print(f"warmup (decode_steps={decode_steps}): {n} step shapes compiled in {time.perf_counter() - t:.1f} s",
+              flush=True)
+        return engine, n, time.perf_counter() - t
 
     def median(f):
         f()  # warm-up: compiles every bucket
@@ -98,6 +105,16 @@ def main(argv=None):
         m = r.metrics
         return (m.token_times[-1] - m.first_token) / (len(r.tokens) - 1)
 
+    res = {}
+    if args.decode_steps > 1:  # the single-step engine first, as the baseline
+        engine, _, _ = make_engine(1)
+        res["engine_1step_s"] = median(offline)
+        res["single_1step_tpot_s"] = median(single)
+        print(f"engine offline, decode_steps=1: {B * N / res['engine_1step_s']:.0f} tok/s", flush=True)
+        del engine
+        jax.clear_caches()  # its compiled steps' JIT code (see Engine.warmup on memory maps)
+    engine, n_shapes, warmup_s = make_engine(args.decode_steps)
+
     def static():
         t = time.perf_counter()
         generate(model, prompts, N)
@@ -111,7 +128,7 @@ def main(argv=None):
         generate(model, prompts[:1], N)
         return (time.perf_counter() - t - t1) / (N - 1)
 
-    res = {"warmup_s": warmup_s, "warmup_shapes": n_shapes}
+    res.update({"warmup_s": warmup_s, "warmup_shapes": n_shapes})
     res["engine_s"] = median(offline)
     print(f"engine offline: {B * N / res['engine_s']:.0f} tok/s", flush=True)
     app = create_app(engine, ByteTokenizer(cfg.vocab_size), model_name="tiny")
@@ -136,16 +153,23 @@ def main(argv=None):
         kv = 2 * cfg.n_layers * b * (P + N) * cfg.n_kv_heads * cfg.resolved_head_dim * 4
         return max((weight_bytes + kv) / bw, flops / rate)
 
+    k = args.decode_steps
     rows = [
-        {"path": "engine (offline, continuous batching)", "batch": B, "gen tok/s": B * N / res["engine_s"],
-         "target": ">= 3000"},
-        {"path": "HTTP server (16 concurrent clients)", "batch": B, "gen tok/s": B * N / res["server_s"],
-         "target": ">= 2500"},
+        {"path": f"engine (offline, continuous batching, decode_steps={k})", "batch": B,
+         "gen tok/s": B * N / res["engine_s"], "target": ">= 3000"},
+        {"path": f"HTTP server (16 concurrent clients, decode_steps={k})", "batch": B,
+         "gen tok/s": B * N / res["server_s"], "target": ">= 2500"},
         {"path": "static-batch generate (core)", "batch": B, "gen tok/s": B * N / res["static_s"], "target": ""},
         {"path": "roofline decode-only bound", "batch": B, "gen tok/s": B / bound(B), "target": ""},
     ]
+    if k > 1:
+        rows.insert(1, {"path": "engine (offline, decode_steps=1)", "batch": B,
+                        "gen tok/s": B * N / res["engine_1step_s"], "target": ""})
     single_rows = [
-        {"path": "engine, one request", "ms/token": 1e3 * res["single_tpot_s"], "target": "<= 2.5"},
+        {"path": f"engine, one request, decode_steps={k}", "ms/token": 1e3 * res["single_tpot_s"],
+         "target": "<= 2.5"},
+        *([{"path": "engine, one request, decode_steps=1", "ms/token": 1e3 * res["single_1step_tpot_s"],
+            "target": ""}] if k > 1 else []),
         {"path": "static generate, one request", "ms/token": 1e3 * res["static_single_step_s"], "target": ""},
         {"path": "roofline bound", "ms/token": 1e3 * bound(1), "target": ""},
     ]
@@ -157,7 +181,10 @@ def main(argv=None):
           f"({env['cpu_count']} CPUs, backend {env['backend']}); bandwidth {bw / 1e9:.1f} GB/s, matmul "
           f"{rate / 1e9:.1f} GFLOP/s measured in the same run. Median of {args.repeats} after a warm-up. "
           f"The engine compiled its {n_shapes} step shapes ahead of time ({warmup_s:.0f} s; "
-          f"{len(engine.compiled_shapes) - n_shapes} more were compiled while serving).\n\n"
+          f"{len(engine.compiled_shapes) - n_shapes} more were compiled while serving). "
+          + (f"decode_steps={k}: multi-step decoding (k decode iterations per compiled call once every prompt "
+             "is in; streams get tokens in groups of k); the decode_steps=1 engine is measured in the same run "
+             "as the baseline. " if k > 1 else "") + "\n\n"
           + markdown_table(rows, list(rows[0])) + "\n" + markdown_table(single_rows, list(single_rows[0]))
           + f"\nTargets met: {met}.\n")
     payload = {"environment": env, "args": vars(args), "seconds": res, "rows": rows, "single": single_rows,

@@ -239,7 +239,8 @@ def cmd_serve(args) -> int:
     name = args.model_name or os.path.basename(os.path.normpath(src))
     engine = Engine(model, EngineConfig(scheduler=args.scheduler, sched=sched, block_size=args.block_size,
                                         num_blocks=args.num_blocks, max_model_len=args.max_model_len,
-                                        enable_prefix_cache=not args.no_prefix_cache, offload=offload),
+                                        enable_prefix_cache=not args.no_prefix_cache, offload=offload,
+                                        decode_steps=args.decode_steps),
                     model_name=name)
     if args.warmup and offload is None:
         import time
@@ -392,6 +393,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     s.add_argument("--max-pending", type=int, default=512, help="requests in flight before 503 + Retry-After")
     s.add_argument("--no-prefix-cache", action="store_true")
+    s.add_argument("--decode-steps", type=int, default=1,
+                   help="multi-step decoding: decode iterations per compiled call when nothing waits to be "
+                        "admitted (less host overhead per token; streams receive tokens in groups of this many)")
     s.add_argument("--warmup", action="store_true",
                    help="compile every engine step shape before serving (no compile pauses while serving; "
                         "takes about a second or more per shape, see Engine.warmup_shapes)")
