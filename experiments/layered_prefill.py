@@ -5,7 +5,7 @@ Model (random weights, float32): 64 experts top-8 (Qwen3-MoE-like routing granul
 already touches every expert, so no scheduler could save traffic; with 64 experts top-8 a decode batch of
 4-8 touches about half of them per layer while a prefill chunk touches all of them.
 
-Workload: the same trace for both schedulers: Poisson arrivals at ``--rate`` requests/s, prompt lengths
+Workload: the same trace for both schedulers: Poisson arrivals at each of ``--rates`` requests/s, prompt lengths
 uniform in [512, 4096] (so layered prefill uses G = 1..8 groups), output lengths uniform in [32, 96],
 greedy decoding, at most 8 running requests. The engine runs in real time (requests are added when their
 arrival time passes); each engine first compiles every step shape its scheduler can produce
@@ -22,7 +22,7 @@ max(bytes / bandwidth, FLOPs / peak), with bytes = attention/embedding weights +
 counts and the measured layer group of the iteration) + KV-cache reads, and FLOPs = 2 x active parameters x
 tokens + attention. TTFT/TPOT are then re-timed on the modelled iteration times.
 
-    python experiments/layered_prefill.py [--requests 32] [--rate 1.0] [--quick]
+    python experiments/layered_prefill.py [--requests 32] [--rates 1.0 4.0] [--quick]
 """
 
 from __future__ import annotations
@@ -138,14 +138,14 @@ def retime(its, modelled, finished):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=32)
-    ap.add_argument("--rate", type=float, default=1.0, help="arrivals per second (Poisson)")
+    ap.add_argument("--rates", type=float, nargs="+", default=[1.0, 4.0],
+                    help="Poisson arrival rates (requests/s); each is replayed on both schedulers")
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="short prompts (CI smoke run; not the headline)")
     args = ap.parse_args(argv)
 
     import jax
-    import numpy as np
     from flax import nnx
 
     from moejax.models.transformer import Transformer
@@ -155,9 +155,9 @@ def main(argv=None):
     cfg = model_config(args.quick)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     lo, hi = (512, 4096) if not args.quick else (128, 1024)
-    trace = make_trace(args.requests, args.rate, lo, hi, 32, 96, args.seed)
+    traces = {rate: make_trace(args.requests, rate, lo, hi, 32, 96, args.seed) for rate in args.rates}
     thresholds = (512, 1024, 2048, 4096) if not args.quick else (128, 256, 512, 1024)
-    results, rows = {}, []
+    results = {str(rate): {} for rate in args.rates}
     for name in ("chunked", "layered"):
         sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=512, max_prefill_seqs=4,
                                 layered_thresholds=thresholds, max_layered_tokens=hi)
@@ -168,77 +168,55 @@ def main(argv=None):
         n_warm = eng.warmup(max_prompt_tokens=hi + 96, progress=True)  # every step shape, ahead of time
         warm_s = time.perf_counter() - t
         shapes_after_warmup = len(eng.compiled_shapes)
-        t = time.perf_counter()
-        m = run_trace(eng, trace)
-        m["new_shapes_in_measured_run"] = len(eng.compiled_shapes) - shapes_after_warmup
-        m["run_s"] = time.perf_counter() - t
-        m["warmup_compile_s"] = warm_s
-        m["warmup_shapes"] = n_warm
-        if os.path.exists("/proc/self/maps"):
-            with open("/proc/self/maps") as f:
-                m["process_memory_maps_after_warmup"] = sum(1 for _ in f)  # vm.max_map_count bounds this
-        m["compiled_shapes"] = len(eng.compiled_shapes)
-        its = eng.iterations
-        groups = [it.group for it in its if it.prefill_tokens]
-        m["prefill_iterations"] = len(groups)
-        m["partial_group_iterations"] = sum(g != (0, cfg.n_layers) for g in groups)
-        m["mean_decode_batch"] = float(np.mean([it.decode_tokens for it in its]))
-        pf_s = [it.end - it.start for it in its if it.prefill_tokens]
-        dc_s = [it.end - it.start for it in its if not it.prefill_tokens]
-        m["prefill_iteration_s"] = {"count": len(pf_s), "mean": float(np.mean(pf_s)) if pf_s else 0.0,
-                                    "sum": float(np.sum(pf_s))}
-        m["decode_only_iteration_s"] = {"count": len(dc_s), "mean": float(np.mean(dc_s)) if dc_s else 0.0,
-                                        "sum": float(np.sum(dc_s))}
-        m["iteration_log"] = [[round(it.end - it.start, 5), it.decode_tokens, it.prefill_tokens, list(it.group),
-                               it.expert_bytes] for it in its]
-        # modelled Qwen3-30B-A3B on H100
-        mt = roofline(its, cfg.n_layers, eng.finished_metrics)
-        ttft, tpot = retime(its, mt, eng.finished_metrics)
-        m["modelled_h100_qwen3"] = {"ttft_mean_s": float(np.mean(ttft)), "ttft_p99_s": float(np.percentile(ttft, 99)),
-                                    "tpot_mean_s": float(np.mean(tpot)), "iteration_mean_s": float(np.mean(mt))}
-        results[name] = m
-        rows.append({"scheduler": name, "TTFT mean s": m["ttft_mean_s"], "TTFT p99 s": m["ttft_p99_s"],
-                     "TPOT mean ms": 1e3 * m["tpot_mean_s"], "TPOT p99 ms": 1e3 * m["tpot_p99_s"],
-                     "E2E mean s": m["e2e_mean_s"], "E2E p99 s": m["e2e_p99_s"],
-                     "expert MB / gen token": m["expert_bytes_per_output_token"] / 2 ** 20,
-                     "expert MB / prompt token": m["expert_bytes_per_prompt_token"] / 2 ** 20,
-                     "iterations": m["iterations"], "mean decode batch": m["mean_decode_batch"]})
-        print(rows[-1], flush=True)
+        for rate in args.rates:
+            t = time.perf_counter()
+            m = run_trace(eng, traces[rate])
+            m["new_shapes_in_measured_run"] = len(eng.compiled_shapes) - shapes_after_warmup
+            m["run_s"] = time.perf_counter() - t
+            m["warmup_compile_s"] = warm_s
+            m["warmup_shapes"] = n_warm
+            if os.path.exists("/proc/self/maps"):
+                with open("/proc/self/maps") as f:
+                    m["process_memory_maps_after_warmup"] = sum(1 for _ in f)  # vm.max_map_count bounds this
+            m["compiled_shapes"] = len(eng.compiled_shapes)
+            describe_run(m, eng, cfg)
+            results[str(rate)][name] = m
+            print(rate, name, {k: m[k] for k in ("ttft_mean_s", "tpot_mean_s", "expert_bytes_total", "iterations")},
+                  flush=True)
 
-    c, lyr = results["chunked"], results["layered"]
-    red = 1 - lyr["expert_bytes_total"] / c["expert_bytes_total"]
-    summary = {
-        "expert_bytes_reduction": red,
-        "expert_bytes_per_output_token_reduction": 1 - lyr["expert_bytes_per_output_token"] / c["expert_bytes_per_output_token"],
-        "tpot_ratio_layered_over_chunked": lyr["tpot_mean_s"] / c["tpot_mean_s"],
-        "ttft_change": lyr["ttft_mean_s"] / c["ttft_mean_s"] - 1,
-        "modelled_ttft_change": lyr["modelled_h100_qwen3"]["ttft_mean_s"] / c["modelled_h100_qwen3"]["ttft_mean_s"] - 1,
-        "modelled_tpot_change": lyr["modelled_h100_qwen3"]["tpot_mean_s"] / c["modelled_h100_qwen3"]["tpot_mean_s"] - 1,
-        "target": "expert-weight bytes >= 30% lower than chunked at TPOT no worse (measured)",
-    }
-    summary["target_met"] = bool(red >= 0.30 and summary["tpot_ratio_layered_over_chunked"] <= 1.0)
+    summaries = {r: summarize_rate(res) for r, res in results.items()}
     payload = {"environment": environment(), "model": cfg.to_dict() if hasattr(cfg, "to_dict") else str(cfg),
-               "args": vars(args), "trace": [{"t": r["t"], "prompt_len": len(r["prompt"]), "max_tokens": r["max_tokens"]}
-                                              for r in trace],
-               "results": results, "summary": summary, "modelled_hardware": H100, "modelled_model": QWEN3}
-    mrows = [{"scheduler": n, "TTFT mean ms": 1e3 * results[n]["modelled_h100_qwen3"]["ttft_mean_s"],
-              "TTFT p99 ms": 1e3 * results[n]["modelled_h100_qwen3"]["ttft_p99_s"],
-              "TPOT mean ms": 1e3 * results[n]["modelled_h100_qwen3"]["tpot_mean_s"]} for n in results]
-    md = ["# Layered prefill vs chunked prefill (measured on this CPU)\n",
-          (f"{args.requests} requests, Poisson {args.rate}/s, prompts {lo}-{hi} tokens, outputs 32-96, greedy, "
-          f"max {args.max_num_seqs} running; model: 64 experts top-8, 8 layers, hidden 128 (float32). "
-          f"Backend {payload['environment']['backend']}.\n"),
-          markdown_table(rows, list(rows[0])),
-          (f"\nExpert-weight bytes, layered vs chunked: **{100 * red:.1f}% lower** in total "
-          f"({100 * summary['expert_bytes_per_output_token_reduction']:.1f}% per generated token); "
-          f"TPOT ratio layered/chunked {summary['tpot_ratio_layered_over_chunked']:.3f}; "
-          f"TTFT change {100 * summary['ttft_change']:+.1f}%. Target (>= 30% fewer bytes at TPOT no worse): "
-          f"{'met' if summary['target_met'] else 'NOT met'}.\n"),
-          "\n## Modelled: Qwen3-30B-A3B on one H100 (roofline of the measured iteration sequence)\n",
-          markdown_table(mrows, list(mrows[0])),
-          (f"\nModelled TTFT change {100 * summary['modelled_ttft_change']:+.1f}%, TPOT change "
-          f"{100 * summary['modelled_tpot_change']:+.1f}% (layered vs chunked). Paper: TTFT down up to 70%, "
-          "expert traffic down 12-39%.\n")]
+               "args": vars(args),
+               "traces": {str(rate): [{"t": r["t"], "prompt_len": len(r["prompt"]), "max_tokens": r["max_tokens"]}
+                                      for r in tr] for rate, tr in traces.items()},
+               "results": results, "summary": summaries, "modelled_hardware": H100, "modelled_model": QWEN3}
+    md = ["# Layered prefill vs chunked prefill (measured on this CPU)\n\n",
+          (f"{args.requests} requests per run, Poisson arrivals at {', '.join(map(str, args.rates))} requests/s "
+           f"(the same trace for both schedulers at each rate), prompts {lo}-{hi} tokens, outputs 32-96, greedy, "
+           f"max {args.max_num_seqs} running; model: 64 experts top-8, 8 layers, hidden 128 (float32). "
+           f"Backend {payload['environment']['backend']}. Both engines compiled every step shape before the "
+           "runs (none compiled while measuring). Target (issue 5): expert-weight bytes >= 30% lower than "
+           "chunked at TPOT no worse (measured).\n")]
+    for rate, res in results.items():
+        sm = summaries[rate]
+        rows = [table_row(n, m) for n, m in res.items()]
+        mrows = [{"scheduler": n, "TTFT mean ms": 1e3 * m["modelled_h100_qwen3"]["ttft_mean_s"],
+                  "TTFT p99 ms": 1e3 * m["modelled_h100_qwen3"]["ttft_p99_s"],
+                  "TPOT mean ms": 1e3 * m["modelled_h100_qwen3"]["tpot_mean_s"]} for n, m in res.items()]
+        md += [f"\n## {rate} requests/s\n\n", markdown_table(rows, list(rows[0])),
+               (f"\nExpert-weight bytes, layered vs chunked: **{100 * sm['expert_bytes_reduction']:.1f}% lower** "
+                f"in total ({100 * sm['expert_bytes_per_output_token_reduction']:.1f}% per generated token; "
+                f"{100 * sm['prefill_iteration_bytes_reduction']:.1f}% in iterations with a prefill, which carry "
+                f"{100 * sm['chunked_prefill_iteration_byte_share']:.0f}% of chunked's bytes at this rate); TPOT "
+                f"ratio layered/chunked {sm['tpot_ratio_layered_over_chunked']:.3f}; TTFT change "
+                f"{100 * sm['ttft_change']:+.1f}%. Target: {'met' if sm['target_met'] else 'NOT met'}.\n\n"),
+               "Modelled: Qwen3-30B-A3B on one H100 (roofline of the measured iteration sequence):\n\n",
+               markdown_table(mrows, list(mrows[0])),
+               (f"\nModelled TTFT change {100 * sm['modelled_ttft_change']:+.1f}%, TPOT change "
+                f"{100 * sm['modelled_tpot_change']:+.1f}% (layered vs chunked).\n")]
+    md.append("\nPaper: TTFT down up to 70%, expert traffic down 12-39%. Decode-only iterations touch the same "
+              "experts under both schedulers; only iterations that carry a prompt can save traffic, so the saving "
+              "grows with the share of iterations that prefill (higher arrival rates).\n")
     jp, mp = write_results("layered_prefill" + ("_quick" if args.quick else ""), payload, "".join(md))
     try:
         plot(results, os.path.splitext(jp)[0] + ".png")
@@ -248,20 +226,79 @@ def main(argv=None):
     print("wrote", jp, mp)
 
 
+def describe_run(m, eng, cfg):
+    """Add iteration statistics, the iteration log and the modelled H100 timings to a run's metrics ``m``."""
+    import numpy as np
+
+    its = eng.iterations
+    groups = [it.group for it in its if it.prefill_tokens]
+    m["prefill_iterations"] = len(groups)
+    m["partial_group_iterations"] = sum(g != (0, cfg.n_layers) for g in groups)
+    m["mean_decode_batch"] = float(np.mean([it.decode_tokens for it in its]))
+    pf_s = [it.end - it.start for it in its if it.prefill_tokens]
+    dc_s = [it.end - it.start for it in its if not it.prefill_tokens]
+    m["prefill_iteration_s"] = {"count": len(pf_s), "mean": float(np.mean(pf_s)) if pf_s else 0.0,
+                                "sum": float(np.sum(pf_s))}
+    m["decode_only_iteration_s"] = {"count": len(dc_s), "mean": float(np.mean(dc_s)) if dc_s else 0.0,
+                                    "sum": float(np.sum(dc_s))}
+    m["prefill_iteration_expert_bytes"] = int(sum(it.expert_bytes for it in its if it.prefill_tokens))
+    m["iteration_log"] = [[round(it.end - it.start, 5), it.decode_tokens, it.prefill_tokens, list(it.group),
+                           it.expert_bytes] for it in its]
+    mt = roofline(its, cfg.n_layers, eng.finished_metrics)  # modelled Qwen3-30B-A3B on H100
+    ttft, tpot = retime(its, mt, eng.finished_metrics)
+    m["modelled_h100_qwen3"] = {"ttft_mean_s": float(np.mean(ttft)), "ttft_p99_s": float(np.percentile(ttft, 99)),
+                                "tpot_mean_s": float(np.mean(tpot)), "iteration_mean_s": float(np.mean(mt))}
+
+
+def table_row(name, m):
+    return {"scheduler": name, "TTFT mean s": m["ttft_mean_s"], "TTFT p99 s": m["ttft_p99_s"],
+            "TPOT mean ms": 1e3 * m["tpot_mean_s"], "TPOT p99 ms": 1e3 * m["tpot_p99_s"],
+            "E2E mean s": m["e2e_mean_s"], "E2E p99 s": m["e2e_p99_s"],
+            "expert MB / gen token": m["expert_bytes_per_output_token"] / 2 ** 20,
+            "expert MB / prompt token": m["expert_bytes_per_prompt_token"] / 2 ** 20,
+            "iterations": m["iterations"], "prefill iterations": m["prefill_iterations"],
+            "mean decode batch": m["mean_decode_batch"]}
+
+
+def summarize_rate(res):
+    """Layered vs chunked at one arrival rate, and whether issue 5's traffic target is met there."""
+    c, lyr = res["chunked"], res["layered"]
+    red = 1 - lyr["expert_bytes_total"] / c["expert_bytes_total"]
+    summary = {
+        "expert_bytes_reduction": red,
+        "expert_bytes_per_output_token_reduction": 1 - lyr["expert_bytes_per_output_token"] / c["expert_bytes_per_output_token"],
+        "prefill_iteration_bytes_reduction": 1 - lyr["prefill_iteration_expert_bytes"] / c["prefill_iteration_expert_bytes"],
+        "chunked_prefill_iteration_byte_share": c["prefill_iteration_expert_bytes"] / c["expert_bytes_total"],
+        "tpot_ratio_layered_over_chunked": lyr["tpot_mean_s"] / c["tpot_mean_s"],
+        "ttft_change": lyr["ttft_mean_s"] / c["ttft_mean_s"] - 1,
+        "modelled_ttft_change": lyr["modelled_h100_qwen3"]["ttft_mean_s"] / c["modelled_h100_qwen3"]["ttft_mean_s"] - 1,
+        "modelled_tpot_change": lyr["modelled_h100_qwen3"]["tpot_mean_s"] / c["modelled_h100_qwen3"]["tpot_mean_s"] - 1,
+        "target": "expert-weight bytes >= 30% lower than chunked at TPOT no worse (measured)",
+    }
+    summary["target_met"] = bool(red >= 0.30 and summary["tpot_ratio_layered_over_chunked"] <= 1.0)
+    return summary
+
+
 def plot(results, path):
+    """Per arrival rate: expert MB per generated token, TPOT and TTFT of both schedulers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
+    rates = list(results)
+    names = ("chunked", "layered")
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.5))
-    ax[0].bar(names, [results[n]["expert_bytes_per_output_token"] / 2 ** 20 for n in names], color=["C0", "C1"])
-    ax[0].set_title("expert-weight MB per generated token")
-    ax[1].bar(names, [1e3 * results[n]["tpot_mean_s"] for n in names], color=["C0", "C1"])
-    ax[1].set_title("TPOT mean (ms, measured CPU)")
-    ax[2].bar(names, [results[n]["ttft_mean_s"] for n in names], color=["C0", "C1"])
-    ax[2].set_title("TTFT mean (s, measured CPU)")
+    x = range(len(rates))
+    for j, (key, scale, title) in enumerate((("expert_bytes_per_output_token", 2 ** -20, "expert MB / generated token"),
+                                             ("tpot_mean_s", 1e3, "TPOT mean (ms, measured CPU)"),
+                                             ("ttft_mean_s", 1.0, "TTFT mean (s, measured CPU)"))):
+        for i, n in enumerate(names):
+            ax[j].bar([v + 0.4 * i for v in x], [results[r][n][key] * scale for r in rates], 0.4, label=n,
+                      color=f"C{i}")
+        ax[j].set_xticks([v + 0.2 for v in x], [f"{r}/s" for r in rates])
+        ax[j].set_title(title)
+    ax[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
