@@ -315,3 +315,71 @@ def test_quantized_store_fixed_width_is_token_identical_and_router_respects_budg
         Engine(om, EngineConfig(offload=OffloadConfig(path, total)))
     with pytest.raises(ValueError, match="bits=5"):
         Engine(om, EngineConfig(offload=OffloadConfig(path, total, bits=5)))
+
+
+def test_router_avg_bits_budget_validation_and_determinism(model, tmp_path):
+    """``OffloadConfig.avg_bits``: validated; the widths the runtime chooses average at most ``avg_bits`` (per layer
+    and iteration, so overall); ``avg_bits`` = the base width serves exactly the 2-bit model; deterministic."""
+    from moejax.quant import mwq_config
+
+    q = mwq_config((2, 3, 4, 8), group_size=8)
+    path = prepare(model, str(tmp_path / "q"), quant=q)
+    store = ExpertStore(path)
+    total = 3 * 8 * sum(store.plane_nbytes(p) for p in range(4))
+    om = load_offloaded_model(store)
+    with pytest.raises(ValueError, match=r"OffloadConfig.avg_bits=3 needs bits='router'"):
+        OffloadConfig(path, total, bits=8, avg_bits=3)
+    with pytest.raises(ValueError, match="OffloadConfig.avg_bits must be a finite number"):
+        OffloadConfig(path, total, bits="router", avg_bits=float("nan"))
+    for bad in (1.5, 8.5):
+        with pytest.raises(ValueError, match=r"OffloadConfig.avg_bits=.* must be >= the store's base width 2 and "
+                                             r"<= its top width 8"):
+            Engine(om, EngineConfig(offload=OffloadConfig(path, total, bits="router", avg_bits=bad)))
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (7, 13)]
+    sp = SamplingParams(max_tokens=5, temperature=0)
+
+    def serve(avg, budget=total):
+        eng = Engine(om, EngineConfig(block_size=8, offload=OffloadConfig(path, budget, bits="router", avg_bits=avg)))
+        out = [r for p in prompts for r in eng.generate([p], sp)]  # single stream
+        eng.runtime.close()
+        return out, eng.runtime.stats
+
+    _, free = serve(None)
+    assert set(free.bits_used) == {8}  # the memory share alone never binds here: every expert at 8 bits
+    for avg in (2.5, 3.0):
+        out, st = serve(avg)
+        n = sum(st.bits_used.values())
+        assert sum(b * c for b, c in st.bits_used.items()) / n <= avg + 1e-9, st.bits_used
+        assert max(st.bits_used) > 2, st.bits_used  # residual planes are still bought within the budget
+    again, st2 = serve(3.0)  # deterministic: same tokens, widths and reads
+    assert [r.tokens for r in again] == [r.tokens for r in out] and st2.bits_used == st.bits_used
+    assert st2.bytes_read == st.bytes_read and st2.hits == st.hits
+    # the tighter budget binds: a small memory share keeps widths low even with a generous avg_bits
+    _, tight = serve(8.0, budget=int(total * 0.3))
+    assert max(tight.bits_used) <= 8 and tight.bits_used != free.bits_used
+    # avg_bits = the base width: every expert at 2 bits, the same tokens and logits as the fixed 2-bit width
+    eng = Engine(om, EngineConfig(record_logits=True, block_size=8,
+                                  offload=OffloadConfig(path, total, bits="router", avg_bits=2.0)))
+    out = [r for p in prompts for r in eng.generate([p], sp)]
+    assert set(eng.runtime.stats.bits_used) == {2}
+    eng.runtime.close()
+    ref = Engine(om, EngineConfig(record_logits=True, block_size=8, offload=OffloadConfig(path, total, bits=2)))
+    for a, b in zip(out, [r for p in prompts for r in ref.generate([p], sp)]):
+        assert a.tokens == b.tokens
+        np.testing.assert_array_equal(a.logits, b.logits)
+    ref.runtime.close()
+
+
+def test_bandwidth_throttle_is_one_shared_device(store_dir):
+    """Concurrent reads share the modelled bandwidth: 4 reads at once take >= 4 records' transfer time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bw = 2e7
+    s = ExpertStore(store_dir, io="buffered", bandwidth=bw)
+    import time
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda e: s.read(1, e), range(4)))
+    assert time.perf_counter() - t0 >= 4 * s.record_bytes / bw * 0.95

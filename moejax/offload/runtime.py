@@ -69,6 +69,14 @@ class OffloadConfig:
         ``"router"``: D²MoE's bit-width router gives each activated expert a width by its routing weight within
         the layer's share of the budget, and bit-planes load hottest-expert-bit-first (HEBF). Cache items are
         then single planes. Must be None for a float store.
+      avg_bits: with ``bits="router"``: D²MoE's bit budget, the largest mean width (in bits) of the activated
+        experts of a layer in one iteration. The router's budget per layer and iteration is then the tighter of
+        two: the layer's share of the memory (``budget_bytes / number of MoE layers``, in plane bytes) and
+        ``avg_bits x activated experts`` nominal bits; a residual plane is bought only if it fits both (see
+        :func:`moejax.quant.assign_bits`), so the widths chosen average at most ``avg_bits`` per layer and
+        iteration. Must lie between the store's base and top widths (e.g. ``[2, 8]`` for ``(2, 3, 4, 8)``).
+        None (default): the memory share alone, which rarely binds in single-stream decode (a few active
+        experts per layer), so nearly every expert gets the top width.
       transitions: for ``policy="predictive"``: ``[E, E]`` row-stochastic ``P(next token's expert | this
         token's expert)`` (nested tuples or an array), e.g. :func:`moejax.offload.cache.transition_matrix` of
         pre-gate routing traces of training text.
@@ -88,6 +96,18 @@ class OffloadConfig:
     transitions: tuple | None = None
     discount: float = 0.8
     online_prior: float | None = 20.0
+    avg_bits: float | None = None
+
+    def __post_init__(self):
+        if self.avg_bits is None:
+            return
+        if self.bits != "router":
+            raise ValueError(f"OffloadConfig.avg_bits={self.avg_bits!r} needs bits='router' (the bit-width router "
+                             f"chooses the widths it averages); got bits={self.bits!r}")
+        a = self.avg_bits
+        if isinstance(a, bool) or not isinstance(a, (int, float, np.integer, np.floating)) or not np.isfinite(a):
+            raise ValueError(f"OffloadConfig.avg_bits must be a finite number of bits between the store's base and "
+                             f"top widths (e.g. 2 to 8), got {a!r}")
 
 
 @dataclass
@@ -178,6 +198,13 @@ def _put(swg, swu, swd, slot, wg, wu, wd):
     return swg.at[slot].set(wg), swu.at[slot].set(wu), swd.at[slot].set(wd)
 
 
+@partial(jax.jit, static_argnames=("bits", "dtype"), donate_argnums=(0, 1, 2))
+def _decode_put(swg, swu, swd, slot, qts, *, bits, dtype):
+    """Decode one expert's ``{name: QTensor}`` at ``bits`` into slot ``slot`` of the compute buffers."""
+    wg, wu, wd = (qts[n].dequantize(bits, dtype) for n in EXPERT_TENSORS)
+    return swg.at[slot].set(wg), swu.at[slot].set(wu), swd.at[slot].set(wd)
+
+
 @partial(jax.jit, static_argnames=("gdef", "return_logits"))
 def _finish(gdef, state, xd, xp, dec, pf, touched, *, return_logits):
     return finish_step(nnx.merge(gdef, state), xd, xp, dec, pf, touched, None, return_logits)
@@ -213,10 +240,13 @@ class OffloadRuntime:
                 raise ValueError(f"OffloadConfig.bits={cfg.bits!r}; allowed: 'router' or one of {self.qbits}")
             if cfg.policy in ("belady", "predictive") and cfg.bits == "router":
                 raise ValueError(f"the {cfg.policy} policy is not supported with the bit-width router")
+            if cfg.avg_bits is not None and not self.qbits[0] <= cfg.avg_bits <= self.qbits[-1]:
+                raise ValueError(f"OffloadConfig.avg_bits={cfg.avg_bits!r} must be >= the store's base width "
+                                 f"{self.qbits[0]} and <= its top width {self.qbits[-1]} (widths {self.qbits})")
             self.plane_bytes = [self.store.plane_nbytes(p) for p in range(len(self.qbits))]
             self.n_moe = sum(n for kind, _, n in model.runs if kind == "moe")
             self.resident: dict = {}
-            self._decoders: dict = {}
+            self._qtemplates: dict = {}
         self.expert_bytes = self.store.record_bytes if self.quant is None else sum(self.plane_bytes)
         self.n_slots = int(cfg.budget_bytes // self.expert_bytes) if self.quant is None else self.E
         if self.quant is not None and cfg.budget_bytes < self.plane_bytes[0]:
@@ -304,22 +334,28 @@ class OffloadRuntime:
         return id_map
 
     def ensure_quantized(self, layer: int, ids_h, w_h, rm_h) -> np.ndarray:
-        """Quantized store: choose widths, make the needed bit-planes resident (HEBF order), decode the layer's
-        activated experts into the compute slots; returns the expert -> slot map."""
+        """Quantized store: choose widths, make the needed bit-planes resident (reads submitted in HEBF order),
+        decode the layer's activated experts into the compute slots; returns the expert -> slot map.
+
+        Experts are decoded hottest first, each as soon as its own planes are in (the decode is dispatched
+        asynchronously, so it overlaps the reads of the colder experts' planes)."""
         from moejax.quant import assign_bits, hebf_order
 
         E, bits_set = self.E, self.qbits
         ids = np.where(rm_h, ids_h, -1)
         active = sorted(set(ids[ids >= 0].tolist()))
         if self.cfg.bits == "router":
+            # the tighter of the layer's memory share (bytes) and the average-width budget (OffloadConfig.avg_bits)
             a = assign_bits(ids, np.where(rm_h, w_h, 0.0), E, allowed_bits=bits_set,
                             budget_bytes=self.cfg.budget_bytes / self.n_moe, plane_nbytes=self.plane_bytes,
-                            strict=False)
+                            avg_bits=self.cfg.avg_bits, strict=False)
             bits = [int(b or 0) for b in a.bits]
             order = hebf_order(bits, a.importance, bits_set, plane_cost=self.plane_bytes)
+            hot = sorted(active, key=lambda e: (-a.importance[e], e))
         else:
             bits = [self.cfg.bits if e in active else 0 for e in range(E)]
             order = [(e, p) for e in active for p in range(bits_set.index(self.cfg.bits) + 1)]
+            hot = active
         pinned = [(layer, e, p) for e, p in order]
         need = sum(self.plane_bytes[p] for _, _, p in pinned)
         if need > self.cfg.budget_bytes:
@@ -327,28 +363,35 @@ class OffloadRuntime:
                              f"OffloadConfig.budget_bytes={self.cfg.budget_bytes}")
         plane_size = lambda k: self.plane_bytes[k[2]]
         misses = self._access(pinned, plane_size, lambda v: self.resident.pop(v, None))
-        self.resident.update(self._read(misses, plane_size))  # reads submitted in HEBF order
-        for e in active:
-            planes = {}
-            for p in range(bits_set.index(bits[e]) + 1):
-                planes.update(self.resident[(layer, e, p)])
-            wg, wu, wd = self._decoder(layer, bits[e])(planes)
-            self.swg, self.swu, self.swd = _put(self.swg, self.swu, self.swd, e, wg, wu, wd)
+        futs = {k: self.pool.submit(self.store.read, *k) for k in misses}  # HEBF order
+        self.stats.bytes_read += sum(plane_size(k) for k in misses)
+        for e in hot:
+            n = bits_set.index(bits[e]) + 1
+            for k in [(layer, e, p) for p in range(n) if (layer, e, p) in futs]:
+                t0 = time.perf_counter()
+                self.resident[k] = futs.pop(k).result()
+                self.stats.stall_s += time.perf_counter() - t0
+            self._decode_into(layer, e, bits[e], [self.resident[(layer, e, p)] for p in range(n)])
             self.stats.bits_used[bits[e]] = self.stats.bits_used.get(bits[e], 0) + 1
         return np.arange(E, dtype=np.int32)
 
-    def _decoder(self, layer: int, bits: int):
-        """Plane arrays of one expert -> float ``(w_gate, w_up, w_down)`` at ``bits``; the decode is jitted once
-        per width (the expert's QTensors are built on the host and passed as pytrees)."""
-        from moejax.quant import expert_from_arrays
+    def _decode_into(self, layer: int, slot: int, bits: int, planes: list) -> None:
+        """Decode one expert from its plane records (``planes[p]``: plane ``p``'s arrays, base first) at ``bits``
+        straight into compute slot ``slot``: one jitted call per width (decode + slot update, buffers donated).
+        The QTensors are assembled from the cached per-layer config and shapes without re-validating."""
+        from moejax.quant import QTensor, expert_from_arrays
 
-        meta = self.store.quant_meta(layer)
-        fn = self._decoders.get(bits)
-        if fn is None:
-            dt = jnp.dtype(self.mcfg.param_dtype)
-            fn = jax.jit(lambda qts: tuple(qts[n].dequantize(bits, dt) for n in EXPERT_TENSORS))
-            self._decoders[bits] = fn
-        return lambda planes: fn(expert_from_arrays({**meta, **planes}))
+        tmpl = self._qtemplates.get(layer)
+        if tmpl is None:  # once per layer: parse the metadata (and check the arrays against it)
+            qts = expert_from_arrays({**self.store.quant_meta(layer), **planes[0]})
+            tmpl = self._qtemplates[layer] = {n: (qt.config, qt.shape) for n, qt in qts.items()}
+        qts = {}
+        for name, (qcfg, shape) in tmpl.items():
+            qts[name] = QTensor(tuple(pl[f"{name}.p{p}.q"] for p, pl in enumerate(planes)),
+                                tuple(pl[f"{name}.p{p}.scale"] for p, pl in enumerate(planes)),
+                                planes[0][f"{name}.zero"], qcfg, shape)
+        self.swg, self.swu, self.swd = _decode_put(self.swg, self.swu, self.swd, np.int32(slot), qts, bits=bits,
+                                                   dtype=jnp.dtype(self.mcfg.param_dtype))
 
     # ----------------------------------------------------------------------------------------- step
     def step(self, pool: KVPool, dec, pf, pf_hidden, group, *, use_hidden: bool, return_logits: bool,

@@ -14,8 +14,11 @@ Reading (:class:`ExpertStore`): ``io="direct"`` opens ``experts.bin`` with ``O_D
 cache, so every load really reaches the device; falls back to ``fadvise`` where the filesystem refuses it);
 ``io="fadvise"`` reads normally and drops the pages with ``posix_fadvise(DONTNEED)`` after each read;
 ``io="buffered"`` leaves the page cache alone (a warm cache turns loads into memory copies). ``bandwidth``
-(bytes/s) additionally throttles each read to a stated storage speed (e.g. a phone's UFS): results using it are
-*modelled*, and say so. Each record's CRC32 is checked; a missing, truncated or corrupt record raises
+(bytes/s) additionally throttles reads to a stated storage speed (e.g. a phone's UFS): results using it are
+*modelled*, and say so. The throttle models **one** device shared by all loader threads: each read occupies it
+for ``nbytes / bandwidth`` seconds, reads queue in the order they are issued, and a read returns no earlier than
+its modelled transfer ends (nor before the real read does), so concurrent reads never exceed ``bandwidth``
+together. Each record's CRC32 is checked; a missing, truncated or corrupt record raises
 :class:`ExpertStoreError` naming the layer and expert.
 """
 
@@ -26,6 +29,7 @@ import mmap
 import os
 import shutil
 import tempfile
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -182,6 +186,8 @@ class ExpertStore:
             raise ExpertStoreError(f"{self.bin_path} is truncated ({size} bytes; layer {last['layer']} expert "
                                    f"{last['expert']} needs {last['offset'] + last['nbytes']})")
         self.io, self.bandwidth = io, bandwidth
+        self._device_lock = threading.Lock()
+        self._device_free_at = 0.0  # perf_counter time at which the modelled device finishes its queued reads
         self.stats = ReadStats()
         self._fd = None
         if io == "direct":
@@ -226,6 +232,10 @@ class ExpertStore:
             raise ExpertStoreError(f"{what} is not in the store {self.path}")
         t0 = time.perf_counter()
         n, off = rec["nbytes"], rec["offset"]
+        if self.bandwidth:  # reserve the modelled device: queue behind the reads already issued
+            with self._device_lock:
+                done_at = max(t0, self._device_free_at) + n / self.bandwidth
+                self._device_free_at = done_at
         if self.io == "direct":
             buf = mmap.mmap(-1, _round_up(n))  # page-aligned buffer, as O_DIRECT requires
             got = os.preadv(self._fd, [buf], off)
@@ -249,7 +259,7 @@ class ExpertStore:
             out[name] = np.frombuffer(data, dt, count=int(np.prod(shape)), offset=pos).reshape(shape)
             pos += k
         if self.bandwidth:
-            wait = n / self.bandwidth - (time.perf_counter() - t0)
+            wait = done_at - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
         self.stats.reads += 1

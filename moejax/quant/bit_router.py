@@ -15,8 +15,11 @@ expert never gets more bits than a more important one (ties broken by expert id)
   returns the bases and ``over_budget=True``), and
 - ``importance_a > importance_b`` implies ``bits_a >= bits_b``.
 
-Budgets: ``budget_bytes`` (total bytes of the activated experts' planes, costs from ``plane_nbytes``), or
-``avg_bits`` (the mean width over activated experts; costs are the planes' nominal bits).
+Budgets: ``budget_bytes`` (total bytes of the activated experts' planes, costs from ``plane_nbytes``),
+``avg_bits`` (the mean width over activated experts: at most ``avg_bits * n_activated`` nominal bits; costs are
+the planes' nominal bits), or both: then a plane is bought only if it fits **both** budgets (the tighter one
+binds), and the greedy ranks planes by their byte cost. D²MoE's serving runtime passes both: the memory share
+of the layer in bytes and the target average width (``OffloadConfig.avg_bits``).
 
 **HEBF order** (:func:`hebf_order`): the order to fetch ``(expert, plane)`` items from slow storage so the
 most useful bytes arrive first and compute can start on them: all base planes, hottest expert first; then the
@@ -104,7 +107,9 @@ class BitAssignment:
       importance: summed routing weight per expert.
       cost: total cost of the chosen planes (bytes or nominal bits, per ``unit``).
       budget: the budget in the same unit.
-      unit: ``"bytes"`` or ``"bits"``.
+      unit: ``"bytes"`` or ``"bits"`` (``"bytes"`` when a byte budget was given, also together with ``avg_bits``).
+      bits_cost, bits_budget: the chosen widths' nominal bits and the ``avg_bits`` budget
+        (``avg_bits * n_activated``; ``None`` without ``avg_bits``).
       allowed_bits: the widths (the quantizer's ``config.bits``).
       upgrades: the residual planes in the order the greedy bought them, ``((expert, plane), ...)``.
       over_budget: the bases alone exceeded the budget (only with ``strict=False``).
@@ -120,6 +125,14 @@ class BitAssignment:
     over_budget: bool
     plane_cost: np.ndarray = dataclasses.field(repr=False, default=None)
     level_error: np.ndarray = dataclasses.field(repr=False, default=None)
+    bits_cost: float = 0.0
+    bits_budget: float | None = None
+
+    @property
+    def mean_bits(self) -> float:
+        """Mean width over the activated experts (0.0 if none)."""
+        used = [b for b in self.bits if b]
+        return float(sum(used)) / len(used) if used else 0.0
 
     def bits_per_expert(self) -> dict:
         """``{expert: bits}`` for the activated experts."""
@@ -140,8 +153,9 @@ def assign_bits(expert_ids, weights, num_experts: int, *, allowed_bits: Sequence
       expert_ids, weights: routing of the batch, ``[T, K]`` (any shape, same for both); ids ``< 0`` ignored.
       num_experts: ``E``.
       allowed_bits: the nested widths (``QuantizedExperts.bits``).
-      budget_bytes: total bytes allowed for the activated experts' planes (needs ``plane_nbytes``), or
-      avg_bits: the mean width over activated experts (costs = nominal plane bits). Exactly one of the two.
+      budget_bytes: total bytes allowed for the activated experts' planes (needs ``plane_nbytes``), and/or
+      avg_bits: the largest mean width over the activated experts (``avg_bits * n_activated`` nominal bits).
+        At least one of the two; with both, every plane bought must fit both budgets (ranked per byte).
       plane_nbytes: bytes of each plane of one expert, ``[P]`` or ``[E, P]``
         (``QuantizedExperts.plane_nbytes_list()``).
       level_error: error model per width, ``[P]`` or ``[E, P]``, non-increasing (default ``4**-bits``).
@@ -151,25 +165,32 @@ def assign_bits(expert_ids, weights, num_experts: int, *, allowed_bits: Sequence
     See the module docstring for the rule; the result's :meth:`BitAssignment.load_order` gives the HEBF order.
     """
     bits = _check_bits(allowed_bits)
-    if (budget_bytes is None) == (avg_bits is None):
-        raise ValueError("give exactly one of budget_bytes and avg_bits")
+    if budget_bytes is None and avg_bits is None:
+        raise ValueError("give budget_bytes, avg_bits or both")
     imp, cnt = expert_importance(expert_ids, weights, num_experts)
     E, P = num_experts, len(bits)
     unit = "bytes" if budget_bytes is not None else "bits"
     cost = _cost_table(E, bits, plane_nbytes, unit)
+    nominal = _cost_table(E, bits, None, "bits")
     err = _error_table(E, bits, level_error)
     active = [e for e in sorted(range(E), key=lambda e: (-imp[e], e)) if cnt[e] > 0]
+    bits_budget = None
+    if avg_bits is not None:
+        if not isinstance(avg_bits, (int, float, np.integer, np.floating)) or not np.isfinite(avg_bits) \
+                or not bits[0] <= avg_bits:
+            raise ValueError(f"avg_bits must be >= the base width {bits[0]} (allowed_bits={bits}), got {avg_bits!r}")
+        bits_budget = float(avg_bits) * len(active)
     if unit == "bytes":
         budget = float(budget_bytes)
         if not np.isfinite(budget) or budget < 0:
             raise ValueError(f"budget_bytes must be a non-negative number, got {budget_bytes!r}")
     else:
-        if not np.isfinite(avg_bits) or not bits[0] <= avg_bits:
-            raise ValueError(f"avg_bits must be >= the base width {bits[0]} (allowed_bits={bits}), got {avg_bits!r}")
-        budget = float(avg_bits) * len(active)
+        budget = bits_budget
+    tol = 1 + 1e-12
     level = {e: 0 for e in active}
     total = float(sum(cost[e, 0] for e in active))
-    over = total > budget * (1 + 1e-12)
+    nbits = float(sum(nominal[e, 0] for e in active))
+    over = total > budget * tol
     if over and strict:
         raise ValueError(f"budget {budget:g} {unit} is below the {total:g} {unit} the base planes of the "
                          f"{len(active)} activated experts need (strict=True)")
@@ -183,7 +204,9 @@ def assign_bits(expert_ids, weights, num_experts: int, *, allowed_bits: Sequence
             if i > 0 and level[active[i - 1]] <= lv:  # a more important expert must stay strictly ahead
                 continue
             c = cost[e, lv + 1]
-            if total + c > budget * (1 + 1e-12):
+            if total + c > budget * tol:
+                continue
+            if bits_budget is not None and nbits + nominal[e, lv + 1] > bits_budget * tol:
                 continue
             key = (imp[e] * (err[e, lv] - err[e, lv + 1]) / c, -i)
             if best_key is None or key > best_key:
@@ -192,12 +215,14 @@ def assign_bits(expert_ids, weights, num_experts: int, *, allowed_bits: Sequence
             break
         level[best] += 1
         total += float(cost[best, level[best]])
+        nbits += float(nominal[best, level[best]])
         upgrades.append((best, level[best]))
     out = [0] * E
     for e, lv in level.items():
         out[e] = bits[lv]
     return BitAssignment(tuple(out), imp, total, budget, unit, bits, tuple(upgrades), over,
-                         plane_cost=np.asarray(cost), level_error=np.asarray(err))
+                         plane_cost=np.asarray(cost), level_error=np.asarray(err), bits_cost=nbits,
+                         bits_budget=bits_budget)
 
 
 def hebf_order(bits_per_expert, importance, allowed_bits: Sequence[int] = (2, 3, 4, 8), *, plane_cost=None,
