@@ -227,7 +227,8 @@ def cmd_serve(args) -> int:
             bits = "router" if store.quant["scheme"] == "mwq" else store.quant["bits"][0]
         elif bits is not None and bits != "router":
             bits = int(bits)
-        offload = OffloadConfig(args.offload, budget, policy=args.offload_policy, io=args.offload_io, bits=bits)
+        offload = OffloadConfig(args.offload, budget, policy=args.offload_policy, io=args.offload_io, bits=bits,
+                                avg_bits=args.offload_avg_bits)
         args.preset = os.path.basename(os.path.normpath(args.offload))
         print(f"offload: {total / 2**20:.1f} MiB of experts on disk, {budget / 2**20:.1f} MiB in memory",
               file=sys.stderr)
@@ -408,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--offload-io", choices=("direct", "fadvise", "buffered"), default="direct")
     s.add_argument("--offload-bits", default=None,
                    help="quantized stores: a fixed width (e.g. 8) or 'router' (D2MoE bit-width router + HEBF)")
+    s.add_argument("--offload-avg-bits", type=float, default=None,
+                   help="with the bit-width router: the mean width of the activated experts per layer and step "
+                        "(D2MoE's bit budget, e.g. 3); default: only the memory budget bounds the widths")
     s.set_defaults(func=cmd_serve)
 
     o = sub.add_parser("offload", help="expert offloading tools")
