@@ -20,7 +20,7 @@ from typing import Any
 ROUTER_TYPES = ("topk", "switch", "gshard", "sigmoid", "xmoe", "expert_choice")
 DISPATCH_TYPES = ("dropless", "capacity")
 GSHARD_SECOND_POLICIES = ("random", "all", "sampling")
-GROUPED_IMPLS = ("auto", "tiles", "ragged_dot", "dense", "pallas")
+GROUPED_IMPLS = ("auto", "tiles", "ragged_dot", "dense", "gather", "pallas")
 DTYPES = ("float32", "bfloat16")
 # ModelConfig.remat -> jax.checkpoint policy of each scanned layer (moejax.models.transformer.remat_policy)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_dots")
@@ -158,10 +158,13 @@ class MoEConfig:
       grouped_impl: grouped expert compute for dropless dispatch: ``tiles`` (tile loop over sorted tokens,
         each tile one expert; fastest on CPU), ``ragged_dot`` (``jax.lax.ragged_dot``; native on GPU/TPU, a
         dense masked product on CPU), ``dense`` (every expert on every token, weighted by the routing; exact
-        dropless semantics, cheapest when ``tokens * num_experts`` is small, e.g. decode steps), ``pallas``
+        dropless semantics, cheapest when ``tokens * num_experts`` is small, e.g. decode steps), ``gather``
+        (each token slot on its expert's gathered weights: reads only the routed experts, for a few slots such
+        as one decoding sequence), ``pallas``
         (the ``pallas_kernels.gmm`` grouped-matmul kernels over unpadded sorted rows, backward through
-        ``gmm``/``tgmm`` too; interpret mode on CPU, so only for tests there), ``auto`` (``dense`` when
-        ``tokens * num_experts <= 256``, else ``tiles`` on CPU and ``ragged_dot`` elsewhere; ``auto`` picks
+        ``gmm``/``tgmm`` too; interpret mode on CPU, so only for tests there), ``auto`` (``gather`` when
+        ``4 * tokens * top_k <= num_experts``, ``dense`` when ``tokens * num_experts <= 256``, else ``tiles``
+        on CPU and ``ragged_dot`` elsewhere; see :func:`moejax.nn.moe.resolve_grouped_impl`; ``auto`` picks
         ``pallas`` only on a backend listed in ``pallas_kernels.grouped_matmul.VALIDATED_FASTER`` -- where
         the kernel was compiled for real, validated and measured faster -- which is none yet).
       block_rows: row tile of the ``tiles`` implementation; ``None`` picks one from the token count.

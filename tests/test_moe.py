@@ -57,6 +57,7 @@ VARIANTS = {
     "dropless-tiles": dict(dispatch="dropless", grouped_impl="tiles"),
     "dropless-ragged_dot": dict(dispatch="dropless", grouped_impl="ragged_dot"),
     "dropless-dense": dict(dispatch="dropless", grouped_impl="dense"),
+    "dropless-gather": dict(dispatch="dropless", grouped_impl="gather"),
     "capacity-1.0": dict(dispatch="capacity", capacity_factor=1.0),
     "capacity--1.0": dict(dispatch="capacity", capacity_factor=-1.0),
     "capacity-0": dict(dispatch="capacity", capacity_factor=0.0),
@@ -410,5 +411,9 @@ def test_auto_impl_selection():
     """auto: all-experts 'dense' only for tiny token counts; tiles on CPU otherwise."""
     from moejax.nn.moe import resolve_grouped_impl
     assert resolve_grouped_impl("auto", 16, 8) == "dense"
+    assert resolve_grouped_impl("auto", 16, 8, 2) == "dense"
+    assert resolve_grouped_impl("auto", 1, 8, 2) == "gather"  # one decoding sequence: 2 of 8 experts
+    assert resolve_grouped_impl("auto", 2, 8, 2) == "dense"
+    assert resolve_grouped_impl("auto", 2, 64, 8) == "gather"
     assert resolve_grouped_impl("auto", 64, 8) == "tiles"
     assert resolve_grouped_impl("tiles", 1, 1) == "tiles"

@@ -107,7 +107,7 @@ def test_hooks_observe_six_stages_in_order_local(router):
     assert shapes[("inverse_order", "after")] == (16, D)
 
 
-@pytest.mark.parametrize("impl", ["tiles", "dense", "ragged_dot"])
+@pytest.mark.parametrize("impl", ["tiles", "dense", "gather", "ragged_dot"])
 def test_hooks_observe_six_stages_dropless_paths(impl):
     model = make("topk", dispatch="dropless", grouped_impl=impl)
     events, hooks = recorder()

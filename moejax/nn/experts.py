@@ -14,6 +14,8 @@ Routed experts are SwiGLU FFNs ``down(silu(x @ gate) * (x @ up))`` with stacked 
 - :func:`swiglu_pallas` (dropless, ``grouped_impl="pallas"``): the ``pallas_kernels.gmm`` Pallas kernels
   (custom VJP through ``gmm``/``tgmm``); interpret mode on CPU.
 - :func:`swiglu_capacity`: batched ``einsum`` over fixed ``[G, E, C, D]`` capacity buffers.
+- :func:`swiglu_dense_combine` (``dense``, small batches) runs every expert on every token;
+  :func:`swiglu_gather` (``gather``, a few slots) runs each slot on its own expert's gathered weights.
 
 :func:`swiglu_reference` is the naive per-expert loop the others are tested against.
 """
@@ -222,6 +224,24 @@ def swiglu_dense_combine(x: jax.Array, wg, wu, wd, combine: jax.Array) -> jax.Ar
     h = (jax.nn.silu(a) * b * jnp.swapaxes(combine, 0, 1)[..., None].astype(_F32)).astype(x.dtype)
     y = jnp.einsum("etf,efd->etd", h, wd.astype(x.dtype), preferred_element_type=_F32)
     return jnp.sum(y, axis=0).astype(x.dtype)
+
+
+def swiglu_gather(x: jax.Array, wg, wu, wd, expert_ids: jax.Array, weights: jax.Array) -> jax.Array:
+    """Each token slot on its own expert's gathered weights: ``out[t] = sum_k weights[t, k] * expert_{e(t,k)}(x[t])``.
+
+    ``x [T, D]``, ``expert_ids``/``weights [T, K]`` (weight 0 for unrouted slots). Reads only the routed experts'
+    weights (copied out per slot), so for a handful of slots (one decoding sequence: ``T * K`` well below ``E``)
+    it moves a fraction of the bytes the ``dense`` path reads; with many slots the copies cost more than that.
+    """
+    T, D = x.shape
+    K = expert_ids.shape[1]
+    ids = expert_ids.reshape(-1)
+    xs = jnp.repeat(x, K, axis=0)  # [T*K, D], slot s = (t, k)
+    a = _dot(xs, jnp.take(wg, ids, axis=0).astype(x.dtype), "sd,sdf->sf")
+    b = _dot(xs, jnp.take(wu, ids, axis=0).astype(x.dtype), "sd,sdf->sf")
+    h = (jax.nn.silu(a) * b * weights.reshape(-1, 1).astype(_F32)).astype(x.dtype)
+    y = _dot(h, jnp.take(wd, ids, axis=0).astype(x.dtype), "sf,sfd->sd")
+    return jnp.sum(y.reshape(T, K, -1), axis=1).astype(x.dtype)
 
 
 def swiglu(x: jax.Array, wg, wu, wd) -> jax.Array:

@@ -75,6 +75,7 @@ from moejax.nn.experts import (
     moe_swiglu_tiles,
     swiglu_capacity,
     swiglu_dense_combine,
+    swiglu_gather,
     swiglu_pallas,
     swiglu_ragged,
 )
@@ -88,7 +89,8 @@ STAGES = ("gate", "order", "dispatch", "expert", "combine", "inverse_order")
 WHEN = ("before", "after")
 """When a hook runs relative to its stage."""
 
-PATHS = ("capacity", "dense", "ragged_dot", "pallas", "tiles", "expert_parallel", "expert_parallel_ragged")
+PATHS = ("capacity", "dense", "gather", "ragged_dot", "pallas", "tiles", "expert_parallel",
+         "expert_parallel_ragged")
 """The values of :attr:`StageContext.path`: the single-device dispatch/grouped-compute methods, the
 expert-parallel (``shard_map`` + ``all_to_all``) capacity path and the dropless expert-parallel path
 (``ragged_all_to_all``, :mod:`moejax.parallel.ragged_a2a`)."""
@@ -200,7 +202,7 @@ def order(ctx: StageContext, x):
         xb = dsp.gather_rows(x, ctx.layout).reshape(G, E, C, D)
         return jnp.swapaxes(xb, 0, 1).reshape(E, G * C, D)
     ids, mask = r.expert_ids.reshape(T, K), r.mask.reshape(T, K)
-    if ctx.path == "dense":
+    if ctx.path in ("dense", "gather"):
         ctx.layout = dsp.dense_layout(ids, mask, E)
         return x
     if ctx.path in ("ragged_dot", "pallas", "expert_parallel_ragged"):
@@ -254,6 +256,8 @@ def _expert_ffn(ctx: StageContext, x):
         E = ctx.cfg.num_experts
         ids = ctx.routing.expert_ids.reshape(x.shape[0], -1)
         return swiglu_dense_combine(x, wg, wu, wd, dsp.dense_combine_weights(ctx.slot_weights(), ids, E))
+    if ctx.path == "gather":
+        return swiglu_gather(x, wg, wu, wd, ctx.routing.expert_ids.reshape(x.shape[0], -1), ctx.slot_weights())
     if ctx.path == "ragged_dot":
         return swiglu_ragged(x, wg, wu, wd, ctx.layout)
     if ctx.path == "pallas":
@@ -277,6 +281,8 @@ def _grouped_rows(ctx: StageContext, x, row_expert):
     method = resolve_grouped_impl(ctx.cfg.grouped_impl, M, El)
     if method == "dense":
         return swiglu_dense_combine(x, wg, wu, wd, dsp.dense_combine_weights(ones, ids, El))
+    if method == "gather":
+        return swiglu_gather(x, wg, wu, wd, ids, ones)
     if method == "tiles":
         bt = ctx.cfg.block_rows or dsp.default_block_rows(M, El)
         return moe_swiglu_tiles(x, wg, wu, wd, dsp.dropless_layout(ids, valid, El, bt), ones, bt)
@@ -300,7 +306,7 @@ def combine(ctx: StageContext, y):
 
 def inverse_order(ctx: StageContext, y):
     """Default ``inverse_order``: un-permute the rows and sum each token's slots with its routing weights."""
-    if ctx.path in ("dense", "tiles"):
+    if ctx.path in ("dense", "gather", "tiles"):
         return y
     if ctx.path in CAPACITY_PATHS:
         G = ctx.routing.expert_ids.shape[0]
