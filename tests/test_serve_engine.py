@@ -279,6 +279,10 @@ def test_multi_step_decode_matches_single_steps(model):
 def test_engine_config_kv_block_and_layer_loop_validated(model):
     with pytest.raises(ValueError, match="kv_block"):
         Engine(model, EngineConfig(block_size=8, kv_block=12))
+    with pytest.raises(ValueError, match="prefill_kv_block"):
+        Engine(model, EngineConfig(block_size=8, prefill_kv_block=20))
+    assert Engine(model, EngineConfig(block_size=8)).prefill_kv_block == 128  # min(kv_block 256, 128)
+    assert Engine(model, EngineConfig(block_size=8, kv_block=24)).prefill_kv_block == 24
     with pytest.raises(ValueError, match="layer_loop"):
         Engine(model, EngineConfig(layer_loop="vmap"))
 

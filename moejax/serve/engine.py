@@ -115,6 +115,9 @@ class EngineConfig:
         multiples (smaller: less padding of long prompts, more compiled shapes).
       kv_block: keys per block of the attention loop (a multiple of ``block_size``); the loop runs up to the
         longest row's length, so block tables can span the whole context at no cost.
+      prefill_kv_block: the same for prefill chunks (default ``min(kv_block, 128)``): a chunk sees only the
+        keys written so far, so smaller blocks score less of a wide table (decode rows keep ``kv_block``:
+        one block, no loop, for short contexts).
       attn_impl: paged attention implementation: ``"xla"`` (gather + dense, the CPU path), ``"pallas"``
         (``pallas_kernels.paged_attention``; interpreted on CPU) or ``"auto"`` (the kernel only where it
         has been validated faster on the backend).
@@ -146,6 +149,7 @@ class EngineConfig:
     min_prefill_tokens: int = 16
     prefill_token_step: int = 512
     kv_block: int = 256
+    prefill_kv_block: int | None = None
     attn_impl: str = "xla"
     layer_loop: str = "auto"
     offload: object | None = None
@@ -231,6 +235,13 @@ class Engine:
         k = cfg.decode_steps
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"EngineConfig.decode_steps={k!r} must be an integer >= 1")
+        pkb = cfg.prefill_kv_block
+        if pkb is None:
+            pkb = max(cfg.block_size, min(cfg.kv_block, 128) // cfg.block_size * cfg.block_size)
+        if not isinstance(pkb, int) or pkb < cfg.block_size or pkb % cfg.block_size:
+            raise ValueError(f"EngineConfig.prefill_kv_block={pkb!r} must be a positive multiple of "
+                             f"block_size={cfg.block_size}")
+        self.prefill_kv_block = pkb
         ppb = cfg.kv_block // cfg.block_size
         # block-table width: the whole context, rounded up to whole key blocks
         self.max_pages = -(-math.ceil(self.max_model_len / cfg.block_size) // ppb) * ppb
@@ -525,7 +536,8 @@ class Engine:
             hidden = self._zero_hidden(pf.tokens.shape)  # the layer group and use_hidden are run-time values
         g = np.asarray((group[0], group[1], int(bool(use_hidden))), np.int32)
         kw = {"block_size": self.cfg.block_size, "return_logits": self.cfg.record_logits,
-              "attn_impl": self.cfg.attn_impl, "kv_block": self.cfg.kv_block}
+              "attn_impl": self.cfg.attn_impl, "kv_block": self.cfg.kv_block,
+              "prefill_kv_block": self.prefill_kv_block}
         return (self.gdef, self.state, self.pool, dec, pf, hidden, g, dec_ids, pf_ids, self.layer_states), kw
 
     def warmup_shapes(self, max_prompt_tokens: int | None = None) -> list[tuple]:

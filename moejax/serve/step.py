@@ -214,8 +214,11 @@ def prepare_rows(model, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hid
 
 
 def layer_attention(blk, x, ctx: RowContext, kp, vp, li, *, block_size: int, impl: str = "xla",
-                    kv_block: int | None = None):
-    """Pre-norm attention of rows ``x [B, S, D]`` through layer ``li`` of a run's pool (writes the new K/V)."""
+                    kv_block: int | None = None, prefill_kv_block: int | None = None):
+    """Pre-norm attention of rows ``x [B, S, D]`` through layer ``li`` of a run's pool (writes the new K/V).
+    Rows of several tokens (prefill chunks) use key blocks of ``prefill_kv_block`` (default ``kv_block``)."""
+    if x.shape[1] > 1 and prefill_kv_block:
+        kv_block = prefill_kv_block
     q, k, v = blk.attn.qkv(blk.attn_norm(x), None, ctx.rope)
     flat = ctx.slots.reshape(-1)
     kp = kp.at[li, flat].set(k.reshape(-1, *k.shape[2:]).astype(kp.dtype))
@@ -246,16 +249,18 @@ def add_ffn(parts, f):
 
 def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hidden, group,
                  dec_ids=None, pf_ids=None, layer_states=None, *, block_size: int, return_logits: bool = False,
-                 attn_impl: str = "xla", kv_block: int | None = None) -> StepOutput:
+                 attn_impl: str = "xla", kv_block: int | None = None,
+                 prefill_kv_block: int | None = None) -> StepOutput:
     """One engine iteration (see the module docstring). ``dec``/``pf`` may be None (empty part).
 
     ``group`` is ``int32 [3]`` = ``(lo, hi, use_hidden)``: the prefill rows pass through layers ``[lo, hi)``
     this iteration, starting from ``pf_hidden [Bp, Tp, D]`` (the previous group's output) where
     ``use_hidden`` is 1 and from the token embeddings otherwise (``pf_hidden`` may be None then). All three
     are run-time values, so one compiled step serves every layer group. ``kv_block``: key-block size of the
-    XLA attention loop (see :func:`_paged_attend`). ``layer_states`` (:func:`moejax.models.transformer.unstack_layers`): apply the
-    layers one by one on their own weight buffers instead of scanning the stacked weights (no per-layer
-    weight copy on CPU; the group mask is then tested per layer the same way).
+    XLA attention loop (see :func:`_paged_attend`); ``prefill_kv_block``: the same for the prefill rows.
+    ``layer_states`` (:func:`moejax.models.transformer.unstack_layers`): apply the layers one by one on their
+    own weight buffers instead of scanning the stacked weights (no per-layer weight copy on CPU; the group
+    mask is then tested per layer the same way).
     """
     model = nnx.merge(gdef, state)
     cfg = model.cfg
@@ -265,7 +270,8 @@ def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: Prefill
     use_hidden = False if pf_hidden is None else group[2] > 0
     xd, xp, dctx, pctx = prepare_rows(model, dec, pf, pf_hidden, block_size=block_size, use_hidden=use_hidden,
                                       dec_ids=dec_ids, pf_ids=pf_ids)
-    attn = partial(layer_attention, block_size=block_size, impl=attn_impl, kv_block=kv_block)
+    attn = partial(layer_attention, block_size=block_size, impl=attn_impl, kv_block=kv_block,
+                   prefill_kv_block=prefill_kv_block)
 
     ks, vs, touched = list(pool.k), list(pool.v), []
     for r, (kind, first, n) in enumerate(model.runs):
@@ -331,7 +337,7 @@ def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: Prefill
 
 
 _STATIC = ("gdef", "block_size", "return_logits", "attn_impl", "kv_block")
-engine_step = jax.jit(_engine_step, static_argnames=_STATIC, donate_argnames=("pool",))
+engine_step = jax.jit(_engine_step, static_argnames=(*_STATIC, "prefill_kv_block"), donate_argnames=("pool",))
 engine_step.__doc__ = _engine_step.__doc__
 
 
