@@ -466,10 +466,14 @@ class Engine:
                             [int(x) for x in touched], int(touched.sum()) * self.expert_bytes, len(plan.preempted),
                             sum(r.num_tokens for r in plan.decode), sum(c.start + c.length for c in plan.prefill),
                             sum(c.length * c.start + c.length * (c.length + 1) // 2 for c in plan.prefill))
+        self._record(it)
+        return outputs
+
+    def _record(self, it: IterationStats) -> None:
+        """Keep an iteration's statistics and export them to Prometheus."""
         self.iterations.append(it)
         self.prom.on_iteration(it, len(self.scheduler.running), len(self.scheduler.waiting),
                                self.alloc.num_used / max(self.alloc.num_blocks - 1, 1))
-        return outputs
 
     def _decode_steps(self, plan: Plan) -> int:
         """Decode iterations to fuse into this call: ``EngineConfig.decode_steps`` when the plan only decodes,
@@ -505,9 +509,7 @@ class Engine:
             it = IterationStats(t0 + j * dt, t0 + (j + 1) * dt, len(live), 0, (0, self.mcfg.n_layers),
                                 [int(x) for x in touched[j]], int(touched[j].sum()) * self.expert_bytes,
                                 0, sum(r.num_tokens for _, r in live))
-            self.iterations.append(it)
-            self.prom.on_iteration(it, len(self.scheduler.running), len(self.scheduler.waiting),
-                                   self.alloc.num_used / max(self.alloc.num_blocks - 1, 1))
+            self._record(it)
         for req in self.scheduler.running:
             self.scheduler.register_full_blocks(req)
         self.scheduler.on_step_done(plan)
