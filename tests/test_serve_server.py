@@ -113,6 +113,38 @@ def test_stop_strings_n_seed_and_chat(client, model):
     assert len(lps) >= 1 and all(len(x["top_logprobs"]) == 2 for x in lps)
 
 
+def test_multi_step_decoding_serves_the_same_responses(model):
+    """decode_steps=4 (several tokens per engine output) answers as decode_steps=1: text, finish reason, usage
+    and logprobs, with a stop string that completes inside a group; its streams carry fewer, larger events."""
+    want, _ = greedy_text(model, "abc", 16)
+    # a stop string past the first group of tokens: the first new printable character from position 4 on
+    stop = next((ch for i, ch in enumerate(want) if i >= 4 and ch not in want[:i] and ch.isprintable()), None)
+    assert stop is not None
+    bodies = [{"prompt": "abc", "max_tokens": 16, "temperature": 0, "logprobs": 2},
+              {"prompt": "xyz", "max_tokens": 9, "temperature": 1.0, "seed": 3}]
+    if stop:
+        bodies.append({"prompt": "abc", "max_tokens": 16, "temperature": 0, "stop": [stop], "logprobs": 1})
+    got = {}
+    for k in (1, 4):
+        app, _ = make_app(model, decode_steps=k)
+        with TestClient(app) as c:
+            res = [c.post("/v1/completions", json=b).json() for b in bodies]
+            with c.stream("POST", "/v1/completions", json={**bodies[0], "stream": True}) as st:
+                ev = sse_events(st.iter_lines())
+        got[k] = (res, ev)
+    for r1, r4 in zip(got[1][0], got[4][0]):
+        c1, c4 = r1["choices"][0], r4["choices"][0]
+        assert (c4["text"], c4["finish_reason"], r4["usage"]) == (c1["text"], c1["finish_reason"], r1["usage"])
+        if c1.get("logprobs"):
+            assert c4["logprobs"]["tokens"] == c1["logprobs"]["tokens"]
+            np.testing.assert_allclose(c4["logprobs"]["token_logprobs"], c1["logprobs"]["token_logprobs"], atol=1e-5)
+    if stop:
+        assert got[4][0][2]["choices"][0]["finish_reason"] == "stop"
+    text = {k: "".join(e["choices"][0]["text"] for e in got[k][1][:-1]) for k in got}
+    assert text[4] == text[1] == got[1][0][0]["choices"][0]["text"]
+    assert len(got[4][1]) < len(got[1][1])  # tokens arrive in groups
+
+
 def test_logprobs_and_echo(client, model):
     prompt = "hello"
     r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1})

@@ -133,7 +133,8 @@ class EngineConfig:
         decode (no prompt to prefill, none waiting), run this many decode iterations in one compiled call,
         feeding the sampled tokens back on the device, so the host's per-iteration work (scheduling, packing,
         dispatch, the transfer back) is paid once per ``decode_steps`` tokens. Tokens are the same as with 1;
-        they reach the caller (and streams) in groups of up to ``decode_steps``, and a request that finishes
+        they reach the caller (and streams) in groups of up to ``decode_steps`` (one
+        :class:`RequestOutput` per request and call), and a request that finishes
         inside a group costs the rest of the group's compute for its row. New requests wait at most one
         group. 1 (default) disables it.
     """
@@ -169,6 +170,16 @@ class RequestOutput:
     finish_reason: str | None = None    # "stop", "length" or "abort"
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+
+
+def merge_outputs(outs: Sequence[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one (tokens in order; finished as the last one)."""
+    if len(outs) == 1:
+        return outs[0]
+    first, last = outs[0], outs[-1]
+    return RequestOutput(first.request_id, [t for o in outs for t in o.new_tokens],
+                         [x for o in outs for x in o.new_logprobs], [x for o in outs for x in o.new_top_logprobs],
+                         last.finished, last.finish_reason, first.num_prompt_tokens, first.num_cached_tokens)
 
 
 @dataclass
@@ -267,6 +278,7 @@ class Engine:
         self._rng = np.random.default_rng(0)
         self._pf_hidden = None
         self._zeros = None
+        self._group: dict | None = None  # outputs of a multi-step call, per request (see _step_multi)
         self.compiled_shapes: set[tuple] = set()  # step shapes compiled so far (by warmup or by a step)
         self.runtime = None
         if cfg.offload is not None:
@@ -357,8 +369,10 @@ class Engine:
         out.finished, out.finish_reason = True, reason
         self._emit(e, out, outputs)
 
-    @staticmethod
-    def _emit(e: _Entry, out: RequestOutput, outputs: list[RequestOutput]):
+    def _emit(self, e: _Entry, out: RequestOutput, outputs: list[RequestOutput]):
+        if self._group is not None:  # inside a multi-step call: merged per request when it ends
+            self._group.setdefault(out.request_id, (e, []))[1].append(out)
+            return
         outputs.append(out)
         if e.callback is not None:
             e.callback(out)
@@ -500,16 +514,22 @@ class Engine:
                                                                   o.logits))
         t1 = time.perf_counter()
         dt = (t1 - t0) / k
-        for j in range(k):
-            live = [(i, r) for i, r in enumerate(plan.decode) if r.status != Status.FINISHED]
-            for i, req in live:
-                req.num_computed = req.num_tokens
-                self._append(req, int(toks[j, i]), float(lps[j, i]), tids[j, i], tlps[j, i],
-                             None if logits is None else logits[j, i], t1, outputs)
-            it = IterationStats(t0 + j * dt, t0 + (j + 1) * dt, len(live), 0, (0, self.mcfg.n_layers),
-                                [int(x) for x in touched[j]], int(touched[j].sum()) * self.expert_bytes,
-                                0, sum(r.num_tokens for _, r in live))
-            self._record(it)
+        self._group = {}
+        try:
+            for j in range(k):
+                live = [(i, r) for i, r in enumerate(plan.decode) if r.status != Status.FINISHED]
+                for i, req in live:
+                    req.num_computed = req.num_tokens
+                    self._append(req, int(toks[j, i]), float(lps[j, i]), tids[j, i], tlps[j, i],
+                                 None if logits is None else logits[j, i], t1, outputs)
+                it = IterationStats(t0 + j * dt, t0 + (j + 1) * dt, len(live), 0, (0, self.mcfg.n_layers),
+                                    [int(x) for x in touched[j]], int(touched[j].sum()) * self.expert_bytes,
+                                    0, sum(r.num_tokens for _, r in live))
+                self._record(it)
+        finally:
+            group, self._group = self._group, None
+        for e, outs in group.values():  # one output per request and call: the tokens it produced, in order
+            self._emit(e, merge_outputs(outs), outputs)
         for req in self.scheduler.running:
             self.scheduler.register_full_blocks(req)
         self.scheduler.on_step_done(plan)

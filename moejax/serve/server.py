@@ -264,7 +264,23 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "moejax", max_pen
             self.rid = None
 
         def feed(self, out: RequestOutput) -> str:
-            """Add tokens; returns the newly final text (held back: incomplete UTF-8, a possible stop prefix)."""
+            """Add tokens; returns the newly final text (held back: incomplete UTF-8, a possible stop prefix).
+            An output of several tokens (multi-step decoding) is fed token by token, so a stop string ends the
+            choice at the token that completes it, as with one token per output."""
+            if len(out.new_tokens) <= 1:
+                return self._feed(out)
+            delta, n = "", len(out.new_tokens)
+            for i in range(n):
+                last = i == n - 1
+                delta += self._feed(RequestOutput(
+                    out.request_id, out.new_tokens[i:i + 1], out.new_logprobs[i:i + 1],
+                    out.new_top_logprobs[i:i + 1], out.finished and last, out.finish_reason if last else None,
+                    out.num_prompt_tokens, out.num_cached_tokens))
+                if self.finish_reason is not None:
+                    break
+            return delta
+
+        def _feed(self, out: RequestOutput) -> str:
             ids = [t for t in out.new_tokens if t != tokenizer.eos_id]
             self.ids += out.new_tokens
             self.lps += out.new_logprobs
