@@ -100,10 +100,24 @@ def trained_moe(args):
     return model, run
 
 
-def score_windows(eng, windows):
-    """Validation bits/byte through the engine's (offloaded) step: each window prefilled in one step."""
+def window_blocks(eng, tokens: int):
+    """KV blocks for one scored window of ``tokens`` tokens and its block table ``[1, P]`` (``P`` a power of
+    two); release the blocks with ``eng.alloc.release`` after scoring."""
     import math
 
+    import numpy as np
+
+    blocks = eng.alloc.allocate(math.ceil(tokens / eng.cfg.block_size))
+    P = 1
+    while P < len(blocks):
+        P *= 2
+    tables = np.zeros((1, P), np.int32)
+    tables[0, :len(blocks)] = blocks
+    return blocks, tables
+
+
+def score_windows(eng, windows):
+    """Validation bits/byte through the engine's (offloaded) step: each window prefilled in one step."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -111,19 +125,13 @@ def score_windows(eng, windows):
     from moejax.serve.step import PrefillBatch
 
     L = eng.mcfg.n_layers
-    bs = eng.cfg.block_size
     from flax import nnx
 
     head = jax.jit(lambda st, h: jax.nn.log_softmax(nnx.merge(eng.gdef, st).head(h), axis=-1))
     total, count = 0.0, 0
     for w in windows:
         T = len(w) - 1
-        blocks = eng.alloc.allocate(math.ceil(T / bs))
-        P = 1
-        while P < len(blocks):
-            P *= 2
-        tables = np.zeros((1, P), np.int32)
-        tables[0, :len(blocks)] = blocks
+        blocks, tables = window_blocks(eng, T)
         pf = PrefillBatch(np.asarray([w[:-1]], np.int32), np.zeros(1, np.int32), np.full(1, T, np.int32), tables,
                           np.zeros((1, 2), np.uint32), np.zeros(1, np.float32), np.ones(1, np.float32))
         o = eng.runtime.step(eng.pool, None, pf, None, (0, L), use_hidden=False, return_logits=False)
@@ -138,24 +146,16 @@ def score_windows(eng, windows):
 def score_windows_decode(eng, windows):
     """Validation bits/byte through the engine's (offloaded) step as served: teacher-forced single-stream
     decode, one token per step (so the bit router sees the routing of one token per layer, as in generation)."""
-    import math
-
     import jax
     import numpy as np
 
     from moejax.serve.step import DecodeBatch
 
     L = eng.mcfg.n_layers
-    bs = eng.cfg.block_size
     total, count = 0.0, 0
     for w in windows:
         T = len(w) - 1
-        blocks = eng.alloc.allocate(math.ceil(T / bs))
-        P = 1
-        while P < len(blocks):
-            P *= 2
-        tables = np.zeros((1, P), np.int32)
-        tables[0, :len(blocks)] = blocks
+        blocks, tables = window_blocks(eng, T)
         for t in range(T):
             dec = DecodeBatch(np.asarray([w[t]], np.int32), np.asarray([t], np.int32), tables, np.ones(1, bool),
                               np.zeros((1, 2), np.uint32), np.zeros(1, np.float32), np.ones(1, np.float32))
