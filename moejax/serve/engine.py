@@ -535,9 +535,13 @@ class Engine:
         self.scheduler.on_step_done(plan)
         return outputs
 
-    def _multi_kw(self, k: int) -> dict:
-        return {"steps": k, "block_size": self.cfg.block_size, "return_logits": self.cfg.record_logits,
+    def _static_kw(self) -> dict:
+        """Static arguments shared by :func:`engine_step` and :func:`engine_decode_steps`."""
+        return {"block_size": self.cfg.block_size, "return_logits": self.cfg.record_logits,
                 "attn_impl": self.cfg.attn_impl, "kv_block": self.cfg.kv_block}
+
+    def _multi_kw(self, k: int) -> dict:
+        return {**self._static_kw(), "steps": k}
 
     # ----------------------------------------------------------------------------------------- compiling
     @staticmethod
@@ -557,9 +561,7 @@ class Engine:
         if pf is not None and hidden is None:
             hidden = self._zero_hidden(pf.tokens.shape)  # the layer group and use_hidden are run-time values
         g = np.asarray((group[0], group[1], int(bool(use_hidden))), np.int32)
-        kw = {"block_size": self.cfg.block_size, "return_logits": self.cfg.record_logits,
-              "attn_impl": self.cfg.attn_impl, "kv_block": self.cfg.kv_block,
-              "prefill_kv_block": self.prefill_kv_block}
+        kw = {**self._static_kw(), "prefill_kv_block": self.prefill_kv_block}
         return (self.gdef, self.state, self.pool, dec, pf, hidden, g, dec_ids, pf_ids, self.layer_states), kw
 
     def warmup_shapes(self, max_prompt_tokens: int | None = None) -> list[tuple]:
