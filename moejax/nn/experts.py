@@ -233,7 +233,7 @@ def swiglu_gather(x: jax.Array, wg, wu, wd, expert_ids: jax.Array, weights: jax.
     weights (copied out per slot), so for a handful of slots (one decoding sequence: ``T * K`` well below ``E``)
     it moves a fraction of the bytes the ``dense`` path reads; with many slots the copies cost more than that.
     """
-    T, D = x.shape
+    T = x.shape[0]
     K = expert_ids.shape[1]
     ids = expert_ids.reshape(-1)
     xs = jnp.repeat(x, K, axis=0)  # [T*K, D], slot s = (t, k)
