@@ -251,7 +251,8 @@ def cmd_serve(args) -> int:
         print(f"compiled {n} engine step shapes in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     print(f"serving '{name}' ({args.scheduler} prefill, {engine.alloc.num_blocks} KV blocks of {args.block_size}) "
           f"on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    serve(engine, tok, host=args.host, port=args.port, model_name=name, max_pending=args.max_pending)
+    serve(engine, tok, host=args.host, port=args.port, model_name=name, max_pending=args.max_pending,
+          batch_wait_ms=args.batch_wait_ms)
     return 0
 
 
@@ -393,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-batched-tokens", type=int, default=512, help="chunked prefill token budget")
     s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     s.add_argument("--max-pending", type=int, default=512, help="requests in flight before 503 + Retry-After")
+    s.add_argument("--batch-wait-ms", type=float, default=2.0,
+                   help="an idle engine's first step waits until no request has arrived for this long (at most 10x), "
+                        "so a burst of concurrent requests is prefilled together; 0: no wait")
     s.add_argument("--no-prefix-cache", action="store_true")
     s.add_argument("--decode-steps", type=int, default=1,
                    help="multi-step decoding: decode iterations per compiled call when nothing waits to be "

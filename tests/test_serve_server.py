@@ -15,7 +15,7 @@ from moejax.models.generate import generate
 from moejax.models.transformer import Transformer
 from moejax.serve.engine import Engine, EngineConfig
 from moejax.serve.scheduler import SchedulerConfig
-from moejax.serve.server import create_app, serve_in_background
+from moejax.serve.server import AsyncEngine, create_app, serve_in_background
 from moejax.serve.tokenizer import ByteTokenizer
 
 
@@ -143,6 +143,40 @@ def test_multi_step_decoding_serves_the_same_responses(model):
     text = {k: "".join(e["choices"][0]["text"] for e in got[k][1][:-1]) for k in got}
     assert text[4] == text[1] == got[1][0][0]["choices"][0]["text"]
     assert len(got[4][1]) < len(got[1][1])  # tokens arrive in groups
+
+
+def test_burst_of_requests_is_prefilled_together(model):
+    """An idle engine's first step waits out a burst (requests arriving within ``batch_wait_ms`` of each other):
+    the burst's prompts share one prefill iteration, and each answer equals ``generate``'s."""
+    from moejax.serve.engine import SamplingParams
+
+    with pytest.raises(ValueError, match="batch_wait_ms"):
+        AsyncEngine(None, batch_wait_ms=-1)
+    eng = Engine(model, EngineConfig(block_size=8, sched=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64,
+                                                                         max_prefill_seqs=8)))
+    ae = AsyncEngine(eng, batch_wait_ms=100)  # far above the gaps below, so the test is not timing-sensitive
+    prompts = [[1 + i, 2, 3, 4, 5] for i in range(4)]
+    ae.start()
+    try:
+        loop = asyncio.new_event_loop()
+        q = asyncio.Queue()
+        for i, p in enumerate(prompts):
+            ae.submit(p, SamplingParams(max_tokens=3, temperature=0), loop, q, i)
+            time.sleep(0.01)
+        got = {}
+
+        async def drain():
+            while len([o for o in got.values() if o[-1].finished]) < len(prompts):
+                tag, out = await asyncio.wait_for(q.get(), 60)
+                got.setdefault(tag, []).append(out)
+        loop.run_until_complete(drain())
+        loop.close()
+    finally:
+        ae.stop()
+    assert eng.iterations[0].prefill_tokens == sum(map(len, prompts))
+    for i, p in enumerate(prompts):
+        toks = [t for o in got[i] for t in o.new_tokens]
+        assert toks == generate(model, [p], 3).tokens[0].tolist()
 
 
 def test_logprobs_and_echo(client, model):

@@ -37,11 +37,22 @@ log = logging.getLogger("moejax.serve")
 
 # ------------------------------------------------------------------------------------------------ engine thread
 class AsyncEngine:
-    """Runs :meth:`Engine.step` on a background thread; results are pushed to asyncio queues."""
+    """Runs :meth:`Engine.step` on a background thread; results are pushed to asyncio queues.
 
-    def __init__(self, engine: Engine, *, max_pending: int = 512):
+    ``batch_wait_ms``: when a request arrives at an idle engine, the first step waits until no further request
+    has arrived for this long (at most ten times it), so that a burst of concurrent requests is prefilled
+    together rather than as a first prompt alone and the rest one prefill later (as Triton's dynamic-batching
+    queue delay). It costs a lone request that much time to first token; 0 steps at once. A busy engine never
+    waits: arrivals join the next iteration.
+    """
+
+    def __init__(self, engine: Engine, *, max_pending: int = 512, batch_wait_ms: float = 2.0):
+        if not (isinstance(batch_wait_ms, (int, float)) and not isinstance(batch_wait_ms, bool)
+                and 0 <= batch_wait_ms <= 1000):
+            raise ValueError(f"batch_wait_ms={batch_wait_ms!r} must be a number of milliseconds in [0, 1000]")
         self.engine = engine
         self.max_pending = max_pending
+        self.batch_wait_s = batch_wait_ms / 1e3
         self.pending = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -61,9 +72,24 @@ class AsyncEngine:
             self._thread.join(timeout=30)
             self._thread = None
 
+    def _gather_burst(self) -> None:
+        """Wait while requests keep arriving (each within ``batch_wait_s`` of the last), for at most ten
+        times ``batch_wait_s``."""
+        deadline = time.monotonic() + 10 * self.batch_wait_s
+        while not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._wake.wait(min(self.batch_wait_s, left)):
+                return
+            self._wake.clear()
+
     def _run(self) -> None:
+        idle = True
         while not self._stop.is_set():
             if self.engine.has_unfinished():
+                if idle and self.batch_wait_s > 0:
+                    self._wake.clear()
+                    self._gather_burst()
+                idle = False
                 try:
                     self.engine.step()
                 except Exception as e:  # keep serving: fail the in-flight requests, not the server
@@ -72,6 +98,7 @@ class AsyncEngine:
                     for rid in list(self.engine.entries):
                         self.engine.abort(rid)
             else:
+                idle = True
                 self._wake.wait(0.05)
                 self._wake.clear()
 
@@ -160,8 +187,10 @@ class ChatRequest(_Base):
 
 
 # ------------------------------------------------------------------------------------------------ app
-def create_app(engine: Engine, tokenizer, *, model_name: str = "moejax", max_pending: int = 512):
-    """The FastAPI application serving ``engine`` (started and stopped with the app's lifespan)."""
+def create_app(engine: Engine, tokenizer, *, model_name: str = "moejax", max_pending: int = 512,
+               batch_wait_ms: float = 2.0):
+    """The FastAPI application serving ``engine`` (started and stopped with the app's lifespan).
+    ``max_pending`` and ``batch_wait_ms``: see :class:`AsyncEngine`."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -169,7 +198,7 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "moejax", max_pen
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    aengine = AsyncEngine(engine, max_pending=max_pending)
+    aengine = AsyncEngine(engine, max_pending=max_pending, batch_wait_ms=batch_wait_ms)
     scorer = PromptScorer(engine.model)
     created = int(time.time())
 
@@ -581,9 +610,9 @@ def serve_in_background(app, host: str = "127.0.0.1"):
 
 
 def serve(engine: Engine, tokenizer, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "moejax",
-          max_pending: int = 512, log_level: str = "info") -> None:
+          max_pending: int = 512, batch_wait_ms: float = 2.0, log_level: str = "info") -> None:
     """Run the server until interrupted."""
     import uvicorn
 
-    app = create_app(engine, tokenizer, model_name=model_name, max_pending=max_pending)
+    app = create_app(engine, tokenizer, model_name=model_name, max_pending=max_pending, batch_wait_ms=batch_wait_ms)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
