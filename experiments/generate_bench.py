@@ -12,19 +12,25 @@ experts, the expected number a step touches: per layer ``E (1 - (1 - k/E)^B)`` (
 between runs (a shared VM: 35-68 GB/s for the same reduction), so it is measured at the start and at the end
 of the run and the higher reading is used: the tighter (lower) roofline.
 
+Expert floor: the batch-16 decode step is measured a second time with its expert product (the ``dense``
+grouped compute it runs at 16 tokens) replaced by every expert on exactly its share of the rows (``B k / E``),
+one batched product per weight, with no routing or combine (the tokens it computes are garbage; only its time
+is used). No dropless implementation can do less expert work on XLA:CPU, so this is the step's floor here.
+
     python experiments/generate_bench.py [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.common import environment, markdown_table, time_fn, write_results  # noqa: E402
+from experiments.common import environment, markdown_table, time_fn, write_results
 
 
 def measure_machine(jax, jnp, repeats):
@@ -53,6 +59,38 @@ def decode_weight_bytes(model, batch: int) -> float:
     return float(total - n_moe * (E - touched) * expert)
 
 
+@contextlib.contextmanager
+def expert_floor_patch(top_k: int):
+    """Within the block, the ``dense`` grouped compute (what a batch-16 decode step runs) is replaced by the
+    *expert floor*: each expert on exactly ``T k / E`` of the rows, one batched einsum per weight, no routing
+    and no combine weights; its output (the right shape, the wrong values) keeps the rest of the step as it
+    is. jax's caches are cleared on entry and exit so that nothing traced with one version runs with the
+    other. A benchmark device only: the step computes garbage tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax.nn import stages
+
+    def floor(x, wg, wu, wd, combine):
+        T, D = x.shape
+        E = wg.shape[0]
+        rows = max(1, T * top_k // E)
+        xe = jnp.broadcast_to(x[:rows], (E, rows, D))
+        a = jnp.einsum("erd,edf->erf", xe, wg.astype(x.dtype))
+        b = jnp.einsum("erd,edf->erf", xe, wu.astype(x.dtype))
+        y = jnp.einsum("erf,efd->erd", jax.nn.silu(a) * b, wd.astype(x.dtype)).reshape(-1, D)
+        return jnp.sum(y[: T * top_k].reshape(T, -1, D), axis=1) if E * rows >= T * top_k else y[:T]
+
+    real = stages.swiglu_dense_combine
+    jax.clear_caches()
+    stages.swiglu_dense_combine = floor
+    try:
+        yield
+    finally:
+        stages.swiglu_dense_combine = real
+        jax.clear_caches()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
@@ -76,9 +114,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     P, N = args.prompt_len, args.new_tokens
     records = []
-    for B in (16, 1):
-        prompts = rng.integers(0, cfg.vocab_size, (B, P)).tolist()
-
+    def measure(B, prompts):
         def run(n):
             t = time.perf_counter()
             generate(model, prompts, n)
@@ -88,10 +124,22 @@ def main(argv=None):
         cN = run(N)
         t1 = sorted(run(1) for _ in range(args.repeats))[args.repeats // 2]
         tN = sorted(run(N) for _ in range(args.repeats))[args.repeats // 2]
+        return c1, cN, t1, tN
+
+    for B in (16, 1):
+        prompts = rng.integers(0, cfg.vocab_size, (B, P)).tolist()
+        c1, cN, t1, tN = measure(B, prompts)
         step = (tN - t1) / (N - 1)
         records.append({"batch": B, "prompt_len": P, "new_tokens": N, "ttft_ms": t1 * 1e3,
                         "decode_step_ms": step * 1e3, "tokens_per_s": B * N / tN, "decode_tokens_per_s": B / step,
                         "compile_s": c1 + cN - t1 - tN})
+        if B == 16:
+            with expert_floor_patch(cfg.moe.router.effective_top_k):
+                _, _, f1, fN = measure(B, prompts)
+            floor_step = (fN - f1) / (N - 1)
+            _, _, t1b, tNb = measure(B, prompts)  # the real step again, after the floor (noise check)
+            records[-1]["decode_step_ms_again"] = (tNb - t1b) / (N - 1) * 1e3
+            records[-1]["floor_step_ms"] = floor_step * 1e3
     bw1, rate1 = measure_machine(jax, jnp, args.repeats)
     bw, rate = max(bw0, bw1), max(rate0, rate1)
     print(f"memory bandwidth {bw1 / 1e9:.1f} GB/s, matmul {rate1 / 1e9:.1f} GFLOP/s (end of run)", flush=True)
@@ -107,6 +155,11 @@ def main(argv=None):
         print(f"batch {B:2d}: TTFT {rec['ttft_ms']:.1f} ms, decode step {rec['decode_step_ms']:.2f} ms "
               f"(roofline {rec['roofline_step_ms']:.2f} ms, ratio {rec['step_over_roofline']:.2f}), "
               f"{rec['tokens_per_s']:.0f} tok/s end-to-end, compile {rec['compile_s']:.1f} s", flush=True)
+    r16 = records[0]
+    r16["floor_step_over_roofline"] = r16["floor_step_ms"] / r16["roofline_step_ms"]
+    print(f"batch 16: decode step {r16['decode_step_ms']:.2f} / {r16['decode_step_ms_again']:.2f} ms (before / after), "
+          f"with the expert floor {r16['floor_step_ms']:.2f} ms = {r16['floor_step_over_roofline']:.2f}x roofline",
+          flush=True)
     env = environment()
     md = ("# Generation benchmark: tiny Mixtral preset (float32, random weights)\n\n"
           f"Measured here: memory bandwidth {bw0 / 1e9:.1f} GB/s at the start and {bw1 / 1e9:.1f} GB/s at the "
@@ -116,6 +169,12 @@ def main(argv=None):
           "roofline max(weight+KV bytes / bandwidth, FLOPs / matmul rate).\n\n"
           + markdown_table(records, ["batch", "prompt_len", "new_tokens", "ttft_ms", "decode_step_ms",
                                      "roofline_step_ms", "step_over_roofline", "tokens_per_s", "compile_s"])
+          + f"\nExpert floor (batch 16): the same decode step with only its expert product replaced by each "
+          f"expert on exactly {16 * cfg.moe.router.effective_top_k // cfg.moe.num_experts} rows (one batched einsum "
+          f"per weight, no routing or combine) takes {r16['floor_step_ms']:.2f} ms = "
+          f"{r16['floor_step_over_roofline']:.2f}x the roofline (the real step measured again after it: "
+          f"{r16['decode_step_ms_again']:.2f} ms). No dropless grouped-compute method can do less expert work, so "
+          "this bounds what the step can reach with XLA:CPU's kernels.\n"
           + f"\nEnvironment: jax {env['jax']}, backend {env['backend']}, {env['cpu_count']} CPUs.\n")
     payload = {"environment": env, "bandwidth_bytes_per_s": bw, "matmul_flops_per_s": rate,
                "bandwidth_start_end": [bw0, bw1], "matmul_start_end": [rate0, rate1], "records": records}
