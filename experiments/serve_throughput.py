@@ -77,7 +77,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     prompts = rng.integers(0, 256, (B, P)).tolist()
     sp = SamplingParams(max_tokens=N, temperature=0)
-    bw0, rate0 = measure_machine(jax, jnp, 5)  # again at the end (this machine's bandwidth moves between runs)
+    bw0, rate0 = measure_machine(jax, jnp, 5, model)  # again at the end (this machine's bandwidth moves between runs)
     def make_engine(decode_steps):
         # token budget: every prompt (plus the decode rows) fits one iteration, as suits a throughput run where
         # all requests arrive at once (a half-size budget splits the batch's prefill over three iterations)
@@ -146,7 +146,7 @@ def main(argv=None):
     res["static_s"] = median(static)
     res["static_single_step_s"] = median(static_single)
 
-    bw1, rate1 = measure_machine(jax, jnp, 5)
+    bw1, rate1 = measure_machine(jax, jnp, 5, model)
     bw, rate = max(bw0, bw1), max(rate0, rate1)  # the higher readings: the tighter bound
     act = active_params(cfg)["active"] - cfg.vocab_size * cfg.d_model
 
