@@ -187,7 +187,8 @@ class Scheduler:
     def _admit(self, req: Request) -> bool:
         """Move a waiting request to PREFILL, reusing cached prefix blocks. False if it does not fit."""
         toks = req.tokens
-        hashes = prefix_hashes(toks[:-1], self.bs)  # always leave >= 1 token to compute
+        # always leave >= 1 token to compute; no hashing without a prefix cache
+        hashes = prefix_hashes(toks[:-1], self.bs) if self.alloc.enable_prefix_cache else []
         hit = self.alloc.lookup(hashes)
         need = math.ceil(len(toks) / self.bs) - len(hit)
         if need > self.alloc.num_free - sum(1 for b in hit if b in self.alloc.evictable):
@@ -226,7 +227,9 @@ class Scheduler:
         plan.decode = list(self.running)
 
     def register_full_blocks(self, req: Request) -> None:
-        """Add the request's newly completed blocks to the prefix cache."""
+        """Add the request's newly completed blocks to the prefix cache (nothing to do without one)."""
+        if not self.alloc.enable_prefix_cache:
+            return
         full = min(req.num_computed, req.num_tokens) // self.bs
         if full <= len(req.hashes):
             return
