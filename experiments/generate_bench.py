@@ -85,18 +85,20 @@ def floor_experts(x, wg, wu, wd, rows: int):
     return jnp.einsum("erf,efd->erd", jax.nn.silu(a) * b, wd.astype(x.dtype))
 
 
+def floor_rows(cfg, batch: int) -> int:
+    """Rows per expert at the expert floor: each expert's share ``B k / E`` of a batch's routed slots."""
+    return max(1, batch * cfg.moe.router.effective_top_k // cfg.moe.num_experts)
+
+
 def expert_floor_alone_ms(model, batch: int, repeats: int) -> float:
     """Median ms of the expert floor's products alone for every MoE layer of ``model`` (``batch`` tokens)."""
     import jax
     import jax.numpy as jnp
 
-    from moejax.models.transformer import unstack_layers
-
     cfg = model.cfg
-    rows = max(1, batch * cfg.moe.router.effective_top_k // cfg.moe.num_experts)
-    ws = [(st["moe"]["experts"]["w_gate"][...], st["moe"]["experts"]["w_up"][...],
-           st["moe"]["experts"]["w_down"][...])
-          for r, (kind, _, _) in enumerate(model.runs) if kind == "moe" for st in unstack_layers(model)[r]]
+    rows = floor_rows(cfg, batch)
+    ws = [tuple(w[i] for w in model.stacks[r].moe.experts.weights())  # each layer's own [E, ...] weights
+          for r, (kind, _, n) in enumerate(model.runs) if kind == "moe" for i in range(n)]
 
     @jax.jit
     def chain(ws, x):
@@ -186,6 +188,7 @@ def main(argv=None):
             records[-1]["decode_step_ms_again"] = (tNb - t1b) / (N - 1) * 1e3
             records[-1]["floor_step_ms"] = floor_step * 1e3
             records[-1]["expert_floor_alone_ms"] = expert_floor_alone_ms(model, B, args.repeats)
+            records[-1]["floor_rows_per_expert"] = floor_rows(cfg, B)
     bw1, rate1 = measure_machine(jax, jnp, args.repeats, model)
     bw, rate = max(bw0, bw1), max(rate0, rate1)
     print(f"memory bandwidth {bw1 / 1e9:.1f} GB/s, matmul {rate1 / 1e9:.1f} GFLOP/s (end of run)", flush=True)
@@ -217,7 +220,7 @@ def main(argv=None):
           + markdown_table(records, ["batch", "prompt_len", "new_tokens", "ttft_ms", "decode_step_ms",
                                      "roofline_step_ms", "step_over_roofline", "tokens_per_s", "compile_s"])
           + f"\nExpert floor (batch 16): the same decode step with only its expert product replaced by each "
-          f"expert on exactly {16 * cfg.moe.router.effective_top_k // cfg.moe.num_experts} rows (one batched einsum "
+          f"expert on exactly {r16['floor_rows_per_expert']} rows (one batched einsum "
           f"per weight, no routing or combine) takes {r16['floor_step_ms']:.2f} ms = "
           f"{r16['floor_step_over_roofline']:.2f}x the roofline (the real step measured again after it: "
           f"{r16['decode_step_ms_again']:.2f} ms). No dropless grouped-compute method can do less expert work, so "

@@ -78,11 +78,13 @@ def main(argv=None):
     prompts = rng.integers(0, 256, (B, P)).tolist()
     sp = SamplingParams(max_tokens=N, temperature=0)
     bw0, rate0 = measure_machine(jax, jnp, 5, model)  # again at the end (this machine's bandwidth moves between runs)
+    # token budget: every prompt (plus the decode rows) fits one iteration, as suits a throughput run where all
+    # requests arrive at once (a half-size budget splits the batch's prefill over three iterations)
+    budget = B * (P + 1)
+
     def make_engine(decode_steps):
-        # token budget: every prompt (plus the decode rows) fits one iteration, as suits a throughput run where
-        # all requests arrive at once (a half-size budget splits the batch's prefill over three iterations)
         ecfg = EngineConfig(max_model_len=P + N + 64, enable_prefix_cache=False, decode_steps=decode_steps,
-                            sched=SchedulerConfig(max_num_seqs=B, max_num_batched_tokens=B * (P + 1),
+                            sched=SchedulerConfig(max_num_seqs=B, max_num_batched_tokens=budget,
                                                   max_prefill_seqs=B))
         engine = Engine(model, ecfg)
         t = time.perf_counter()
@@ -184,7 +186,7 @@ def main(argv=None):
           f"{rate / 1e9:.1f} GFLOP/s measured in the same run (the higher of the readings at its start, "
           f"{bw0 / 1e9:.1f} GB/s, and end, {bw1 / 1e9:.1f} GB/s; the roofline counts the experts a step is "
           "expected to touch: all 8 at batch 16, 2 at batch 1). "
-          f"Chunked prefill with a {B * (P + 1)}-token budget (every prompt in one iteration). "
+          f"Chunked prefill with a {budget}-token budget (every prompt in one iteration). "
           f"Median of {args.repeats} after a warm-up. "
           f"The engine compiled its {n_shapes} step shapes ahead of time ({warmup_s:.0f} s; "
           f"{len(engine.compiled_shapes) - n_shapes} more were compiled while serving). "
