@@ -227,6 +227,78 @@ def layer_attention(blk, x, ctx: RowContext, kp, vp, li, *, block_size: int, imp
     return x + blk.attn.out(o).astype(x.dtype), kp, vp
 
 
+def write_kv(kp, vp, li, slots, k, v):
+    """Write new keys/values ``[B, S, KV, hd]`` to pool slots ``slots [B, S]`` of layer ``li``."""
+    flat = slots.reshape(-1)
+    kp = kp.at[li, flat].set(k.reshape(-1, *k.shape[2:]).astype(kp.dtype))
+    vp = vp.at[li, flat].set(v.reshape(-1, *v.shape[2:]).astype(vp.dtype))
+    return kp, vp
+
+
+def read_attention(blk, x, q, ctx: RowContext, kp, vp, li, *, block_size: int, impl: str = "xla",
+                   kv_block: int | None = None, prefill_kv_block: int | None = None):
+    """The attention half of :func:`layer_attention` for queries ``q`` whose K/V are already in the pool
+    (reads the pool only): ``x`` plus the attention output."""
+    if x.shape[1] > 1 and prefill_kv_block:
+        kv_block = prefill_kv_block
+    o = _paged_attend(q, kp, vp, li, ctx.tables, ctx.pos, ctx.lengths, block_size, impl, kv_block)
+    return x + blk.attn.out(o).astype(x.dtype)
+
+
+def grouped_layer(blk, ffn, attn_read, xd, xp, dctx, pctx, kp, vp, li, active):
+    """One layer of a step with a prefill part whose layer group is a run-time value (``active``).
+
+    Decode rows (``xd``, or None) always pass; prefill rows ``xp`` pass only where ``active``, and are then
+    routed in the same MoE call as the decode rows. The KV pool never enters a ``lax.cond`` (a conditional
+    that updates the pool makes XLA copy the whole pool in every layer): the prefill projections run under a
+    first cond, the new K/V of both parts are written unconditionally (an inactive layer sends the prefill
+    rows to the scratch slot 0, never visible), and a second cond, which only reads the pool, runs the
+    prefill attention and the shared MoE call (or the decode rows' MoE call alone)."""
+    a = blk.attn
+
+    def pf_qkv(x):
+        return a.qkv(blk.attn_norm(x), None, pctx.rope)
+
+    def pf_none(x):
+        q, k, v = jax.eval_shape(pf_qkv, x)
+        return jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)
+
+    qp, kpn, vpn = jax.lax.cond(active, pf_qkv, pf_none, xp)
+    pslots = jnp.where(active, pctx.slots, 0)
+    if xd is not None:
+        qd, kd, vd = a.qkv(blk.attn_norm(xd), None, dctx.rope)
+        kp, vp = write_kv(kp, vp, li, jnp.concatenate([dctx.slots.reshape(-1), pslots.reshape(-1)])[None],
+                          jnp.concatenate([kd.reshape(-1, *kd.shape[2:]), kpn.reshape(-1, *kpn.shape[2:])])[None],
+                          jnp.concatenate([vd.reshape(-1, *vd.shape[2:]), vpn.reshape(-1, *vpn.shape[2:])])[None])
+        xd = attn_read(blk, xd, qd, dctx, kp, vp, li)
+    else:
+        kp, vp = write_kv(kp, vp, li, pslots, kpn, vpn)
+
+    def with_prefill(xd, xp, qp, kp, vp):
+        xp = attn_read(blk, xp, qp, pctx, kp, vp, li)
+        if xd is None:
+            (xp,), cnt = _ffn_parts(blk, ffn, [(xp, pctx)])
+        else:
+            (xd, xp), cnt = _ffn_parts(blk, ffn, [(xd, dctx), (xp, pctx)])
+        return xd, xp, cnt
+
+    def decode_only(xd, xp, qp, kp, vp):
+        if xd is None:
+            return xd, xp, jnp.int32(0)
+        (xd,), cnt = _ffn_parts(blk, ffn, [(xd, dctx)])
+        return xd, xp, cnt
+
+    xd, xp, cnt = jax.lax.cond(active, with_prefill, decode_only, xd, xp, qp, kp, vp)
+    return xd, xp, kp, vp, cnt
+
+
+def _ffn_parts(blk, ffn, rows):
+    """One shared FFN call over ``rows = [(x, ctx), ...]`` plus residuals; also the experts-touched count."""
+    parts = [(x, ctx.valid) for x, ctx in rows]
+    f, cnt = ffn(*ffn_rows(blk, parts, [c.expert_ids for _, c in rows]))
+    return add_ffn(parts, f), cnt
+
+
 def ffn_rows(blk, parts, ids=None):
     """Normalized FFN inputs of several row groups ``[(x [B, S, D], valid [B, S]), ...]`` as one token batch
     (and their pre-gated expert ids when ``ids`` lists one ``[B, S]`` array per group)."""
@@ -272,6 +344,8 @@ def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: Prefill
                                       dec_ids=dec_ids, pf_ids=pf_ids)
     attn = partial(layer_attention, block_size=block_size, impl=attn_impl, kv_block=kv_block,
                    prefill_kv_block=prefill_kv_block)
+    attn_read = partial(read_attention, block_size=block_size, impl=attn_impl, kv_block=kv_block,
+                        prefill_kv_block=prefill_kv_block)
 
     ks, vs, touched = list(pool.k), list(pool.v), []
     for r, (kind, first, n) in enumerate(model.runs):
@@ -288,33 +362,13 @@ def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: Prefill
                     return f.astype(dt), jnp.sum(aux["expert_load"] > 0).astype(jnp.int32)
                 return blk.mlp(y).astype(dt), jnp.int32(0)
 
-            def run(rows, kp, vp):
-                """Attention then one shared FFN call over ``rows = [(x, ctx), ...]``."""
-                parts = []
-                for x, ctx in rows:
-                    x, kp, vp = attn(blk, x, ctx, kp, vp, li)
-                    parts.append((x, ctx.valid))
-                f, cnt = ffn(*ffn_rows(blk, parts, [c.expert_ids for _, c in rows]))
-                return add_ffn(parts, f), kp, vp, cnt
-
-            def decode_only(xd_, xp_, kp, vp):
-                (xd_,), kp, vp, cnt = run([(xd_, dctx)], kp, vp)
-                return xd_, xp_, kp, vp, cnt
-
-            def with_prefill(xd_, xp_, kp, vp):
-                if has_d:
-                    (xd_, xp_), kp, vp, cnt = run([(xd_, dctx), (xp_, pctx)], kp, vp)
-                else:
-                    (xp_,), kp, vp, cnt = run([(xp_, pctx)], kp, vp)
-                return xd_, xp_, kp, vp, cnt
-
             if has_p:
-                layer = first + li
-                active = (layer >= lo) & (layer < hi)
-                skip = decode_only if has_d else (lambda a, b, c, d: (a, b, c, d, jnp.int32(0)))
-                xd_, xp_, kp, vp, cnt = jax.lax.cond(active, with_prefill, skip, xd_, xp_, kp, vp)
-            else:
-                xd_, xp_, kp, vp, cnt = decode_only(xd_, xp_, kp, vp)
+                xd_new, xp_, kp, vp, cnt = grouped_layer(blk, ffn, attn_read, xd_ if has_d else None, xp_, dctx,
+                                                         pctx, kp, vp, li, (first + li >= lo) & (first + li < hi))
+                xd_ = xd_new if has_d else xd_
+            else:  # decode only: no prefill part, no group test
+                xd_, kp, vp = attn(blk, xd_, dctx, kp, vp, li)
+                (xd_,), cnt = _ffn_parts(blk, ffn, [(xd_, dctx)])
             return (xd_, xp_, kp, vp), cnt
 
         carry = (xd if has_d else jnp.zeros((0,), dt), xp if has_p else jnp.zeros((0,), dt), ks[r], vs[r])
