@@ -301,6 +301,28 @@ def test_layered_batches_prompts_only_within_the_padding_bound(model):
         sched_cfg(max_layered_padding=-1).validate()
 
 
+def test_layered_groups_follow_the_batch_total():
+    """G follows a layered batch's total prompt tokens (the paper's scheduler): two 400-token prompts
+    prefill as 800 tokens in 2 groups, where either alone would take 1."""
+    from moejax.serve.scheduler import LayeredPrefillScheduler, Request
+
+    s = LayeredPrefillScheduler(SchedulerConfig(max_num_seqs=8, max_prefill_seqs=4), BlockAllocator(256, 16), 8)
+    dec = Request("d", [1] * 20, None, 0.0)
+    assert s._admit(dec)
+    dec.num_computed, dec.status = 20, Status.RUNNING
+    s.running.append(dec)
+    assert s.num_groups(400) == 1
+    for i in range(2):
+        s.add(Request(f"p{i}", list(range(400)), None, 0.0))
+    groups = []
+    for _ in range(2):
+        plan = s.schedule(0.0)
+        assert [c.length for c in plan.prefill] == [400, 400] and plan.decode == [dec]
+        groups.append(plan.group)
+        s.on_step_done(plan)
+    assert groups == [(0, 4), (4, 8)] and not s.batch
+
+
 def test_prefill_token_buckets():
     from moejax.serve.engine import _bucket_edges, shape_bucket
 

@@ -586,8 +586,12 @@ class Engine:
             keys += [(b, None, self.cfg.decode_steps) for b in buckets]
         full = self.decode_rows(0, True) if self.runtime is None else None
         for bp in rows:
+            # several rows: their tokens fit the budget, and layered batches also keep within the padding bound
+            # (bp rows x the longest <= (1 + max_layered_padding) x their tokens)
+            lim = multi if self.cfg.scheduler == "chunked" or bp == 1 else int(
+                (1 + sc.max_layered_padding) * multi / bp)
             for tp in tokens:
-                if bp == 1 or tp <= shape_bucket(multi, self.cfg.min_prefill_tokens, self.cfg.prefill_token_step):
+                if bp == 1 or tp <= shape_bucket(lim, self.cfg.min_prefill_tokens, self.cfg.prefill_token_step):
                     keys.append((full, (bp, tp)))
         return keys
 

@@ -8,7 +8,9 @@ preemption by recompute when the pool is full) and differ only in how prompts ar
 * :class:`LayeredPrefillScheduler` (Layered Prefill): whole prompts, cut along the *layer* axis instead: the
   stack is split into G contiguous groups and each iteration runs the in-flight prompts through one group
   while every running request decodes through all layers. G adapts to the prompt length (<=512 -> 1,
-  <=1024 -> 2, <=2048 -> 4, <=4096 -> 8, else 16; thresholds configurable).
+  <=1024 -> 2, <=2048 -> 4, <=4096 -> 8, else 16; thresholds configurable). Several waiting prompts can
+  share one layered batch; G then follows their total (as the paper's scheduler does), which keeps the
+  prefill work of one iteration near chunked prefill's token budget.
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ class SchedulerConfig:
       max_num_seqs: running + prefilling requests at once (decode batch bound).
       max_num_batched_tokens: chunked prefill's token budget per iteration (decode tokens count one each).
       max_prefill_seqs: prompts prefilled in one iteration.
-      layered_thresholds: prompt-length upper bounds for G = 1, 2, 4, 8; longer prompts use 16 groups.
+      layered_thresholds: upper bounds on a layered batch's prompt tokens (its prompts' total) for
+        G = 1, 2, 4, 8; more tokens use 16 groups.
       max_layered_tokens: total prompt tokens one layered prefill batch may hold.
       collapse_when_idle: layered prefill runs a prompt through all layers at once when nothing is decoding
         (no decode to interleave with, and the expert traffic is the same).
@@ -293,7 +296,7 @@ class LayeredPrefillScheduler(Scheduler):
         return rows * max(r.to_prefill for r in reqs) <= (1 + self.cfg.max_layered_padding) * real
 
     def num_groups(self, prompt_len: int) -> int:
-        """Adaptive G from the prompt length (capped at the number of layers)."""
+        """Adaptive G from the prompt tokens of a layered batch (capped at the number of layers)."""
         g = 16
         for limit, groups in zip(self.cfg.layered_thresholds, (1, 2, 4, 8)):
             if prompt_len <= limit:
@@ -332,8 +335,8 @@ class LayeredPrefillScheduler(Scheduler):
                 tokens += req.to_prefill
             if not self.batch:
                 return plan
-            longest = max(r.to_prefill for r in self.batch)
-            g = 1 if (self.cfg.collapse_when_idle and not plan.decode) else self.num_groups(longest)
+            total = sum(r.to_prefill for r in self.batch)
+            g = 1 if (self.cfg.collapse_when_idle and not plan.decode) else self.num_groups(total)
             self.bounds, self.group_index = self.group_bounds(g), 0
         lo, hi = self.bounds[self.group_index]
         last = self.group_index == len(self.bounds) - 1
