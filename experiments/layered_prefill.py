@@ -142,6 +142,9 @@ def main(argv=None):
                     help="Poisson arrival rates (requests/s); each is replayed on both schedulers")
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prefill-token-step", type=int, default=256,
+                    help="prefill shapes are multiples of this beyond it (layered prefill pads a whole prompt to "
+                         "it in every layer group; chunked prefill pads only a chunk's tail)")
     ap.add_argument("--quick", action="store_true", help="short prompts (CI smoke run; not the headline)")
     args = ap.parse_args(argv)
 
@@ -162,7 +165,8 @@ def main(argv=None):
         sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=512, max_prefill_seqs=4,
                                 layered_thresholds=thresholds, max_layered_tokens=hi)
         eng = Engine(model, EngineConfig(scheduler=name, sched=sched, block_size=16, enable_prefix_cache=False,
-                                         num_blocks=1 + args.max_num_seqs * (cfg.max_seq_len // 16)))
+                                         num_blocks=1 + args.max_num_seqs * (cfg.max_seq_len // 16),
+                                         prefill_token_step=args.prefill_token_step))
         jax.clear_caches()  # drop the other scheduler's compiled steps (each holds many JIT code mappings)
         t = time.perf_counter()
         n_warm = eng.warmup(max_prompt_tokens=hi + 96, progress=True)  # every step shape, ahead of time
