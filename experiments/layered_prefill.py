@@ -1,6 +1,6 @@
 """Layered prefill vs chunked prefill on a fine-grained MoE: expert-weight traffic, TTFT, TPOT, E2E.
 
-Model (random weights, float32): 64 experts top-8 (Qwen3-MoE-like routing granularity), hidden 128,
+Model (random weights, float32): 64 experts top-8 (``--experts 128``: Qwen3-30B-A3B's 128 experts top-8), hidden 128,
 8 layers, 4 query / 2 KV heads, expert width 64, vocab 512, context 4608. With 8 experts top-2 a decode batch
 already touches every expert, so no scheduler could save traffic; with 64 experts top-8 a decode batch of
 4-8 touches about half of them per layer while a prefill chunk touches all of them.
@@ -41,12 +41,12 @@ QWEN3 = {"name": "Qwen3-30B-A3B", "layers": 48, "d_model": 2048, "experts": 128,
          "heads": 32, "kv_heads": 4, "head_dim": 128, "vocab": 151936, "bytes": 2}
 
 
-def model_config(quick: bool):
+def model_config(quick: bool, experts: int = 64):
     from moejax.config import ModelConfig, MoEConfig, RouterConfig
 
     return ModelConfig(vocab_size=512, d_model=128, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=32, d_ff=256,
                        max_seq_len=4608 if not quick else 1280,
-                       moe=MoEConfig(num_experts=64, d_ff=64,
+                       moe=MoEConfig(num_experts=experts, d_ff=64,
                                      router=RouterConfig(type="topk", top_k=8, normalize=True))).validate()
 
 
@@ -142,6 +142,8 @@ def main(argv=None):
                     help="Poisson arrival rates (requests/s); each is replayed on both schedulers")
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--experts", type=int, default=64,
+                    help="experts per MoE layer (top-8); 128 is Qwen3-30B-A3B's routing (results file gets _e128)")
     ap.add_argument("--prefill-token-step", type=int, default=256,
                     help="prefill shapes are multiples of this beyond it (layered prefill pads a whole prompt to "
                          "it in every layer group; chunked prefill pads only a chunk's tail)")
@@ -155,7 +157,7 @@ def main(argv=None):
     from moejax.serve.engine import Engine, EngineConfig
     from moejax.serve.scheduler import SchedulerConfig
 
-    cfg = model_config(args.quick)
+    cfg = model_config(args.quick, args.experts)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     lo, hi = (512, 4096) if not args.quick else (128, 1024)
     traces = {rate: make_trace(args.requests, rate, lo, hi, 32, 96, args.seed) for rate in args.rates}
@@ -197,7 +199,7 @@ def main(argv=None):
     md = ["# Layered prefill vs chunked prefill (measured on this CPU)\n\n",
           (f"{args.requests} requests per run, Poisson arrivals at {', '.join(map(str, args.rates))} requests/s "
            f"(the same trace for both schedulers at each rate), prompts {lo}-{hi} tokens, outputs 32-96, greedy, "
-           f"max {args.max_num_seqs} running; model: 64 experts top-8, 8 layers, hidden 128 (float32). "
+           f"max {args.max_num_seqs} running; model: {cfg.moe.num_experts} experts top-8, 8 layers, hidden 128 (float32). "
            f"Backend {payload['environment']['backend']}. Both engines compiled every step shape before the "
            "runs (none compiled while measuring). Target (issue 5): expert-weight bytes >= 30% lower than "
            "chunked at TPOT no worse (measured).\n")]
@@ -221,7 +223,8 @@ def main(argv=None):
     md.append("\nPaper: TTFT down up to 70%, expert traffic down 12-39%. Decode-only iterations touch the same "
               "experts under both schedulers; only iterations that carry a prompt can save traffic, so the saving "
               "grows with the share of iterations that prefill (higher arrival rates).\n")
-    jp, mp = write_results("layered_prefill" + ("_quick" if args.quick else ""), payload, "".join(md))
+    name = "layered_prefill" + ("" if args.experts == 64 else f"_e{args.experts}") + ("_quick" if args.quick else "")
+    jp, mp = write_results(name, payload, "".join(md))
     try:
         plot(results, os.path.splitext(jp)[0] + ".png")
     except (ImportError, RuntimeError, ValueError) as e:  # plotting is optional
