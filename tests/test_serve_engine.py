@@ -117,6 +117,39 @@ def test_layered_kv_equals_one_shot_prefill(model):
             assert np.abs(got - ref).max() <= KV_TOL * max(1.0, np.abs(ref).max())
 
 
+def test_group_step_without_decode_rows_and_dropped_writes(model):
+    """A step with a prefill part through layers [1, 3) and no decode part computes what the same step beside
+    padding decode rows computes, writes the prompt's K/V in layers 1-2 only, and leaves every other layer's
+    pool untouched (inactive layers drop the prefill writes; only the scratch block may change)."""
+    import jax
+
+    from moejax.serve.step import engine_step
+
+    eng = Engine(model, EngineConfig(scheduler="layered", block_size=8, sched=sched_cfg()))
+    n = 20
+    pf = eng._blank_prefill(1, 32)
+    pf.tokens[0, 32 - n:] = np.random.default_rng(9).integers(0, 97, n)  # left-padded
+    pf.length[0] = n
+    pf.tables[0, :3] = [1, 2, 3]
+    rng = np.random.default_rng(10)  # a pool full of old values: a stray write of anything shows
+    before = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), eng.pool)
+    outs = []
+    for dec in (None, eng._blank_decode(2)):
+        eng.pool = jax.tree.map(jnp.asarray, before)
+        args, kw = eng._step_args(dec, pf, None, (1, 3), False, None, None)
+        outs.append(engine_step(*args, **kw))
+    h0, h1 = np.asarray(outs[0].pf_hidden), np.asarray(outs[1].pf_hidden)
+    assert np.abs(h0 - h1).max() <= 1e-6 * max(1.0, np.abs(h1).max())
+    assert np.asarray(outs[0].experts_touched).tolist() == np.asarray(outs[1].experts_touched).tolist()
+    for r, (_, start, count) in enumerate(model.runs):
+        for o in outs:
+            for got, ref in ((o.pool.k[r], before.k[r]), (o.pool.v[r], before.v[r])):
+                got, ref = np.asarray(got)[:, 8:], ref[:, 8:]  # past the scratch block
+                for i in range(count):
+                    changed = not np.array_equal(got[i], ref[i])
+                    assert changed == (1 <= start + i < 3), (start + i, changed)
+
+
 def test_stop_abort_and_seeded_sampling(model):
     rng = np.random.default_rng(3)
     p = rng.integers(0, 97, 12).tolist()

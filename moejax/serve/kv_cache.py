@@ -10,7 +10,7 @@ Two halves:
 * :class:`KVPool` (device): per run of layers (see :func:`moejax.models.transformer.layer_runs`) keys and
   values ``[n_layers_in_run, num_blocks * block_size, n_kv_heads, head_dim]``; a token's *slot* is
   ``block_id * block_size + offset``. Block 0 is reserved as a scratch block: padding tokens write there and
-  no block table points at it for real data.
+  no block table points at it for real data (attention may gather it under a mask, so it must stay finite).
 
 The layout per layer, viewed as ``[num_blocks, block_size, n_kv_heads, head_dim]``, is the one the paged
 attention kernels in ``pallas_kernels.paged_attention`` read through ``block_tables``.

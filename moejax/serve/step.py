@@ -7,11 +7,13 @@ One call runs
 
 Chunked prefill uses ``lo, hi = 0, n_layers`` (every iteration sees whole chunks through the whole stack).
 Layered prefill is the same compiled step with a *group mask*: ``(lo, hi)`` is a runtime value, each layer of
-the scanned stack tests ``lo <= layer < hi``, and a ``lax.cond`` takes the prefill rows through that layer's
-attention and experts only when it is active. In inactive layers prefill tokens are neither written to the KV
-cache nor routed: the MoE call there contains the decode tokens alone, so a masked prefill token is never
-dispatched to another group's experts. The prefill hidden states leave the step and come back on the next
-iteration (``pf_hidden``), so a prompt advances one layer group per iteration.
+the scanned stack tests ``lo <= layer < hi``, and ``lax.cond`` takes the prefill rows through that layer's
+projections, attention and experts only when it is active (:func:`grouped_layer`; the KV pool itself never
+enters a conditional, which would copy it in every layer). In inactive layers prefill tokens are neither
+written to the KV cache (their writes are dropped) nor routed: the MoE call there contains the decode tokens
+alone, so a masked prefill token is never dispatched to another group's experts. The prefill hidden states
+leave the step and come back on the next iteration (``pf_hidden``), so a prompt advances one layer group per
+iteration.
 
 The decode and prefill tokens of an active layer share one MoE call, so an iteration touches each expert's
 weights once per layer however many rows use it; the step reports the number of distinct experts it routed to
@@ -220,18 +222,17 @@ def layer_attention(blk, x, ctx: RowContext, kp, vp, li, *, block_size: int, imp
     if x.shape[1] > 1 and prefill_kv_block:
         kv_block = prefill_kv_block
     q, k, v = blk.attn.qkv(blk.attn_norm(x), None, ctx.rope)
-    flat = ctx.slots.reshape(-1)
-    kp = kp.at[li, flat].set(k.reshape(-1, *k.shape[2:]).astype(kp.dtype))
-    vp = vp.at[li, flat].set(v.reshape(-1, *v.shape[2:]).astype(vp.dtype))
+    kp, vp = write_kv(kp, vp, li, ctx.slots, k, v)
     o = _paged_attend(q, kp, vp, li, ctx.tables, ctx.pos, ctx.lengths, block_size, impl, kv_block)
     return x + blk.attn.out(o).astype(x.dtype), kp, vp
 
 
 def write_kv(kp, vp, li, slots, k, v):
-    """Write new keys/values ``[B, S, KV, hd]`` to pool slots ``slots [B, S]`` of layer ``li``."""
+    """Write new keys/values ``[B, S, KV, hd]`` to pool slots ``slots [B, S]`` of layer ``li``. A slot past the
+    pool's end (``>= kp.shape[1]``) is skipped: no write at all, unlike the scratch slot 0 that padding rows use."""
     flat = slots.reshape(-1)
-    kp = kp.at[li, flat].set(k.reshape(-1, *k.shape[2:]).astype(kp.dtype))
-    vp = vp.at[li, flat].set(v.reshape(-1, *v.shape[2:]).astype(vp.dtype))
+    kp = kp.at[li, flat].set(k.reshape(-1, *k.shape[2:]).astype(kp.dtype), mode="drop")
+    vp = vp.at[li, flat].set(v.reshape(-1, *v.shape[2:]).astype(vp.dtype), mode="drop")
     return kp, vp
 
 
@@ -251,8 +252,9 @@ def grouped_layer(blk, ffn, attn_read, xd, xp, dctx, pctx, kp, vp, li, active):
     Decode rows (``xd``, or None) always pass; prefill rows ``xp`` pass only where ``active``, and are then
     routed in the same MoE call as the decode rows. The KV pool never enters a ``lax.cond`` (a conditional
     that updates the pool makes XLA copy the whole pool in every layer): the prefill projections run under a
-    first cond, the new K/V of both parts are written unconditionally (an inactive layer sends the prefill
-    rows to the scratch slot 0, never visible), and a second cond, which only reads the pool, runs the
+    first cond, the new K/V of both parts are written unconditionally (in an inactive layer the prefill rows'
+    writes are dropped: their slots point past the pool, so thousands of rows do not all hit one scratch slot,
+    which on GPUs serializes the scatter), and a second cond, which only reads the pool, runs the
     prefill attention and the shared MoE call (or the decode rows' MoE call alone)."""
     a = blk.attn
 
@@ -264,7 +266,7 @@ def grouped_layer(blk, ffn, attn_read, xd, xp, dctx, pctx, kp, vp, li, active):
         return jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)
 
     qp, kpn, vpn = jax.lax.cond(active, pf_qkv, pf_none, xp)
-    pslots = jnp.where(active, pctx.slots, 0)
+    pslots = jnp.where(active, pctx.slots, kp.shape[1])  # past the pool: the write is dropped
     if xd is not None:
         qd, kd, vd = a.qkv(blk.attn_norm(xd), None, dctx.rope)
         kp, vp = write_kv(kp, vp, li, jnp.concatenate([dctx.slots.reshape(-1), pslots.reshape(-1)])[None],
