@@ -38,6 +38,11 @@ rewritten after every step, so a timeout still leaves the finished steps on disk
    ``ragged_all_to_all``). When it passes on a GPU, add ``"gpu"`` to
    ``moejax.parallel.expert_parallel.RAGGED_VALIDATED_BACKENDS`` so ``a2a="auto"`` picks the ragged path.
 
+9. ``serve_step``: the serving engine's jitted iteration on the layered-prefill experiment's model (128
+   experts top-8): decode only, a 512-token chunk through all layers (chunked prefill) and a 2,100-token prompt
+   through one layer (layered prefill at G = 8, whose inactive layers drop the prompt's K/V writes), beside
+   decode rows. ``--only serve_step`` runs it alone.
+
 ``--only a,b`` runs only the steps whose names start with those prefixes, ``--skip`` the others; ``--out``
 names the results file (so a partial run does not overwrite the full one).
 
@@ -696,6 +701,61 @@ def main(argv=None):
         return ep_ragged_compare("ragged", T=64 if args.smoke else 256)
 
     step("ep_ragged", ep_ragged)
+
+    # 9. serving engine steps (layered vs chunked prefill iterations) ----------------------------------
+    def serve_step():
+        """Time the engine's jitted iteration on the layered-prefill experiment's model (128 experts top-8):
+        decode only (8 rows), a 512-token chunk through every layer beside 6 decode rows (chunked prefill),
+        and a whole prompt through one layer beside 6 decode rows (layered prefill at G = 8; the other 7
+        layers drop the prompt's K/V writes, a scatter worth timing on a GPU)."""
+        import numpy as np
+        from flax import nnx
+
+        from experiments.layered_prefill import model_config
+        from moejax.models.transformer import Transformer
+        from moejax.serve.engine import Engine, EngineConfig
+        from moejax.serve.scheduler import SchedulerConfig
+        from moejax.serve.step import engine_step
+
+        cfg = model_config(args.smoke, 128)
+        eng = Engine(Transformer(cfg, rngs=nnx.Rngs(0)),
+                     EngineConfig(scheduler="layered", block_size=16, enable_prefix_cache=False,
+                                  num_blocks=1 + 8 * (cfg.max_seq_len // 16),
+                                  sched=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512)))
+        prompt, chunk = (256, 64) if args.smoke else (2100, 512)
+
+        def batch(tp, real, n_dec):
+            dec = eng._blank_decode(8)
+            for i in range(n_dec):
+                dec.valid[i], dec.pos[i], dec.tokens[i] = True, 100, 5
+                dec.tables[i, :8] = np.arange(1000 + 8 * i, 1008 + 8 * i)
+            if tp is None:
+                return dec, None
+            pf = eng._blank_prefill(1, tp)
+            pf.tokens[0, tp - real:] = np.arange(real) % 256
+            pf.length[0] = real
+            pf.tables[0, :(real + 15) // 16] = np.arange(1, (real + 15) // 16 + 1)
+            return dec, pf
+
+        tp = -(-prompt // 256) * 256
+        cases = {"decode only, 8 rows": (batch(None, 0, 8), (0, cfg.n_layers)),
+                 f"chunk {chunk} x {cfg.n_layers} layers + 6 decode": (batch(chunk, chunk, 6), (0, cfg.n_layers)),
+                 f"prompt {prompt} x 1 layer + 6 decode": (batch(tp, prompt, 6), (3, 4))}
+        rows = []
+        for name, ((dec, pf), group) in cases.items():
+            args_, kw = eng._step_args(dec, pf, None, group, False, None, None)
+
+            def call(args_=args_, kw=kw):
+                o = engine_step(*((args_[0], args_[1], eng.pool) + args_[3:]), **kw)
+                eng.pool = o.pool
+                return o.dec_next
+
+            r = bench(call, **it)
+            rows.append({"case": name, "median_ms": r["median_s"] * 1e3, "compile_s": r["compile_s"]})
+            print(f"   {name}: {r['median_s'] * 1e3:.2f} ms", flush=True)
+        return {"experts": 128, "rows": rows}
+
+    step("serve_step", serve_step)
     run.write()
     failed = [n for n, r in payload["steps"].items() if not r.get("ok")]
     bad_checks = [n for n, r in payload["steps"].items() if (n.startswith("check_") or n == "ep_ragged")
