@@ -219,12 +219,11 @@ def layer_attention(blk, x, ctx: RowContext, kp, vp, li, *, block_size: int, imp
                     kv_block: int | None = None, prefill_kv_block: int | None = None):
     """Pre-norm attention of rows ``x [B, S, D]`` through layer ``li`` of a run's pool (writes the new K/V).
     Rows of several tokens (prefill chunks) use key blocks of ``prefill_kv_block`` (default ``kv_block``)."""
-    if x.shape[1] > 1 and prefill_kv_block:
-        kv_block = prefill_kv_block
     q, k, v = blk.attn.qkv(blk.attn_norm(x), None, ctx.rope)
     kp, vp = write_kv(kp, vp, li, ctx.slots, k, v)
-    o = _paged_attend(q, kp, vp, li, ctx.tables, ctx.pos, ctx.lengths, block_size, impl, kv_block)
-    return x + blk.attn.out(o).astype(x.dtype), kp, vp
+    x = read_attention(blk, x, q, ctx, kp, vp, li, block_size=block_size, impl=impl, kv_block=kv_block,
+                       prefill_kv_block=prefill_kv_block)
+    return x, kp, vp
 
 
 def write_kv(kp, vp, li, slots, k, v):
@@ -267,14 +266,11 @@ def grouped_layer(blk, ffn, attn_read, xd, xp, dctx, pctx, kp, vp, li, active):
 
     qp, kpn, vpn = jax.lax.cond(active, pf_qkv, pf_none, xp)
     pslots = jnp.where(active, pctx.slots, kp.shape[1])  # past the pool: the write is dropped
-    if xd is not None:
+    kp, vp = write_kv(kp, vp, li, pslots, kpn, vpn)
+    if xd is not None:  # decode and prefill rows own their blocks: they share no slot but the scratch slot 0
         qd, kd, vd = a.qkv(blk.attn_norm(xd), None, dctx.rope)
-        kp, vp = write_kv(kp, vp, li, jnp.concatenate([dctx.slots.reshape(-1), pslots.reshape(-1)])[None],
-                          jnp.concatenate([kd.reshape(-1, *kd.shape[2:]), kpn.reshape(-1, *kpn.shape[2:])])[None],
-                          jnp.concatenate([vd.reshape(-1, *vd.shape[2:]), vpn.reshape(-1, *vpn.shape[2:])])[None])
+        kp, vp = write_kv(kp, vp, li, dctx.slots, kd, vd)
         xd = attn_read(blk, xd, qd, dctx, kp, vp, li)
-    else:
-        kp, vp = write_kv(kp, vp, li, pslots, kpn, vpn)
 
     def with_prefill(xd, xp, qp, kp, vp):
         xp = attn_read(blk, xp, qp, pctx, kp, vp, li)
