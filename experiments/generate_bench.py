@@ -87,7 +87,12 @@ def floor_experts(x, wg, wu, wd, rows: int):
 
 def floor_rows(cfg, batch: int) -> int:
     """Rows per expert at the expert floor: each expert's share ``B k / E`` of a batch's routed slots."""
-    return max(1, batch * cfg.moe.router.effective_top_k // cfg.moe.num_experts)
+    return share_rows(batch, cfg.moe.router.effective_top_k, cfg.moe.num_experts)
+
+
+def share_rows(tokens: int, top_k: int, experts: int) -> int:
+    """``tokens k / E`` rows (at least one): an expert's share of ``tokens`` routed ``top_k`` ways."""
+    return max(1, tokens * top_k // experts)
 
 
 def expert_floor_alone_ms(model, batch: int, repeats: int) -> float:
@@ -124,7 +129,7 @@ def expert_floor_patch(top_k: int):
 
     def floor(x, wg, wu, wd, combine):
         T, D = x.shape
-        rows = max(1, T * top_k // wg.shape[0])
+        rows = share_rows(T, top_k, wg.shape[0])
         y = floor_experts(x, wg, wu, wd, rows).reshape(-1, D)
         return jnp.sum(y[: T * top_k].reshape(T, -1, D), axis=1) if y.shape[0] >= T * top_k else y[:T]
 

@@ -737,7 +737,7 @@ def main(argv=None):
             pf.tables[0, :(real + 15) // 16] = np.arange(1, (real + 15) // 16 + 1)
             return dec, pf
 
-        tp = -(-prompt // 256) * 256
+        tp = eng.prefill_shape(1, prompt)[1]  # the engine's own bucket for the prompt
         cases = {"decode only, 8 rows": (batch(None, 0, 8), (0, cfg.n_layers)),
                  f"chunk {chunk} x {cfg.n_layers} layers + 6 decode": (batch(chunk, chunk, 6), (0, cfg.n_layers)),
                  f"prompt {prompt} x 1 layer + 6 decode": (batch(tp, prompt, 6), (3, 4))}

@@ -181,6 +181,7 @@ def main(argv=None):
     from moejax.serve.engine import Engine, EngineConfig
     from moejax.serve.scheduler import SchedulerConfig
 
+    wall = args.clock == "wall"
     cfg = model_config(args.quick, args.experts)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     lo, hi = (512, 4096) if not args.quick else (128, 1024)
@@ -200,7 +201,7 @@ def main(argv=None):
         shapes_after_warmup = len(eng.compiled_shapes)
         for rate in args.rates:
             t = time.perf_counter()
-            m = run_trace(eng, traces[rate], None if args.clock == "wall" else h100_clock(cfg.n_layers))
+            m = run_trace(eng, traces[rate], None if wall else h100_clock(cfg.n_layers))
             m["new_shapes_in_measured_run"] = len(eng.compiled_shapes) - shapes_after_warmup
             m["run_s"] = time.perf_counter() - t
             m["warmup_compile_s"] = warm_s
@@ -214,13 +215,12 @@ def main(argv=None):
             print(rate, name, {k: m[k] for k in ("ttft_mean_s", "tpot_mean_s", "expert_bytes_total", "iterations")},
                   flush=True)
 
-    summaries = {r: summarize_rate(res, args.clock == "wall") for r, res in results.items()}
+    summaries = {r: summarize_rate(res, wall) for r, res in results.items()}
     payload = {"environment": environment(), "model": cfg.to_dict() if hasattr(cfg, "to_dict") else str(cfg),
                "args": vars(args),
                "traces": {str(rate): [{"t": r["t"], "prompt_len": len(r["prompt"]), "max_tokens": r["max_tokens"]}
                                       for r in tr] for rate, tr in traces.items()},
                "results": results, "summary": summaries, "modelled_hardware": H100, "modelled_model": QWEN3}
-    wall = args.clock == "wall"
     clock_note = ("" if wall else
                   " **Arrivals on the modelled Qwen3-30B-A3B / H100 clock** (each iteration advances it by its "
                   "roofline time): the iteration sequence is the one the modelled GPU would see; expert counts are "
@@ -256,7 +256,7 @@ def main(argv=None):
               "experts under both schedulers; only iterations that carry a prompt can save traffic, so the saving "
               "grows with the share of iterations that prefill (higher arrival rates).\n")
     name = ("layered_prefill" + ("" if args.experts == 64 else f"_e{args.experts}")
-            + ("" if args.clock == "wall" else "_h100clock") + ("_quick" if args.quick else ""))
+            + ("" if wall else "_h100clock") + ("_quick" if args.quick else ""))
     jp, mp = write_results(name, payload, "".join(md))
     try:
         plot(results, os.path.splitext(jp)[0] + ".png", wall)
