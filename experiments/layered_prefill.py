@@ -28,6 +28,7 @@ tokens + attention. TTFT/TPOT are then re-timed on the modelled iteration times.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -35,10 +36,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.common import environment, markdown_table, write_results
+from moejax.schedule.roofline import GPUS, MODELS, iteration_times
 
-H100 = {"name": "H100 SXM (modelled)", "hbm_bytes_per_s": 3.35e12, "bf16_flops": 989e12}
-QWEN3 = {"name": "Qwen3-30B-A3B", "layers": 48, "d_model": 2048, "experts": 128, "top_k": 8, "expert_ff": 768,
-         "heads": 32, "kv_heads": 4, "head_dim": 128, "vocab": 151936, "bytes": 2}
+# the modelled hardware and model (moejax.schedule.roofline), as recorded in the results
+H100 = dataclasses.asdict(GPUS["h100"])
+QWEN3 = dataclasses.asdict(MODELS["qwen3-30b-a3b"])
 
 
 def model_config(quick: bool, experts: int = 64):
@@ -94,36 +96,10 @@ def run_trace(engine, trace, clock=None):
     return engine.metrics()
 
 
-def expected_distinct(n_tokens, experts, k):
-    return experts * (1.0 - (1.0 - k / experts) ** n_tokens) if n_tokens > 0 else 0.0
-
-
 def roofline(iterations, n_layers_measured, requests):
-    """Modelled Qwen3-30B-A3B / H100 time of each measured iteration, and TTFT/TPOT re-timed on it."""
-    q, hw = QWEN3, H100
-    D, L, hd = q["d_model"], q["layers"], q["head_dim"]
-    attn_w = D * hd * (2 * q["heads"] + 2 * q["kv_heads"])
-    expert_w = 3 * D * q["expert_ff"]
-    router_w = D * q["experts"]
-    head_w = D * q["vocab"]
-    times = []
-    for it in iterations:
-        lo, hi = it.group
-        frac = (hi - lo) / n_layers_measured if it.prefill_tokens else 0.0
-        l_pf = round(frac * L)
-        dec, pf = it.decode_tokens, it.prefill_tokens
-        distinct = (l_pf * expected_distinct(dec + pf, q["experts"], q["top_k"])
-                    + (L - l_pf) * expected_distinct(dec, q["experts"], q["top_k"]))
-        weights = L * (attn_w + router_w) + head_w + distinct * expert_w
-        tokens_layers = dec * L + pf * l_pf
-        flops = 2 * tokens_layers * (attn_w + router_w + q["top_k"] * expert_w) + 2 * (dec + (pf if frac else 0)) * head_w
-        # attention: every row reads its cached K/V once per layer it passes; scores ~ 4 * heads * hd per
-        # (query, key) pair, with prefill rows attending causally over their context
-        kv_per_token_layer = 2 * q["kv_heads"] * hd
-        kv_bytes = kv_per_token_layer * (L * it.decode_context + l_pf * it.prefill_context)
-        flops += 4 * q["heads"] * hd * (L * it.decode_context + l_pf * it.prefill_pairs)
-        times.append(max(q["bytes"] * (weights + kv_bytes) / hw["hbm_bytes_per_s"], flops / hw["bf16_flops"]))
-    return times
+    """Modelled Qwen3-30B-A3B / H100 time of each measured iteration
+    (:func:`moejax.schedule.roofline.iteration_times`; ``requests`` is not used)."""
+    return iteration_times(iterations, n_layers_measured, model="qwen3-30b-a3b", gpu="h100")
 
 
 def h100_clock(n_layers_measured):

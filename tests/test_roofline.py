@@ -1,0 +1,118 @@
+"""The Qwen3-30B-A3B / H100 roofline of one serving iteration (moejax.schedule.roofline) against a hand-written
+reference, its registries, and the layered-prefill experiment that now calls it."""
+
+import dataclasses
+import importlib.util
+import os
+import types
+
+import pytest
+
+from moejax.schedule.roofline import (
+    GPUS,
+    MODELS,
+    expected_distinct,
+    get_gpu,
+    get_model,
+    iteration_time,
+    iteration_times,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def reference(dec, pf, layers_pf, dec_ctx, pf_ctx, pf_pairs):
+    """Qwen3-30B-A3B on an H100, written out: max(bytes / 3.35 TB/s, FLOPs / 989 TFLOP/s)."""
+    L, D, hd = 48, 2048, 128
+    attn = D * hd * (2 * 32 + 2 * 4)  # q, o: 32 heads; k, v: 4 heads
+    expert = 3 * D * 768
+    router = D * 128
+    head = D * 151936
+
+    def distinct(n):  # expected distinct experts of n tokens, top-8 of 128
+        return 128 * (1 - (1 - 8 / 128) ** n) if n else 0.0
+
+    weight_elems = L * (attn + router) + head + expert * (layers_pf * distinct(dec + pf)
+                                                          + (L - layers_pf) * distinct(dec))
+    kv_elems = 2 * 4 * hd * (L * dec_ctx + layers_pf * pf_ctx)
+    flops = (2 * (attn + router + 8 * expert) * (dec * L + pf * layers_pf)
+             + 2 * head * (dec + (pf if layers_pf else 0))
+             + 4 * 32 * hd * (L * dec_ctx + layers_pf * pf_pairs))
+    return max(2 * (weight_elems + kv_elems) / 3.35e12, flops / 989e12)
+
+
+def test_spec_numbers_are_the_experiments():
+    assert dataclasses.asdict(MODELS["qwen3-30b-a3b"]) == {
+        "name": "Qwen3-30B-A3B", "layers": 48, "d_model": 2048, "experts": 128, "top_k": 8, "expert_ff": 768,
+        "heads": 32, "kv_heads": 4, "head_dim": 128, "vocab": 151936, "bytes": 2}
+    assert dataclasses.asdict(GPUS["h100"]) == {"name": "H100 SXM (modelled)", "hbm_bytes_per_s": 3.35e12,
+                                                "bf16_flops": 989e12}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        MODELS["qwen3-30b-a3b"].layers = 1
+
+
+def test_expected_distinct():
+    assert expected_distinct(0, 128, 8) == 0.0
+    assert expected_distinct(1, 128, 8) == pytest.approx(8.0, rel=1e-12)
+    assert expected_distinct(10_000, 128, 8) == pytest.approx(128.0, rel=1e-12)
+
+
+@pytest.mark.parametrize("case", [
+    # decode only: 6 rows over 6,000 cached tokens (memory bound)
+    dict(dec=6, pf=0, frac=0.0, dec_ctx=6000, pf_ctx=0, pf_pairs=0, layers_pf=0),
+    # 4 decode rows plus a 1,024-token prompt through half the layers
+    dict(dec=4, pf=1024, frac=0.5, dec_ctx=3000, pf_ctx=1024, pf_pairs=1024 * 1025 // 2, layers_pf=24),
+    # a 4,096-token prompt through every layer, nothing decoding (compute bound)
+    dict(dec=0, pf=4096, frac=1.0, dec_ctx=0, pf_ctx=4096, pf_pairs=4096 * 4097 // 2, layers_pf=48),
+])
+def test_iteration_time_matches_reference(case):
+    want = reference(case["dec"], case["pf"], case["layers_pf"], case["dec_ctx"], case["pf_ctx"], case["pf_pairs"])
+    got = iteration_time(case["dec"], case["pf"], case["frac"], case["dec_ctx"], case["pf_ctx"], case["pf_pairs"],
+                         model="qwen3-30b-a3b", gpu="h100")
+    assert got == pytest.approx(want, rel=1e-12)
+    # the same through IterationStats-like objects: group (0, 4) of a measured 8-layer model is half the layers
+    it = types.SimpleNamespace(group=(0, round(8 * case["frac"])) if case["pf"] else (0, 8),
+                               decode_tokens=case["dec"], prefill_tokens=case["pf"], decode_context=case["dec_ctx"],
+                               prefill_context=case["pf_ctx"], prefill_pairs=case["pf_pairs"])
+    assert iteration_times([it], 8, model=MODELS["qwen3-30b-a3b"], gpu=GPUS["h100"]) == [got]
+
+
+def test_bound_regimes():
+    decode = iteration_time(6, decode_context=6000, model="qwen3-30b-a3b", gpu="h100")
+    q = MODELS["qwen3-30b-a3b"]
+    assert decode > q.bytes * (q.layers * q.attn_weights + q.head_weights) / GPUS["h100"].hbm_bytes_per_s
+    # a prefill's rows do not count in layers it does not pass
+    half = iteration_time(4, 1024, 0.5, model="qwen3-30b-a3b", gpu="h100")
+    full = iteration_time(4, 1024, 1.0, model="qwen3-30b-a3b", gpu="h100")
+    assert half < full
+    assert iteration_time(4, 0, 0.5, model="qwen3-30b-a3b", gpu="h100") == iteration_time(
+        4, model="qwen3-30b-a3b", gpu="h100")
+
+
+def test_unknown_names():
+    with pytest.raises(ValueError, match="unknown roofline model 'qwen9'.*allowed: qwen3-30b-a3b"):
+        get_model("qwen9")
+    with pytest.raises(ValueError, match="unknown roofline GPU 'a100'.*allowed: h100"):
+        get_gpu("a100")
+    with pytest.raises(ValueError, match="allowed: h100"):
+        iteration_time(1, model="qwen3-30b-a3b", gpu="h200")
+
+
+def test_layered_prefill_experiment_uses_the_library():
+    spec = importlib.util.spec_from_file_location("_layered_prefill", os.path.join(ROOT, "experiments",
+                                                                                   "layered_prefill.py"))
+    lp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lp)
+    its = [types.SimpleNamespace(group=(0, 8), decode_tokens=6, prefill_tokens=0, decode_context=6000,
+                                 prefill_context=0, prefill_pairs=0),
+           types.SimpleNamespace(group=(2, 6), decode_tokens=4, prefill_tokens=1024, decode_context=3000,
+                                 prefill_context=1024, prefill_pairs=1024 * 1025 // 2),
+           types.SimpleNamespace(group=(0, 1), decode_tokens=3, prefill_tokens=2100, decode_context=900,
+                                 prefill_context=2100, prefill_pairs=2100 * 2101 // 2)]
+    lib = iteration_times(its, 8, model="qwen3-30b-a3b", gpu="h100")
+    assert lp.roofline(its, 8, None) == lib
+    assert [lp.h100_clock(8)(it) for it in its] == lib
+    assert lib[0] == pytest.approx(reference(6, 0, 0, 6000, 0, 0), rel=1e-12)
+    assert lib[1] == pytest.approx(reference(4, 1024, 24, 3000, 1024, 1024 * 1025 // 2), rel=1e-12)
+    assert lib[2] == pytest.approx(reference(3, 2100, 6, 900, 2100, 2100 * 2101 // 2), rel=1e-12)
+    assert lp.H100 == dataclasses.asdict(GPUS["h100"]) and lp.QWEN3 == dataclasses.asdict(MODELS["qwen3-30b-a3b"])
