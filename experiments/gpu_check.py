@@ -43,6 +43,7 @@ rewritten after every step, so a timeout still leaves the finished steps on disk
    through one layer (layered prefill at G = 8, whose inactive layers drop the prompt's K/V writes), beside
    decode rows. ``--only serve_step`` runs it alone.
 
+Each step is a function of the run's :class:`Context` returning its record; ``STEPS`` lists them in run order.
 ``--only a,b`` runs only the steps whose names start with those prefixes, ``--skip`` the others; ``--out``
 names the results file (so a partial run does not overwrite the full one).
 
@@ -53,6 +54,8 @@ and writes ``experiments/results/gpu_check.{json,md}`` (``gpu_check_smoke.*`` wi
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import os
 import statistics
 import sys
@@ -284,37 +287,569 @@ def to_markdown(p):
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+# -- the steps: one function per step, each taking the run's context and returning its record ----------------
+
+
+@dataclasses.dataclass
+class Context:
+    """What the steps share: the parsed arguments, the shape set (``FULL`` or ``SMOKE``), the timing repeats,
+    the kernel variant and interpret switch, the device's peak, the check tolerances, and ``shared``: values one
+    step leaves for a later one (``copy_gbps`` for the bandwidth ratios, the best ``tiling``/``tgmm_tiling``)."""
+
+    args: argparse.Namespace
+    S: dict
+    it: dict
+    variant: str
+    interpret: bool
+    peak: dict | None
+    tol: dict
+    shared: dict
+
+    @property
+    def smoke(self) -> bool:
+        return self.args.smoke
+
+    def vs_peak(self, tflops=None, gbps=None):
+        if self.peak is None:
+            return None
+        return tflops / self.peak["bf16_tflops"] if tflops is not None else gbps / self.peak["hbm_gbps"]
+
+
+# 1. copy bandwidth -------------------------------------------------------------------------------------------
+def copy_bandwidth(ctx):
+    import jax
+    import jax.numpy as jnp
+
+    n = ctx.S["copy_bytes"] // 2
+    x = jnp.ones((n // 1024, 1024), jnp.bfloat16)
+    t = bench(jax.jit(lambda x: x + 1), x, **ctx.it)
+    gbps = 2 * n * 2 / t["median_s"] / 1e9
+    ctx.shared["copy_gbps"] = gbps
+    print(f"   copy: {gbps:.1f} GB/s", flush=True)
+    return {"bytes_moved": 4 * n, "median_ms": t["median_s"] * 1e3, "gbps": gbps, "vs_peak": ctx.vs_peak(gbps=gbps)}
+
+
+# 2. dense matmul ---------------------------------------------------------------------------------------------
+def dense_matmul(ctx):
+    import jax
+    import jax.numpy as jnp
+
+    n = ctx.S["dense"]
+    a = jnp.ones((n, n), jnp.bfloat16)
+    t = bench(jax.jit(lambda a, b: a @ b), a, a, **ctx.it)
+    tf = 2 * n ** 3 / t["median_s"] / 1e12
+    print(f"   dense {n}^3: {tf:.1f} TFLOP/s", flush=True)
+    return {"n": n, "median_ms": t["median_s"] * 1e3, "tflops": tf, "vs_peak": ctx.vs_peak(tflops=tf)}
+
+
+# 3. correctness ----------------------------------------------------------------------------------------------
+def gmm_inputs(M, K, N, sizes, dtype, seed=0):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    x = jax.random.normal(k1, (M, K), jnp.float32).astype(dtype)
+    w = (jax.random.normal(k2, (len(sizes), K, N), jnp.float32) / np.sqrt(K)).astype(dtype)
+    dy = jax.random.normal(k3, (M, N), jnp.float32).astype(dtype)
+    return x, w, dy, jnp.asarray(sizes, jnp.int32)
+
+
+def gmm_check_cases(smoke):
+    """``(name, M, K, N, group sizes)`` of the ``gmm``/``tgmm`` checks."""
+    import numpy as np
+
+    if smoke:
+        return [("ragged+empty", 100, 48, 40, [0, 10, 33, 0, 25, 1, 20, 0])]
+    rng = np.random.default_rng(0)
+    return [("ragged+empty", 1000, 256, 384, [0, 100, 333, 0, 250, 1, 200, 0]),
+            ("uniform-8", 4096, 512, 1024, [512] * 8),
+            ("random-64", 2048, 128, 256, list(rng.multinomial(1900, np.ones(64) / 64)))]
+
+
+def check_gmm(ctx):
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.grouped_matmul import gmm, gmm_reference
+
+    cases, ok, tol, interpret = [], True, ctx.tol, ctx.interpret
+    f = jax.jit(lambda x, w, gs: gmm(x, w, gs, impl="pallas", interpret=interpret))
+    ft = jax.jit(lambda x, w, gs: gmm(x, jnp.swapaxes(w, 1, 2), gs, impl="pallas", transpose_rhs=True,
+                                      interpret=interpret))
+    for cname, M, K, N, sizes in gmm_check_cases(ctx.smoke):
+        for dtype in (jnp.bfloat16, jnp.float32):
+            x, w, _, gs = gmm_inputs(M, K, N, sizes, dtype)
+            ref = gmm_reference(x.astype(jnp.float32), w.astype(jnp.float32), gs)
+            for label, fn in (("", f), ("transpose_rhs ", ft)):
+                e = rel_err(fn(x, w, gs), ref)
+                cases.append({"case": f"{label}{cname} {M}x{K}x{N} G={len(sizes)}", "dtype": jnp.dtype(dtype).name,
+                              "rel_err": e, "tol": tol[dtype], "ok": e <= tol[dtype]})
+                ok &= e <= tol[dtype]
+    return {"cases": cases, "all_ok": bool(ok)}
+
+
+def check_tgmm(ctx):
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.grouped_matmul import tgmm, tgmm_reference
+
+    cases, ok, tol, interpret = [], True, ctx.tol, ctx.interpret
+    f = jax.jit(lambda x, dy, gs: tgmm(x, dy, gs, impl="pallas", interpret=interpret))
+    for cname, M, K, N, sizes in gmm_check_cases(ctx.smoke):
+        for dtype in (jnp.bfloat16, jnp.float32):
+            x, _, dy, gs = gmm_inputs(M, K, N, sizes, dtype, seed=1)
+            e = rel_err(f(x, dy, gs), tgmm_reference(x.astype(jnp.float32), dy.astype(jnp.float32), gs))
+            cases.append({"case": f"{cname} {M}x{K}x{N} G={len(sizes)}", "dtype": jnp.dtype(dtype).name,
+                          "rel_err": e, "tol": tol[dtype], "ok": e <= tol[dtype]})
+            ok &= e <= tol[dtype]
+    return {"cases": cases, "all_ok": bool(ok)}
+
+
+def check_gmm_grad(ctx):
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.grouped_matmul import gmm, gmm_reference
+
+    cases, ok, interpret = [], True, ctx.interpret
+    cname, M, K, N, sizes = gmm_check_cases(ctx.smoke)[0]
+    x, w, dy, gs = gmm_inputs(M, K, N, sizes, jnp.float32, seed=2)
+
+    def loss(impl):
+        return lambda x, w: jnp.sum(gmm(x, w, gs, impl=impl, interpret=interpret) * dy)
+
+    gk = jax.jit(jax.grad(loss("pallas"), (0, 1)))(x, w)
+    gr = jax.jit(jax.grad(lambda x, w: jnp.sum(gmm_reference(x, w, gs) * dy), (0, 1)))(x, w)
+    for label, a, b in (("d lhs", gk[0], gr[0]), ("d rhs", gk[1], gr[1])):
+        e = rel_err(a, b)
+        cases.append({"case": f"{label} {cname}", "dtype": "float32", "rel_err": e, "tol": 5e-3, "ok": e <= 5e-3})
+        ok &= e <= 5e-3
+    return {"cases": cases, "all_ok": bool(ok)}
+
+
+def pa_inputs(B, Tq, H, KVH, D, ps, lengths, dtype, seed=0):
+    import jax.numpy as jnp
+    import numpy as np
+
+    r = np.random.default_rng(seed)
+    maxp = max(1, -(-max(lengths) // ps))
+    P = B * maxp + 1
+    q = jnp.asarray(r.normal(size=(B, Tq, H, D)), dtype)
+    kp = jnp.asarray(r.normal(size=(P, ps, KVH, D)), dtype)
+    vp = jnp.asarray(r.normal(size=(P, ps, KVH, D)), dtype)
+    bt = jnp.asarray(1 + r.permutation(B * maxp).reshape(B, maxp), jnp.int32)
+    return q, kp, vp, bt, jnp.asarray(lengths, jnp.int32)
+
+
+def pa_check_cases(smoke):
+    """``(name, B, Tq, H, KVH, D, page size, lengths)`` of the paged-attention check."""
+    if smoke:
+        return [("decode GQA4", 3, 1, 8, 2, 32, 16, [0, 7, 45]), ("chunk12 GQA8", 2, 12, 8, 1, 16, 16, [12, 37])]
+    return [("decode GQA4", 8, 1, 32, 8, 128, 16, [0, 1, 15, 16, 17, 300, 1024, 2048]),
+            ("spec4 GQA4 hd64 p32", 4, 4, 16, 4, 64, 32, [4, 33, 500, 1999]),
+            ("prefill-chunk128 GQA8", 2, 128, 16, 2, 128, 16, [128, 900])]
+
+
+def check_paged_attention(ctx):
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
+
+    cases, ok, tol, interpret = [], True, ctx.tol, ctx.interpret
+    f = jax.jit(lambda *a: paged_attention(*a, impl="pallas", interpret=interpret))
+    for cname, *shape, lengths in pa_check_cases(ctx.smoke):
+        for dtype in (jnp.bfloat16, jnp.float32):
+            a = pa_inputs(*shape, lengths, dtype)
+            ref = paged_attention_reference(*(x.astype(jnp.float32) if x.dtype == dtype else x for x in a))
+            e = rel_err(f(*a), ref)
+            cases.append({"case": cname, "dtype": jnp.dtype(dtype).name, "rel_err": e, "tol": tol[dtype],
+                          "ok": e <= tol[dtype]})
+            ok &= e <= tol[dtype]
+    return {"cases": cases, "all_ok": bool(ok)}
+
+
+# 4-5. grouped matmul timings ---------------------------------------------------------------------------------
+def gmm_setup(c, routing):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    M, D, F, E = c["T"] * c["k"], c["D"], c["F"], c["E"]
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(3), 3)
+    x = jax.random.normal(k1, (M, D), jnp.bfloat16)
+    w = (jax.random.normal(k2, (E, D, F), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
+    dy = jax.random.normal(k3, (M, F), jnp.bfloat16)
+    sizes = np.full(E, M // E, np.int32) if routing == "uniform" else skewed_sizes(M, E)
+    sizes[0] += M - sizes.sum()
+    return x, w, dy, jnp.asarray(sizes, jnp.int32), 2 * M * D * F
+
+
+def gmm_tilings(variant, smoke):
+    """The ``gmm`` and ``tgmm`` tiling candidates of the sweep; the first of each is the default."""
+    from pallas_kernels.grouped_matmul import GmmTiling
+
+    tilings = [GmmTiling(128, 128, 128), GmmTiling(128, 128, 128, num_warps=8),
+               GmmTiling(128, 64, 256, num_warps=8, num_stages=3), GmmTiling(128, 64, 256, num_warps=8, num_stages=4),
+               GmmTiling(256, 64, 128, num_warps=8, num_stages=3), GmmTiling(256, 64, 128, num_warps=8, num_stages=4),
+               GmmTiling(256, 64, 256, num_warps=8, num_stages=3), GmmTiling(256, 128, 128, num_warps=8)]
+    tgmm_tilings = [GmmTiling(128, 128, 128, num_warps=8), GmmTiling(128, 128, 256, num_warps=8),
+                    GmmTiling(64, 128, 256, num_warps=8, num_stages=3), GmmTiling(64, 256, 128, num_warps=8, num_stages=3),
+                    GmmTiling(64, 128, 256, num_warps=8, num_stages=4), GmmTiling(32, 256, 256, num_warps=8, num_stages=3),
+                    GmmTiling(128, 256, 128, num_warps=8), GmmTiling(64, 256, 256, num_warps=8)]
+    if variant == "tpu":
+        tilings = [GmmTiling(128, 128, 128), GmmTiling(256, 512, 512), GmmTiling(512, 1024, 1024)]
+        tgmm_tilings = tilings
+    if smoke:
+        tilings = tilings[:2] if variant == "gpu" else tilings[:1]
+        tgmm_tilings = tgmm_tilings[:2] if variant == "gpu" else tgmm_tilings[:1]
+    return tilings, tgmm_tilings
+
+
+def gmm_tiling_sweep(ctx):
+    import jax
+
+    from pallas_kernels.grouped_matmul import gmm, tgmm
+
+    interpret, shared = ctx.interpret, ctx.shared
+    tilings, tgmm_tilings = gmm_tilings(ctx.variant, ctx.smoke)
+    x, w, dy, gs, flops = gmm_setup(ctx.S["gmm"]["8e-top2"], "uniform")
+    out = {}
+    for kname, key, cands, fn, args_ in (
+            ("gmm", "tiling", tilings, lambda t: lambda x, w, gs: gmm(x, w, gs, impl="pallas", tiling=t,
+                                                             interpret=interpret), (x, w, gs)),
+            ("tgmm", "tgmm_tiling", tgmm_tilings, lambda t: lambda x, dy, gs: tgmm(x, dy, gs, impl="pallas", tiling=t,
+                                                                   interpret=interpret), (x, dy, gs))):
+        rows = []
+        for t in cands:
+            try:
+                r = bench(jax.jit(fn(t)), *args_, **ctx.it)
+                rows.append({"tiling": str(t), "median_ms": r["median_s"] * 1e3,
+                             "tflops": flops / r["median_s"] / 1e12})
+                print(f"   {kname} {t}: {rows[-1]['tflops']:.1f} TFLOP/s", flush=True)
+            except Exception as e:  # noqa: BLE001
+                rows.append({"tiling": str(t), "error": f"{type(e).__name__}: {str(e)[:300]}"})
+        good = [(r["median_ms"], i) for i, r in enumerate(rows) if "median_ms" in r]
+        if good:
+            shared[key] = cands[min(good)[1]]
+        out[kname] = {"sweep": rows, "best": str(shared[key])}
+    return {"sweep": out, "best": str(shared["tiling"]), "best_tgmm": str(shared["tgmm_tiling"])}
+
+
+def gmm_timing(ctx, cname, routing):
+    """The ``gmm_<cname>_<routing>`` step: Pallas gmm/tgmm (at the sweep's best tilings) vs the XLA paths and
+    a dense matmul of the same FLOPs."""
+    import jax
+
+    from pallas_kernels.grouped_matmul import gmm, tgmm
+
+    interpret = ctx.interpret
+    x, w, dy, gs, flops = gmm_setup(ctx.S["gmm"][cname], routing)
+    t, tt = ctx.shared["tiling"], ctx.shared["tgmm_tiling"]
+    M, D = x.shape
+    F = w.shape[2]
+    w0 = w[0]
+    paths = {
+        "dense jnp.dot": (jax.jit(lambda x, w0: x @ w0), (x, w0)),
+        "ragged_dot": (jax.jit(lambda x, w, gs: gmm(x, w, gs, impl="xla")), (x, w, gs)),
+        "pallas gmm": (jax.jit(lambda x, w, gs: gmm(x, w, gs, impl="pallas", tiling=t, interpret=interpret)),
+                       (x, w, gs)),
+        "ragged_dot_general (tgmm)": (jax.jit(lambda x, dy, gs: tgmm(x, dy, gs, impl="xla")), (x, dy, gs)),
+        "pallas tgmm": (jax.jit(lambda x, dy, gs: tgmm(x, dy, gs, impl="pallas", tiling=tt,
+                                                       interpret=interpret)), (x, dy, gs)),
+    }
+    res = {}
+    for pname, (f, a) in paths.items():
+        try:
+            res[pname] = bench(f, *a, **ctx.it)
+        except Exception as e:  # noqa: BLE001
+            res[pname] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    rows = []
+    dense_s = res["dense jnp.dot"].get("median_s")
+    for pname, r in res.items():
+        if "error" in r:
+            rows.append({"path": pname, "error": r["error"]})
+            continue
+        tf = flops / r["median_s"] / 1e12
+        row = {"path": pname, "median_ms": r["median_s"] * 1e3, "compile_s": r["compile_s"], "tflops": tf,
+               "vs_peak": ctx.vs_peak(tflops=tf), "vs_dense": dense_s / r["median_s"] if dense_s else None}
+        xla = {"pallas gmm": "ragged_dot", "pallas tgmm": "ragged_dot_general (tgmm)"}.get(pname)
+        if xla and "median_s" in res[xla]:
+            row["vs_xla"] = res[xla]["median_s"] / r["median_s"]
+            row["target_met"] = bool(row["vs_dense"] and row["vs_dense"] >= 0.85 and row["vs_xla"] >= 1.2)
+        rows.append(row)
+        print(f"   {pname}: {row['median_ms']:.3f} ms {tf:.1f} TFLOP/s vs dense "
+              f"{row['vs_dense'] or float('nan'):.2f} vs xla {row.get('vs_xla', float('nan')):.2f}", flush=True)
+    return {"M": M, "D": D, "F": F, "E": w.shape[0], "group_sizes": [int(v) for v in gs],
+            "tiling": str(t), "tgmm_tiling": str(tt), "rows": rows}
+
+
+# 6. paged decode ---------------------------------------------------------------------------------------------
+def paged_decode(ctx):
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.paged_attention import PagedAttentionConfig, paged_attention
+
+    interpret = ctx.interpret
+    c = ctx.S["pa"]
+    B, ctx_len, H, KVH, D, ps = c["B"], c["ctx"], c["H"], c["KVH"], c["D"], c["ps"]
+    a = pa_inputs(B, 1, H, KVH, D, ps, [ctx_len] * B, jnp.bfloat16, seed=5)
+    kv_bytes = 2 * B * ctx_len * KVH * D * 2
+    copy = ctx.shared.get("copy_gbps")
+    rows = []
+    paths = {"xla (gather + dense)": jax.jit(lambda *a: paged_attention(*a, impl="xla"))}
+    if ctx.variant != "gpu":
+        configs = [(None, 1)]
+    elif ctx.smoke:
+        configs = [(None, 1), (None, 2)]
+    else:
+        configs = [(4, 1), (8, 1), (16, 1), (8, 2), (8, 4)]
+    for ppb, splits in configs:
+        cfg = PagedAttentionConfig(pages_per_block=ppb, kv_splits=splits)
+        paths[f"pallas ppb={ppb} splits={splits}"] = jax.jit(
+            lambda *a, cfg=cfg: paged_attention(*a, impl="pallas", config=cfg, interpret=interpret))
+    xla_s = None
+    for pname, f in paths.items():
+        try:
+            r = bench(f, *a, **ctx.it)
+        except Exception as e:  # noqa: BLE001
+            rows.append({"path": pname, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            continue
+        gbps = kv_bytes / r["median_s"] / 1e9
+        row = {"path": pname, "median_ms": r["median_s"] * 1e3, "compile_s": r["compile_s"], "gbps": gbps,
+               "vs_peak": ctx.vs_peak(gbps=gbps), "vs_copy": gbps / copy if copy else None}
+        if pname.startswith("xla"):
+            xla_s = r["median_s"]
+        else:
+            row["vs_xla"] = xla_s / r["median_s"] if xla_s else None
+            row["target_met"] = bool(row["vs_copy"] and row["vs_copy"] >= 0.70)
+        rows.append(row)
+        print(f"   {pname}: {row['median_ms']:.3f} ms {gbps:.1f} GB/s vs copy "
+              f"{row['vs_copy'] or float('nan'):.2f}", flush=True)
+    return {**c, "kv_bytes": kv_bytes, "rows": rows}
+
+
+# 7. dequant-matmul (D2MoE / uniform int-k expert weights) ----------------------------------------------------
+DQ_BITS = [("int8", (8,), 0.0), ("int4", (4,), 0.0), ("mwq 2+1+1", (2, 1, 1), 0.5)]  # (label, plane bits, offset)
+
+
+def dq_inputs(M, K, N, bits, gsz, seed=0):
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng_ = np.random.default_rng(seed)
+    planes = tuple(jnp.asarray(rng_.integers(0, 256, (K * b // 8, N), dtype=np.uint8)) for b in bits)
+    scales = tuple(jnp.asarray(rng_.uniform(0.5, 1.5, (K // gsz, N)) * 0.01 / 2 ** sum(bits[:i + 1]),
+                               jnp.float16) for i in range(len(bits)))
+    zero = jnp.asarray(rng_.normal(0, 0.01, (K // gsz, N)), jnp.float16)
+    x = jnp.asarray(rng_.normal(0, 1, (M, K)), jnp.bfloat16)
+    wbytes = sum(p.size for p in planes) + 2 * (sum(s_.size for s_ in scales) + zero.size)
+    return x, planes, scales, zero, wbytes
+
+
+def check_dequant_matmul(ctx):
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.dequant_matmul import dequant_matmul, dequant_matmul_reference
+
+    cases, ok, tol, interpret = [], True, ctx.tol, ctx.interpret
+    M, K, N, gsz = (64, 1024, 512, 128) if not ctx.smoke else (16, 256, 64, 128)
+    for label, bits, off in DQ_BITS:
+        x, planes, scales, zero, _ = dq_inputs(M, K, N, bits, gsz, seed=2)
+        kw = {"plane_bits": bits, "group_size": gsz, "base_offset": off}
+        ref = dequant_matmul_reference(x.astype(jnp.float32), planes, scales, zero, **kw)
+        for dtype in (jnp.bfloat16, jnp.float32):
+            out = jax.jit(lambda x, pl_, sc, z, kw=kw: dequant_matmul(x, pl_, sc, z, impl="pallas",
+                                                                      interpret=interpret, **kw))(x.astype(dtype), planes, scales, zero)
+            e = rel_err(out, ref)
+            cases.append({"case": f"{label} {M}x{K}x{N} G={gsz}", "dtype": jnp.dtype(dtype).name,
+                          "rel_err": e, "tol": tol[dtype], "ok": e <= tol[dtype]})
+            ok &= e <= tol[dtype]
+    return {"cases": cases, "all_ok": bool(ok)}
+
+
+def dequant_matmul_timing(ctx):
+    """The ``dequant_matmul`` step: XLA vs Pallas dequant-matmul per width beside a dense bf16 matmul."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels.dequant_matmul import dequant_matmul
+
+    interpret, it = ctx.interpret, ctx.it
+    K, N, gsz = (4096, 14336, 128) if not ctx.smoke else (256, 128, 128)
+    Ms = (16, 2048) if not ctx.smoke else (16,)
+    copy = ctx.shared.get("copy_gbps")
+    rows = []
+    for M in Ms:
+        x0 = jnp.asarray(np.random.default_rng(4).normal(0, 1, (M, K)), jnp.bfloat16)
+        wd = jnp.zeros((K, N), jnp.bfloat16)
+        r = bench(jax.jit(lambda x, w: x @ w), x0, wd, **it)
+        dense_s = r["median_s"]
+        rows.append({"M": M, "path": "dense bf16 x @ w", "median_ms": dense_s * 1e3,
+                     "gbps": K * N * 2 / dense_s / 1e9, "tflops": 2 * M * K * N / dense_s / 1e12})
+        for label, bits, off in DQ_BITS:
+            x, planes, scales, zero, wbytes = dq_inputs(M, K, N, bits, gsz, seed=3)
+            kw = {"plane_bits": bits, "group_size": gsz, "base_offset": off}
+            res = {}
+            for impl in ("xla", "pallas"):
+                f = jax.jit(lambda x, pl_, sc, z, impl=impl, kw=kw: dequant_matmul(
+                    x, pl_, sc, z, impl=impl, interpret=interpret if impl == "pallas" else None, **kw))
+                try:
+                    res[impl] = bench(f, x, planes, scales, zero, **it)["median_s"]
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"M": M, "path": f"{impl} {label}", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+                    continue
+                gbps = wbytes / res[impl] / 1e9
+                row = {"M": M, "path": f"{impl} {label}", "median_ms": res[impl] * 1e3, "gbps": gbps,
+                       "vs_copy": gbps / copy if copy else None, "vs_dense": dense_s / res[impl],
+                       "tflops": 2 * M * K * N / res[impl] / 1e12}
+                if impl == "pallas" and "xla" in res:
+                    row["vs_xla"] = res["xla"] / res[impl]
+                rows.append(row)
+                print(f"   M={M} {impl} {label}: {row['median_ms']:.3f} ms {gbps:.0f} GB/s "
+                      f"vs dense {row['vs_dense']:.2f} vs xla {row.get('vs_xla', float('nan')):.2f}", flush=True)
+    return {"K": K, "N": N, "group_size": gsz, "rows": rows}
+
+
+def dequant_tiling_sweep(ctx):
+    import jax
+
+    from pallas_kernels.dequant_matmul import DequantTiling, dequant_matmul
+
+    interpret = ctx.interpret
+    K, N, gsz, M = (4096, 14336, 128, 2048) if not ctx.smoke else (256, 128, 128, 64)
+    cands = [DequantTiling(64, 128), DequantTiling(128, 128, num_warps=8), DequantTiling(128, 256, num_warps=8),
+             DequantTiling(256, 128, num_warps=8), DequantTiling(256, 256, num_warps=8)]
+    if ctx.smoke:
+        cands = cands[:2]
+    rows = []
+    for label, bits, off in DQ_BITS[1:]:
+        x, planes, scales, zero, _ = dq_inputs(M, K, N, bits, gsz, seed=3)
+        for t in cands:
+            f = jax.jit(lambda x, pl_, sc, z, t=t, bits=bits, off=off: dequant_matmul(
+                x, pl_, sc, z, impl="pallas", tiling=t, interpret=interpret, plane_bits=bits, group_size=gsz,
+                base_offset=off))
+            try:
+                r = bench(f, x, planes, scales, zero, **ctx.it)
+                rows.append({"M": M, "path": f"pallas {label} {t}", "median_ms": r["median_s"] * 1e3,
+                             "tflops": 2 * M * K * N / r["median_s"] / 1e12})
+                print(f"   {label} {t}: {rows[-1]['median_ms']:.3f} ms", flush=True)
+            except Exception as e:  # noqa: BLE001
+                rows.append({"M": M, "path": f"pallas {label} {t}", "error": f"{type(e).__name__}: {str(e)[:300]}"})
+    return {"rows": rows}
+
+
+# 8. ragged expert parallelism --------------------------------------------------------------------------------
+def ep_ragged(ctx):
+    import jax
+
+    if jax.default_backend() == "cpu":
+        return {"skipped": "XLA:CPU does not implement ragged_all_to_all (the CPU tests use the emulation: "
+                           "tests/test_ragged_ep.py)", "all_ok": True}
+    return ep_ragged_compare("ragged", T=64 if ctx.smoke else 256)
+
+
+# 9. serving engine steps (layered vs chunked prefill iterations) ---------------------------------------------
+def serve_batch(eng, tp, real, n_dec):
+    """An 8-row decode batch with ``n_dec`` live rows and, unless ``tp`` is None, a one-row prefill batch of
+    ``tp`` tokens holding a ``real``-token prompt (right-aligned)."""
+    import numpy as np
+
+    dec = eng._blank_decode(8)
+    for i in range(n_dec):
+        dec.valid[i], dec.pos[i], dec.tokens[i] = True, 100, 5
+        dec.tables[i, :8] = np.arange(1000 + 8 * i, 1008 + 8 * i)
+    if tp is None:
+        return dec, None
+    pf = eng._blank_prefill(1, tp)
+    pf.tokens[0, tp - real:] = np.arange(real) % 256
+    pf.length[0] = real
+    pf.tables[0, :(real + 15) // 16] = np.arange(1, (real + 15) // 16 + 1)
+    return dec, pf
+
+
+def serve_step(ctx):
+    """Time the engine's jitted iteration on the layered-prefill experiment's model (128 experts top-8):
+    decode only (8 rows), a 512-token chunk through every layer beside 6 decode rows (chunked prefill),
+    and a whole prompt through one layer beside 6 decode rows (layered prefill at G = 8; the other 7
+    layers drop the prompt's K/V writes, a scatter worth timing on a GPU)."""
+    from flax import nnx
+
+    from experiments.layered_prefill import model_config
+    from moejax.models.transformer import Transformer
+    from moejax.serve.engine import Engine, EngineConfig
+    from moejax.serve.scheduler import SchedulerConfig
+    from moejax.serve.step import engine_step
+
+    cfg = model_config(ctx.smoke, 128)
+    eng = Engine(Transformer(cfg, rngs=nnx.Rngs(0)),
+                 EngineConfig(scheduler="layered", block_size=16, enable_prefix_cache=False,
+                              num_blocks=1 + 8 * (cfg.max_seq_len // 16),
+                              sched=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512)))
+    prompt, chunk = (256, 64) if ctx.smoke else (2100, 512)
+    tp = eng.prefill_shape(1, prompt)[1]  # the engine's own bucket for the prompt
+    cases = {"decode only, 8 rows": (serve_batch(eng, None, 0, 8), (0, cfg.n_layers)),
+             f"chunk {chunk} x {cfg.n_layers} layers + 6 decode": (serve_batch(eng, chunk, chunk, 6),
+                                                                   (0, cfg.n_layers)),
+             f"prompt {prompt} x 1 layer + 6 decode": (serve_batch(eng, tp, prompt, 6), (3, 4))}
+    rows = []
+    for name, ((dec, pf), group) in cases.items():
+        args_, kw = eng._step_args(dec, pf, None, group, False, None, None)
+
+        def call(args_=args_, kw=kw):
+            o = engine_step(*((args_[0], args_[1], eng.pool) + args_[3:]), **kw)
+            eng.pool = o.pool
+            return o.dec_next
+
+        r = bench(call, **ctx.it)
+        rows.append({"case": name, "median_ms": r["median_s"] * 1e3, "compile_s": r["compile_s"]})
+        print(f"   {name}: {r['median_s'] * 1e3:.2f} ms", flush=True)
+    return {"experts": 128, "rows": rows}
+
+
+# -- the table of steps, in run order; ``--only``/``--skip`` match name prefixes -----------------------------
+assert SMOKE["gmm"].keys() == FULL["gmm"].keys(), "the gmm timing steps are named after FULL's shapes"
+
+STEPS = [
+    ("copy_bandwidth", copy_bandwidth),
+    ("dense_matmul", dense_matmul),
+    ("check_gmm", check_gmm),
+    ("check_tgmm", check_tgmm),
+    ("check_gmm_grad", check_gmm_grad),
+    ("check_paged_attention", check_paged_attention),
+    ("gmm_tiling_sweep", gmm_tiling_sweep),
+    *((f"gmm_{cname}_{routing}", functools.partial(gmm_timing, cname=cname, routing=routing))
+      for cname in FULL["gmm"] for routing in ("uniform", "skewed")),
+    ("paged_decode", paged_decode),
+    ("check_dequant_matmul", check_dequant_matmul),
+    ("dequant_matmul", dequant_matmul_timing),
+    ("dequant_tiling_sweep", dequant_tiling_sweep),
+    ("ep_ragged", ep_ragged),
+    ("serve_step", serve_step),
+]
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (interpreted on CPU); writes *_smoke")
     ap.add_argument("--budget-s", type=float, default=270.0, help="skip remaining steps after this many seconds")
     ap.add_argument("--skip", default="", help="comma-separated step-name prefixes to skip")
     ap.add_argument("--only", default="", help="comma-separated step-name prefixes to run (default: all)")
     ap.add_argument("--out", default=None, help="results name under experiments/results (default gpu_check)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    import jax
+
+def start(args):
+    """Record the environment, print the device line, and return the run's ``Runner`` (its clock starts here)
+    and the steps' ``Context``."""
     import jax.numpy as jnp
-    import numpy as np
 
     from pallas_kernels import _compat
-    from pallas_kernels.dequant_matmul import (
-        DequantTiling,
-        dequant_matmul,
-        dequant_matmul_reference,
-    )
-    from pallas_kernels.grouped_matmul import (
-        GmmTiling,
-        gmm,
-        gmm_reference,
-        tgmm,
-        tgmm_reference,
-    )
-    from pallas_kernels.paged_attention import (
-        PagedAttentionConfig,
-        paged_attention,
-        paged_attention_reference,
-    )
 
     S = SMOKE if args.smoke else FULL
     env = environment()
@@ -328,434 +863,24 @@ def main(argv=None):
     if not args.smoke and interpret:
         print("WARNING: no GPU/TPU backend: the kernels run interpreted; use --smoke on CPU", flush=True)
     run = Runner(args.out or ("gpu_check_smoke" if args.smoke else "gpu_check"), payload, args.budget_s)
+    ctx = Context(args=args, S=S, it={"iters": S["iters"], "reps": S["reps"]}, variant=variant,
+                  interpret=interpret, peak=peak, tol={jnp.bfloat16: 2e-2, jnp.float32: 5e-3}, shared={})
+    tilings, tgmm_tilings = gmm_tilings(variant, args.smoke)  # the defaults until the sweep picks the best
+    ctx.shared["tiling"], ctx.shared["tgmm_tiling"] = tilings[0], tgmm_tilings[0]
+    return run, ctx
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run, ctx = start(args)
+    payload = run.payload
     skip = tuple(s for s in args.skip.split(",") if s)
     only = tuple(s for s in args.only.split(",") if s)
-    it = {"iters": S["iters"], "reps": S["reps"]}
-    shared = {}
-
-    def step(name, fn):
+    for name, fn in STEPS:
         if (skip and name.startswith(skip)) or (only and not name.startswith(only)):
             payload["steps"][name] = {"ok": True, "skipped": "--skip/--only"}
-            return None
-        return run.step(name, fn)
-
-    def vs_peak(tflops=None, gbps=None):
-        if peak is None:
-            return None
-        return tflops / peak["bf16_tflops"] if tflops is not None else gbps / peak["hbm_gbps"]
-
-    # 1. copy bandwidth -------------------------------------------------------------------------------
-    def copy_bw():
-        n = S["copy_bytes"] // 2
-        x = jnp.ones((n // 1024, 1024), jnp.bfloat16)
-        t = bench(jax.jit(lambda x: x + 1), x, **it)
-        gbps = 2 * n * 2 / t["median_s"] / 1e9
-        shared["copy_gbps"] = gbps
-        print(f"   copy: {gbps:.1f} GB/s", flush=True)
-        return {"bytes_moved": 4 * n, "median_ms": t["median_s"] * 1e3, "gbps": gbps, "vs_peak": vs_peak(gbps=gbps)}
-
-    step("copy_bandwidth", copy_bw)
-
-    # 2. dense matmul ---------------------------------------------------------------------------------
-    def dense():
-        n = S["dense"]
-        a = jnp.ones((n, n), jnp.bfloat16)
-        t = bench(jax.jit(lambda a, b: a @ b), a, a, **it)
-        tf = 2 * n ** 3 / t["median_s"] / 1e12
-        print(f"   dense {n}^3: {tf:.1f} TFLOP/s", flush=True)
-        return {"n": n, "median_ms": t["median_s"] * 1e3, "tflops": tf, "vs_peak": vs_peak(tflops=tf)}
-
-    step("dense_matmul", dense)
-
-    # 3. correctness ----------------------------------------------------------------------------------
-    tol = {jnp.bfloat16: 2e-2, jnp.float32: 5e-3}
-
-    def gmm_inputs(M, K, N, sizes, dtype, seed=0):
-        k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-        x = jax.random.normal(k1, (M, K), jnp.float32).astype(dtype)
-        w = (jax.random.normal(k2, (len(sizes), K, N), jnp.float32) / np.sqrt(K)).astype(dtype)
-        dy = jax.random.normal(k3, (M, N), jnp.float32).astype(dtype)
-        return x, w, dy, jnp.asarray(sizes, jnp.int32)
-
-    rng = np.random.default_rng(0)
-    gmm_cases = [("ragged+empty", 1000, 256, 384, [0, 100, 333, 0, 250, 1, 200, 0]),
-                 ("uniform-8", 4096, 512, 1024, [512] * 8),
-                 ("random-64", 2048, 128, 256, list(rng.multinomial(1900, np.ones(64) / 64)))]
-    if args.smoke:
-        gmm_cases = [("ragged+empty", 100, 48, 40, [0, 10, 33, 0, 25, 1, 20, 0])]
-
-    def check_gmm():
-        cases, ok = [], True
-        f = jax.jit(lambda x, w, gs: gmm(x, w, gs, impl="pallas", interpret=interpret))
-        ft = jax.jit(lambda x, w, gs: gmm(x, jnp.swapaxes(w, 1, 2), gs, impl="pallas", transpose_rhs=True,
-                                          interpret=interpret))
-        for cname, M, K, N, sizes in gmm_cases:
-            for dtype in (jnp.bfloat16, jnp.float32):
-                x, w, _, gs = gmm_inputs(M, K, N, sizes, dtype)
-                ref = gmm_reference(x.astype(jnp.float32), w.astype(jnp.float32), gs)
-                for label, fn in (("", f), ("transpose_rhs ", ft)):
-                    e = rel_err(fn(x, w, gs), ref)
-                    cases.append({"case": f"{label}{cname} {M}x{K}x{N} G={len(sizes)}", "dtype": jnp.dtype(dtype).name,
-                                  "rel_err": e, "tol": tol[dtype], "ok": e <= tol[dtype]})
-                    ok &= e <= tol[dtype]
-        return {"cases": cases, "all_ok": bool(ok)}
-
-    def check_tgmm():
-        cases, ok = [], True
-        f = jax.jit(lambda x, dy, gs: tgmm(x, dy, gs, impl="pallas", interpret=interpret))
-        for cname, M, K, N, sizes in gmm_cases:
-            for dtype in (jnp.bfloat16, jnp.float32):
-                x, _, dy, gs = gmm_inputs(M, K, N, sizes, dtype, seed=1)
-                e = rel_err(f(x, dy, gs), tgmm_reference(x.astype(jnp.float32), dy.astype(jnp.float32), gs))
-                cases.append({"case": f"{cname} {M}x{K}x{N} G={len(sizes)}", "dtype": jnp.dtype(dtype).name,
-                              "rel_err": e, "tol": tol[dtype], "ok": e <= tol[dtype]})
-                ok &= e <= tol[dtype]
-        return {"cases": cases, "all_ok": bool(ok)}
-
-    def check_grad():
-        cases, ok = [], True
-        cname, M, K, N, sizes = gmm_cases[0]
-        x, w, dy, gs = gmm_inputs(M, K, N, sizes, jnp.float32, seed=2)
-
-        def loss(impl):
-            return lambda x, w: jnp.sum(gmm(x, w, gs, impl=impl, interpret=interpret) * dy)
-
-        gk = jax.jit(jax.grad(loss("pallas"), (0, 1)))(x, w)
-        gr = jax.jit(jax.grad(lambda x, w: jnp.sum(gmm_reference(x, w, gs) * dy), (0, 1)))(x, w)
-        for label, a, b in (("d lhs", gk[0], gr[0]), ("d rhs", gk[1], gr[1])):
-            e = rel_err(a, b)
-            cases.append({"case": f"{label} {cname}", "dtype": "float32", "rel_err": e, "tol": 5e-3, "ok": e <= 5e-3})
-            ok &= e <= 5e-3
-        return {"cases": cases, "all_ok": bool(ok)}
-
-    def pa_inputs(B, Tq, H, KVH, D, ps, lengths, dtype, seed=0):
-        r = np.random.default_rng(seed)
-        maxp = max(1, -(-max(lengths) // ps))
-        P = B * maxp + 1
-        q = jnp.asarray(r.normal(size=(B, Tq, H, D)), dtype)
-        kp = jnp.asarray(r.normal(size=(P, ps, KVH, D)), dtype)
-        vp = jnp.asarray(r.normal(size=(P, ps, KVH, D)), dtype)
-        bt = jnp.asarray(1 + r.permutation(B * maxp).reshape(B, maxp), jnp.int32)
-        return q, kp, vp, bt, jnp.asarray(lengths, jnp.int32)
-
-    pa_cases = [("decode GQA4", 8, 1, 32, 8, 128, 16, [0, 1, 15, 16, 17, 300, 1024, 2048]),
-                ("spec4 GQA4 hd64 p32", 4, 4, 16, 4, 64, 32, [4, 33, 500, 1999]),
-                ("prefill-chunk128 GQA8", 2, 128, 16, 2, 128, 16, [128, 900])]
-    if args.smoke:
-        pa_cases = [("decode GQA4", 3, 1, 8, 2, 32, 16, [0, 7, 45]), ("chunk12 GQA8", 2, 12, 8, 1, 16, 16, [12, 37])]
-
-    def check_pa():
-        cases, ok = [], True
-        f = jax.jit(lambda *a: paged_attention(*a, impl="pallas", interpret=interpret))
-        for cname, *shape, lengths in pa_cases:
-            for dtype in (jnp.bfloat16, jnp.float32):
-                a = pa_inputs(*shape, lengths, dtype)
-                ref = paged_attention_reference(*(x.astype(jnp.float32) if x.dtype == dtype else x for x in a))
-                e = rel_err(f(*a), ref)
-                cases.append({"case": cname, "dtype": jnp.dtype(dtype).name, "rel_err": e, "tol": tol[dtype],
-                              "ok": e <= tol[dtype]})
-                ok &= e <= tol[dtype]
-        return {"cases": cases, "all_ok": bool(ok)}
-
-    step("check_gmm", check_gmm)
-    step("check_tgmm", check_tgmm)
-    step("check_gmm_grad", check_grad)
-    step("check_paged_attention", check_pa)
-
-    # 4-5. grouped matmul timings ---------------------------------------------------------------------
-    def gmm_setup(c, routing):
-        M, D, F, E = c["T"] * c["k"], c["D"], c["F"], c["E"]
-        k1, k2, k3 = jax.random.split(jax.random.PRNGKey(3), 3)
-        x = jax.random.normal(k1, (M, D), jnp.bfloat16)
-        w = (jax.random.normal(k2, (E, D, F), jnp.bfloat16) * 0.02).astype(jnp.bfloat16)
-        dy = jax.random.normal(k3, (M, F), jnp.bfloat16)
-        sizes = np.full(E, M // E, np.int32) if routing == "uniform" else skewed_sizes(M, E)
-        sizes[0] += M - sizes.sum()
-        return x, w, dy, jnp.asarray(sizes, jnp.int32), 2 * M * D * F
-
-    tilings = [GmmTiling(128, 128, 128), GmmTiling(128, 128, 128, num_warps=8),
-               GmmTiling(128, 64, 256, num_warps=8, num_stages=3), GmmTiling(128, 64, 256, num_warps=8, num_stages=4),
-               GmmTiling(256, 64, 128, num_warps=8, num_stages=3), GmmTiling(256, 64, 128, num_warps=8, num_stages=4),
-               GmmTiling(256, 64, 256, num_warps=8, num_stages=3), GmmTiling(256, 128, 128, num_warps=8)]
-    tgmm_tilings = [GmmTiling(128, 128, 128, num_warps=8), GmmTiling(128, 128, 256, num_warps=8),
-                    GmmTiling(64, 128, 256, num_warps=8, num_stages=3), GmmTiling(64, 256, 128, num_warps=8, num_stages=3),
-                    GmmTiling(64, 128, 256, num_warps=8, num_stages=4), GmmTiling(32, 256, 256, num_warps=8, num_stages=3),
-                    GmmTiling(128, 256, 128, num_warps=8), GmmTiling(64, 256, 256, num_warps=8)]
-    if variant == "tpu":
-        tilings = [GmmTiling(128, 128, 128), GmmTiling(256, 512, 512), GmmTiling(512, 1024, 1024)]
-        tgmm_tilings = tilings
-    if args.smoke:
-        tilings = tilings[:2] if variant == "gpu" else tilings[:1]
-        tgmm_tilings = tgmm_tilings[:2] if variant == "gpu" else tgmm_tilings[:1]
-    shared["tiling"], shared["tgmm_tiling"] = tilings[0], tgmm_tilings[0]
-
-    def sweep():
-        x, w, dy, gs, flops = gmm_setup(S["gmm"]["8e-top2"], "uniform")
-        out = {}
-        for kname, key, cands, fn, args_ in (
-                ("gmm", "tiling", tilings, lambda t: lambda x, w, gs: gmm(x, w, gs, impl="pallas", tiling=t,
-                                                                 interpret=interpret), (x, w, gs)),
-                ("tgmm", "tgmm_tiling", tgmm_tilings, lambda t: lambda x, dy, gs: tgmm(x, dy, gs, impl="pallas", tiling=t,
-                                                                       interpret=interpret), (x, dy, gs))):
-            rows = []
-            for t in cands:
-                try:
-                    r = bench(jax.jit(fn(t)), *args_, **it)
-                    rows.append({"tiling": str(t), "median_ms": r["median_s"] * 1e3,
-                                 "tflops": flops / r["median_s"] / 1e12})
-                    print(f"   {kname} {t}: {rows[-1]['tflops']:.1f} TFLOP/s", flush=True)
-                except Exception as e:  # noqa: BLE001
-                    rows.append({"tiling": str(t), "error": f"{type(e).__name__}: {str(e)[:300]}"})
-            good = [(r["median_ms"], i) for i, r in enumerate(rows) if "median_ms" in r]
-            if good:
-                shared[key] = cands[min(good)[1]]
-            out[kname] = {"sweep": rows, "best": str(shared[key])}
-        return {"sweep": out, "best": str(shared["tiling"]), "best_tgmm": str(shared["tgmm_tiling"])}
-
-    step("gmm_tiling_sweep", sweep)
-
-    def gmm_timing(cname, routing):
-        def fn():
-            x, w, dy, gs, flops = gmm_setup(S["gmm"][cname], routing)
-            t, tt = shared["tiling"], shared["tgmm_tiling"]
-            M, D = x.shape
-            F = w.shape[2]
-            w0 = w[0]
-            paths = {
-                "dense jnp.dot": (jax.jit(lambda x, w0: x @ w0), (x, w0)),
-                "ragged_dot": (jax.jit(lambda x, w, gs: gmm(x, w, gs, impl="xla")), (x, w, gs)),
-                "pallas gmm": (jax.jit(lambda x, w, gs: gmm(x, w, gs, impl="pallas", tiling=t, interpret=interpret)),
-                               (x, w, gs)),
-                "ragged_dot_general (tgmm)": (jax.jit(lambda x, dy, gs: tgmm(x, dy, gs, impl="xla")), (x, dy, gs)),
-                "pallas tgmm": (jax.jit(lambda x, dy, gs: tgmm(x, dy, gs, impl="pallas", tiling=tt,
-                                                               interpret=interpret)), (x, dy, gs)),
-            }
-            res = {}
-            for pname, (f, a) in paths.items():
-                try:
-                    res[pname] = bench(f, *a, **it)
-                except Exception as e:  # noqa: BLE001
-                    res[pname] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            rows = []
-            dense_s = res["dense jnp.dot"].get("median_s")
-            for pname, r in res.items():
-                if "error" in r:
-                    rows.append({"path": pname, "error": r["error"]})
-                    continue
-                tf = flops / r["median_s"] / 1e12
-                row = {"path": pname, "median_ms": r["median_s"] * 1e3, "compile_s": r["compile_s"], "tflops": tf,
-                       "vs_peak": vs_peak(tflops=tf), "vs_dense": dense_s / r["median_s"] if dense_s else None}
-                xla = {"pallas gmm": "ragged_dot", "pallas tgmm": "ragged_dot_general (tgmm)"}.get(pname)
-                if xla and "median_s" in res[xla]:
-                    row["vs_xla"] = res[xla]["median_s"] / r["median_s"]
-                    row["target_met"] = bool(row["vs_dense"] and row["vs_dense"] >= 0.85 and row["vs_xla"] >= 1.2)
-                rows.append(row)
-                print(f"   {pname}: {row['median_ms']:.3f} ms {tf:.1f} TFLOP/s vs dense "
-                      f"{row['vs_dense'] or float('nan'):.2f} vs xla {row.get('vs_xla', float('nan')):.2f}", flush=True)
-            return {"M": M, "D": D, "F": F, "E": w.shape[0], "group_sizes": [int(v) for v in gs],
-                    "tiling": str(t), "tgmm_tiling": str(tt), "rows": rows}
-        return fn
-
-    for cname in S["gmm"]:
-        for routing in ("uniform", "skewed"):
-            step(f"gmm_{cname}_{routing}", gmm_timing(cname, routing))
-
-    # 6. paged decode ---------------------------------------------------------------------------------
-    def paged_decode():
-        c = S["pa"]
-        B, ctx, H, KVH, D, ps = c["B"], c["ctx"], c["H"], c["KVH"], c["D"], c["ps"]
-        a = pa_inputs(B, 1, H, KVH, D, ps, [ctx] * B, jnp.bfloat16, seed=5)
-        kv_bytes = 2 * B * ctx * KVH * D * 2
-        copy = shared.get("copy_gbps")
-        rows = []
-        paths = {"xla (gather + dense)": jax.jit(lambda *a: paged_attention(*a, impl="xla"))}
-        if variant != "gpu":
-            configs = [(None, 1)]
-        elif args.smoke:
-            configs = [(None, 1), (None, 2)]
-        else:
-            configs = [(4, 1), (8, 1), (16, 1), (8, 2), (8, 4)]
-        for ppb, splits in configs:
-            cfg = PagedAttentionConfig(pages_per_block=ppb, kv_splits=splits)
-            paths[f"pallas ppb={ppb} splits={splits}"] = jax.jit(
-                lambda *a, cfg=cfg: paged_attention(*a, impl="pallas", config=cfg, interpret=interpret))
-        xla_s = None
-        for pname, f in paths.items():
-            try:
-                r = bench(f, *a, **it)
-            except Exception as e:  # noqa: BLE001
-                rows.append({"path": pname, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                continue
-            gbps = kv_bytes / r["median_s"] / 1e9
-            row = {"path": pname, "median_ms": r["median_s"] * 1e3, "compile_s": r["compile_s"], "gbps": gbps,
-                   "vs_peak": vs_peak(gbps=gbps), "vs_copy": gbps / copy if copy else None}
-            if pname.startswith("xla"):
-                xla_s = r["median_s"]
-            else:
-                row["vs_xla"] = xla_s / r["median_s"] if xla_s else None
-                row["target_met"] = bool(row["vs_copy"] and row["vs_copy"] >= 0.70)
-            rows.append(row)
-            print(f"   {pname}: {row['median_ms']:.3f} ms {gbps:.1f} GB/s vs copy "
-                  f"{row['vs_copy'] or float('nan'):.2f}", flush=True)
-        return {**c, "kv_bytes": kv_bytes, "rows": rows}
-
-    step("paged_decode", paged_decode)
-
-    # 7. dequant-matmul (D2MoE / uniform int-k expert weights) ----------------------------------------
-    def dq_inputs(M, K, N, bits, gsz, seed=0):
-        rng_ = np.random.default_rng(seed)
-        planes = tuple(jnp.asarray(rng_.integers(0, 256, (K * b // 8, N), dtype=np.uint8)) for b in bits)
-        scales = tuple(jnp.asarray(rng_.uniform(0.5, 1.5, (K // gsz, N)) * 0.01 / 2 ** sum(bits[:i + 1]),
-                                   jnp.float16) for i in range(len(bits)))
-        zero = jnp.asarray(rng_.normal(0, 0.01, (K // gsz, N)), jnp.float16)
-        x = jnp.asarray(rng_.normal(0, 1, (M, K)), jnp.bfloat16)
-        wbytes = sum(p.size for p in planes) + 2 * (sum(s_.size for s_ in scales) + zero.size)
-        return x, planes, scales, zero, wbytes
-
-    dq_bits = [("int8", (8,), 0.0), ("int4", (4,), 0.0), ("mwq 2+1+1", (2, 1, 1), 0.5)]
-
-    def check_dq():
-        cases, ok = [], True
-        M, K, N, gsz = (64, 1024, 512, 128) if not args.smoke else (16, 256, 64, 128)
-        for label, bits, off in dq_bits:
-            x, planes, scales, zero, _ = dq_inputs(M, K, N, bits, gsz, seed=2)
-            kw = {"plane_bits": bits, "group_size": gsz, "base_offset": off}
-            ref = dequant_matmul_reference(x.astype(jnp.float32), planes, scales, zero, **kw)
-            for dtype in (jnp.bfloat16, jnp.float32):
-                out = jax.jit(lambda x, pl_, sc, z, kw=kw: dequant_matmul(x, pl_, sc, z, impl="pallas",
-                                                                          interpret=interpret, **kw))(x.astype(dtype), planes, scales, zero)
-                e = rel_err(out, ref)
-                cases.append({"case": f"{label} {M}x{K}x{N} G={gsz}", "dtype": jnp.dtype(dtype).name,
-                              "rel_err": e, "tol": tol[dtype], "ok": e <= tol[dtype]})
-                ok &= e <= tol[dtype]
-        return {"cases": cases, "all_ok": bool(ok)}
-
-    step("check_dequant_matmul", check_dq)
-
-    def dq_timing():
-        K, N, gsz = (4096, 14336, 128) if not args.smoke else (256, 128, 128)
-        Ms = (16, 2048) if not args.smoke else (16,)
-        copy = shared.get("copy_gbps")
-        rows = []
-        for M in Ms:
-            x0 = jnp.asarray(np.random.default_rng(4).normal(0, 1, (M, K)), jnp.bfloat16)
-            wd = jnp.zeros((K, N), jnp.bfloat16)
-            r = bench(jax.jit(lambda x, w: x @ w), x0, wd, **it)
-            dense_s = r["median_s"]
-            rows.append({"M": M, "path": "dense bf16 x @ w", "median_ms": dense_s * 1e3,
-                         "gbps": K * N * 2 / dense_s / 1e9, "tflops": 2 * M * K * N / dense_s / 1e12})
-            for label, bits, off in dq_bits:
-                x, planes, scales, zero, wbytes = dq_inputs(M, K, N, bits, gsz, seed=3)
-                kw = {"plane_bits": bits, "group_size": gsz, "base_offset": off}
-                res = {}
-                for impl in ("xla", "pallas"):
-                    f = jax.jit(lambda x, pl_, sc, z, impl=impl, kw=kw: dequant_matmul(
-                        x, pl_, sc, z, impl=impl, interpret=interpret if impl == "pallas" else None, **kw))
-                    try:
-                        res[impl] = bench(f, x, planes, scales, zero, **it)["median_s"]
-                    except Exception as e:  # noqa: BLE001
-                        rows.append({"M": M, "path": f"{impl} {label}", "error": f"{type(e).__name__}: {str(e)[:300]}"})
-                        continue
-                    gbps = wbytes / res[impl] / 1e9
-                    row = {"M": M, "path": f"{impl} {label}", "median_ms": res[impl] * 1e3, "gbps": gbps,
-                           "vs_copy": gbps / copy if copy else None, "vs_dense": dense_s / res[impl],
-                           "tflops": 2 * M * K * N / res[impl] / 1e12}
-                    if impl == "pallas" and "xla" in res:
-                        row["vs_xla"] = res["xla"] / res[impl]
-                    rows.append(row)
-                    print(f"   M={M} {impl} {label}: {row['median_ms']:.3f} ms {gbps:.0f} GB/s "
-                          f"vs dense {row['vs_dense']:.2f} vs xla {row.get('vs_xla', float('nan')):.2f}", flush=True)
-        return {"K": K, "N": N, "group_size": gsz, "rows": rows}
-
-    step("dequant_matmul", dq_timing)
-
-    def dq_sweep():
-        K, N, gsz, M = (4096, 14336, 128, 2048) if not args.smoke else (256, 128, 128, 64)
-        cands = [DequantTiling(64, 128), DequantTiling(128, 128, num_warps=8), DequantTiling(128, 256, num_warps=8),
-                 DequantTiling(256, 128, num_warps=8), DequantTiling(256, 256, num_warps=8)]
-        if args.smoke:
-            cands = cands[:2]
-        rows = []
-        for label, bits, off in dq_bits[1:]:
-            x, planes, scales, zero, _ = dq_inputs(M, K, N, bits, gsz, seed=3)
-            for t in cands:
-                f = jax.jit(lambda x, pl_, sc, z, t=t, bits=bits, off=off: dequant_matmul(
-                    x, pl_, sc, z, impl="pallas", tiling=t, interpret=interpret, plane_bits=bits, group_size=gsz,
-                    base_offset=off))
-                try:
-                    r = bench(f, x, planes, scales, zero, **it)
-                    rows.append({"M": M, "path": f"pallas {label} {t}", "median_ms": r["median_s"] * 1e3,
-                                 "tflops": 2 * M * K * N / r["median_s"] / 1e12})
-                    print(f"   {label} {t}: {rows[-1]['median_ms']:.3f} ms", flush=True)
-                except Exception as e:  # noqa: BLE001
-                    rows.append({"M": M, "path": f"pallas {label} {t}", "error": f"{type(e).__name__}: {str(e)[:300]}"})
-        return {"rows": rows}
-
-    step("dequant_tiling_sweep", dq_sweep)
-
-    # 8. ragged expert parallelism ---------------------------------------------------------------------
-    def ep_ragged():
-        if jax.default_backend() == "cpu":
-            return {"skipped": "XLA:CPU does not implement ragged_all_to_all (the CPU tests use the emulation: "
-                               "tests/test_ragged_ep.py)", "all_ok": True}
-        return ep_ragged_compare("ragged", T=64 if args.smoke else 256)
-
-    step("ep_ragged", ep_ragged)
-
-    # 9. serving engine steps (layered vs chunked prefill iterations) ----------------------------------
-    def serve_step():
-        """Time the engine's jitted iteration on the layered-prefill experiment's model (128 experts top-8):
-        decode only (8 rows), a 512-token chunk through every layer beside 6 decode rows (chunked prefill),
-        and a whole prompt through one layer beside 6 decode rows (layered prefill at G = 8; the other 7
-        layers drop the prompt's K/V writes, a scatter worth timing on a GPU)."""
-        import numpy as np
-        from flax import nnx
-
-        from experiments.layered_prefill import model_config
-        from moejax.models.transformer import Transformer
-        from moejax.serve.engine import Engine, EngineConfig
-        from moejax.serve.scheduler import SchedulerConfig
-        from moejax.serve.step import engine_step
-
-        cfg = model_config(args.smoke, 128)
-        eng = Engine(Transformer(cfg, rngs=nnx.Rngs(0)),
-                     EngineConfig(scheduler="layered", block_size=16, enable_prefix_cache=False,
-                                  num_blocks=1 + 8 * (cfg.max_seq_len // 16),
-                                  sched=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512)))
-        prompt, chunk = (256, 64) if args.smoke else (2100, 512)
-
-        def batch(tp, real, n_dec):
-            dec = eng._blank_decode(8)
-            for i in range(n_dec):
-                dec.valid[i], dec.pos[i], dec.tokens[i] = True, 100, 5
-                dec.tables[i, :8] = np.arange(1000 + 8 * i, 1008 + 8 * i)
-            if tp is None:
-                return dec, None
-            pf = eng._blank_prefill(1, tp)
-            pf.tokens[0, tp - real:] = np.arange(real) % 256
-            pf.length[0] = real
-            pf.tables[0, :(real + 15) // 16] = np.arange(1, (real + 15) // 16 + 1)
-            return dec, pf
-
-        tp = eng.prefill_shape(1, prompt)[1]  # the engine's own bucket for the prompt
-        cases = {"decode only, 8 rows": (batch(None, 0, 8), (0, cfg.n_layers)),
-                 f"chunk {chunk} x {cfg.n_layers} layers + 6 decode": (batch(chunk, chunk, 6), (0, cfg.n_layers)),
-                 f"prompt {prompt} x 1 layer + 6 decode": (batch(tp, prompt, 6), (3, 4))}
-        rows = []
-        for name, ((dec, pf), group) in cases.items():
-            args_, kw = eng._step_args(dec, pf, None, group, False, None, None)
-
-            def call(args_=args_, kw=kw):
-                o = engine_step(*((args_[0], args_[1], eng.pool) + args_[3:]), **kw)
-                eng.pool = o.pool
-                return o.dec_next
-
-            r = bench(call, **it)
-            rows.append({"case": name, "median_ms": r["median_s"] * 1e3, "compile_s": r["compile_s"]})
-            print(f"   {name}: {r['median_s'] * 1e3:.2f} ms", flush=True)
-        return {"experts": 128, "rows": rows}
-
-    step("serve_step", serve_step)
+            continue
+        run.step(name, functools.partial(fn, ctx))
     run.write()
     failed = [n for n, r in payload["steps"].items() if not r.get("ok")]
     bad_checks = [n for n, r in payload["steps"].items() if (n.startswith("check_") or n == "ep_ragged")
