@@ -347,7 +347,7 @@ def route_texts(gate, domains, n, rng, length=1024):
     return out
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dense-run", help="a `moejax train` run of a dense model (default: train runs/readme-dense)")
     ap.add_argument("--train-steps", type=int, default=300)
@@ -367,50 +367,37 @@ def main(argv=None):
     ap.add_argument("--decode-eval-windows", type=int, default=6,
                     help="d2moe part: validation windows scored by teacher-forced single-token decode")
     ap.add_argument("--decode-eval-len", type=int, default=128, help="tokens scored per decode-eval window")
-    args = ap.parse_args(argv)
-    parts = set(args.parts.split(","))
-    d2 = d2moe_part(args) if "d2moe" in parts else None
-    if "readme" not in parts:
-        md = d2moe_markdown(d2)
-        write_results("expert_offload_d2moe", d2, md)
-        print(md)
-        return
+    return ap.parse_args(argv)
 
-    import jax
+
+def readme_quality(dense, moe, gate, val_dom, rng):
+    """Validation bits/byte (teacher forced) of the dense model, the refactored model routed by the pre-gate,
+    and the refactored model routed by the distillation targets, on windows drawn from ``rng``."""
     import numpy as np
 
     from moejax.models import readme as rm
-    from moejax.offload.runtime import OffloadConfig, load_offloaded_model
-    from moejax.offload.store import ExpertStore, anon_rss_bytes, prepare
-    from moejax.serve.engine import Engine, EngineConfig, SamplingParams
 
-    t0 = time.perf_counter()
-    dense, run = dense_model(args)
-    print(f"dense model from {run} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    moe, info, gate, gstats, train_dom, val_dom, rng = build_readme(dense, args.pregate_steps, progress=True)
-    E = moe.cfg.moe.num_experts
-    print("pre-gate:", gstats, flush=True)
-    # quality on validation windows (teacher forced)
     vwin = np.stack([d[i:i + 257] for d in val_dom if len(d) > 600 for i in rng.integers(0, len(d) - 257, 2)]
                     ).astype(np.int32)
-    quality = {"dense_bits_per_byte": bits_per_byte(dense, vwin),
-               "refactored_pregated_bits_per_byte": bits_per_byte(moe, vwin, rm.route_tokens(gate, vwin)),
-               "oracle_routed_bits_per_byte": bits_per_byte(moe, vwin, rm.distill_targets(dense, moe, vwin)),
-               "note": "refactored model without Read-ME's fine-tuning; oracle = distillation target per token"}
-    print("quality:", quality, flush=True)
+    return {"dense_bits_per_byte": bits_per_byte(dense, vwin),
+            "refactored_pregated_bits_per_byte": bits_per_byte(moe, vwin, rm.route_tokens(gate, vwin)),
+            "oracle_routed_bits_per_byte": bits_per_byte(moe, vwin, rm.distill_targets(dense, moe, vwin)),
+            "note": "refactored model without Read-ME's fine-tuning; oracle = distillation target per token"}
 
-    # offline traces (the paper's setting: the routing of the whole text is known in advance)
-    from moejax.offload.cache import simulate, simulate_served, transition_matrix
 
-    # the predictive policy's Markov model: pre-gate routing of training-split text only
-    train_seqs = route_texts(gate, train_dom, 64, np.random.default_rng(123))
-    trans = transition_matrix(train_seqs, E)
-    trans_t = tuple(map(tuple, trans.tolist()))
+def offline_trace_hit_rates(gate, val_dom, rng, n_texts):
+    """Hit rates of random/LRU/LFU/Belady on the pre-gate's routing of ``n_texts`` 1024-token validation texts
+    (offsets drawn from ``rng``), one cache of C experts: the paper's setting, the whole text's routing known
+    in advance."""
+    import numpy as np
+
+    from moejax.models import readme as rm
+    from moejax.offload.cache import simulate
 
     offline = {}
     for C in (2, 4, 5, 6):
         acc = {p: [0, 0] for p in ("random", "lru", "lfu", "belady")}
-        for i in range(args.prompts):
+        for i in range(n_texts):
             d = val_dom[i % len(val_dom)]
             s0 = int(rng.integers(0, len(d) - 1024))
             trace = rm.route_tokens(gate, d[None, s0:s0 + 1024].astype(np.int32))[0].tolist()
@@ -419,10 +406,17 @@ def main(argv=None):
                 counts[0] += st.hits
                 counts[1] += st.accesses
         offline[C] = {p: h / n for p, (h, n) in acc.items()}
-    print("offline trace hit rates:", offline, flush=True)
-    # the same texts in served order, one token known at a time: per token (0, e), ..., (L-1, e) against one
-    # cache of C * L experts; belady/predictive are told each token's accesses only when it is decoded
-    Lm = moe.cfg.n_layers
+    return offline
+
+
+def served_order_hit_rates(gate, val_dom, trans, Lm):
+    """The same kind of texts in served order, one token known at a time: per token (0, e), ..., (L-1, e)
+    against one cache of C * L experts; belady/predictive are told each token's accesses only when it is
+    decoded (``trans``: the predictive policy's transition matrix); plus Belady knowing the whole future."""
+    import numpy as np
+
+    from moejax.offload.cache import simulate, simulate_served
+
     vseqs = route_texts(gate, val_dom, 32, np.random.default_rng(7))
     served_order = {}
     for C in (2, 4, 5, 6):
@@ -439,18 +433,27 @@ def main(argv=None):
         acc["belady (whole future)"] = sum(simulate([(li, int(e)) for e in sq for li in range(Lm)], C * Lm,
                                                     "belady").hits for sq in vseqs) / (len(vseqs) * 1024 * Lm)
         served_order[C] = acc
-    print("served-order trace hit rates:", served_order, flush=True)
+    return served_order
 
-    store_dir = prepare(moe, os.path.join(args.out, "store"), overwrite=True)
-    store = ExpertStore(store_dir)
-    om = load_offloaded_model(store)
-    L = moe.cfg.n_layers
+
+def draw_prompts(val_dom, rng, n, length):
+    """``n`` prompts of ``length`` tokens from the validation texts in turn, at offsets drawn from ``rng``."""
     prompts = []
-    for i in range(args.prompts):
+    for i in range(n):
         d = val_dom[i % len(val_dom)]
-        s = int(rng.integers(0, len(d) - args.prompt_len))
-        prompts.append(d[s:s + args.prompt_len].astype(int).tolist())
-    sp = SamplingParams(max_tokens=args.new_tokens, temperature=0)
+        s = int(rng.integers(0, len(d) - length))
+        prompts.append(d[s:s + length].astype(int).tolist())
+    return prompts
+
+
+def serve_single_stream(args, moe, om, gate, store_dir, store, prompts, sp, trans_t):
+    """Single-stream serving of ``prompts`` from the offloaded model ``om`` at caches of 2/4/5/6 experts per
+    layer, for each policy, unthrottled and throttled to ``--bandwidth``; tokens compared with the in-memory
+    model. Returns ``(table rows, records by "<cache>-<policy>-<direct|throttled>")``."""
+    from moejax.offload.runtime import OffloadConfig
+    from moejax.serve.engine import Engine, EngineConfig
+
+    E, L = moe.cfg.moe.num_experts, moe.cfg.n_layers
     ref = Engine(moe, EngineConfig(pregate=gate)).generate(prompts, sp)
     warm = Engine(om, EngineConfig(pregate=gate, offload=OffloadConfig(store_dir, E * L * store.record_bytes)))
     for p in prompts:  # compile every shape the runs below use, so no policy pays for compilation
@@ -485,10 +488,16 @@ def main(argv=None):
                 else:
                     rows[-1]["tok/s (modelled %.1f GB/s)" % (bw / 1e9)] = rec["tokens_per_s"]
                 print(rec, flush=True)
-    best = {c: {p: results[f"{c}-{p}-direct"]["hit_rate"] for p in POLICIES} for c in (2, 4, 5, 6)}
-    gain2 = 100 * (best[2]["belady"] - best[2]["lru"])
-    gain2p = 100 * (best[2]["predictive"] - best[2]["lru"])
-    # concurrent requests: one batch of all prompts (each step knows every request's next experts)
+    return rows, results
+
+
+def serve_concurrent(moe, om, gate, store_dir, store, prompts, sp, trans_t):
+    """All ``prompts`` served as one batch (each step knows every request's next experts) at each cache size
+    and policy. Returns ``(records by "<cache>-<policy>", table rows)``."""
+    from moejax.offload.runtime import OffloadConfig
+    from moejax.serve.engine import Engine, EngineConfig
+
+    E, L = moe.cfg.moe.num_experts, moe.cfg.n_layers
     ref_b = Engine(moe, EngineConfig(pregate=gate)).generate(prompts, sp)
     concurrent, crows = {}, []
     for per_layer in (2, 4, 5, 6):
@@ -507,13 +516,19 @@ def main(argv=None):
                          for p in ("random", "lru", "belady", "predictive")},
                       "same tokens": all(concurrent[f"{per_layer}-{p}"]["same_tokens"]
                                          for p in ("random", "lru", "belady", "predictive"))})
-    print("concurrent:", concurrent, flush=True)
-    cgain = {c: 100 * (concurrent[f"{c}-{p}"]["hit_rate"] - concurrent[f"{c}-lru"]["hit_rate"])
-             for c in (2,) for p in ("belady",)}
-    cgain_p = 100 * (concurrent["2-predictive"]["hit_rate"] - concurrent["2-lru"]["hit_rate"])
+    return concurrent, crows
+
+
+def readme_markdown(args, r) -> str:
+    """The Read-ME part's markdown from its measurements ``r`` (the dict :func:`readme_part` builds)."""
+    from moejax.offload.store import anon_rss_bytes
+
+    run, E, Lm, info, gstats, quality = r["run"], r["E"], r["Lm"], r["info"], r["gstats"], r["quality"]
+    store, rows, results, offline, served_order = r["store"], r["rows"], r["results"], r["offline"], r["served_order"]
+    concurrent, crows = r["concurrent"], r["crows"]
+    gain2, gain2p, cgain, cgain_p = r["gain2"], r["gain2p"], r["cgain"], r["cgain_p"]
     so_cols = ["random", "lru", "belady", "predictive (fixed model)", "predictive", "belady (whole future)"]
     so2 = served_order[2]
-    env = environment()
     md = ("# Expert offloading with Read-ME pre-gating (measured on this CPU)\n\n"
           f"Dense `tiny-dense` model trained by `moejax train` ({run}); Read-ME refactor into {E} domain experts "
           f"(expert width {info.expert_width}, shared {info.shared_per_layer}) + a pre-gate distilled from the "
@@ -577,6 +592,18 @@ def main(argv=None):
           f"routing {quality['oracle_routed_bits_per_byte']:.3f} (no fine-tuning after the refactor).\n\n"
           f"Peak anonymous RSS during the runs: {anon_rss_bytes() / 2**20:.0f} MiB (whole process, incl. JAX). "
           f"D²MoE vs int8: `--parts d2moe` (separate results file).\n")
+    return md
+
+
+def write_readme_results(args, r, d2):
+    """Write ``results/expert_offload.{json,md,png}`` (the D²MoE part appended when it ran) and print the
+    markdown."""
+    md = readme_markdown(args, r)
+    gstats, info, store, trans = r["gstats"], r["info"], r["store"], r["trans"]
+    quality, results, best, offline, served_order = (r["quality"], r["results"], r["best"], r["offline"],
+                                                     r["served_order"])
+    concurrent, gain2, gain2p, cgain_p = r["concurrent"], r["gain2"], r["gain2p"], r["cgain_p"]
+    env = environment()
     payload = {"environment": env, "args": vars(args), "pregate": gstats, "quality": quality,
                "refactor": {"expert_width": info.expert_width, "shared_per_layer": info.shared_per_layer},
                "record_bytes": store.record_bytes, "results": results, "hit_rates": best, "paper": PAPER,
@@ -589,6 +616,13 @@ def main(argv=None):
         payload["d2moe"] = d2
         md += "\n" + d2moe_markdown(d2)
     jp, mp = write_results("expert_offload", payload, md)
+    plot_hit_rates(best, r["E"], jp)
+    print(md)
+    print("wrote", jp, mp)
+
+
+def plot_hit_rates(best, E, json_path):
+    """Hit rate per policy against the cache size, next to the JSON (skipped without matplotlib)."""
     try:
         import matplotlib
 
@@ -603,12 +637,70 @@ def main(argv=None):
         ax.set_ylabel("hit rate (%)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.splitext(jp)[0] + ".png", dpi=120)
+        fig.savefig(os.path.splitext(json_path)[0] + ".png", dpi=120)
     except ImportError:
         pass
-    print(md)
-    print("wrote", jp, mp)
-    del jax
+
+
+def readme_part(args, d2):
+    """Read-ME: the dense model, its refactor and pre-gate, quality, trace hit rates, single-stream and
+    concurrent offloaded serving; writes the results (with ``d2``, the D²MoE part's, when it ran)."""
+    import numpy as np
+
+    from moejax.offload.cache import transition_matrix
+    from moejax.offload.runtime import load_offloaded_model
+    from moejax.offload.store import ExpertStore, prepare
+    from moejax.serve.engine import SamplingParams
+
+    t0 = time.perf_counter()
+    dense, run = dense_model(args)
+    print(f"dense model from {run} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    moe, info, gate, gstats, train_dom, val_dom, rng = build_readme(dense, args.pregate_steps, progress=True)
+    E = moe.cfg.moe.num_experts
+    print("pre-gate:", gstats, flush=True)
+    quality = readme_quality(dense, moe, gate, val_dom, rng)
+    print("quality:", quality, flush=True)
+    # the predictive policy's Markov model: pre-gate routing of training-split text only
+    train_seqs = route_texts(gate, train_dom, 64, np.random.default_rng(123))
+    trans = transition_matrix(train_seqs, E)
+    trans_t = tuple(map(tuple, trans.tolist()))
+    offline = offline_trace_hit_rates(gate, val_dom, rng, args.prompts)
+    print("offline trace hit rates:", offline, flush=True)
+    Lm = moe.cfg.n_layers
+    served_order = served_order_hit_rates(gate, val_dom, trans, Lm)
+    print("served-order trace hit rates:", served_order, flush=True)
+
+    store_dir = prepare(moe, os.path.join(args.out, "store"), overwrite=True)
+    store = ExpertStore(store_dir)
+    om = load_offloaded_model(store)
+    prompts = draw_prompts(val_dom, rng, args.prompts, args.prompt_len)
+    sp = SamplingParams(max_tokens=args.new_tokens, temperature=0)
+    rows, results = serve_single_stream(args, moe, om, gate, store_dir, store, prompts, sp, trans_t)
+    best = {c: {p: results[f"{c}-{p}-direct"]["hit_rate"] for p in POLICIES} for c in (2, 4, 5, 6)}
+    gain2 = 100 * (best[2]["belady"] - best[2]["lru"])
+    gain2p = 100 * (best[2]["predictive"] - best[2]["lru"])
+    concurrent, crows = serve_concurrent(moe, om, gate, store_dir, store, prompts, sp, trans_t)
+    print("concurrent:", concurrent, flush=True)
+    cgain = {c: 100 * (concurrent[f"{c}-{p}"]["hit_rate"] - concurrent[f"{c}-lru"]["hit_rate"])
+             for c in (2,) for p in ("belady",)}
+    cgain_p = 100 * (concurrent["2-predictive"]["hit_rate"] - concurrent["2-lru"]["hit_rate"])
+    r = {"run": run, "E": E, "Lm": Lm, "info": info, "gstats": gstats, "quality": quality, "trans": trans,
+         "offline": offline, "served_order": served_order, "store": store, "rows": rows, "results": results,
+         "best": best, "gain2": gain2, "gain2p": gain2p, "concurrent": concurrent, "crows": crows,
+         "cgain": cgain, "cgain_p": cgain_p}
+    write_readme_results(args, r, d2)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    parts = set(args.parts.split(","))
+    d2 = d2moe_part(args) if "d2moe" in parts else None
+    if "readme" not in parts:
+        md = d2moe_markdown(d2)
+        write_results("expert_offload_d2moe", d2, md)
+        print(md)
+        return
+    readme_part(args, d2)
 
 
 def d2moe_markdown(d2) -> str:
