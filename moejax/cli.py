@@ -10,8 +10,10 @@ Subcommands grow with the library (train, eval, serve, profile, bench, ...).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+from collections.abc import Sequence
 
 
 def _model_from_args(args):
@@ -317,7 +319,49 @@ def _add_model_source(parser) -> None:
     src.add_argument("--ckpt", help="a moejax training run directory (its latest checkpoint)")
 
 
+class _LibraryChoices(Sequence):
+    """An option's ``choices`` read from a library module when argparse first needs them (checking a given value,
+    formatting help or an error). Building the parser then imports no module that imports jax or numpy (the
+    scheduler registry, the HF importer, the offload store do), so ``moejax --help`` and the other subcommands
+    stay fast; a command that gets the option imports that module anyway. Attach with :func:`_add_lazy_choices`."""
+
+    def __init__(self, module: str, pick):
+        self._module, self._pick, self._values = module, pick, None
+
+    def _get(self) -> tuple:
+        if self._values is None:
+            self._values = tuple(self._pick(importlib.import_module(self._module)))
+        return self._values
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+def _add_lazy_choices(parser, flag: str, module: str, pick, **kwargs):
+    """``parser.add_argument(flag, **kwargs)`` with ``choices=_LibraryChoices(module, pick)``, set after the call:
+    add_argument formats the option's metavar, which would read the choices at once."""
+    action = parser.add_argument(flag, **kwargs)
+    action.choices = _LibraryChoices(module, pick)
+    return action
+
+
+def _servable_policies(cache_module):
+    """`serve --offload-policy`: the cache policies the served model can run. Belady and predictive need each
+    iteration's future routing from a pre-gating router, which the CLI does not build (the engine refuses them)."""
+    return (p for p in cache_module.POLICIES if p not in ("belady", "predictive"))
+
+
+# `offload prepare --quant`: the CLI's named presets (cmd_offload_prepare maps each to a moejax.quant.QuantConfig;
+# the library has quantization schemes, moejax.quant.mwq.SCHEMES, not these names).
+QUANT_PRESETS = ("none", "mwq", "int8", "int4")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from moejax.config import DISPATCH_TYPES, DTYPES, ROUTER_TYPES
+
     ap = argparse.ArgumentParser(prog="moejax", description="Mixture-of-Experts training and serving in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -331,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--eos-id", type=int, default=None)
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train on a byte-level corpus (default: this Python's stdlib sources)")
@@ -344,8 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=int, help="global batch (sequences per step)")
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int)
-    t.add_argument("--router", choices=("topk", "switch", "gshard", "sigmoid", "xmoe", "expert_choice"))
-    t.add_argument("--dispatch", choices=("dropless", "capacity"))
+    t.add_argument("--router", choices=ROUTER_TYPES)
+    t.add_argument("--dispatch", choices=DISPATCH_TYPES)
     t.add_argument("--corpus", help="text file or directory (default: the stdlib's .py files)")
     t.add_argument("--out", help="output directory (default runs/<preset>)")
     t.add_argument("--mesh", help="device mesh, e.g. expert=8 or data=2,expert=4 (CPU: set XLA_FLAGS="
@@ -375,9 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a training checkpoint as a Hugging Face directory")
     x.add_argument("--ckpt", required=True, help="training run directory")
     x.add_argument("--out", required=True, help="output directory (config.json + model.safetensors)")
-    x.add_argument("--layout", choices=("per_expert", "fused"), default="per_expert")
-    x.add_argument("--dtype", choices=("float32", "bfloat16"), default=None)
-    x.add_argument("--model-type", choices=("mixtral", "qwen3_moe", "qwen2_moe"), default=None)
+    _add_lazy_choices(x, "--layout", "moejax.models.hf", lambda m: m.LAYOUTS, default="per_expert")
+    x.add_argument("--dtype", choices=DTYPES, default=None)
+    _add_lazy_choices(x, "--model-type", "moejax.models.hf", lambda m: m.SUPPORTED_MODEL_TYPES, default=None)
     x.add_argument("--overwrite", action="store_true")
     x.set_defaults(func=cmd_export)
 
@@ -386,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", default=None, help="name clients use in 'model' (default: the source's name)")
-    s.add_argument("--scheduler", choices=("chunked", "layered"), default="chunked")
+    _add_lazy_choices(s, "--scheduler", "moejax.serve.scheduler", lambda m: sorted(m.SCHEDULERS), default="chunked")
     s.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     s.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: max-num-seqs "
                                                                  "full-length sequences)")
@@ -405,12 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile every engine step shape before serving (no compile pauses while serving; "
                         "takes about a second or more per shape, see Engine.warmup_shapes)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    s.add_argument("--dtype", choices=DTYPES, default="float32")
     s.add_argument("--offload", help="serve from an offload store (`moejax offload prepare`): experts on disk")
     s.add_argument("--expert-memory-budget", help="expert bytes kept in memory with --offload: a percentage of "
                                                   "all expert bytes (e.g. 50%%) or a size (e.g. 2GB, 512MiB)")
-    s.add_argument("--offload-policy", choices=("lru", "lfu"), default="lru")
-    s.add_argument("--offload-io", choices=("direct", "fadvise", "buffered"), default="direct")
+    _add_lazy_choices(s, "--offload-policy", "moejax.offload.cache", _servable_policies, default="lru")
+    _add_lazy_choices(s, "--offload-io", "moejax.offload.store", lambda m: m.IO_MODES, default="direct")
     s.add_argument("--offload-bits", default=None,
                    help="quantized stores: a fixed width (e.g. 8) or 'router' (D2MoE bit-width router + HEBF)")
     s.add_argument("--offload-avg-bits", type=float, default=None,
@@ -424,10 +468,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_source(op)
     op.add_argument("--out", required=True, help="output directory")
     op.add_argument("--overwrite", action="store_true")
-    op.add_argument("--quant", choices=("none", "mwq", "int8", "int4"), default="none",
+    op.add_argument("--quant", choices=QUANT_PRESETS, default="none",
                     help="store experts quantized: D2MoE nested bit-planes (mwq: 2/3/4/8 bits) or uniform int8/int4")
     op.add_argument("--seed", type=int, default=0)
-    op.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    op.add_argument("--dtype", choices=DTYPES, default="float32")
     op.set_defaults(func=cmd_offload_prepare)
 
     pr = sub.add_parser("profile", help="time collectives and expert GEMMs on this machine, fit alpha-beta "
@@ -437,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPU: virtual host devices (sets --xla_force_host_platform_device_count if unset)")
     pr.add_argument("--out", default="profile.json", help="output JSON path (written atomically)")
     pr.add_argument("--quick", action="store_true", help="few sizes and repeats (seconds on CPU)")
-    pr.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    pr.add_argument("--dtype", choices=DTYPES, default="float32")
     pr.add_argument("--no-progress", action="store_true")
     pr.set_defaults(func=cmd_profile)
 

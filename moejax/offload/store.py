@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 ALIGN = 4096
+IO_MODES = ("direct", "fadvise", "buffered")  # how ExpertStore reads experts.bin (module docstring)
 EXPERT_TENSORS = ("w_gate", "w_up", "w_down")
 
 
@@ -161,8 +162,8 @@ class ExpertStore:
     """Reads expert records from an offload directory (see the module docstring for ``io`` and ``bandwidth``)."""
 
     def __init__(self, path: str, *, io: str = "direct", bandwidth: float | None = None):
-        if io not in ("direct", "fadvise", "buffered"):
-            raise ValueError(f"io={io!r}; allowed: 'direct', 'fadvise', 'buffered'")
+        if io not in IO_MODES:
+            raise ValueError(f"io={io!r}; allowed: {', '.join(map(repr, IO_MODES))}")
         if bandwidth is not None and bandwidth <= 0:
             raise ValueError(f"bandwidth={bandwidth} must be > 0 bytes/s")
         self.path = os.path.abspath(path)
