@@ -25,6 +25,12 @@ DTYPES = ("float32", "bfloat16")
 # ModelConfig.remat -> jax.checkpoint policy of each scanned layer (moejax.models.transformer.remat_policy)
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_dots")
 
+# Byte-level vocabulary of moejax's own models (moejax.train.data tokenizes corpora with it and
+# moejax.serve.tokenizer.ByteTokenizer serves it): token b < 256 is the byte b, then two specials.
+EOS = 256          # end of document: ends every training document; generation stops at it
+PAD = 257          # padding of batch rows (not a training target)
+BYTE_VOCAB = 258   # the smallest vocab_size of a byte-level model
+
 
 def _err(cls: str, name: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"{cls}.{name}={value!r} is invalid: {allowed}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from moejax.train.data import EOS
+from moejax.config import EOS
 
 DEFAULT_CHAT_TEMPLATE = "{role}: {content}\n"   # per message; the prompt ends with "assistant: "
 

@@ -28,9 +28,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-EOS = 256
-PAD = 257
-BYTE_VOCAB = 258
+from moejax.config import BYTE_VOCAB, EOS, PAD  # noqa: F401  (the byte-level vocabulary; also as moejax.train.data.*)
+
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 
 
