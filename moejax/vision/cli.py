@@ -25,7 +25,7 @@ def best_K(spec, n: int, rules, resolution: int | None = None) -> int:
 
 def cmd_plan(args) -> int:
     from moejax.vision import planner
-    from moejax.vision.spec import get_model_spec
+    from moejax.vision.zoo import get_model_spec
 
     spec = get_model_spec(args.model, args.width, args.resolution, args.num_classes)
     rules = planner.CountingRules(patch_sizes=args.patch_sizes, dw_in_place=not args.no_inplace_dw,
@@ -44,11 +44,13 @@ def cmd_plan(args) -> int:
 
 def register(subparsers) -> None:
     """Add the ``vision`` command (with its ``plan`` subcommand) to the ``moejax`` argument parser."""
+    from moejax.vision.zoo import MODELS  # pure Python (spec, rf, redistribute): no jax at parser-build time
+
     v = subparsers.add_parser("vision", help="patch-based CNN inference (MCUNetV2): memory/MAC planning")
     vsub = v.add_subparsers(dest="vision_command", required=True)
     p = vsub.add_parser("plan", help="analytic peak activation memory and MACs, layer-by-layer vs patch-based",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="mobilenetv2", choices=("mobilenetv2", "mobilenetv2-rd"))
+    p.add_argument("--model", default="mobilenetv2", choices=tuple(MODELS))
     p.add_argument("--width", type=float, default=1.0, help="width multiplier")
     p.add_argument("--resolution", type=int, default=224, help="input height = width")
     p.add_argument("--num-classes", type=int, default=1000)

@@ -278,13 +278,3 @@ def mcunet(kernels: Sequence[int], expands: Sequence[int], width: float = 1.0, r
 def ir_blocks_of(spec: NetSpec) -> list[tuple[int, int, int, int]]:
     """The inverted-residual blocks of ``spec`` as ``(cout, stride, expand, kernel)`` (stem/last excluded)."""
     return [(b.cout, b.stride, b.expand, b.kernel) for b in spec.blocks[1:-1]]
-
-
-def get_model_spec(name: str, width: float = 1.0, resolution: int = 224, num_classes: int = 1000) -> NetSpec:
-    """Spec by name: ``mobilenetv2``, ``mobilenetv2-rd`` (redistributed, see ``redistribute``)."""
-    if name == "mobilenetv2":
-        return mobilenetv2(width, resolution, num_classes)
-    if name == "mobilenetv2-rd":
-        from moejax.vision.redistribute import redistribute_mobilenetv2
-        return redistribute_mobilenetv2(width, resolution, num_classes)
-    raise ValueError(f"model={name!r} is invalid: allowed values are 'mobilenetv2', 'mobilenetv2-rd'")
