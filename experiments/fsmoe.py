@@ -60,11 +60,8 @@ def part_a(quick: bool, log):
     from moejax.config import ModelConfig, MoEConfig, RouterConfig, TrainConfig
     from moejax.parallel.mesh import MeshConfig
     from moejax.schedule import plan as fsmoe_plan
-    from moejax.schedule.overlap import (
-        OverlapSchedule,
-        pipeline_moe,
-        schedule_from_plan,
-    )
+    from moejax.schedule.overlap import OverlapSchedule, schedule_from_plan
+    from moejax.schedule.pipeline import pipeline_moe
     from moejax.schedule.profile import run_profile
     from moejax.train.trainer import Trainer
 
@@ -200,7 +197,8 @@ def part_c(log):
 
     from moejax.config import ModelConfig, MoEConfig, RouterConfig, TrainConfig
     from moejax.parallel.mesh import MeshConfig
-    from moejax.schedule.overlap import OverlapSchedule, count_collectives
+    from moejax.schedule.overlap import OverlapSchedule
+    from moejax.schedule.rewrite import count_collectives
     from moejax.train.trainer import Trainer
 
     out = {"backend": jax.default_backend(), "devices": len(jax.devices()),

@@ -18,15 +18,10 @@ from test_parallel_train import batch, configs
 
 from moejax.config import RouterConfig
 from moejax.parallel.mesh import MeshConfig
-from moejax.schedule.overlap import (
-    NotChunkable,
-    OverlapSchedule,
-    PipelineStats,
-    bucket_gradients,
-    count_collectives,
-    pipeline_moe,
-    two_level_all_to_all,
-)
+from moejax.schedule.bucketing import bucket_gradients
+from moejax.schedule.overlap import OverlapSchedule
+from moejax.schedule.pipeline import NotChunkable, PipelineStats, pipeline_moe, two_level_all_to_all
+from moejax.schedule.rewrite import count_collectives
 from moejax.train.trainer import Trainer
 
 TOL = 1e-5

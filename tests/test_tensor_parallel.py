@@ -167,7 +167,8 @@ def test_tensor_parallel_with_node_axis():
 def test_tensor_parallel_two_level_all_to_all():
     """2-level (intra-node, then inter-node) dispatch/combine all-to-alls with pipelined expert stages holding
     the tensor psum: equals one device, and every exchange is really split in two."""
-    from moejax.schedule.overlap import OverlapSchedule, count_collectives
+    from moejax.schedule.overlap import OverlapSchedule
+    from moejax.schedule.rewrite import count_collectives
 
     sch = OverlapSchedule(degree_fwd=2, degree_bwd=2, two_level=True, bucketing=False)
     par, _ = _check("node=2,tensor=2,expert=2", schedule=sch)

@@ -160,7 +160,7 @@ class Trainer:
         loss_fn = partial(self._loss, axes=axes, n_shards=n_shards)
         sch = self.schedule
         if axes and sch is not None and (sch.degree_fwd > 1 or sch.degree_bwd > 1 or sch.two_level):
-            from moejax.schedule.overlap import pipeline_moe
+            from moejax.schedule.pipeline import pipeline_moe
 
             loss_fn = pipeline_moe(loss_fn, sch.degree_fwd, bwd_degree=sch.degree_bwd, two_level=sch.two_level,
                                    strict=False)
@@ -238,7 +238,7 @@ class Trainer:
 
         sch = self.schedule
         if sch is not None and sch.bucketing:
-            from moejax.schedule.overlap import bucket_gradients
+            from moejax.schedule.bucketing import bucket_gradients
 
             local = bucket_gradients(local, bucket_bytes=None if sch.buckets else sch.bucket_bytes,
                                      buckets=sch.buckets, inside_loops=sch.inside_loops)
