@@ -71,15 +71,3 @@ def tpu_vmem(shape, dtype):
     if vmem is None:  # pragma: no cover - newer spelling
         vmem = pltpu.MemorySpace.VMEM
     return vmem(shape, dtype)
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def is_pow2(n: int) -> bool:
-    return n > 0 and (n & (n - 1)) == 0
-
-
-def round_up(n: int, m: int) -> int:
-    return -(-n // m) * m

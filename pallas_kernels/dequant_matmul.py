@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _compat
+from pallas_kernels import _compat, common
 from pallas_kernels._compat import SUPPORTED_DTYPES
 
 IMPLS = ("xla", "pallas", "auto")
@@ -83,7 +83,7 @@ class DequantTiling:
     def validate(self) -> DequantTiling:
         for name in ("tm", "tn"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 16 or not _compat.is_pow2(v):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 16 or not common.is_pow2(v):
                 raise ValueError(f"DequantTiling.{name} must be a power of two >= 16, got {v!r}")
         for name in ("num_warps", "num_stages"):
             v = getattr(self, name)
@@ -203,7 +203,7 @@ def chunk_rows(plane_bits, group_size: int) -> int:
 
 def _check_kernel_shapes(plane_bits, group_size):
     c = chunk_rows(plane_bits, group_size)
-    if c < 16 or not _compat.is_pow2(c):
+    if c < 16 or not common.is_pow2(c):
         raise ValueError(f"group_size={group_size} with {min(plane_bits)}-bit planes gives {c}-row chunks; the GPU "
                          "kernel needs a power of two >= 16 (use group_size >= 128 for 1-bit planes, >= 64 for "
                          "2-bit, a power of two)")
@@ -278,8 +278,8 @@ def _dequant_matmul_pallas(x, planes, scales, zero, *, plane_bits, group_size, b
     M, K = x.shape
     N = zero.shape[1]
     Kp = zero.shape[0] * group_size
-    tm = min(tiling.tm, max(16, _compat.next_pow2(M)))
-    tn = min(tiling.tn, max(16, _compat.next_pow2(N)))
+    tm = min(tiling.tm, max(16, common.next_pow2(M)))
+    tn = min(tiling.tn, max(16, common.next_pow2(N)))
     xp = _pad_axis(jnp.pad(x, ((0, 0), (0, Kp - K))), 0, tm)
     planes = tuple(_pad_axis(q, 1, tn) for q in planes)
     scales = tuple(_pad_axis(s, 1, tn) for s in scales)

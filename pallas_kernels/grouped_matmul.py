@@ -60,7 +60,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _compat
+from pallas_kernels import _compat, common
 from pallas_kernels._compat import SUPPORTED_DTYPES, VARIANTS, pltpu
 
 IMPLS = ("xla", "pallas", "auto")
@@ -99,7 +99,7 @@ class GmmTiling:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"GmmTiling.{name} must be a positive int, got {v!r}")
-            if variant == "gpu" and (not _compat.is_pow2(v) or v < 16):
+            if variant == "gpu" and (not common.is_pow2(v) or v < 16):
                 raise ValueError(f"GmmTiling.{name}={v}: the GPU (Triton) variant needs a power of two >= 16")
         if variant == "tpu":
             if self.tm % 8:
@@ -120,9 +120,9 @@ class GmmTiling:
 def _fit(tile: int, dim: int, variant: str, *, rows: bool) -> int:
     """Clamp a tile to a small dimension (keeping the variant's alignment rules)."""
     if variant == "gpu":
-        return min(tile, max(16, _compat.next_pow2(dim)))
+        return min(tile, max(16, common.next_pow2(dim)))
     align = 8 if rows else 128
-    return min(tile, _compat.round_up(max(dim, 1), align))
+    return min(tile, common.round_up(max(dim, 1), align))
 
 
 # ------------------------------------------------------------------------------------------ validation

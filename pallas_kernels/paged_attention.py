@@ -47,13 +47,13 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _compat
+from pallas_kernels import _compat, common
 from pallas_kernels._compat import SUPPORTED_DTYPES, VARIANTS, pltpu
+from pallas_kernels.common import MASK_VALUE
 
 IMPLS = ("xla", "pallas", "auto")
 VALIDATED_FASTER: frozenset = frozenset({("gpu", "gpu")})
 _F32 = jnp.float32
-_NEG = -1e30  # finite "minus infinity": masked logits; probabilities are zeroed explicitly
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +87,10 @@ class PagedAttentionConfig:
             raise ValueError(f"PagedAttentionConfig.kv_splits must be a positive int, got {self.kv_splits!r}")
         if variant == "tpu" and self.kv_splits != 1:
             raise ValueError(f"PagedAttentionConfig.kv_splits={self.kv_splits}: only the GPU variant splits KV")
-        if self.pages_per_block is not None and not _compat.is_pow2(self.pages_per_block):
+        if self.pages_per_block is not None and not common.is_pow2(self.pages_per_block):
             raise ValueError(f"PagedAttentionConfig.pages_per_block={self.pages_per_block} must be a power of two")
         if self.block_rows is not None:
-            if variant == "gpu" and (not _compat.is_pow2(self.block_rows) or self.block_rows < 16):
+            if variant == "gpu" and (not common.is_pow2(self.block_rows) or self.block_rows < 16):
                 raise ValueError(f"PagedAttentionConfig.block_rows={self.block_rows}: the GPU (Triton) variant "
                                  "needs a power of two >= 16")
             if variant == "tpu" and self.block_rows % 8:
@@ -136,9 +136,9 @@ def _validate_kernel_shapes(variant, q, k_pages, config):
     D = q.shape[-1]
     ps = k_pages.shape[1]
     if variant == "gpu":
-        if not _compat.is_pow2(D) or D < 16:
+        if not common.is_pow2(D) or D < 16:
             raise ValueError(f"head_dim={D}: the GPU (Triton) variant needs a power of two >= 16")
-        if not _compat.is_pow2(ps):
+        if not common.is_pow2(ps):
             raise ValueError(f"page_size={ps}: the GPU (Triton) variant needs a power of two")
         if config.pages_per_block is not None and config.pages_per_block * ps < 16:
             raise ValueError(f"PagedAttentionConfig.pages_per_block={config.pages_per_block} with page_size={ps}: "
@@ -168,7 +168,7 @@ def paged_attention_reference(q, k_pages, v_pages, block_tables, lengths):
     kpos = jnp.arange(S, dtype=jnp.int32)
     mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < lengths[:, None, None])
     mask = mask[:, None]  # [B, 1, G*Tq, S]
-    m = jnp.max(jnp.where(mask, s, _NEG), axis=-1, keepdims=True)
+    m = jnp.max(jnp.where(mask, s, MASK_VALUE), axis=-1, keepdims=True)
     p = jnp.where(mask, jnp.exp(s - m), 0.0)
     l = jnp.sum(p, axis=-1, keepdims=True)
     o = jnp.einsum("bkrs,bksd->bkrd", p, v.astype(_F32), preferred_element_type=_F32)
@@ -198,12 +198,12 @@ def _gpu_call(q, k_pages, v_pages, block_tables, lengths, cfg: PagedAttentionCon
     P, ps, KVH, _ = k_pages.shape
     G = H // KVH
     R = Tq * G
-    br = cfg.block_rows or min(64, max(16, _compat.next_pow2(R)))
+    br = cfg.block_rows or min(64, max(16, common.next_pow2(R)))
     ppb = cfg.pages_per_block or max(1, 64 // ps)
     bk = ppb * ps
     splits = cfg.kv_splits
-    Rp = _compat.round_up(R, br)
-    maxp = _compat.round_up(block_tables.shape[1], ppb * splits)
+    Rp = common.round_up(R, br)
+    maxp = common.round_up(block_tables.shape[1], ppb * splits)
     blocks_per_split = maxp // ppb // splits
     max_keys = block_tables.shape[1] * ps
     bt = jnp.pad(block_tables, ((0, 0), (0, maxp - block_tables.shape[1])))
@@ -232,7 +232,7 @@ def _gpu_call(q, k_pages, v_pages, block_tables, lengths, cfg: PagedAttentionCon
             s = lax.dot_general(qv, k, (((1,), (1,)), ((), ())), preferred_element_type=_F32) * scale
             kpos = j * bk + lax.broadcasted_iota(jnp.int32, (br, bk), 1)
             mask = kpos <= qpos
-            m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, _NEG), axis=1))
+            m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, MASK_VALUE), axis=1))
             p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
             corr = jnp.exp(m - m_new)
             l = l * corr + jnp.sum(p, axis=1)
@@ -240,7 +240,7 @@ def _gpu_call(q, k_pages, v_pages, block_tables, lengths, cfg: PagedAttentionCon
                                                         preferred_element_type=_F32)
             return m_new, l, acc
 
-        init = (jnp.full((br,), _NEG, _F32), jnp.zeros((br,), _F32), jnp.zeros((br, D), _F32))
+        init = (jnp.full((br,), MASK_VALUE, _F32), jnp.zeros((br,), _F32), jnp.zeros((br, D), _F32))
         m, l, acc = lax.fori_loop(j0, j1, body, init)
         if splits == 1:
             (o_ref,) = out_refs
@@ -295,8 +295,8 @@ def _tpu_call(q, k_pages, v_pages, block_tables, lengths, cfg: PagedAttentionCon
     G = H // KVH
     R = Tq * G
     maxp = block_tables.shape[1]
-    br = cfg.block_rows or min(128, _compat.round_up(R, 8))
-    Rp = _compat.round_up(R, br)
+    br = cfg.block_rows or min(128, common.round_up(R, 8))
+    Rp = common.round_up(R, br)
     # KV heads per program: the K/V block's last dim (hb * D) must be a multiple of 128 lanes or the whole
     # KVH * D row (Mosaic tiling rule), so head_dim 64 takes heads in pairs.
     hb = next((c for c in range(1, KVH + 1) if KVH % c == 0 and ((c * D) % 128 == 0 or c == KVH)), KVH)
@@ -321,7 +321,7 @@ def _tpu_call(q, k_pages, v_pages, block_tables, lengths, cfg: PagedAttentionCon
 
         @pl.when(j == 0)
         def _():
-            m_ref[...] = jnp.full_like(m_ref, _NEG)
+            m_ref[...] = jnp.full_like(m_ref, MASK_VALUE)
             l_ref[...] = jnp.zeros_like(l_ref)
             acc_ref[...] = jnp.zeros_like(acc_ref)
 
@@ -334,7 +334,7 @@ def _tpu_call(q, k_pages, v_pages, block_tables, lengths, cfg: PagedAttentionCon
                 v = v_ref[:, hh * D:(hh + 1) * D]
                 s = lax.dot_general(q_ref[hh], k, (((1,), (1,)), ((), ())), preferred_element_type=_F32) * scale
                 m_prev = m_ref[hh]
-                m_new = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, _NEG), axis=1, keepdims=True))
+                m_new = jnp.maximum(m_prev, jnp.max(jnp.where(mask, s, MASK_VALUE), axis=1, keepdims=True))
                 p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
                 corr = jnp.exp(m_prev - m_new)
                 l_ref[hh] = l_ref[hh] * corr + jnp.sum(p, axis=1, keepdims=True)
