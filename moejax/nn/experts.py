@@ -1,7 +1,9 @@
 """Expert FFNs over grouped tokens.
 
 Routed experts are SwiGLU FFNs ``down(silu(x @ gate) * (x @ up))`` with stacked weights ``[E, D, F]`` /
-``[E, F, D]``. Three ways to run them over a :mod:`moejax.nn.dispatch` layout:
+``[E, F, D]``. The ways to run them over dropless routing form one table, :data:`GROUPED_IMPLS` (selected by
+``MoEConfig.grouped_impl``, ``auto`` resolved by :func:`resolve_grouped_impl`; :func:`grouped_experts` runs
+one end to end); the capacity path has its own buffers:
 
 - :func:`moe_swiglu_tiles` (dropless, the CPU default): a loop over experts and, inside, over the row tiles
   of that expert (the trip count is the number of tiles actually used, so empty experts and padding cost
@@ -22,13 +24,17 @@ Routed experts are SwiGLU FFNs ``down(silu(x @ gate) * (x @ up))`` with stacked 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.nn import dispatch as dsp
 from moejax.nn.dispatch import Layout
+from moejax.nn.sharding import tensor_input, tensor_output
 
 _F32 = jnp.float32
 
@@ -262,6 +268,120 @@ def swiglu_reference(x: jax.Array, wg, wu, wd, group_sizes) -> jax.Array:
     return jnp.concatenate(outs, 0)
 
 
+# ------------------------------------------------------------------------------------------ the table
+
+@dataclass(frozen=True)
+class GroupedImpl:
+    """One way to run routed experts over dropless routing (an entry of :data:`GROUPED_IMPLS`).
+
+    Attributes:
+      name: the ``MoEConfig.grouped_impl`` value that selects it.
+      layout: the :class:`~moejax.nn.dispatch.Layout` it runs over: ``"tiles"`` (each expert's rows padded to
+        a tile of ``block_rows``), ``"rows"`` (rows sorted by expert, unpadded) or ``"dense"`` (no reordering;
+        statistics only).
+      sorted_rows: True: ``run`` takes the token rows gathered in layout order ``[R, D]`` and returns their
+        outputs (combined afterwards with the routing weights); False: ``run`` takes the tokens ``[T, D]`` and
+        returns the combined output (dispatch and combine fused).
+      run: ``run(x, weights, layout, expert_ids [T, K], slot_weights [T, K], block_rows)`` with ``weights`` the
+        stacked ``(w_gate, w_up, w_down)``.
+    """
+
+    name: str
+    layout: str
+    sorted_rows: bool
+    run: Callable
+
+
+def _run_tiles(x, w, layout, ids, sw, block_rows):
+    return moe_swiglu_tiles(x, *w, layout, sw, block_rows)
+
+
+def _run_dense(x, w, layout, ids, sw, block_rows):
+    return swiglu_dense_combine(x, *w, dsp.dense_combine_weights(sw, ids, w[0].shape[0]))
+
+
+def _run_gather(x, w, layout, ids, sw, block_rows):
+    return swiglu_gather(x, *w, ids, sw)
+
+
+def _run_ragged(rows, w, layout, ids, sw, block_rows):
+    return swiglu_ragged(rows, *w, layout)
+
+
+def _run_pallas(rows, w, layout, ids, sw, block_rows):
+    return swiglu_pallas(rows, *w, layout)
+
+
+GROUPED_IMPLS: dict[str, GroupedImpl] = {g.name: g for g in (
+    GroupedImpl("tiles", "tiles", False, _run_tiles),
+    GroupedImpl("ragged_dot", "rows", True, _run_ragged),
+    GroupedImpl("dense", "dense", False, _run_dense),
+    GroupedImpl("gather", "dense", False, _run_gather),
+    GroupedImpl("pallas", "rows", True, _run_pallas),
+)}
+"""Every grouped-compute implementation, by ``MoEConfig.grouped_impl`` name (``"auto"`` resolves to one of them
+with :func:`resolve_grouped_impl`). The MoE layer's stages, the expert-parallel ragged path, offloaded serving
+and :meth:`moejax.models.transformer.Block.apply_experts` all run experts through this table; a new method is a
+new entry (and its name in ``moejax.config.GROUPED_IMPLS``)."""
+
+DENSE_MAX_ROWS = 256
+GATHER_SLOT_FRACTION = 4  # ``gather`` while slots * this <= experts
+
+
+def resolve_grouped_impl(impl: str, tokens: int, num_experts: int, top_k: int = 1) -> str:
+    """Pick the dropless grouped-compute method for a call with ``tokens`` tokens of ``top_k`` slots (static
+    under jit).
+
+    ``auto``: ``gather`` when ``tokens * top_k * GATHER_SLOT_FRACTION <= num_experts`` (a single decoding
+    sequence: copying out the few routed experts' weights moves fewer bytes than running all of them; on
+    this CPU a 1-token decode through 4 tiny-preset MoE layers took 0.6 ms this way and 1.4 ms dense, and at
+    4 slots of 8 experts the two were equal), else ``dense`` when ``tokens * num_experts <= DENSE_MAX_ROWS``
+    (small decode batches: one batched matmul over all experts beats sorting and looping), otherwise ``tiles``
+    on CPU (``ragged_dot`` is a dense masked product there) and, on GPU/TPU, ``pallas`` where
+    ``pallas_kernels`` lists the backend as validated and measured faster (GPUs, since an H100 run:
+    ``experiments/results/gpu_check.md``), else ``ragged_dot``.
+    """
+    if impl != "auto":
+        if impl not in GROUPED_IMPLS:
+            raise ValueError(f"grouped_impl={impl!r}; allowed: 'auto', {', '.join(map(repr, GROUPED_IMPLS))}")
+        return impl
+    if tokens * top_k * GATHER_SLOT_FRACTION <= num_experts:
+        return "gather"
+    if tokens * num_experts <= DENSE_MAX_ROWS:
+        return "dense"
+    if jax.default_backend() == "cpu":
+        return "tiles"
+    from pallas_kernels.grouped_matmul import resolve_impl
+
+    return "pallas" if resolve_impl("auto") == "pallas" else "ragged_dot"
+
+
+def grouped_layout(method: str, expert_ids, mask, num_experts: int, block_rows: int | None = None):
+    """The layout ``method`` runs over for slots ``expert_ids``/``mask [T, K]``, and its row tile (``tiles``:
+    ``block_rows`` or :func:`~moejax.nn.dispatch.default_block_rows`; else None)."""
+    kind = GROUPED_IMPLS[method].layout
+    if kind == "dense":
+        return dsp.dense_layout(expert_ids, mask, num_experts), None
+    if kind == "rows":
+        return dsp.dropless_layout(expert_ids, mask, num_experts, 1), None
+    bt = block_rows or dsp.default_block_rows(expert_ids.size, num_experts)
+    return dsp.dropless_layout(expert_ids, mask, num_experts, bt), bt
+
+
+def grouped_experts(x, weights, expert_ids, slot_weights, mask, *, method: str, block_rows: int | None = None):
+    """``out[t] = sum_k slot_weights[t, k] * expert_{expert_ids[t, k]}(x[t])`` over the slots where ``mask``,
+    with the :data:`GROUPED_IMPLS` entry ``method`` (resolved, not ``"auto"``). ``x [T, D]``,
+    ``expert_ids``/``slot_weights``/``mask [T, K]`` (``slot_weights`` 0 where ``mask`` is False, as routers
+    give them), ``weights`` the stacked ``(w_gate, w_up, w_down)``."""
+    impl = GROUPED_IMPLS[method]
+    sw = slot_weights
+    layout, bt = grouped_layout(method, expert_ids, mask, weights[0].shape[0], block_rows)
+    if not impl.sorted_rows:
+        return impl.run(x, weights, layout, expert_ids, sw, bt)
+    rows = dsp.gather_rows(x, layout)
+    return dsp.combine_rows(impl.run(rows, weights, layout, expert_ids, sw, bt), layout, sw)
+
+
 # ------------------------------------------------------------------------------------------ modules
 
 class SwiGLUExperts(nnx.Module):
@@ -292,9 +412,7 @@ class SwiGLU(nnx.Module):
         self.w_down = nnx.Param(init(rngs.params(), (d_ff, d_model), param_dtype), logical_axes=("mlp", "embed"))
 
     def __call__(self, x):
-        """``x [..., D]``; under :func:`~moejax.parallel.tensor_parallel.tensor_parallel` gate/up are
-        column-parallel and down row-parallel over ``d_ff`` (Megatron's f before, g after)."""
-        from moejax.parallel import tensor_parallel as tp
-
-        y = swiglu(tp.copy_to_tensor(x), self.w_gate[...], self.w_up[...], self.w_down[...])
-        return tp.reduce_from_tensor(y)
+        """``x [..., D]``; under tensor parallelism (:mod:`moejax.nn.sharding`) gate/up are column-parallel and
+        down row-parallel over ``d_ff`` (Megatron's f before, g after)."""
+        y = swiglu(tensor_input(x), self.w_gate[...], self.w_up[...], self.w_down[...])
+        return tensor_output(y)

@@ -9,38 +9,13 @@ from flax import nnx
 
 from moejax.config import MoEConfig
 from moejax.nn import stages as _stages
-from moejax.nn.experts import SwiGLU, SwiGLUExperts
+from moejax.nn.experts import (
+    SwiGLU,
+    SwiGLUExperts,
+    grouped_experts,
+    resolve_grouped_impl,
+)
 from moejax.nn.routers import RouterOutput, make_router
-from moejax.parallel import expert_parallel
-
-DENSE_MAX_ROWS = 256
-GATHER_SLOT_FRACTION = 4  # ``gather`` while slots * this <= experts
-
-
-def resolve_grouped_impl(impl: str, tokens: int, num_experts: int, top_k: int = 1) -> str:
-    """Pick the dropless grouped-compute method for a call with ``tokens`` tokens of ``top_k`` slots (static
-    under jit).
-
-    ``auto``: ``gather`` when ``tokens * top_k * GATHER_SLOT_FRACTION <= num_experts`` (a single decoding
-    sequence: copying out the few routed experts' weights moves fewer bytes than running all of them; on
-    this CPU a 1-token decode through 4 tiny-preset MoE layers took 0.6 ms this way and 1.4 ms dense, and at
-    4 slots of 8 experts the two were equal), else ``dense`` when ``tokens * num_experts <= DENSE_MAX_ROWS``
-    (small decode batches: one batched matmul over all experts beats sorting and looping), otherwise ``tiles``
-    on CPU (``ragged_dot`` is a dense masked product there) and, on GPU/TPU, ``pallas`` where
-    ``pallas_kernels`` lists the backend as validated and measured faster (GPUs, since an H100 run:
-    ``experiments/results/gpu_check.md``), else ``ragged_dot``.
-    """
-    if impl != "auto":
-        return impl
-    if tokens * top_k * GATHER_SLOT_FRACTION <= num_experts:
-        return "gather"
-    if tokens * num_experts <= DENSE_MAX_ROWS:
-        return "dense"
-    if jax.default_backend() == "cpu":
-        return "tiles"
-    from pallas_kernels.grouped_matmul import resolve_impl
-
-    return "pallas" if resolve_impl("auto") == "pallas" else "ragged_dot"
 
 
 def forced_routing(expert_ids, token_mask, num_experts: int) -> RouterOutput:
@@ -115,22 +90,41 @@ class MoE(nnx.Module):
         shape = x.shape
         D = shape[-1]
         xt = x.reshape(-1, D).astype(self.dtype)
-        ctx = expert_parallel.current()
-        if ctx is not None and expert_ids is not None:
-            raise NotImplementedError("expert_ids (pre-gated routing) under expert parallelism")
+        executor = _stages.current_executor()
+        if executor is not None and expert_ids is not None:
+            raise NotImplementedError("expert_ids (pre-gated routing) under expert parallelism (a MoE executor "
+                                      "is installed)")
         if expert_ids is not None:
             expert_ids = expert_ids.reshape(xt.shape[0], -1)
         if token_mask is not None:
             token_mask = token_mask.reshape(-1)
-        if ctx is not None:
-            out, aux = expert_parallel.ep_moe(self, xt, ctx, token_mask=token_mask, token_index=token_index, rng=rng,
-                                              train=train)
+        if executor is not None:
+            out, aux = executor.run_moe(self, xt, token_mask=token_mask, token_index=token_index, rng=rng,
+                                        train=train)
         else:
             out, aux = self._local(xt, token_mask=token_mask, token_index=token_index, rng=rng, train=train,
                                    expert_ids=expert_ids)
         if cfg.num_shared_experts:
             out = out + self.shared_output(xt)
         return out.reshape(shape).astype(x.dtype), aux
+
+    def apply_experts(self, xt, expert_ids, weights, mask, *, expert_weights=None, method: str | None = None,
+                      block_rows: int | None = None):
+        """The routed experts on given routing plus the shared experts: ``xt [T, D]``, ``expert_ids``/``weights``/
+        ``mask [T, K]`` (as :meth:`route` gives them, flattened). A runner that routes, then decides where the
+        experts' weights come from (offloaded serving: a slot buffer, ``expert_ids`` remapped to slots), passes
+        ``expert_weights`` (stacked ``(w_gate, w_up, w_down)``, default the layer's own) and ``method`` (a
+        :data:`~moejax.nn.experts.GROUPED_IMPLS` name, default ``MoEConfig.grouped_impl`` resolved for ``T``).
+        Returns ``[T, D]`` in ``xt``'s dtype."""
+        w = self.experts.weights() if expert_weights is None else expert_weights
+        T, K = expert_ids.shape
+        method = method or resolve_grouped_impl(self.cfg.grouped_impl, T, w[0].shape[0], K)
+        yt = xt.astype(self.dtype)
+        out = grouped_experts(yt, w, expert_ids, weights, mask, method=method,
+                              block_rows=block_rows or self.cfg.block_rows)
+        if self.cfg.num_shared_experts:
+            out = out + self.shared_output(yt)
+        return out.astype(xt.dtype)
 
     def shared_output(self, xt):
         """The shared experts' output for flat tokens ``xt [T, D]`` (gated as Qwen2-MoE when configured)."""

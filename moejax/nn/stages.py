@@ -48,6 +48,14 @@ layer's own). Inside an implementation ``ctx.default(value)`` runs the default o
 paths a replacement does not handle. To inject a custom collective, swap ``dispatch`` / ``combine``
 (``ctx.ep.axis`` names the expert mesh axes under expert parallelism).
 
+**Executors: where parallelism plugs in.** ``nn`` never imports :mod:`moejax.parallel`. Expert parallelism
+installs a :class:`MoEExecutor` for the trace (:func:`moe_executor`; its
+:func:`~moejax.parallel.expert_parallel.expert_parallel` context does this): every MoE layer traced inside
+hands its routed part to the executor, which runs these same six stages on its own path
+(``expert_parallel`` / ``expert_parallel_ragged``) with its own default implementations (the collectives in
+``dispatch`` / ``combine``; hooks and swapped stages apply on top, and ``ctx.default`` runs the executor's).
+Tensor parallelism plugs in at the layers' tensor-parallel edges (:mod:`moejax.nn.sharding`).
+
 Hooks and stage choices take effect when a function is *traced* (like
 :func:`moejax.parallel.expert_parallel.expert_parallel`): enter the contexts inside the function you jit or
 ``shard_map``, or trace it afresh; a cached ``jax.jit`` trace does not see a context entered later. With no
@@ -65,23 +73,15 @@ import contextlib
 import contextvars
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from moejax.nn import dispatch as dsp
-from moejax.nn.experts import (
-    moe_swiglu_tiles,
-    swiglu_capacity,
-    swiglu_dense_combine,
-    swiglu_gather,
-    swiglu_pallas,
-    swiglu_ragged,
-)
+from moejax.nn.experts import GROUPED_IMPLS, grouped_layout, swiglu_capacity
 from moejax.nn.routers import router_statistics
-from moejax.parallel import ragged_a2a
-from moejax.parallel import tensor_parallel as tp
+from moejax.nn.sharding import tensor_input, tensor_output
 
 STAGES = ("gate", "order", "dispatch", "expert", "combine", "inverse_order")
 """The six MoE stages, in execution order (FSMoE's Gate, Order, Dispatch, Expert, Combine, I-Order)."""
@@ -190,7 +190,9 @@ def gate(ctx: StageContext, x):
 
 
 def order(ctx: StageContext, x):
-    """Default ``order``: build the layout and gather the tokens into expert-grouped order (see the table)."""
+    """Default ``order``: build the layout and gather the tokens into expert-grouped order (see the table):
+    capacity buffers on the capacity paths, else the layout of the path's :data:`~moejax.nn.experts.GROUPED_IMPLS`
+    entry (rows gathered only for the entries that take sorted rows)."""
     cfg, r = ctx.cfg, ctx.routing
     G, S, K = r.expert_ids.shape
     T, D = x.shape
@@ -201,117 +203,55 @@ def order(ctx: StageContext, x):
         ctx.layout = dsp.capacity_layout(r.expert_ids, r.mask, E, C)
         xb = dsp.gather_rows(x, ctx.layout).reshape(G, E, C, D)
         return jnp.swapaxes(xb, 0, 1).reshape(E, G * C, D)
-    ids, mask = r.expert_ids.reshape(T, K), r.mask.reshape(T, K)
-    if ctx.path in ("dense", "gather"):
-        ctx.layout = dsp.dense_layout(ids, mask, E)
-        return x
-    if ctx.path in ("ragged_dot", "pallas", "expert_parallel_ragged"):
-        ctx.layout = dsp.dropless_layout(ids, mask, E, 1)
-        return dsp.gather_rows(x, ctx.layout)
-    if ctx.path == "tiles":
-        ctx.block_rows = cfg.block_rows or dsp.default_block_rows(T * K, E)
-        ctx.layout = dsp.dropless_layout(ids, mask, E, ctx.block_rows)
-        return x
-    raise ValueError(f"unknown MoE path {ctx.path!r}; allowed: {', '.join(PATHS)}")
+    impl = _grouped(ctx.path)
+    ctx.layout, ctx.block_rows = grouped_layout(impl.name, r.expert_ids.reshape(T, K), r.mask.reshape(T, K), E,
+                                                cfg.block_rows)
+    return dsp.gather_rows(x, ctx.layout) if impl.sorted_rows else x
+
+
+def _grouped(path: str):
+    impl = GROUPED_IMPLS.get(path)
+    if impl is None:
+        raise ValueError(f"unknown MoE path {path!r}; allowed: {', '.join(PATHS)}")
+    return impl
 
 
 def dispatch(ctx: StageContext, x):
-    """Default ``dispatch``: identity on one device; under expert parallelism the ``all_to_all`` that sends
-    each device's ``[E, G*C, D]`` buffers to the experts' owners (``[E/n, n*G*C, D]``)."""
-    if ctx.ep is None:
-        return x
-    if ctx.path == "expert_parallel_ragged":
-        return _ragged_dispatch(ctx, x)
-    return jax.lax.all_to_all(x, ctx.ep.axis, split_axis=0, concat_axis=1, tiled=True)
-
-
-def _ragged_dispatch(ctx: StageContext, x):
-    """Sorted rows ``[T*K, D]`` -> this device's receive buffer ``[M, D]`` (rows of its local experts from
-    every device, grouped by (source, local expert)); rows beyond ``M`` are dropped and counted."""
-    n = jax.lax.psum(1, ctx.ep.axis)
-    M = ragged_a2a.receive_rows(x.shape[0], n, ctx.ep.ragged_bound)
-    plan = ragged_a2a.make_plan(ctx.layout.group_sizes, ctx.ep.axis, n, M)
-    ctx.exchange = plan
-    ctx.layout = ctx.layout._replace(dropped=plan.dropped)
-    out = jnp.zeros((M,) + x.shape[1:], x.dtype)
-    return ragged_a2a.exchange(x, out, *plan.forward_args(), ctx.ep.axis,
-                               emulated=ctx.ep.a2a == "ragged_emulated")
+    """Default ``dispatch``: the identity (on one device the tokens are already where the experts are; expert
+    parallelism installs the ``all_to_all`` here, :mod:`moejax.parallel.expert_parallel`)."""
+    return x
 
 
 def expert(ctx: StageContext, x):
-    """Default ``expert``: the SwiGLU experts over the dispatched value (see the table). Under
-    :func:`~moejax.parallel.tensor_parallel.tensor_parallel` the weights are ``d_ff`` shards (gate/up
-    column-parallel, down row-parallel) and the partial outputs are summed over the tensor axis here, on the
-    expert output rows (before ``combine``)."""
-    return tp.reduce_from_tensor(_expert_ffn(ctx, x))
+    """Default ``expert``: the SwiGLU experts over the dispatched value (see the table). Under tensor
+    parallelism (:mod:`moejax.nn.sharding`) the weights are ``d_ff`` shards (gate/up column-parallel, down
+    row-parallel) and the partial outputs are summed over the tensor axis here, on the expert output rows
+    (before ``combine``)."""
+    return tensor_output(_expert_ffn(ctx, x))
 
 
 def _expert_ffn(ctx: StageContext, x):
-    wg, wu, wd = ctx.expert_weights
-    if ctx.path == "expert_parallel_ragged":
-        return _grouped_rows(ctx, x, ctx.exchange.row_expert)
+    w = ctx.expert_weights
     if ctx.path in CAPACITY_PATHS:
-        return swiglu_capacity(x[None], wg, wu, wd)[0]  # row-wise along axis 1
-    if ctx.path == "dense":
-        E = ctx.cfg.num_experts
-        ids = ctx.routing.expert_ids.reshape(x.shape[0], -1)
-        return swiglu_dense_combine(x, wg, wu, wd, dsp.dense_combine_weights(ctx.slot_weights(), ids, E))
-    if ctx.path == "gather":
-        return swiglu_gather(x, wg, wu, wd, ctx.routing.expert_ids.reshape(x.shape[0], -1), ctx.slot_weights())
-    if ctx.path == "ragged_dot":
-        return swiglu_ragged(x, wg, wu, wd, ctx.layout)
-    if ctx.path == "pallas":
-        return swiglu_pallas(x, wg, wu, wd, ctx.layout)
-    if ctx.path == "tiles":
-        return moe_swiglu_tiles(x, wg, wu, wd, ctx.layout, ctx.slot_weights(), ctx.block_rows)
-    raise ValueError(f"unknown MoE path {ctx.path!r}; allowed: {', '.join(PATHS)}")
-
-
-def _grouped_rows(ctx: StageContext, x, row_expert):
-    """The local experts on rows ``x [M, D]`` whose expert is ``row_expert [M]`` (``E_local``: empty row, output
-    zero), in any order: the rows are sorted by expert and run through the layer's dropless grouped compute
-    (``cfg.grouped_impl``, resolved for ``M`` rows) as one-slot tokens of weight 1."""
-    from moejax.nn.moe import resolve_grouped_impl  # moe imports this module
-
-    wg, wu, wd = ctx.expert_weights
-    M, El = x.shape[0], wg.shape[0]
-    ids = jnp.minimum(row_expert, El - 1)[:, None]
-    valid = (row_expert < El)[:, None]
-    ones = valid.astype(jnp.float32)
-    method = resolve_grouped_impl(ctx.cfg.grouped_impl, M, El)
-    if method == "dense":
-        return swiglu_dense_combine(x, wg, wu, wd, dsp.dense_combine_weights(ones, ids, El))
-    if method == "gather":
-        return swiglu_gather(x, wg, wu, wd, ids, ones)
-    if method == "tiles":
-        bt = ctx.cfg.block_rows or dsp.default_block_rows(M, El)
-        return moe_swiglu_tiles(x, wg, wu, wd, dsp.dropless_layout(ids, valid, El, bt), ones, bt)
-    layout = dsp.dropless_layout(ids, valid, El, 1)
-    rows = dsp.gather_rows(x, layout)
-    ys = swiglu_pallas(rows, wg, wu, wd, layout) if method == "pallas" else swiglu_ragged(rows, wg, wu, wd, layout)
-    return dsp.combine_rows(ys, layout, ones)
+        return swiglu_capacity(x[None], *w)[0]  # row-wise along axis 1
+    ids = ctx.routing.expert_ids.reshape(ctx.tokens.shape[0], -1)
+    return _grouped(ctx.path).run(x, w, ctx.layout, ids, ctx.slot_weights(), ctx.block_rows)
 
 
 def combine(ctx: StageContext, y):
-    """Default ``combine``: identity on one device; under expert parallelism the reverse ``all_to_all`` that
-    returns each device its ``[E, G*C, D]`` expert outputs."""
-    if ctx.ep is None:
-        return y
-    if ctx.path == "expert_parallel_ragged":
-        out = jnp.zeros((ctx.layout.slot_row.shape[0],) + y.shape[1:], y.dtype)  # [T*K, D]: rows dropped stay 0
-        return ragged_a2a.exchange(y, out, *ctx.exchange.reverse_args(), ctx.ep.axis,
-                                   emulated=ctx.ep.a2a == "ragged_emulated")
-    return jax.lax.all_to_all(y, ctx.ep.axis, split_axis=1, concat_axis=0, tiled=True)
+    """Default ``combine``: the identity (expert parallelism installs the reverse ``all_to_all`` here)."""
+    return y
 
 
 def inverse_order(ctx: StageContext, y):
-    """Default ``inverse_order``: un-permute the rows and sum each token's slots with its routing weights."""
-    if ctx.path in ("dense", "gather", "tiles"):
-        return y
+    """Default ``inverse_order``: un-permute the rows and sum each token's slots with its routing weights
+    (the identity where the expert stage already combined: ``dense``, ``gather``, ``tiles``)."""
     if ctx.path in CAPACITY_PATHS:
         G = ctx.routing.expert_ids.shape[0]
         E, C, D = ctx.cfg.num_experts, ctx.capacity, y.shape[-1]
         y = jnp.swapaxes(y.reshape(E, G, C, D), 0, 1).reshape(G * E * C, D)
+    elif not _grouped(ctx.path).sorted_rows:
+        return y
     return dsp.combine_rows(y, ctx.layout, ctx.slot_weights())
 
 
@@ -411,9 +351,41 @@ def moe_stages(**impls: StageFn):
         _STAGES.reset(tok)
 
 
-def active_stages(layer_stages=()) -> dict[str, StageFn]:
-    """The implementations a layer traced now uses: defaults < the layer's ``stages`` < :func:`moe_stages`."""
-    impls = dict(DEFAULT_STAGES)
+class MoEExecutor(Protocol):
+    """Runs a MoE layer's routed part somewhere other than on the local device's own experts (the plug for
+    expert parallelism: :class:`moejax.parallel.expert_parallel.EPContext`). Installed for a trace with
+    :func:`moe_executor`; the layer then calls ``executor.run_moe(layer, xt, token_mask=..., token_index=...,
+    rng=..., train=...)`` instead of its local stages, which returns ``(out [T, D], aux)`` (typically by
+    :func:`run_stages` with the executor's own path, weights and ``defaults``)."""
+
+    def run_moe(self, layer, xt: jax.Array, **kwargs) -> tuple[jax.Array, dict]: ...
+
+
+_EXECUTOR: contextvars.ContextVar[Any] = contextvars.ContextVar("moejax_moe_executor", default=None)
+
+
+@contextlib.contextmanager
+def moe_executor(executor: MoEExecutor | None):
+    """Trace-time context: every MoE layer traced inside runs its routed part through ``executor`` (None: the
+    local stages)."""
+    if executor is not None and not callable(getattr(executor, "run_moe", None)):
+        raise TypeError(f"moe_executor takes an object with a run_moe method, got {type(executor).__name__}")
+    tok = _EXECUTOR.set(executor)
+    try:
+        yield
+    finally:
+        _EXECUTOR.reset(tok)
+
+
+def current_executor() -> MoEExecutor | None:
+    """The :class:`MoEExecutor` installed for the current trace (None: local)."""
+    return _EXECUTOR.get()
+
+
+def active_stages(layer_stages=(), defaults: Mapping[str, StageFn] | None = None) -> dict[str, StageFn]:
+    """The implementations a layer traced now uses: ``defaults`` (:data:`DEFAULT_STAGES`, or an executor's) <
+    the layer's ``stages`` < :func:`moe_stages`."""
+    impls = dict(DEFAULT_STAGES if defaults is None else defaults)
     impls.update(layer_stages or ())
     impls.update(_STAGES.get())
     return impls
@@ -449,20 +421,24 @@ def _run_stage(ctx: StageContext, stage: str, value, impls, registries):
 
 
 def run_stages(layer, xt: jax.Array, *, path: str, capacity_factor: float, expert_weights: tuple, ep=None,
-               token_mask=None, token_index=None, rng=None, train: bool = False, expert_ids=None):
+               token_mask=None, token_index=None, rng=None, train: bool = False, expert_ids=None,
+               defaults: Mapping[str, StageFn] | None = None):
     """Run the six stages of ``layer`` on flat tokens ``xt [T, D]``; returns ``(out [T, D], aux)``.
 
-    ``path`` is one of :data:`PATHS`; ``ep`` the expert-parallel context (``path="expert_parallel"``).
+    ``path`` is one of :data:`PATHS`; ``ep`` the expert-parallel context (``path="expert_parallel"``);
+    ``defaults`` the stage implementations of this path (default :data:`DEFAULT_STAGES`: an executor such as
+    expert parallelism passes its own, with its collectives in ``dispatch``/``combine``).
     ``aux`` holds :func:`~moejax.nn.routers.router_statistics` of the routing, ``dropped`` and, on the
     capacity paths, ``capacity_used``, plus whatever hooks added.
     """
     if path not in PATHS:
         raise ValueError(f"unknown MoE path {path!r}; allowed: {', '.join(PATHS)}")
-    impls = active_stages(getattr(layer, "stages", ()))
+    defaults = DEFAULT_STAGES if defaults is None else defaults
+    impls = active_stages(getattr(layer, "stages", ()), defaults)
     registries = active_hooks(getattr(layer, "hooks", None))
     ctx = StageContext(layer=layer, cfg=layer.cfg, path=path, ep=ep, tokens=xt, token_mask=token_mask,
                        token_index=token_index, rng=rng, train=train, expert_ids=expert_ids,
-                       capacity_factor=capacity_factor, expert_weights=expert_weights, defaults=DEFAULT_STAGES)
+                       capacity_factor=capacity_factor, expert_weights=expert_weights, defaults=defaults)
     r = _run_stage(ctx, "gate", xt, impls, registries)
     ctx.routing = r
     G = r.expert_ids.shape[0]
@@ -471,7 +447,7 @@ def run_stages(layer, xt: jax.Array, *, path: str, capacity_factor: float, exper
         ctx.aux.update(router_statistics(r, ctx.group_mask))
     # tensor parallelism: the experts' input gradient (from their d_ff shards) is summed over the tensor axis
     # where the tokens enter ``order`` (Megatron's f; the router's own input gradient is not)
-    v = tp.copy_to_tensor(xt)
+    v = tensor_input(xt)
     for stage in STAGES[1:]:
         v = _run_stage(ctx, stage, v, impls, registries)
     if ctx.layout is None:

@@ -41,14 +41,18 @@ it has never run on a real GPU yet, so ``auto`` keeps the fixed path everywhere
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 
 from moejax.config import EP_A2A_MODES
+from moejax.nn import dispatch as dsp
 from moejax.nn import stages
+from moejax.nn.experts import grouped_experts, resolve_grouped_impl
+from moejax.nn.sharding import tensor_output
+from moejax.parallel import ragged_a2a
 
 DEFAULT_EP_CAPACITY_FACTOR = 2.0
 
@@ -83,24 +87,25 @@ class EPContext:
             return self.a2a
         return "ragged" if jax.default_backend() in RAGGED_VALIDATED_BACKENDS else "fixed"
 
-
-_EP: contextvars.ContextVar[EPContext | None] = contextvars.ContextVar("moejax_ep", default=None)
+    def run_moe(self, layer, xt, **kwargs):
+        """The :class:`~moejax.nn.stages.MoEExecutor` entry: :func:`ep_moe` of this context."""
+        return ep_moe(layer, xt, self, **kwargs)
 
 
 @contextlib.contextmanager
 def expert_parallel(axis=("node", "expert"), batch_axes=("data", "node", "expert"),
                     capacity_factor: float | None = None, a2a: str = "fixed", ragged_bound: float | None = None):
     """Trace-time context: MoE layers called inside use the expert-parallel path (``a2a``: the exchange, one of
-    :data:`A2A_MODES`; ``ragged_bound``: the ragged receive-buffer bound, see the module docstring)."""
-    tok = _EP.set(EPContext(axis, tuple(batch_axes), capacity_factor, a2a, ragged_bound))
-    try:
+    :data:`A2A_MODES`; ``ragged_bound``: the ragged receive-buffer bound, see the module docstring). Installs an
+    :class:`EPContext` as the layers' :class:`~moejax.nn.stages.MoEExecutor`."""
+    with stages.moe_executor(EPContext(axis, tuple(batch_axes), capacity_factor, a2a, ragged_bound)):
         yield
-    finally:
-        _EP.reset(tok)
 
 
 def current() -> EPContext | None:
-    return _EP.get()
+    """The :class:`EPContext` of the enclosing :func:`expert_parallel` block (None: not expert parallel)."""
+    ex = stages.current_executor()
+    return ex if isinstance(ex, EPContext) else None
 
 
 def ep_capacity_factor(moe_cfg, ctx: EPContext) -> float:
@@ -128,7 +133,80 @@ def ep_moe(moe, xt: jax.Array, ctx: EPContext, *, token_mask=None, token_index=N
         raise ValueError(f"expert weights are not sharded over '{ctx.axis}': local {wg.shape[0]} x {n} devices "
                          f"!= {E} experts")
     a2a = ctx.resolved_a2a()
-    path = "expert_parallel" if a2a == "fixed" else "expert_parallel_ragged"
-    return stages.run_stages(moe, xt, path=path, ep=dataclasses.replace(ctx, a2a=a2a), capacity_factor=ep_capacity_factor(cfg, ctx),
+    fixed = a2a == "fixed"
+    return stages.run_stages(moe, xt, path="expert_parallel" if fixed else "expert_parallel_ragged",
+                             ep=dataclasses.replace(ctx, a2a=a2a), capacity_factor=ep_capacity_factor(cfg, ctx),
                              expert_weights=(wg, wu, wd), token_mask=token_mask, token_index=token_index, rng=rng,
-                             train=train)
+                             train=train, defaults=FIXED_STAGES if fixed else RAGGED_STAGES)
+
+
+# ------------------------------------------------------------------------------------------ the EP stages
+
+def dispatch_fixed(ctx: stages.StageContext, x):
+    """``dispatch`` (fixed): the ``all_to_all`` that sends each device's ``[E, G*C, D]`` buffers to the experts'
+    owners (``[E/n, n*G*C, D]``)."""
+    return jax.lax.all_to_all(x, ctx.ep.axis, split_axis=0, concat_axis=1, tiled=True)
+
+
+def combine_fixed(ctx: stages.StageContext, y):
+    """``combine`` (fixed): the reverse ``all_to_all`` that returns each device its ``[E, G*C, D]`` outputs."""
+    return jax.lax.all_to_all(y, ctx.ep.axis, split_axis=1, concat_axis=0, tiled=True)
+
+
+def order_ragged(ctx: stages.StageContext, x):
+    """``order`` (ragged): the ``(token, slot)`` rows ``[T*K, D]`` sorted by expert (dropless, unpadded)."""
+    r = ctx.routing
+    T, K = x.shape[0], ctx.num_slots
+    ctx.layout = dsp.dropless_layout(r.expert_ids.reshape(T, K), r.mask.reshape(T, K), ctx.cfg.num_experts, 1)
+    return dsp.gather_rows(x, ctx.layout)
+
+
+def dispatch_ragged(ctx: stages.StageContext, x):
+    """``dispatch`` (ragged): sorted rows ``[T*K, D]`` -> this device's receive buffer ``[M, D]`` (rows of its
+    local experts from every device, grouped by (source, local expert)); rows beyond ``M`` are dropped and
+    counted. Sets ``ctx.exchange`` (the :class:`~moejax.parallel.ragged_a2a.RaggedPlan`)."""
+    n = jax.lax.psum(1, ctx.ep.axis)
+    M = ragged_a2a.receive_rows(x.shape[0], n, ctx.ep.ragged_bound)
+    plan = ragged_a2a.make_plan(ctx.layout.group_sizes, ctx.ep.axis, n, M)
+    ctx.exchange = plan
+    ctx.layout = ctx.layout._replace(dropped=plan.dropped)
+    out = jnp.zeros((M,) + x.shape[1:], x.dtype)
+    return ragged_a2a.exchange(x, out, *plan.forward_args(), ctx.ep.axis,
+                               emulated=ctx.ep.a2a == "ragged_emulated")
+
+
+def expert_ragged(ctx: stages.StageContext, x):
+    """``expert`` (ragged): the local experts on the received rows ``x [M, D]`` (in any order): sorted by expert
+    and run through the layer's dropless grouped compute (``MoEConfig.grouped_impl`` resolved for ``M`` rows, from
+    :data:`~moejax.nn.experts.GROUPED_IMPLS`) as one-slot tokens of weight 1; empty rows give zeros. Tensor
+    parallel partial outputs are summed here, as in the default ``expert`` stage."""
+    wg, wu, wd = ctx.expert_weights
+    row_expert = ctx.exchange.row_expert
+    M, El = x.shape[0], wg.shape[0]
+    ids = jnp.minimum(row_expert, El - 1)[:, None]
+    valid = (row_expert < El)[:, None]
+    method = resolve_grouped_impl(ctx.cfg.grouped_impl, M, El)
+    y = grouped_experts(x, (wg, wu, wd), ids, valid.astype(jnp.float32), valid, method=method,
+                        block_rows=ctx.cfg.block_rows)
+    return tensor_output(y)
+
+
+def combine_ragged(ctx: stages.StageContext, y):
+    """``combine`` (ragged): the reverse ``ragged_all_to_all`` back to the sorted rows ``[T*K, D]`` (rows that
+    were dropped stay zero)."""
+    out = jnp.zeros((ctx.layout.slot_row.shape[0],) + y.shape[1:], y.dtype)
+    return ragged_a2a.exchange(y, out, *ctx.exchange.reverse_args(), ctx.ep.axis,
+                               emulated=ctx.ep.a2a == "ragged_emulated")
+
+
+def inverse_order_rows(ctx: stages.StageContext, y):
+    """``inverse_order`` (ragged): un-permute the sorted rows and sum each token's slots with its weights."""
+    return dsp.combine_rows(y, ctx.layout, ctx.slot_weights())
+
+
+FIXED_STAGES = {**stages.DEFAULT_STAGES, "dispatch": dispatch_fixed, "combine": combine_fixed}
+"""The stages of the ``expert_parallel`` path: the local capacity stages with the two ``all_to_all`` ops."""
+
+RAGGED_STAGES = {**stages.DEFAULT_STAGES, "order": order_ragged, "dispatch": dispatch_ragged,
+                 "expert": expert_ragged, "combine": combine_ragged, "inverse_order": inverse_order_rows}
+"""The stages of the ``expert_parallel_ragged`` path (dropless)."""

@@ -12,7 +12,9 @@ the shared experts and the routed experts are column-parallel over ``d_ff`` (gat
   identity backward.
 
 Layers use them only under :func:`tensor_parallel` (a trace-time context, like
-:func:`moejax.parallel.expert_parallel.expert_parallel`), so single-device code paths are unchanged. With
+:func:`moejax.parallel.expert_parallel.expert_parallel`), which installs them at the layers' tensor-parallel
+edges (:mod:`moejax.nn.sharding`: ``nn`` itself never imports this module), so single-device code paths are
+unchanged. With
 them every replicated value -- and so every replicated parameter's gradient -- is identical on all ``tensor``
 ranks, and the trainer's gradient reduction (over the batch axes only) needs no ``tensor`` reduction.
 
@@ -26,28 +28,27 @@ stage, on the expert output rows before the combine ``all_to_all``. ``g`` is wri
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from functools import partial
 
 import jax
 
-_TP: contextvars.ContextVar[str | None] = contextvars.ContextVar("moejax_tp", default=None)
+from moejax.nn.sharding import TensorOps, current_tensor_ops, tensor_ops
 
 
 @contextlib.contextmanager
 def tensor_parallel(axis: str = "tensor"):
     """Trace-time context: attention, dense SwiGLU and expert layers traced inside run tensor-parallel over the
-    mesh axis ``axis`` (their tensor-sharded parameters arrive as local shards)."""
-    tok = _TP.set(axis)
-    try:
+    mesh axis ``axis`` (their tensor-sharded parameters arrive as local shards). Installs :func:`copy_to_tensor`
+    and :func:`reduce_from_tensor` at the layers' tensor-parallel edges (:mod:`moejax.nn.sharding`)."""
+    ops = TensorOps(axis, partial(copy_to_tensor, axis=axis), partial(reduce_from_tensor, axis=axis))
+    with tensor_ops(ops):
         yield
-    finally:
-        _TP.reset(tok)
 
 
 def current() -> str | None:
     """The tensor-parallel mesh axis of the enclosing :func:`tensor_parallel` block (``None``: not parallel)."""
-    return _TP.get()
+    ops = current_tensor_ops()
+    return None if ops is None else ops.axis
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(1,))
