@@ -5,7 +5,7 @@ Pipeline (all on this machine, nothing downloaded):
 1. a dense model trained by ``moejax train`` (preset ``tiny-dense``; trained here for ``--train-steps`` unless
    ``--dense-run`` points at an existing run);
 2. Read-ME refactor into 8 domain experts + a shared expert from stdlib-area activation statistics, and a
-   pre-gating router distilled from the dense FFNs (:mod:`moejax.models.readme`); validation bits/byte of the
+   pre-gating router distilled from the dense FFNs (:mod:`moejax.offload.pregate`); validation bits/byte of the
    dense model and of the refactored model (no fine-tuning) are reported;
 3. ``moejax offload prepare``'s store; the engine serves prompts from validation files (single stream, as on a
    device: 128 prompt tokens + ``--new-tokens`` greedy tokens each) with the experts on disk and a cache of
@@ -100,6 +100,14 @@ def trained_moe(args):
     return model, run
 
 
+def offload_engine(model, ocfg, *, pregate=None, **engine_cfg):
+    """An engine serving ``model`` with its experts offloaded (:class:`moejax.offload.runtime.OffloadRunner`)."""
+    from moejax.offload.runtime import OffloadRunner
+    from moejax.serve.engine import Engine, EngineConfig
+
+    return Engine(model, runner=OffloadRunner(model, EngineConfig(**engine_cfg), ocfg, pregate=pregate))
+
+
 def window_blocks(eng, tokens: int):
     """KV blocks for one scored window of ``tokens`` tokens and its block table ``[1, P]`` (``P`` a power of
     two); release the blocks with ``eng.alloc.release`` after scoring."""
@@ -127,17 +135,17 @@ def score_windows(eng, windows):
     L = eng.mcfg.n_layers
     from flax import nnx
 
-    head = jax.jit(lambda st, h: jax.nn.log_softmax(nnx.merge(eng.gdef, st).head(h), axis=-1))
+    head = jax.jit(lambda st, h: jax.nn.log_softmax(nnx.merge(eng.runner.gdef, st).head(h), axis=-1))
     total, count = 0.0, 0
     for w in windows:
         T = len(w) - 1
         blocks, tables = window_blocks(eng, T)
         pf = PrefillBatch(np.asarray([w[:-1]], np.int32), np.zeros(1, np.int32), np.full(1, T, np.int32), tables,
                           np.zeros((1, 2), np.uint32), np.zeros(1, np.float32), np.ones(1, np.float32))
-        o = eng.runtime.step(eng.pool, None, pf, None, (0, L), use_hidden=False, return_logits=False)
-        eng.pool = o.pool
+        o = eng.runner.step(eng.pool, None, pf, None, (0, L), use_hidden=False, return_logits=False)
+        eng.runner.pool = o.pool
         eng.alloc.release(blocks)
-        lp = head(eng.state, o.pf_hidden[0])
+        lp = head(eng.runner.state, o.pf_hidden[0])
         total -= float(jnp.sum(jnp.take_along_axis(lp, jnp.asarray(w[1:])[:, None], axis=1)))
         count += T
     return total / count / np.log(2)
@@ -159,8 +167,8 @@ def score_windows_decode(eng, windows):
         for t in range(T):
             dec = DecodeBatch(np.asarray([w[t]], np.int32), np.asarray([t], np.int32), tables, np.ones(1, bool),
                               np.zeros((1, 2), np.uint32), np.zeros(1, np.float32), np.ones(1, np.float32))
-            o = eng.runtime.step(eng.pool, dec, None, None, (0, L), use_hidden=False, return_logits=True)
-            eng.pool = o.pool
+            o = eng.runner.step(eng.pool, dec, None, None, (0, L), use_hidden=False, return_logits=True)
+            eng.runner.pool = o.pool
             lp = jax.nn.log_softmax(o.dec_logits[0].astype(np.float32))
             total -= float(lp[int(w[t + 1])])
             count += 1
@@ -173,13 +181,14 @@ def d2moe_microbench(stores, models, reps=60):
     width (int8: its one plane), and real O_DIRECT reads of each record size (no throttle). Best of 3 batches."""
     import numpy as np
 
-    from moejax.offload.runtime import OffloadConfig, OffloadRuntime
+    from moejax.offload.runtime import OffloadConfig, OffloadRunner
     from moejax.offload.store import ExpertStore
+    from moejax.serve.engine import EngineConfig
 
     out = {"decode_us": {}, "read_us": {}}
     for name, path in stores.items():
         bits = 8 if name == "int8" else "router"
-        rt = OffloadRuntime(models[name], OffloadConfig(path, 10 ** 9, bits=bits, io="direct"), block_size=16)
+        rt = OffloadRunner(models[name], EngineConfig(block_size=16), OffloadConfig(path, 10 ** 9, bits=bits, io="direct"))
         for b in rt.qbits:
             n = rt.qbits.index(b) + 1
             planes = [rt.store.read(0, 1, p) for p in range(n)]
@@ -213,11 +222,11 @@ def d2moe_part(args):
 
     import numpy as np
 
-    from moejax.models import readme as rm
+    from moejax.offload import pregate as rm
     from moejax.offload.runtime import OffloadConfig, load_offloaded_model
     from moejax.offload.store import ExpertStore, prepare
     from moejax.quant import mwq_config, uniform_config
-    from moejax.serve.engine import Engine, EngineConfig, SamplingParams
+    from moejax.serve.engine import SamplingParams
 
     model, run = trained_moe(args)
     stores = {"d2moe": prepare(model, os.path.join(args.out, "store-mwq"), overwrite=True,
@@ -245,22 +254,22 @@ def d2moe_part(args):
         ocfgs = {name: OffloadConfig(stores[st], budget, bits=bits, io="direct", bandwidth=args.bandwidth,
                                      avg_bits=avg) for name, st, bits, avg in configs}
         for name, st, _, _ in configs:  # compile every shape (and width) the runs use, outside the timing
-            warm = Engine(models[st], EngineConfig(offload=ocfgs[name]))
+            warm = offload_engine(models[st], ocfgs[name])
             for p in prompts:
                 warm.generate([p], sp)
-            warm.runtime.close()
+            warm.runner.close()
         # timed runs, the configurations interleaved round by round (a fresh engine, i.e. a cold cache, each
         # time) so that load from other processes on this machine hits them alike; the median round is reported
         walls = {name: [] for name, *_ in configs}
         for _ in range(args.repeats):
             for name, st, _, _ in configs:
-                eng = Engine(models[st], EngineConfig(offload=ocfgs[name]))
+                eng = offload_engine(models[st], ocfgs[name])
                 t = time.perf_counter()
                 out = []
                 for p in prompts:  # single stream: one request at a time
                     out += eng.generate([p], sp)
                 walls[name].append(time.perf_counter() - t)
-                s = eng.runtime.stats
+                s = eng.runner.stats
                 n_tok = sum(len(r.tokens) for r in out)
                 widths = sum(b * c for b, c in s.bits_used.items()) / max(sum(s.bits_used.values()), 1)
                 res[f"{frac}-{name}"] = {
@@ -269,22 +278,22 @@ def d2moe_part(args):
                     "stall_s": s.stall_s, "bits_used": {str(k): v for k, v in sorted(s.bits_used.items())},
                     "mean_bits_used": widths, "peak_anon_rss_mb": s.peak_anon_rss / 2 ** 20,
                     "tokens_first_request": out[0].tokens}
-                eng.runtime.close()
+                eng.runner.close()
         for name, st, bits, avg in configs:
             rec = res[f"{frac}-{name}"]
             rec["wall_s_rounds"] = walls[name]
             rec["tokens_per_s_rounds"] = [rec["tokens"] / w for w in walls[name]]
             rec["tokens_per_s"] = rec["tokens"] / statistics.median(walls[name])
-            eng = Engine(models[st], EngineConfig(offload=OffloadConfig(stores[st], budget, bits=bits, io="buffered",
-                                                                        avg_bits=avg)))
+            eng = offload_engine(models[st], OffloadConfig(stores[st], budget, bits=bits, io="buffered",
+                                                           avg_bits=avg))
             rec["val_bits_per_byte_prefill"] = score_windows(eng, windows)
-            eng.runtime.close()
-            eng = Engine(models[st], EngineConfig(offload=OffloadConfig(stores[st], budget, bits=bits, io="buffered",
-                                                                        avg_bits=avg)))
+            eng.runner.close()
+            eng = offload_engine(models[st], OffloadConfig(stores[st], budget, bits=bits, io="buffered",
+                                                           avg_bits=avg))
             rec["val_bits_per_byte_decode"] = score_windows_decode(eng, dwin)
-            s = eng.runtime.stats
+            s = eng.runner.stats
             rec["decode_eval_mean_bits"] = sum(b * c for b, c in s.bits_used.items()) / max(sum(s.bits_used.values()), 1)
-            eng.runtime.close()
+            eng.runner.close()
             print(name, {k: v for k, v in rec.items() if k != "tokens_first_request"}, flush=True)
         i = res[f"{frac}-int8"]
         for name, *_ in configs[1:]:
@@ -317,7 +326,7 @@ def build_readme(dense, pregate_steps, progress):
     import numpy as np
     from flax import nnx
 
-    from moejax.models import readme as rm
+    from moejax.offload import pregate as rm
 
     train_dom = rm.corpus_domain_tokens(split="train")
     val_dom = rm.corpus_domain_tokens(split="validation")
@@ -336,7 +345,7 @@ def route_texts(gate, domains, n, rng, length=1024):
     tokens in turn, at offsets drawn from ``rng``."""
     import numpy as np
 
-    from moejax.models import readme as rm
+    from moejax.offload import pregate as rm
 
     big = [d for d in domains if len(d) > 1100]
     out = []
@@ -375,7 +384,7 @@ def readme_quality(dense, moe, gate, val_dom, rng):
     and the refactored model routed by the distillation targets, on windows drawn from ``rng``."""
     import numpy as np
 
-    from moejax.models import readme as rm
+    from moejax.offload import pregate as rm
 
     vwin = np.stack([d[i:i + 257] for d in val_dom if len(d) > 600 for i in rng.integers(0, len(d) - 257, 2)]
                     ).astype(np.int32)
@@ -391,7 +400,7 @@ def offline_trace_hit_rates(gate, val_dom, rng, n_texts):
     in advance."""
     import numpy as np
 
-    from moejax.models import readme as rm
+    from moejax.offload import pregate as rm
     from moejax.offload.cache import simulate
 
     offline = {}
@@ -450,28 +459,29 @@ def serve_single_stream(args, moe, om, gate, store_dir, store, prompts, sp, tran
     """Single-stream serving of ``prompts`` from the offloaded model ``om`` at caches of 2/4/5/6 experts per
     layer, for each policy, unthrottled and throttled to ``--bandwidth``; tokens compared with the in-memory
     model. Returns ``(table rows, records by "<cache>-<policy>-<direct|throttled>")``."""
+    from moejax.offload.pregate import PreGatedRunner
     from moejax.offload.runtime import OffloadConfig
     from moejax.serve.engine import Engine, EngineConfig
 
     E, L = moe.cfg.moe.num_experts, moe.cfg.n_layers
-    ref = Engine(moe, EngineConfig(pregate=gate)).generate(prompts, sp)
-    warm = Engine(om, EngineConfig(pregate=gate, offload=OffloadConfig(store_dir, E * L * store.record_bytes)))
+    ref = Engine(moe, runner=PreGatedRunner(moe, EngineConfig(), gate)).generate(prompts, sp)
+    warm = offload_engine(om, OffloadConfig(store_dir, E * L * store.record_bytes), pregate=gate)
     for p in prompts:  # compile every shape the runs below use, so no policy pays for compilation
         warm.generate([p], sp)
-    warm.runtime.close()
+    warm.runner.close()
     rows, results = [], {}
     for per_layer in (2, 4, 5, 6):
         budget = per_layer * L * store.record_bytes
         for policy in POLICIES:
             for bw in (None, args.bandwidth):
-                eng = Engine(om, EngineConfig(pregate=gate, offload=OffloadConfig(
-                    store_dir, budget, policy=policy, io="direct", bandwidth=bw, transitions=trans_t)))
+                eng = offload_engine(om, OffloadConfig(
+                    store_dir, budget, policy=policy, io="direct", bandwidth=bw, transitions=trans_t), pregate=gate)
                 t = time.perf_counter()
                 out = []
                 for p in prompts:  # single stream: one request at a time
                     out += eng.generate([p], sp)
                 wall = time.perf_counter() - t
-                s = eng.runtime.stats
+                s = eng.runner.stats
                 same = all(a.tokens == b.tokens for a, b in zip(out, ref))
                 n_tok = sum(len(r.tokens) for r in out)
                 rec = {"cache_experts_per_layer": per_layer, "budget_fraction": per_layer / E, "policy": policy,
@@ -479,7 +489,7 @@ def serve_single_stream(args, moe, om, gate, store_dir, store, prompts, sp, tran
                        "bytes_read_per_token": s.bytes_read / n_tok, "tokens_per_s": n_tok / wall,
                        "stall_s": s.stall_s, "peak_anon_rss_mb": s.peak_anon_rss / 2 ** 20,
                        "tokens_identical_to_in_memory": same}
-                eng.runtime.close()
+                eng.runner.close()
                 results[f"{per_layer}-{policy}-{'throttled' if bw else 'direct'}"] = rec
                 if bw is None:
                     rows.append({"cache (experts/layer)": f"{per_layer} of {E}", "policy": policy,
@@ -494,20 +504,21 @@ def serve_single_stream(args, moe, om, gate, store_dir, store, prompts, sp, tran
 def serve_concurrent(moe, om, gate, store_dir, store, prompts, sp, trans_t):
     """All ``prompts`` served as one batch (each step knows every request's next experts) at each cache size
     and policy. Returns ``(records by "<cache>-<policy>", table rows)``."""
+    from moejax.offload.pregate import PreGatedRunner
     from moejax.offload.runtime import OffloadConfig
     from moejax.serve.engine import Engine, EngineConfig
 
     E, L = moe.cfg.moe.num_experts, moe.cfg.n_layers
-    ref_b = Engine(moe, EngineConfig(pregate=gate)).generate(prompts, sp)
+    ref_b = Engine(moe, runner=PreGatedRunner(moe, EngineConfig(), gate)).generate(prompts, sp)
     concurrent, crows = {}, []
     for per_layer in (2, 4, 5, 6):
         budget = per_layer * L * store.record_bytes
         for policy in ("random", "lru", "belady", "predictive"):
-            eng = Engine(om, EngineConfig(pregate=gate, offload=OffloadConfig(
-                store_dir, budget, policy=policy, io="direct", transitions=trans_t)))
+            eng = offload_engine(om, OffloadConfig(
+                store_dir, budget, policy=policy, io="direct", transitions=trans_t), pregate=gate)
             out = eng.generate(prompts, sp)
-            s = eng.runtime.stats
-            eng.runtime.close()
+            s = eng.runner.stats
+            eng.runner.close()
             concurrent[f"{per_layer}-{policy}"] = {"hit_rate": s.hit_rate, "hits": s.hits, "misses": s.misses,
                                                    "same_tokens": all(a.tokens == b.tokens
                                                                       for a, b in zip(out, ref_b))}

@@ -456,7 +456,10 @@ def check_paged_attention(ctx):
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels.paged_attention import paged_attention, paged_attention_reference
+    from pallas_kernels.paged_attention import (
+        paged_attention,
+        paged_attention_reference,
+    )
 
     cases, ok, tol, interpret = [], True, ctx.tol, ctx.interpret
     f = jax.jit(lambda *a: paged_attention(*a, impl="pallas", interpret=interpret))
@@ -755,18 +758,18 @@ def ep_ragged(ctx):
 
 
 # 9. serving engine steps (layered vs chunked prefill iterations) ---------------------------------------------
-def serve_batch(eng, tp, real, n_dec):
+def serve_batch(runner, tp, real, n_dec):
     """An 8-row decode batch with ``n_dec`` live rows and, unless ``tp`` is None, a one-row prefill batch of
     ``tp`` tokens holding a ``real``-token prompt (right-aligned)."""
     import numpy as np
 
-    dec = eng._blank_decode(8)
+    dec = runner.blank_decode(8)
     for i in range(n_dec):
         dec.valid[i], dec.pos[i], dec.tokens[i] = True, 100, 5
         dec.tables[i, :8] = np.arange(1000 + 8 * i, 1008 + 8 * i)
     if tp is None:
         return dec, None
-    pf = eng._blank_prefill(1, tp)
+    pf = runner.blank_prefill(1, tp)
     pf.tokens[0, tp - real:] = np.arange(real) % 256
     pf.length[0] = real
     pf.tables[0, :(real + 15) // 16] = np.arange(1, (real + 15) // 16 + 1)
@@ -784,7 +787,6 @@ def serve_step(ctx):
     from moejax.models.transformer import Transformer
     from moejax.serve.engine import Engine, EngineConfig
     from moejax.serve.scheduler import SchedulerConfig
-    from moejax.serve.step import engine_step
 
     cfg = model_config(ctx.smoke, 128)
     eng = Engine(Transformer(cfg, rngs=nnx.Rngs(0)),
@@ -792,18 +794,18 @@ def serve_step(ctx):
                               num_blocks=1 + 8 * (cfg.max_seq_len // 16),
                               sched=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512)))
     prompt, chunk = (256, 64) if ctx.smoke else (2100, 512)
-    tp = eng.prefill_shape(1, prompt)[1]  # the engine's own bucket for the prompt
-    cases = {"decode only, 8 rows": (serve_batch(eng, None, 0, 8), (0, cfg.n_layers)),
-             f"chunk {chunk} x {cfg.n_layers} layers + 6 decode": (serve_batch(eng, chunk, chunk, 6),
+    runner = eng.runner
+    tp = runner.prefill_shape(1, prompt)[1]  # the engine's own bucket for the prompt
+    cases = {"decode only, 8 rows": (serve_batch(runner, None, 0, 8), (0, cfg.n_layers)),
+             f"chunk {chunk} x {cfg.n_layers} layers + 6 decode": (serve_batch(runner, chunk, chunk, 6),
                                                                    (0, cfg.n_layers)),
-             f"prompt {prompt} x 1 layer + 6 decode": (serve_batch(eng, tp, prompt, 6), (3, 4))}
+             f"prompt {prompt} x 1 layer + 6 decode": (serve_batch(runner, tp, prompt, 6), (3, 4))}
     rows = []
     for name, ((dec, pf), group) in cases.items():
-        args_, kw = eng._step_args(dec, pf, None, group, False, None, None)
 
-        def call(args_=args_, kw=kw):
-            o = engine_step(*((args_[0], args_[1], eng.pool) + args_[3:]), **kw)
-            eng.pool = o.pool
+        def call(dec=dec, pf=pf, group=group):
+            o = runner.run_step(dec, pf, None, group, False)
+            runner.pool = o.pool
             return o.dec_next
 
         r = bench(call, **ctx.it)

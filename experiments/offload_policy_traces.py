@@ -32,14 +32,14 @@ def main():
     import numpy as np
     from flax import nnx
 
-    from experiments.expert_offload import build_readme, route_texts
+    from experiments.expert_offload import build_readme, offload_engine, route_texts
     from moejax.offload.runtime import (
         OffloadConfig,
-        OffloadRuntime,
+        OffloadRunner,
         load_offloaded_model,
     )
     from moejax.offload.store import ExpertStore, prepare
-    from moejax.serve.engine import Engine, EngineConfig, SamplingParams
+    from moejax.serve.engine import SamplingParams
     from moejax.train.checkpoint import load_model
 
     t0 = time.perf_counter()
@@ -69,21 +69,21 @@ def main():
     om = load_offloaded_model(store)
     L = moe.cfg.n_layers
     steps = []
-    orig = OffloadRuntime.lookahead
+    orig = OffloadRunner.lookahead
 
     def rec(self, *a):
         seq = orig(self, *a)
         steps.append(seq)
         return seq
 
-    OffloadRuntime.lookahead = rec
-    eng = Engine(om, EngineConfig(pregate=gate, offload=OffloadConfig(store_dir, 2 * L * store.record_bytes,
-                                                                      policy="belady", io="buffered")))
+    OffloadRunner.lookahead = rec
+    eng = offload_engine(om, OffloadConfig(store_dir, 2 * L * store.record_bytes, policy="belady", io="buffered"),
+                         pregate=gate)
     sp = SamplingParams(max_tokens=48, temperature=0)
     for p in prompts:
         eng.generate([p], sp)
-    eng.runtime.close()
-    OffloadRuntime.lookahead = orig
+    eng.runner.close()
+    OffloadRunner.lookahead = orig
     # the same requests served concurrently (one batch): every iteration's accesses, the predictive policy's
     # current experts and the transitions it learns (recorded from the runtime's calls)
     from moejax.offload.cache import ExpertCache, transition_matrix
@@ -109,11 +109,10 @@ def main():
 
     ExpertCache.set_future, ExpertCache.set_state, ExpertCache.observe_transitions = sf, ss, ot
     P = transition_matrix(train_seqs.astype(np.int64), E)
-    eng = Engine(om, EngineConfig(pregate=gate, offload=OffloadConfig(
-        store_dir, 2 * L * store.record_bytes, policy="predictive", io="buffered",
-        transitions=tuple(map(tuple, P.tolist())))))
+    eng = offload_engine(om, OffloadConfig(store_dir, 2 * L * store.record_bytes, policy="predictive", io="buffered",
+                                           transitions=tuple(map(tuple, P.tolist()))), pregate=gate)
     eng.generate(prompts, sp)
-    eng.runtime.close()
+    eng.runner.close()
     ExpertCache.set_future, ExpertCache.set_state, ExpertCache.observe_transitions = orig_sf, orig_ss, orig_ot
 
     def pack(lists, width):

@@ -240,11 +240,15 @@ def cmd_serve(args) -> int:
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     src = args.preset or args.config or args.hf or args.ckpt
     name = args.model_name or os.path.basename(os.path.normpath(src))
-    engine = Engine(model, EngineConfig(scheduler=args.scheduler, sched=sched, block_size=args.block_size,
-                                        num_blocks=args.num_blocks, max_model_len=args.max_model_len,
-                                        enable_prefix_cache=not args.no_prefix_cache, offload=offload,
-                                        decode_steps=args.decode_steps),
-                    model_name=name)
+    ecfg = EngineConfig(scheduler=args.scheduler, sched=sched, block_size=args.block_size, num_blocks=args.num_blocks,
+                        max_model_len=args.max_model_len, enable_prefix_cache=not args.no_prefix_cache,
+                        decode_steps=args.decode_steps)
+    runner = None
+    if offload is not None:
+        from moejax.offload.runtime import OffloadRunner
+
+        runner = OffloadRunner(model, ecfg, offload)
+    engine = Engine(model, ecfg, runner=runner, model_name=name)
     if args.warmup and offload is None:
         import time
 

@@ -21,7 +21,7 @@ from moejax.offload.cache import (
     simulate_served,
     transition_matrix,
 )
-from moejax.offload.runtime import OffloadConfig, load_offloaded_model
+from moejax.offload.runtime import OffloadConfig, OffloadRunner, load_offloaded_model
 from moejax.offload.store import ExpertStore, ExpertStoreError, prepare
 from moejax.serve.engine import Engine, EngineConfig, SamplingParams
 
@@ -55,16 +55,16 @@ def test_offloaded_serving_is_token_identical_at_every_budget(model, store_dir):
     misses = []
     for frac in (0.25, 0.5, 0.75, 1.0):
         budget = max(int(total * frac), 8 * store.record_bytes)
-        eng = Engine(om, EngineConfig(record_logits=True, block_size=8,
-                                      offload=OffloadConfig(store_dir, budget, io="direct")))
+        eng = Engine(om, runner=OffloadRunner(om, EngineConfig(record_logits=True, block_size=8),
+                                              OffloadConfig(store_dir, budget, io="direct")))
         res = eng.generate(prompts, sp)
         for a, b in zip(res, ref):
             assert a.tokens == b.tokens
             np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
-        s = eng.runtime.stats
+        s = eng.runner.stats
         assert s.bytes_read == s.misses * store.record_bytes and s.hits + s.misses > 0
         misses.append(s.misses)
-        eng.runtime.close()
+        eng.runner.close()
     assert misses[-1] <= n_moe * 8 and misses == sorted(misses, reverse=True)
 
 
@@ -257,8 +257,9 @@ def test_prepare_refuses_overwrite_and_small_budgets(model, store_dir, tmp_path)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".offload-")]
     om = load_offloaded_model(ExpertStore(store_dir))
     with pytest.raises(ValueError, match="budget_bytes"):
-        Engine(om, EngineConfig(offload=OffloadConfig(store_dir, 100)))
-    eng = Engine(om, EngineConfig(block_size=8, offload=OffloadConfig(store_dir, 2 * ExpertStore(store_dir).record_bytes)))
+        Engine(om, runner=OffloadRunner(om, EngineConfig(), OffloadConfig(store_dir, 100)))
+    eng = Engine(om, runner=OffloadRunner(om, EngineConfig(block_size=8),
+                                          OffloadConfig(store_dir, 2 * ExpertStore(store_dir).record_bytes)))
     with pytest.raises(ValueError, match="needs .* experts this iteration"):
         eng.generate([list(range(40))], SamplingParams(max_tokens=2))
 
@@ -298,23 +299,24 @@ def test_quantized_store_fixed_width_is_token_identical_and_router_respects_budg
     total = 3 * 8 * sum(planes)
     for frac in (0.25, 0.5, 0.75, 1.0):
         budget = max(int(total * frac), 8 * sum(planes))  # a prefill can need all 8 experts of a layer
-        eng = Engine(om, EngineConfig(record_logits=True, block_size=8,
-                                      offload=OffloadConfig(path, budget, bits=8)))
+        eng = Engine(om, runner=OffloadRunner(om, EngineConfig(record_logits=True, block_size=8),
+                                              OffloadConfig(path, budget, bits=8)))
         res = eng.generate(prompts, sp)
         for a, b in zip(res, ref):
             assert a.tokens == b.tokens
             np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
-        assert set(eng.runtime.stats.bits_used) == {8}
-        eng.runtime.close()
-    eng = Engine(om, EngineConfig(block_size=8, offload=OffloadConfig(path, int(total * 0.3), bits="router")))
+        assert set(eng.runner.stats.bits_used) == {8}
+        eng.runner.close()
+    eng = Engine(om, runner=OffloadRunner(om, EngineConfig(block_size=8),
+                                          OffloadConfig(path, int(total * 0.3), bits="router")))
     eng.generate(prompts, sp)
-    used = eng.runtime.stats.bits_used
+    used = eng.runner.stats.bits_used
     assert set(used) <= {2, 3, 4, 8} and len(used) >= 2, used
-    assert eng.runtime.cache.used <= int(total * 0.3)
+    assert eng.runner.cache.used <= int(total * 0.3)
     with pytest.raises(ValueError, match="bits"):
-        Engine(om, EngineConfig(offload=OffloadConfig(path, total)))
+        Engine(om, runner=OffloadRunner(om, EngineConfig(), OffloadConfig(path, total)))
     with pytest.raises(ValueError, match="bits=5"):
-        Engine(om, EngineConfig(offload=OffloadConfig(path, total, bits=5)))
+        Engine(om, runner=OffloadRunner(om, EngineConfig(), OffloadConfig(path, total, bits=5)))
 
 
 def test_router_avg_bits_budget_validation_and_determinism(model, tmp_path):
@@ -334,16 +336,18 @@ def test_router_avg_bits_budget_validation_and_determinism(model, tmp_path):
     for bad in (1.5, 8.5):
         with pytest.raises(ValueError, match=r"OffloadConfig.avg_bits=.* must be >= the store's base width 2 and "
                                              r"<= its top width 8"):
-            Engine(om, EngineConfig(offload=OffloadConfig(path, total, bits="router", avg_bits=bad)))
+            Engine(om, runner=OffloadRunner(om, EngineConfig(),
+                                            OffloadConfig(path, total, bits="router", avg_bits=bad)))
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 97, n).tolist() for n in (7, 13)]
     sp = SamplingParams(max_tokens=5, temperature=0)
 
     def serve(avg, budget=total):
-        eng = Engine(om, EngineConfig(block_size=8, offload=OffloadConfig(path, budget, bits="router", avg_bits=avg)))
+        eng = Engine(om, runner=OffloadRunner(om, EngineConfig(block_size=8),
+                                              OffloadConfig(path, budget, bits="router", avg_bits=avg)))
         out = [r for p in prompts for r in eng.generate([p], sp)]  # single stream
-        eng.runtime.close()
-        return out, eng.runtime.stats
+        eng.runner.close()
+        return out, eng.runner.stats
 
     _, free = serve(None)
     assert set(free.bits_used) == {8}  # the memory share alone never binds here: every expert at 8 bits
@@ -359,16 +363,17 @@ def test_router_avg_bits_budget_validation_and_determinism(model, tmp_path):
     _, tight = serve(8.0, budget=int(total * 0.3))
     assert max(tight.bits_used) <= 8 and tight.bits_used != free.bits_used
     # avg_bits = the base width: every expert at 2 bits, the same tokens and logits as the fixed 2-bit width
-    eng = Engine(om, EngineConfig(record_logits=True, block_size=8,
-                                  offload=OffloadConfig(path, total, bits="router", avg_bits=2.0)))
+    eng = Engine(om, runner=OffloadRunner(om, EngineConfig(record_logits=True, block_size=8),
+                                          OffloadConfig(path, total, bits="router", avg_bits=2.0)))
     out = [r for p in prompts for r in eng.generate([p], sp)]
-    assert set(eng.runtime.stats.bits_used) == {2}
-    eng.runtime.close()
-    ref = Engine(om, EngineConfig(record_logits=True, block_size=8, offload=OffloadConfig(path, total, bits=2)))
+    assert set(eng.runner.stats.bits_used) == {2}
+    eng.runner.close()
+    ref = Engine(om, runner=OffloadRunner(om, EngineConfig(record_logits=True, block_size=8),
+                                          OffloadConfig(path, total, bits=2)))
     for a, b in zip(out, [r for p in prompts for r in ref.generate([p], sp)]):
         assert a.tokens == b.tokens
         np.testing.assert_array_equal(a.logits, b.logits)
-    ref.runtime.close()
+    ref.runner.close()
 
 
 def test_bandwidth_throttle_is_one_shared_device(store_dir):

@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 
 from moejax.config import ModelConfig
-from moejax.models import readme as rm
 from moejax.models.transformer import Transformer
 from moejax.nn.experts import swiglu
-from moejax.offload.runtime import OffloadConfig, load_offloaded_model
+from moejax.offload import pregate as rm
+from moejax.offload.pregate import PreGatedRunner
+from moejax.offload.runtime import OffloadConfig, OffloadRunner, load_offloaded_model
 from moejax.offload.store import ExpertStore, prepare
 from moejax.serve.engine import Engine, EngineConfig, SamplingParams
 
@@ -77,7 +78,8 @@ def test_pregated_serving_with_offload_and_belady(setup, tmp_path):
     per, _, _, moe, _, gate, _ = setup
     prompts = [per[d][2000:2000 + n].astype(int).tolist() for d, n in zip(range(4), (11, 25, 7, 30))]
     sp = SamplingParams(max_tokens=5, temperature=0)
-    ref = Engine(moe, EngineConfig(record_logits=True, block_size=8, pregate=gate)).generate(prompts, sp)
+    ref = Engine(moe, runner=PreGatedRunner(moe, EngineConfig(record_logits=True, block_size=8), gate)).generate(
+        prompts, sp)
     for p, r in zip(prompts, ref):  # teacher-forced against the model run with pre-gated ids
         full = np.array([p + r.tokens[:-1]])
         ids = rm.route_tokens(gate, full)
@@ -88,18 +90,19 @@ def test_pregated_serving_with_offload_and_belady(setup, tmp_path):
     om = load_offloaded_model(store)
     misses = {}
     for policy in ("lru", "lfu", "belady"):
-        eng = Engine(om, EngineConfig(record_logits=True, block_size=8, pregate=gate,
-                                      offload=OffloadConfig(path, 10 * store.record_bytes, policy=policy)))
+        eng = Engine(om, runner=OffloadRunner(om, EngineConfig(record_logits=True, block_size=8),
+                                              OffloadConfig(path, 10 * store.record_bytes, policy=policy),
+                                              pregate=gate))
         res = eng.generate(prompts, sp)
         for a, b in zip(res, ref):
             assert a.tokens == b.tokens
             np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
-        misses[policy] = eng.runtime.stats.misses
-        eng.runtime.close()
+        misses[policy] = eng.runner.stats.misses
+        eng.runner.close()
     assert misses["belady"] <= misses["lru"] and misses["belady"] <= misses["lfu"], misses
     with pytest.raises(ValueError, match="pre-gating"):
-        e = Engine(om, EngineConfig(block_size=8, offload=OffloadConfig(path, 10 * store.record_bytes,
-                                                                        policy="belady")))
+        e = Engine(om, runner=OffloadRunner(om, EngineConfig(block_size=8),
+                                            OffloadConfig(path, 10 * store.record_bytes, policy="belady")))
         e.generate(prompts[:1], sp)
 
 
@@ -113,12 +116,13 @@ def test_pregated_serving_with_the_predictive_policy(setup, tmp_path):
     P = transition_matrix([rm.route_tokens(gate, d[None, :400].astype(np.int32))[0] for d in per], E)
     prompts = [per[d][2000:2000 + n].astype(int).tolist() for d, n in zip(range(4), (11, 25, 7, 30))]
     sp = SamplingParams(max_tokens=5, temperature=0)
-    ref = Engine(moe, EngineConfig(record_logits=True, block_size=8, pregate=gate)).generate(prompts, sp)
+    ref = Engine(moe, runner=PreGatedRunner(moe, EngineConfig(record_logits=True, block_size=8), gate)).generate(
+        prompts, sp)
     path = prepare(moe, str(tmp_path / "store"))
     store = ExpertStore(path)
     om = load_offloaded_model(store)
     ocfg = OffloadConfig(path, 10 * store.record_bytes, policy="predictive", transitions=tuple(map(tuple, P)))
-    eng = Engine(om, EngineConfig(record_logits=True, block_size=8, pregate=gate, offload=ocfg))
+    eng = Engine(om, runner=OffloadRunner(om, EngineConfig(record_logits=True, block_size=8), ocfg, pregate=gate))
     learned = 0
     for p in prompts[:2]:  # single stream
         (a,) = eng.generate([p], sp)
@@ -126,18 +130,18 @@ def test_pregated_serving_with_the_predictive_policy(setup, tmp_path):
         assert a.tokens == b.tokens
         # online learning saw each known consecutive pair once: the prompt's and the 4 computed decode tokens'
         learned += len(p) - 1 + sp.max_tokens - 1
-        assert eng.runtime.cache._counts.sum() == learned
+        assert eng.runner.cache._counts.sum() == learned
     res = eng.generate(prompts, sp)  # concurrent rows: several current experts
     for a, b in zip(res, ref):
         assert a.tokens == b.tokens
         np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
-    assert eng.runtime.stats.hits + eng.runtime.stats.misses > 0
-    eng.runtime.close()
+    assert eng.runner.stats.hits + eng.runner.stats.misses > 0
+    eng.runner.close()
     with pytest.raises(ValueError, match="transitions"):
-        Engine(om, EngineConfig(block_size=8, pregate=gate,
-                                offload=OffloadConfig(path, 10 * store.record_bytes, policy="predictive")))
+        OffloadRunner(om, EngineConfig(block_size=8), OffloadConfig(path, 10 * store.record_bytes, policy="predictive"),
+                      pregate=gate)
     with pytest.raises(ValueError, match="pre-gating"):
-        Engine(om, EngineConfig(block_size=8, offload=ocfg)).generate(prompts[:1], sp)
+        Engine(om, runner=OffloadRunner(om, EngineConfig(block_size=8), ocfg)).generate(prompts[:1], sp)
 
 
 def test_refactor_rejects_bad_inputs(setup):

@@ -61,7 +61,7 @@ def test_engine_matches_generate(model, scheduler, kv_block, layer_loop):
     prompts = [rng.integers(0, 97, n).tolist() for n in (3, 40, 17, 29, 9)]
     eng = Engine(model, EngineConfig(scheduler=scheduler, record_logits=True, block_size=8, kv_block=kv_block,
                                      layer_loop=layer_loop, sched=sched_cfg(collapse_when_idle=False)))
-    assert (eng.layer_states is None) == (layer_loop == "scan")
+    assert (eng.runner.layer_states is None) == (layer_loop == "scan")
     res = eng.generate(prompts, SamplingParams(max_tokens=10, temperature=0))
     check_against_generate(model, prompts, res, 10)
     assert all(r.finish_reason == "length" and len(r.tokens) == 10 for r in res)
@@ -127,16 +127,16 @@ def test_group_step_without_decode_rows_and_dropped_writes(model):
 
     eng = Engine(model, EngineConfig(scheduler="layered", block_size=8, sched=sched_cfg()))
     n = 20
-    pf = eng._blank_prefill(1, 32)
+    pf = eng.runner.blank_prefill(1, 32)
     pf.tokens[0, 32 - n:] = np.random.default_rng(9).integers(0, 97, n)  # left-padded
     pf.length[0] = n
     pf.tables[0, :3] = [1, 2, 3]
     rng = np.random.default_rng(10)  # a pool full of old values: a stray write of anything shows
     before = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), eng.pool)
     outs = []
-    for dec in (None, eng._blank_decode(2)):
-        eng.pool = jax.tree.map(jnp.asarray, before)
-        args, kw = eng._step_args(dec, pf, None, (1, 3), False, None, None)
+    for dec in (None, eng.runner.blank_decode(2)):
+        eng.runner.pool = jax.tree.map(jnp.asarray, before)
+        args, kw = eng.runner._step_args(dec, pf, None, (1, 3), False, None, None)
         outs.append(engine_step(*args, **kw))
     h0, h1 = np.asarray(outs[0].pf_hidden), np.asarray(outs[1].pf_hidden)
     assert np.abs(h0 - h1).max() <= 1e-6 * max(1.0, np.abs(h1).max())
@@ -314,8 +314,8 @@ def test_engine_config_kv_block_and_layer_loop_validated(model):
         Engine(model, EngineConfig(block_size=8, kv_block=12))
     with pytest.raises(ValueError, match="prefill_kv_block"):
         Engine(model, EngineConfig(block_size=8, prefill_kv_block=20))
-    assert Engine(model, EngineConfig(block_size=8)).prefill_kv_block == 128  # min(kv_block 256, 128)
-    assert Engine(model, EngineConfig(block_size=8, kv_block=24)).prefill_kv_block == 24
+    assert Engine(model, EngineConfig(block_size=8)).runner.prefill_kv_block == 128  # min(kv_block 256, 128)
+    assert Engine(model, EngineConfig(block_size=8, kv_block=24)).runner.prefill_kv_block == 24
     with pytest.raises(ValueError, match="layer_loop"):
         Engine(model, EngineConfig(layer_loop="vmap"))
 
@@ -357,11 +357,11 @@ def test_layered_groups_follow_the_batch_total():
 
 
 def test_prefill_token_buckets():
-    from moejax.serve.engine import _bucket_edges, shape_bucket
+    from moejax.nn.shapes import bucket_edges, shape_bucket
 
     for step in (256, 512):
         for longest in (100, 300, 4096, 4192):
-            edges = _bucket_edges(longest, 16, step)
+            edges = bucket_edges(longest, 16, step)
             assert ({shape_bucket(t, 16, step) for t in edges}
                     == {shape_bucket(t, 16, step) for t in range(1, longest + 1)})
     assert shape_bucket(2100, 16, 256) == 2304 and shape_bucket(2100, 16, 512) == 2560

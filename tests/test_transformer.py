@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 
 from moejax.config import ModelConfig, MoEConfig, RouterConfig
-from moejax.models.generate import _generate, bucket, generate
+from moejax.models.generate import _generate, generate
 from moejax.models.transformer import Transformer, layer_runs
-from moejax.serve.sampling import sample, top_p_filter
+from moejax.nn.sampling import sample, top_p_filter
+from moejax.nn.shapes import pow2_bucket
 
 # Tolerance for float32 paths that compute the same math in a different order (cache vs no cache):
 # max-abs error <= 1e-5 * max(1, max|reference|).
@@ -131,7 +132,7 @@ def test_generate_compiles_once_per_bucket(model):
     n = _generate._cache_size()
     generate(model, [[4, 5, 6, 7, 8]], 9)  # same buckets (16, 16)
     assert _generate._cache_size() == n
-    assert bucket(17) == 32 and bucket(3) == 16
+    assert pow2_bucket(17, 16) == 32 and pow2_bucket(3, 16) == 16
 
 
 def test_generate_eos_and_validation(model):

@@ -18,15 +18,8 @@ import numpy as np
 from flax import nnx
 
 from moejax.models.transformer import resolve_layer_loop, unstack_layers
-from moejax.serve.sampling import sample
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """Smallest power of two >= max(n, minimum)."""
-    b = minimum
-    while b < n:
-        b *= 2
-    return b
+from moejax.nn.sampling import sample
+from moejax.nn.shapes import pow2_bucket
 
 
 @dataclass
@@ -101,7 +94,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | np.ndarray, m
     if bad:
         raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {cfg.vocab_size})")
     longest = max(map(len, prompts))
-    S, N = bucket(longest), bucket(max_new_tokens)
+    S, N = pow2_bucket(longest, 16), pow2_bucket(max_new_tokens, 16)
     if S + N > cfg.max_seq_len:
         S, N = longest, max_new_tokens
     if S + N > cfg.max_seq_len:

@@ -18,7 +18,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import ModelConfig
-from moejax.nn.attention import Attention, LayerKV, rope_tables
+from moejax.nn.attention import (
+    Attention,
+    LayerKV,
+    PagedRows,
+    PagedSpec,
+    paged_attention,
+    rope_tables,
+    write_kv,
+)
 from moejax.nn.attention import attention_mask as make_attention_mask
 from moejax.nn.experts import SwiGLU
 from moejax.nn.moe import MoE
@@ -62,8 +70,27 @@ class ModelOutput(NamedTuple):
     aux: dict                # MoE statistics stacked over MoE layers, e.g. aux["load_balance_loss"] [n_moe]
 
 
+class PagedPart(NamedTuple):
+    """One part of a serving step's rows as a layer sees it: hidden states ``x [B, S, D]``, their paged-attention
+    inputs and, with a pre-gating router, the experts chosen for them (``expert_ids [B, S]``; None: the model's
+    routers)."""
+
+    x: jax.Array
+    rows: PagedRows
+    expert_ids: jax.Array | None = None
+
+
 class Block(nnx.Module):
-    """Pre-norm decoder block: attention then a dense or MoE SwiGLU FFN."""
+    """Pre-norm decoder block: attention then a dense or MoE SwiGLU FFN.
+
+    ``__call__`` is the dense forward (training, ``generate``). The serving entry points, which every serving
+    runner composes instead of re-implementing the layer: :meth:`paged_attention` (the attention sublayer over a
+    paged KV pool; :meth:`paged_qkv` and :meth:`paged_read` are its two halves), :meth:`ffn` /
+    :meth:`ffn_sublayer` (the FFN on normalized tokens / with its norm and residual, over several row groups in
+    one call), :meth:`route` and :meth:`apply_experts` (the MoE FFN split where a runner must act between
+    routing and the experts, e.g. to load offloaded weights) and :meth:`paged_layer` (a whole layer for decode
+    rows and prefill rows, the prefill rows passing only where the layer-group mask is set).
+    """
 
     def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
@@ -90,6 +117,124 @@ class Block(nnx.Module):
         else:
             f, aux = self.mlp(y), {}
         return x + f.astype(x.dtype), new_kv, aux
+
+    # ------------------------------------------------------------------------------------ serving entry points
+    def paged_qkv(self, x, rows: PagedRows):
+        """Pre-norm q, k, v ``[B, S, heads, hd]`` of rows ``x [B, S, D]`` (RoPE at ``rows``' positions)."""
+        return self.attn.qkv(self.attn_norm(x), None, rows.rope)
+
+    def paged_read(self, x, q, rows: PagedRows, kp, vp, li, spec: PagedSpec):
+        """``x`` plus the attention output of queries ``q`` whose keys/values are already in layer ``li`` of the
+        pool ``kp``/``vp`` (reads the pool only)."""
+        o = paged_attention(q, kp, vp, li, rows.tables, rows.pos, rows.lengths, spec.block_size, spec.impl,
+                            spec.kv_block)
+        return x + self.attn.out(o).astype(x.dtype)
+
+    def paged_attention(self, x, rows: PagedRows, kp, vp, li, spec: PagedSpec):
+        """The attention sublayer of rows ``x [B, S, D]`` over a paged KV pool: writes their new keys/values to
+        ``rows.slots`` of layer ``li`` and returns ``(x + attention, kp, vp)``."""
+        q, k, v = self.paged_qkv(x, rows)
+        kp, vp = write_kv(kp, vp, li, rows.slots, k, v)
+        return self.paged_read(x, q, rows, kp, vp, li, spec), kp, vp
+
+    def ffn(self, y, *, token_mask=None, expert_ids=None):
+        """The FFN on normalized tokens ``y [..., D]``: ``(out, aux)`` (``aux`` empty for a dense layer)."""
+        if self.kind == "moe":
+            return self.moe(y, token_mask=token_mask, expert_ids=expert_ids)
+        return self.mlp(y), {}
+
+    def ffn_input(self, parts):
+        """Normalized FFN inputs of several row groups ``[(x [B, S, D], valid [B, S], expert_ids or None), ...]``
+        as one token batch ``(y [T, D], mask [T], expert_ids [T] or None)`` (ids only if every group has them)."""
+        ys = [self.ffn_norm(x).reshape(-1, x.shape[-1]) for x, _, _ in parts]
+        ms = [m.reshape(-1) for _, m, _ in parts]
+        if any(i is None for _, _, i in parts):
+            return jnp.concatenate(ys), jnp.concatenate(ms), None
+        return jnp.concatenate(ys), jnp.concatenate(ms), jnp.concatenate([i.reshape(-1) for _, _, i in parts])
+
+    def ffn_sublayer(self, parts):
+        """The FFN sublayer of several row groups in one FFN call (one MoE call: each expert's weights are read
+        once for all of them). ``parts`` as in :meth:`ffn_input`; returns the groups' ``x + ffn`` and the number of
+        distinct experts routed to (0 for a dense layer)."""
+        y, mask, ids = self.ffn_input(parts)
+        f, aux = self.ffn(y, token_mask=mask, expert_ids=ids)
+        touched = jnp.sum(aux["expert_load"] > 0).astype(jnp.int32) if self.kind == "moe" else jnp.int32(0)
+        return add_residual([x for x, _, _ in parts], f), touched
+
+    def route(self, y, *, token_mask=None, expert_ids=None):
+        """The router's choice for normalized tokens ``y [T, D]`` as flat ``(expert_ids, weights, mask)``, each
+        ``[T, K]`` (MoE layers only)."""
+        moe = self.moe
+        r, _ = moe.route(y.astype(moe.dtype), token_mask=token_mask, expert_ids=expert_ids)
+        T, K = y.shape[0], r.expert_ids.shape[-1]
+        return r.expert_ids.reshape(T, K), r.weights.reshape(T, K), r.mask.reshape(T, K)
+
+    def apply_experts(self, y, expert_ids, weights, mask, **kwargs):
+        """The routed and shared experts on given routing (see :meth:`moejax.nn.moe.MoE.apply_experts`, which
+        takes the keyword arguments: ``expert_weights``, ``method``, ``block_rows``)."""
+        return self.moe.apply_experts(y, expert_ids, weights, mask, **kwargs)
+
+    def paged_layer(self, kp, vp, li, dec: PagedPart | None, pf: PagedPart | None, active=None, *,
+                    dec_spec: PagedSpec, pf_spec: PagedSpec | None = None):
+        """One layer of a serving step: decode rows ``dec`` and prefill rows ``pf`` (either may be None) over
+        layer ``li`` of the KV pool ``kp``/``vp``. Returns ``(x_dec, x_pf, kp, vp, experts_touched)``.
+
+        Without prefill rows: attention, then the FFN. With them, ``active`` (a traced bool: the layer-group
+        mask of layered prefill) says whether the prefill rows pass this layer: decode rows always pass;
+        prefill rows pass only where ``active``, and are then routed in the same MoE call as the decode rows (in
+        an inactive layer the MoE call holds the decode tokens alone, so a masked prefill token is never
+        dispatched to another group's experts). The KV pool never enters a ``lax.cond`` (a conditional that
+        updates the pool makes XLA copy the whole pool in every layer): the prefill projections run under a
+        first cond, the new K/V of both parts are written unconditionally (in an inactive layer the prefill rows'
+        writes are dropped: their slots point past the pool, so thousands of rows do not all hit one scratch
+        slot, which on GPUs serializes the scatter), and a second cond, which only reads the pool, runs the
+        prefill attention and the shared MoE call (or the decode rows' MoE call alone)."""
+        if pf is None:
+            xd, kp, vp = self.paged_attention(dec.x, dec.rows, kp, vp, li, dec_spec)
+            (xd,), touched = self.ffn_sublayer([(xd, dec.rows.valid, dec.expert_ids)])
+            return xd, None, kp, vp, touched
+        pf_spec = pf_spec or dec_spec
+        prows = pf.rows
+
+        def pf_qkv(x):
+            return self.paged_qkv(x, prows)
+
+        def pf_none(x):
+            return tuple(jnp.zeros(a.shape, a.dtype) for a in jax.eval_shape(pf_qkv, x))
+
+        qp, kpn, vpn = jax.lax.cond(active, pf_qkv, pf_none, pf.x)
+        kp, vp = write_kv(kp, vp, li, jnp.where(active, prows.slots, kp.shape[1]), kpn, vpn)  # past the pool: dropped
+        xd = None
+        if dec is not None:  # decode and prefill rows own their blocks: they share no slot but the scratch slot 0
+            qd, kd, vd = self.paged_qkv(dec.x, dec.rows)
+            kp, vp = write_kv(kp, vp, li, dec.rows.slots, kd, vd)
+            xd = self.paged_read(dec.x, qd, dec.rows, kp, vp, li, dec_spec)
+
+        def with_prefill(xd, xp, qp, kp, vp):
+            xp = self.paged_read(xp, qp, prows, kp, vp, li, pf_spec)
+            parts = [] if dec is None else [(xd, dec.rows.valid, dec.expert_ids)]
+            xs, touched = self.ffn_sublayer(parts + [(xp, prows.valid, pf.expert_ids)])
+            return (None if dec is None else xs[0]), xs[-1], touched
+
+        def decode_only(xd, xp, qp, kp, vp):
+            if dec is None:
+                return xd, xp, jnp.int32(0)
+            (xd,), touched = self.ffn_sublayer([(xd, dec.rows.valid, dec.expert_ids)])
+            return xd, xp, touched
+
+        xd, xp, touched = jax.lax.cond(active, with_prefill, decode_only, xd, pf.x, qp, kp, vp)
+        return xd, xp, kp, vp, touched
+
+
+def add_residual(xs, f):
+    """Split the FFN output ``f [T, D]`` of one call over several row groups ``xs`` (``[B, S, D]`` each, in the
+    order they were concatenated) and add each group's residual."""
+    out, i = [], 0
+    for x in xs:
+        n = x.shape[0] * x.shape[1]
+        out.append(x + f[i:i + n].reshape(x.shape).astype(x.dtype))
+        i += n
+    return out
 
 
 def layer_runs(cfg: ModelConfig) -> tuple[tuple[str, int, int], ...]:
@@ -145,6 +290,10 @@ class Transformer(nnx.Module):
         return KVCache(ks, vs, jnp.zeros((batch, max_len), bool))
 
     # -------------------------------------------------------------------------------------------- forward
+    def embed_tokens(self, tokens):
+        """Token embeddings ``[..., D]`` of ``tokens [...]`` in the compute dtype."""
+        return jnp.take(self.embed[...], tokens, axis=0).astype(dtype_of(self.cfg.dtype))
+
     def head(self, h):
         """Final norm + LM head: hidden ``[..., D]`` -> float32 logits ``[..., V]``."""
         h = self.final_norm(h)
@@ -187,7 +336,7 @@ class Transformer(nnx.Module):
         if hidden is not None:
             x = hidden
         else:
-            x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype_of(cfg.dtype))
+            x = self.embed_tokens(tokens)
         kv_valid = None
         if cache is not None:
             kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid_tok, cache_index, 1)

@@ -1,12 +1,21 @@
-"""Grouped-query attention with RoPE, optional QK-norm and q/k/v bias, and a contiguous KV cache.
+"""Grouped-query attention with RoPE, optional QK-norm and q/k/v bias, over a contiguous or a paged KV cache.
 
-Entry points: :meth:`Attention.__call__` without a cache (training / teacher forcing: causal attention within
-segments) and with a cache (prefill or decode: new keys/values are written at ``cache_index`` and queries
-attend to every valid cached column at or before their own). Softmax runs in float32.
+Dense entry points: :meth:`Attention.__call__` without a cache (training / teacher forcing: causal attention
+within segments) and with a contiguous cache (``generate``'s prefill or decode: new keys/values are written at
+``cache_index`` and queries attend to every valid cached column at or before their own).
+
+Paged entry points (the serving engine, offloaded serving): keys and values live in a pool of fixed-size blocks
+``[layers, num_blocks * block_size, KV, hd]`` (one pool per run of layers; a token's *slot* is
+``block * block_size + offset``) and each row reads its own through a block table. :class:`PagedRows` holds a
+batch of rows' per-step inputs (RoPE tables, positions, write slots, lengths, tables), :func:`write_kv` writes new
+keys/values, :func:`paged_attention` attends over a row's cached keys (an online-softmax loop over key blocks,
+or the ``pallas_kernels.paged_attention`` kernel). Softmax runs in float32 everywhere.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -14,9 +23,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.nn.norms import rms_norm
-from moejax.parallel import tensor_parallel as tp
+from moejax.nn.sharding import tensor_input, tensor_output
+from pallas_kernels.common import MASK_VALUE
 
-_NEG = -1e30
+QUERY_BLOCK = 512  # paged prefill queries are processed in blocks of this many to bound the score matrix
 
 
 class LayerKV(NamedTuple):
@@ -47,7 +57,7 @@ def attend(q, k, v, mask):
     qg = q.reshape(B, S, KV, H // KV, hd)
     s = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) / jnp.sqrt(
         jnp.float32(hd))
-    s = jnp.where(mask[:, None, None], s, _NEG)
+    s = jnp.where(mask[:, None, None], s, MASK_VALUE)
     p = jax.nn.softmax(s, axis=-1)
     p = jnp.where(mask[:, None, None], p, 0.0)  # rows with no valid key (padding queries) give zeros
     o = jnp.einsum("bkgst,btkd->bskgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
@@ -97,10 +107,10 @@ class Attention(nnx.Module):
             self.k_norm = nnx.Param(jnp.ones((head_dim,), param_dtype), logical_axes=("head_dim",))
 
     def qkv(self, x, positions, rope=None):
-        """q, k, v ``[B, S, heads, hd]`` with RoPE. Under :func:`~moejax.parallel.tensor_parallel.tensor_parallel`
-        the projections are column-parallel: the local heads only (``x`` replicated, its gradient summed)."""
+        """q, k, v ``[B, S, heads, hd]`` with RoPE. Under tensor parallelism (:mod:`moejax.nn.sharding`) the
+        projections are column-parallel: the local heads only (``x`` replicated, its gradient summed)."""
         dt = self.dtype
-        x = tp.copy_to_tensor(x.astype(dt))
+        x = tensor_input(x.astype(dt))
         q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
         k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
         v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
@@ -115,7 +125,7 @@ class Attention(nnx.Module):
     def out(self, o):
         """The output projection (row-parallel under tensor parallelism: partial sums over the local heads,
         summed over the tensor axis)."""
-        return tp.reduce_from_tensor(jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(self.dtype)))
+        return tensor_output(jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(self.dtype)))
 
     def __call__(self, x, positions, *, segment_ids=None, kv: LayerKV | None = None, cache_index=None,
                  kv_valid=None, rope=None, mask=None):
@@ -136,3 +146,140 @@ class Attention(nnx.Module):
         kc = jax.lax.dynamic_update_slice_in_dim(kv.k, k.astype(kv.k.dtype), cache_index, 1)
         vc = jax.lax.dynamic_update_slice_in_dim(kv.v, v.astype(kv.v.dtype), cache_index, 1)
         return self.out(attend(q, kc.astype(q.dtype), vc.astype(q.dtype), mask)), LayerKV(kc, vc)
+
+
+# ------------------------------------------------------------------------------------------------ paged cache
+@dataclass(frozen=True)
+class PagedSpec:
+    """Static settings of :func:`paged_attention` (hashable: a jit static argument).
+
+    Attributes:
+      block_size: tokens per KV block of the pool.
+      impl: ``"xla"`` (the key-block loop), ``"pallas"`` or ``"auto"`` (``pallas_kernels.paged_attention``).
+      kv_block: keys per block of the XLA loop (a multiple of ``block_size``; None: the whole table).
+    """
+
+    block_size: int
+    impl: str = "xla"
+    kv_block: int | None = None
+
+
+class PagedRows(NamedTuple):
+    """A batch of rows' paged-attention inputs for one step, the same for every layer.
+
+    Rows are left-padded: a row's queries end at position ``lengths - 1``.
+    """
+
+    rope: tuple          # (cos, sin) ``[B, S, hd]`` of the query positions
+    pos: jax.Array       # [B, S] query positions
+    slots: jax.Array     # [B, S] pool slots the new keys/values go to (0: the scratch slot, for padding)
+    lengths: jax.Array   # [B] cached tokens after this step (0: padding row)
+    tables: jax.Array    # [B, P] block tables
+    valid: jax.Array     # [B, S] real tokens
+
+
+def paged_slots(tables: jax.Array, pos: jax.Array, block_size: int) -> jax.Array:
+    """Pool slot of position ``pos`` (any shape ``[B, ...]``) through ``tables [B, P]``."""
+    blk = jnp.take_along_axis(tables, (pos // block_size).reshape(pos.shape[0], -1), axis=1).reshape(pos.shape)
+    return blk * block_size + pos % block_size
+
+
+def paged_rows(tables, pos, valid, lengths, *, block_size: int, head_dim: int, rope_theta: float) -> PagedRows:
+    """:class:`PagedRows` of rows at positions ``pos [B, S]`` (``valid [B, S]``: real tokens; padding tokens
+    write to the scratch slot 0) holding ``lengths [B]`` tokens after this step."""
+    slots = jnp.where(valid, paged_slots(tables, jnp.maximum(pos, 0), block_size), 0)
+    return PagedRows(rope_tables(pos, head_dim, rope_theta), pos, slots, lengths, tables, valid)
+
+
+def write_kv(kp, vp, li, slots, k, v):
+    """Write new keys/values ``[B, S, KV, hd]`` to pool slots ``slots [B, S]`` of layer ``li``. A slot past the
+    pool's end (``>= kp.shape[1]``) is skipped: no write at all, unlike the scratch slot 0 that padding rows use."""
+    flat = slots.reshape(-1)
+    kp = kp.at[li, flat].set(k.reshape(-1, *k.shape[2:]).astype(kp.dtype), mode="drop")
+    vp = vp.at[li, flat].set(v.reshape(-1, *v.shape[2:]).astype(vp.dtype), mode="drop")
+    return kp, vp
+
+
+def paged_attention(q, kp, vp, li, tables, qpos, lengths, block_size: int, impl: str = "xla", kv_block=None):
+    """Attention of ``q [B, Tq, H, hd]`` at positions ``qpos [B, Tq]`` over the row's cached keys in layer ``li``
+    of a pool ``kp``/``vp [layers, slots, KV, hd]``.
+
+    Rows are left-padded, so a row's queries end at position ``lengths - 1`` (the layout of
+    ``pallas_kernels.paged_attention``); queries see positions ``<= qpos`` and ``< lengths``, and queries with
+    no visible key give zeros. ``impl="xla"``: a loop over key blocks of ``kv_block`` tokens (a whole number
+    of pages; default the whole table) with an online softmax, as flash attention does. The loop's trip
+    count is a run-time value (the longest row's visible length), so the table width ``P`` can be the
+    engine's maximum without costing work for short contexts: the compiled step does not depend on context
+    length. Each block gathers its pages straight from the stacked per-run pool (no copy of layer ``li``'s
+    pages); long prefill query blocks are split (:data:`QUERY_BLOCK`) so the score matrix stays bounded. This
+    computes the math of ``pallas_kernels.paged_attention.paged_attention_reference``. ``impl="pallas"`` (or
+    ``"auto"``, which picks the kernel only where it was validated faster) calls the paged-attention kernel
+    on layer ``li``'s pages.
+    """
+    if impl != "xla":
+        from pallas_kernels.paged_attention import paged_attention as kernel
+
+        nb = kp.shape[1] // block_size
+        kl = kp[li].reshape(nb, block_size, *kp.shape[2:]).astype(q.dtype)
+        vl = vp[li].reshape(nb, block_size, *vp.shape[2:]).astype(q.dtype)
+        return kernel(q, kl, vl, tables, lengths, impl=impl)
+    B, P = tables.shape
+    kv_block = kv_block or P * block_size
+    if kv_block % block_size:
+        raise ValueError(f"kv_block={kv_block} must be a multiple of block_size={block_size}")
+    ppb = kv_block // block_size
+    if P % ppb:  # pad the table with the scratch block (never visible: beyond every length)
+        tables = jnp.pad(tables, ((0, 0), (0, ppb - P % ppb)))
+    attend_block = partial(_attend_key_blocks, kp=kp, vp=vp, li=li, tables=tables, lengths=lengths,
+                           block_size=block_size, kv_block=kv_block)
+    B, Tq, H, hd = q.shape
+    if Tq <= QUERY_BLOCK or Tq % QUERY_BLOCK:
+        return attend_block(q, qpos)
+    nq = Tq // QUERY_BLOCK
+    qs = jnp.moveaxis(q.reshape(B, nq, QUERY_BLOCK, H, hd), 1, 0)
+    ps = jnp.moveaxis(qpos.reshape(B, nq, QUERY_BLOCK), 1, 0)
+    out = jax.lax.map(lambda a: attend_block(*a), (qs, ps))
+    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+
+
+def _attend_key_blocks(qb, pb, *, kp, vp, li, tables, lengths, block_size, kv_block):
+    """``qb [B, Tb, H, hd]`` at positions ``pb [B, Tb]``: online softmax over the visible key blocks."""
+    B, Tb, H, hd = qb.shape
+    KV = kp.shape[2]
+    G = H // KV
+    ppb = kv_block // block_size
+    n_table_blocks = tables.shape[1] // ppb
+    scale = 1.0 / jnp.sqrt(jnp.float32(hd))
+    within = jnp.arange(kv_block)
+    qg = qb.reshape(B, Tb, KV, G, hd)
+    # keys needed: positions < min(length, max query position + 1) of any row
+    need = jnp.max(jnp.minimum(lengths, jnp.max(pb, axis=1) + 1))
+    n_blocks = jnp.clip((need + kv_block - 1) // kv_block, 0, n_table_blocks)
+
+    def body(j, carry):
+        m, den, acc = carry
+        tb = jax.lax.dynamic_slice_in_dim(tables, j * ppb, ppb, axis=1)
+        slots = (tb[:, :, None] * block_size + jnp.arange(block_size)).reshape(B, kv_block)
+        k = kp[li, slots].astype(qb.dtype)  # [B, kv_block, KV, hd]
+        v = vp[li, slots].astype(qb.dtype)
+        cols = j * kv_block + within
+        mask = (cols[None, None, :] <= pb[:, :, None]) & (cols[None, None, :] < lengths[:, None, None])
+        sc = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+        mk = mask[:, None, None]
+        sc = jnp.where(mk, sc, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+        p = jnp.where(mk, jnp.exp(sc - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        den = den * corr + jnp.sum(p, axis=-1)
+        acc = acc * corr[..., None] + jnp.einsum("bkgst,btkd->bkgsd", p.astype(v.dtype), v,
+                                                 preferred_element_type=jnp.float32)
+        return m_new, den, acc
+
+    init = (jnp.full((B, KV, G, Tb), MASK_VALUE, jnp.float32), jnp.zeros((B, KV, G, Tb), jnp.float32),
+            jnp.zeros((B, KV, G, Tb, hd), jnp.float32))
+    if n_table_blocks == 1:  # one key block covers the table: no loop (its overhead shows in decode steps)
+        _, den, acc = body(0, init)
+    else:
+        _, den, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    o = acc / jnp.where(den > 0, den, 1.0)[..., None]  # no visible key: zeros
+    return jnp.moveaxis(o, 3, 1).reshape(B, Tb, H, hd).astype(qb.dtype)

@@ -1,7 +1,11 @@
 """Serving with experts offloaded to storage: a layer-by-layer engine step over a byte-budgeted expert cache.
 
-The in-memory engine step (:func:`moejax.serve.step.engine_step`) is one jitted program over all layers. With
-offloading, the experts a layer needs are known only after its router runs, so the step runs layer by layer:
+:class:`OffloadRunner` is a :class:`~moejax.serve.runner.ModelRunner` for the serving engine:
+``Engine(model, runner=OffloadRunner(model, engine_cfg, OffloadConfig(...)))``. The in-memory engine step
+(:func:`moejax.serve.step.engine_step`) is one jitted program over all layers. With offloading, the experts a
+layer needs are known only after its router runs, so the step runs layer by layer, composing the model's own
+serving entry points (:class:`~moejax.models.transformer.Block`: ``paged_attention``, ``ffn_input``, ``route``,
+``apply_experts``):
 
 1. attention of the decode rows (and of the prefill rows when the layer is in the active prefill group), the
    FFN norm and the router: one jitted call;
@@ -30,23 +34,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.models.transformer import add_residual
 from moejax.nn import dispatch as dsp
-from moejax.nn.experts import moe_swiglu_tiles
+from moejax.nn.attention import PagedSpec
 from moejax.offload.cache import ExpertCache
+from moejax.offload.pregate import plan_expert_ids
 from moejax.offload.store import (
     EXPERT_TENSORS,
     ExpertStore,
     anon_rss_bytes,
-    expert_param_names,
 )
 from moejax.serve.kv_cache import KVPool
-from moejax.serve.step import (
-    add_ffn,
-    ffn_rows,
-    finish_step,
-    layer_attention,
-    prepare_rows,
-)
+from moejax.serve.runner import ModelRunner
+from moejax.serve.step import StepOutput, finish_step, prepare_rows
 
 
 @dataclass(frozen=True)
@@ -154,43 +154,31 @@ def _prepare(gdef, state, dec, pf, pf_hidden, dec_ids, pf_ids, *, block_size, us
                         dec_ids=dec_ids, pf_ids=pf_ids)
 
 
-@partial(jax.jit, static_argnames=("gdef", "block_size", "impl", "route", "kv_block"), donate_argnames=("kp", "vp"))
-def _attention(gdef, st, kp, vp, li, xs, ctxs, *, block_size, impl, route, kv_block=None):
+@partial(jax.jit, static_argnames=("gdef", "spec", "route"), donate_argnames=("kp", "vp"))
+def _attention(gdef, st, kp, vp, li, parts, *, spec, route):
+    """The attention sublayer of each part, then the FFN input of all of them (and their routing)."""
     blk = nnx.merge(gdef, st)
-    parts = []
-    for x, ctx in zip(xs, ctxs):
-        x, kp, vp = layer_attention(blk, x, ctx, kp, vp, li, block_size=block_size, impl=impl, kv_block=kv_block)
-        parts.append(x)
-    y, m, ids = ffn_rows(blk, [(x, c.valid) for x, c in zip(parts, ctxs)], [c.expert_ids for c in ctxs])
-    if not route:
-        return parts, kp, vp, y, m, None
-    moe = blk.moe
-    yt = y.astype(moe.dtype)
-    r, _ = moe.route(yt, token_mask=m, expert_ids=ids)
-    T = y.shape[0]
-    K = r.expert_ids.shape[-1]
-    return parts, kp, vp, y, m, (r.expert_ids.reshape(T, K), r.weights.reshape(T, K), r.mask.reshape(T, K))
+    xs = []
+    for part in parts:
+        x, kp, vp = blk.paged_attention(part.x, part.rows, kp, vp, li, spec)
+        xs.append(x)
+    y, m, ids = blk.ffn_input([(x, p.rows.valid, p.expert_ids) for x, p in zip(xs, parts, strict=True)])
+    return xs, kp, vp, y, m, (blk.route(y, token_mask=m, expert_ids=ids) if route else None)
 
 
 @partial(jax.jit, static_argnames=("gdef", "block_rows"))
 def _experts(gdef, st, y, ids, w, rm, id_map, swg, swu, swd, *, block_rows):
-    moe = nnx.merge(gdef, st).moe
-    yt = y.astype(moe.dtype)
-    layout = dsp.dropless_layout(id_map[ids], rm, swg.shape[0], block_rows)
-    out = moe_swiglu_tiles(yt, swg, swu, swd, layout, w, block_rows)
-    if moe.cfg.num_shared_experts:
-        out = out + moe.shared_output(yt)
-    return out.astype(y.dtype)
+    """The routed experts from the slot buffer (expert ids remapped to slots) plus the shared experts."""
+    return nnx.merge(gdef, st).apply_experts(y, id_map[ids], w, rm, expert_weights=(swg, swu, swd), method="tiles",
+                                             block_rows=block_rows)
 
 
 @partial(jax.jit, static_argnames=("gdef",))
 def _mlp(gdef, st, y):
-    return nnx.merge(gdef, st).mlp(y)
+    return nnx.merge(gdef, st).ffn(y)[0]
 
 
-@jax.jit
-def _residual(xs, masks, f):
-    return add_ffn(list(zip(xs, masks)), f)
+_residual = jax.jit(add_residual)
 
 
 @partial(jax.jit, donate_argnums=(0, 1, 2))
@@ -210,16 +198,28 @@ def _finish(gdef, state, xd, xp, dec, pf, touched, *, return_logits):
     return finish_step(nnx.merge(gdef, state), xd, xp, dec, pf, touched, None, return_logits)
 
 
-class OffloadRuntime:
-    """Layer-by-layer engine step with experts read from storage into a budgeted slot buffer."""
+class OffloadRunner(ModelRunner):
+    """A :class:`~moejax.serve.runner.ModelRunner` whose step runs layer by layer with the experts read from
+    storage into a budgeted slot buffer (see the module docstring).
 
-    def __init__(self, model, cfg: OffloadConfig, *, block_size: int, attn_impl: str = "xla",
-                 kv_block: int | None = None):
-        self.cfg = cfg
+    ``model``: :func:`load_offloaded_model` of the store (its expert weights are empty placeholders); ``cfg``:
+    the engine's :class:`~moejax.serve.engine.EngineConfig`; ``offload``: the :class:`OffloadConfig`;
+    ``pregate``: a :class:`~moejax.offload.pregate.PreGate` whose experts every MoE layer uses (Read-ME; the
+    Belady and predictive policies need it). No ahead-of-time warm-up (the pieces compile on first use), no
+    multi-step decoding, no prompt scoring.
+    """
+
+    pad_decode_with_prefill = False
+    supports_multi_step = False
+
+    def __init__(self, model, cfg, offload: OffloadConfig, *, pregate=None):
+        if model.cfg.moe is None:
+            raise ValueError("expert offloading needs an MoE model")
+        super().__init__(model, cfg)
+        self.offload, self.pregate = offload, pregate
+        cfg = offload
         self.store = ExpertStore(cfg.store, io=cfg.io, bandwidth=cfg.bandwidth)
         mcfg = model.cfg
-        if mcfg.moe is None:
-            raise ValueError("expert offloading needs an MoE model")
         scfg = self.store.config()
         for f in ("d_model", "n_layers", "vocab_size"):
             if getattr(scfg, f) != getattr(mcfg, f):
@@ -227,8 +227,7 @@ class OffloadRuntime:
                                  f"({f}={getattr(scfg, f)} vs {getattr(mcfg, f)})")
         if mcfg.moe.dispatch != "dropless":
             raise ValueError("expert offloading supports MoEConfig.dispatch='dropless' only")
-        self.model, self.mcfg = model, mcfg
-        self.block_size, self.attn_impl, self.kv_block = block_size, attn_impl, kv_block
+        self.spec = PagedSpec(self.cfg.block_size, self.cfg.attn_impl, self.cfg.kv_block)
         self.E = mcfg.moe.num_experts
         self.quant = self.store.quant
         if (self.quant is None) != (cfg.bits is None):
@@ -268,9 +267,7 @@ class OffloadRuntime:
         self._n_steps = 0
         self.cache = ExpertCache(self.n_slots * self.expert_bytes if self.quant is None else cfg.budget_bytes,
                                  cfg.policy, **pred)
-        self.gdef, self.state = nnx.split(model)
         # per-layer (graphdef, state) of the blocks; expert weights are excluded (they live in the slots)
-        names = expert_param_names(model)
         self.layers = []
         for r, (kind, first, n) in enumerate(model.runs):
             gd, st = nnx.split(model.stacks[r])
@@ -278,7 +275,6 @@ class OffloadRuntime:
                 st = _drop_experts(st)
             for li in range(n):
                 self.layers.append((r, li, kind, gd, jax.tree.map(lambda a, li=li: a[li], st)))
-        del names
         D, F = mcfg.d_model, mcfg.moe.d_ff
         pdt = jnp.dtype(mcfg.param_dtype)
         self.swg = jnp.zeros((self.n_slots, D, F), pdt)
@@ -286,7 +282,7 @@ class OffloadRuntime:
         self.swd = jnp.zeros((self.n_slots, F, D), pdt)
         self.slot_of: dict[tuple[int, int], int] = {}
         self.free_slots = list(range(self.n_slots - 1, -1, -1))
-        self.pool = ThreadPoolExecutor(max_workers=cfg.loader_threads, thread_name_prefix="moejax-expert-io")
+        self.loaders = ThreadPoolExecutor(max_workers=cfg.loader_threads, thread_name_prefix="moejax-expert-io")
         self.stats = OffloadStats()
 
     # ----------------------------------------------------------------------------------------- cache
@@ -309,7 +305,7 @@ class OffloadRuntime:
         if not keys:
             return []
         t0 = time.perf_counter()
-        futs = [(k, self.pool.submit(self.store.read, *k)) for k in keys]
+        futs = [(k, self.loaders.submit(self.store.read, *k)) for k in keys]
         out = [(k, fut.result()) for k, fut in futs]
         self.stats.bytes_read += sum(size_of(k) for k in keys)
         self.stats.stall_s += time.perf_counter() - t0
@@ -320,7 +316,7 @@ class OffloadRuntime:
         pinned = [(layer, e) for e in experts]
         if len(pinned) > self.n_slots:
             raise ValueError(f"layer {layer} needs {len(pinned)} experts this iteration but the budget holds "
-                             f"{self.n_slots} ({self.cfg.budget_bytes} bytes); raise budget_bytes or lower the batch")
+                             f"{self.n_slots} ({self.offload.budget_bytes} bytes); raise budget_bytes or lower the batch")
         misses = self._access(pinned, lambda k: self.expert_bytes,
                               lambda v: self.free_slots.append(self.slot_of.pop(v)))
         for k in misses:
@@ -344,26 +340,26 @@ class OffloadRuntime:
         E, bits_set = self.E, self.qbits
         ids = np.where(rm_h, ids_h, -1)
         active = sorted(set(ids[ids >= 0].tolist()))
-        if self.cfg.bits == "router":
+        if self.offload.bits == "router":
             # the tighter of the layer's memory share (bytes) and the average-width budget (OffloadConfig.avg_bits)
             a = assign_bits(ids, np.where(rm_h, w_h, 0.0), E, allowed_bits=bits_set,
-                            budget_bytes=self.cfg.budget_bytes / self.n_moe, plane_nbytes=self.plane_bytes,
-                            avg_bits=self.cfg.avg_bits, strict=False)
+                            budget_bytes=self.offload.budget_bytes / self.n_moe, plane_nbytes=self.plane_bytes,
+                            avg_bits=self.offload.avg_bits, strict=False)
             bits = [int(b or 0) for b in a.bits]
             order = hebf_order(bits, a.importance, bits_set, plane_cost=self.plane_bytes)
             hot = sorted(active, key=lambda e: (-a.importance[e], e))
         else:
-            bits = [self.cfg.bits if e in active else 0 for e in range(E)]
-            order = [(e, p) for e in active for p in range(bits_set.index(self.cfg.bits) + 1)]
+            bits = [self.offload.bits if e in active else 0 for e in range(E)]
+            order = [(e, p) for e in active for p in range(bits_set.index(self.offload.bits) + 1)]
             hot = active
         pinned = [(layer, e, p) for e, p in order]
         need = sum(self.plane_bytes[p] for _, _, p in pinned)
-        if need > self.cfg.budget_bytes:
+        if need > self.offload.budget_bytes:
             raise ValueError(f"layer {layer} needs {need} bytes of planes this iteration but "
-                             f"OffloadConfig.budget_bytes={self.cfg.budget_bytes}")
+                             f"OffloadConfig.budget_bytes={self.offload.budget_bytes}")
         plane_size = lambda k: self.plane_bytes[k[2]]
         misses = self._access(pinned, plane_size, lambda v: self.resident.pop(v, None))
-        futs = {k: self.pool.submit(self.store.read, *k) for k in misses}  # HEBF order
+        futs = {k: self.loaders.submit(self.store.read, *k) for k in misses}  # HEBF order
         self.stats.bytes_read += sum(plane_size(k) for k in misses)
         for e in hot:
             n = bits_set.index(bits[e]) + 1
@@ -394,69 +390,88 @@ class OffloadRuntime:
                                                    dtype=jnp.dtype(self.mcfg.param_dtype))
 
     # ----------------------------------------------------------------------------------------- step
+    # ----------------------------------------------------------------------------------------- runner
+    def _layer_states(self, model):
+        return None  # the step runs layer by layer on per-layer states of its own (``self.layers``)
+
+    def expert_ids(self, plan, dec, pf):
+        if self.pregate is None:
+            return None, None
+        return plan_expert_ids(self.pregate, plan, dec, pf)
+
+    def run_step(self, dec, pf, hidden, group, use_hidden: bool, dec_ids=None, pf_ids=None) -> StepOutput:
+        return self.step(self.pool, dec, pf, hidden, group, use_hidden=use_hidden,
+                         return_logits=self.cfg.record_logits, dec_ids=dec_ids, pf_ids=pf_ids)
+
+    def warmup(self, shapes, **kwargs):
+        raise ValueError("warm-up is not available with offloaded experts (the offload step runs layer by layer "
+                         "and compiles its pieces on first use)")
+
+    def score_prompt(self, ids):
+        raise NotImplementedError("prompt log-probabilities (echo with logprobs) are not available with "
+                                  "offloaded experts")
+
     def step(self, pool: KVPool, dec, pf, pf_hidden, group, *, use_hidden: bool, return_logits: bool,
              dec_ids=None, pf_ids=None):
-        """One engine iteration; returns a :class:`moejax.serve.step.StepOutput`.
+        """One engine iteration over ``pool`` (the runner's own for :meth:`run_step`); returns a
+        :class:`moejax.serve.step.StepOutput`.
 
         With pre-gated expert ids (``dec_ids [Bd]``, ``pf_ids [Bp, Tp]`` as numpy arrays) every layer's experts
         are known before the step runs: the Belady policy gets this iteration's exact access sequence.
         """
-        from moejax.serve.step import StepOutput
-
         t0 = time.perf_counter()
         mcfg = self.mcfg
         lo, hi = int(group[0]), int(group[1])
-        if self.cfg.policy in ("belady", "predictive"):
+        if self.offload.policy in ("belady", "predictive"):
             if dec_ids is None and pf_ids is None:
-                raise ValueError(f"the {self.cfg.policy} policy needs future routing: serve with a pre-gating router")
+                raise ValueError(f"the {self.offload.policy} policy needs future routing: serve with a pre-gating router")
             self.cache.set_future(self.lookahead(dec, pf, dec_ids, pf_ids, lo, hi))
-            if self.cfg.policy == "predictive":
-                if self.cfg.online_prior is not None:
+            if self.offload.policy == "predictive":
+                if self.offload.online_prior is not None:
                     self.cache.observe_transitions(self.known_transitions(dec, pf, dec_ids, pf_ids, lo))
                 self.cache.set_state(self.current_experts(dec, pf, dec_ids, pf_ids))
-        xd, xp, dctx, pctx = _prepare(self.gdef, self.state, dec, pf, pf_hidden,
-                                      None if dec_ids is None else jnp.asarray(dec_ids),
-                                      None if pf_ids is None else jnp.asarray(pf_ids),
-                                      block_size=self.block_size, use_hidden=use_hidden)
+        dpart, ppart = _prepare(self.gdef, self.state, dec, pf, pf_hidden,
+                                None if dec_ids is None else jnp.asarray(dec_ids),
+                                None if pf_ids is None else jnp.asarray(pf_ids),
+                                block_size=self.cfg.block_size, use_hidden=use_hidden)
         ks, vs = list(pool.k), list(pool.v)
         touched = np.zeros(mcfg.n_layers, np.int32)
         for layer, (r, li, kind, gd, st) in enumerate(self.layers):
-            rows = []
-            if dec is not None:
-                rows.append(("d", xd, dctx))
-            if pf is not None and lo <= layer < hi:
-                rows.append(("p", xp, pctx))
-            if not rows:
+            names = (["d"] if dec is not None else []) + (["p"] if pf is not None and lo <= layer < hi else [])
+            if not names:
                 continue
-            xs, ctxs = [x for _, x, _ in rows], [c for _, _, c in rows]
-            outs, ks[r], vs[r], y, _, routing = _attention(gd, st, ks[r], vs[r], jnp.int32(li), xs, ctxs,
-                                                           block_size=self.block_size, impl=self.attn_impl, kv_block=self.kv_block,
-                                                           route=kind == "moe")
+            parts = [dpart if n == "d" else ppart for n in names]
+            xs, ks[r], vs[r], y, _, routing = _attention(gd, st, ks[r], vs[r], jnp.int32(li), parts, spec=self.spec,
+                                                         route=kind == "moe")
             if kind == "moe":
-                ids, w, rm = routing
-                ids_h, w_h, rm_h = jax.device_get((ids, w, rm))
-                needed = sorted(set(ids_h[rm_h].tolist()))
-                touched[layer] = len(needed)
-                if self.quant is not None:
-                    id_map = self.ensure_quantized(layer, ids_h, w_h, rm_h)
-                else:
-                    id_map = self.ensure(layer, needed)
-                T, K = ids_h.shape
-                bt = mcfg.moe.block_rows or dsp.default_block_rows(T * K, self.E)
-                f = _experts(gd, st, y, ids, w, rm, jnp.asarray(id_map), self.swg, self.swu, self.swd,
-                             block_rows=bt)
+                f = self._moe_layer(layer, gd, st, y, routing, touched)
             else:
                 f = _mlp(gd, st, y)
-            new = _residual(outs, [c.valid for c in ctxs], f)
-            for (tag, _, _), x in zip(rows, new):
-                if tag == "d":
-                    xd = x
+            for n, x in zip(names, _residual(xs, f), strict=True):
+                if n == "d":
+                    dpart = dpart._replace(x=x)
                 else:
-                    xp = x
+                    ppart = ppart._replace(x=x)
+        xd = None if dpart is None else dpart.x
+        xp = None if ppart is None else ppart.x
         out = _finish(self.gdef, self.state, xd, xp, dec, pf, jnp.asarray(touched), return_logits=return_logits)
         self.stats.step_s += time.perf_counter() - t0
         self.stats.peak_anon_rss = max(self.stats.peak_anon_rss, anon_rss_bytes())
         return StepOutput(*out[:-1], KVPool(tuple(ks), tuple(vs)))
+
+    def _moe_layer(self, layer, gd, st, y, routing, touched):
+        """Make the routed experts of ``layer`` resident (cache decisions, reads, decoding) and run them."""
+        ids, w, rm = routing
+        ids_h, w_h, rm_h = jax.device_get((ids, w, rm))
+        needed = sorted(set(ids_h[rm_h].tolist()))
+        touched[layer] = len(needed)
+        if self.quant is not None:
+            id_map = self.ensure_quantized(layer, ids_h, w_h, rm_h)
+        else:
+            id_map = self.ensure(layer, needed)
+        T, K = ids_h.shape
+        bt = self.mcfg.moe.block_rows or dsp.default_block_rows(T * K, self.E)
+        return _experts(gd, st, y, ids, w, rm, jnp.asarray(id_map), self.swg, self.swu, self.swd, block_rows=bt)
 
     def lookahead(self, dec, pf, dec_ids, pf_ids, lo, hi) -> list[tuple[int, int]]:
         """This iteration's (layer, expert) accesses in execution order, from pre-gated ids."""
@@ -490,7 +505,7 @@ class OffloadRuntime:
         prefill chunks, and from each row's previous token (remembered by its KV block and position for two
         iterations) to its first token here. Only tokens already known are used. A prefill chunk continuing in
         a later layer group (``lo > 0``) was counted when its first group ran."""
-        bs, step = self.block_size, self._n_steps
+        bs, step = self.cfg.block_size, self._n_steps
         self._n_steps += 1
         seen, pairs = self._last_expert, []
 
@@ -524,7 +539,8 @@ class OffloadRuntime:
         return pairs
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        """Stop the loader threads and close the store."""
+        self.loaders.shutdown(wait=True)
         self.store.close()
 
 

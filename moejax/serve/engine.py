@@ -10,14 +10,21 @@ Usage::
 
     results = engine.generate(prompts, SamplingParams(max_tokens=64, temperature=0))   # offline
 
-Each :meth:`Engine.step` asks the scheduler for a :class:`~moejax.serve.scheduler.Plan`, packs it into
-fixed shape buckets, runs the jitted :func:`~moejax.serve.step.engine_step`, samples on device, and hands back
-per-request deltas. The buckets: decode rows are rounded up to a power of two (to the full batch next to a
-prefill), prefill rows to a power of two and prefill tokens to a power of two and then to multiples of 512;
-block tables always span ``max_model_len`` (attention loops over key blocks up to the longest row at run time)
-and the layer group is a run-time value, so the compiled programs do not depend on context length or layer
-group: :meth:`Engine.warmup` compiles all of them ahead of time (no recompilation in steady state). :meth:`add_request` and
-:meth:`abort` may be called from another thread: they are queued and applied at the start of the next step.
+The engine is the loop between a scheduler and a runner (vLLM v1's split): each :meth:`Engine.step` asks the
+:class:`~moejax.serve.scheduler.Scheduler` for a :class:`~moejax.serve.scheduler.Plan`, has the
+:class:`~moejax.serve.runner.ModelRunner` execute it (packing into fixed shape buckets, the jitted
+:func:`~moejax.serve.step.engine_step`, sampling on device), hands the sampled tokens back to the scheduler
+(:meth:`~moejax.serve.scheduler.Scheduler.update_from_output`: request state, finishing) and returns
+per-request deltas, recording metrics. The buckets: decode rows are rounded up to a power of two (to the full
+batch next to a prefill), prefill rows to a power of two and prefill tokens to a power of two and then to
+multiples of ``prefill_token_step``; block tables always span ``max_model_len`` (attention loops over key
+blocks up to the longest row at run time) and the layer group is a run-time value, so the compiled programs do
+not depend on context length or layer group: :meth:`Engine.warmup` compiles all of them ahead of time (no
+recompilation in steady state). :meth:`add_request` and :meth:`abort` may be called from another thread: they
+are queued and applied at the start of the next step.
+
+Serving that runs the model differently passes its own runner: ``Engine(model, runner=OffloadRunner(...))``
+(:mod:`moejax.offload.runtime`) or :class:`~moejax.offload.pregate.PreGatedRunner`.
 """
 
 from __future__ import annotations
@@ -29,34 +36,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from moejax.models.generate import bucket as pow2
-from moejax.models.transformer import dtype_of, resolve_layer_loop, unstack_layers
-from moejax.serve.kv_cache import BlockAllocator, KVPool
+from moejax.serve.kv_cache import BlockAllocator
 from moejax.serve.metrics import (
     IterationStats,
     PrometheusMetrics,
     RequestMetrics,
     summarize,
 )
+from moejax.serve.runner import ModelRunner, StepResult
 from moejax.serve.scheduler import (
+    Emitted,
     Plan,
     Request,
     SchedulerConfig,
-    Status,
     make_scheduler,
 )
-from moejax.serve.step import (
-    TOP_LOGPROBS,
-    DecodeBatch,
-    PrefillBatch,
-    engine_decode_steps,
-    engine_step,
-)
+from moejax.serve.step import TOP_LOGPROBS
 
 
 @dataclass(frozen=True)
@@ -125,10 +122,6 @@ class EngineConfig:
         ``unroll`` keeps a per-layer copy of the stacked layer weights (twice the layer weights' memory while
         the model also holds them) and compiles one call per layer, which on CPU saves copying every layer's
         weights out of the stack on every step.
-      offload: a :class:`moejax.offload.runtime.OffloadConfig` to serve with experts on storage and only
-        ``budget_bytes`` of them in memory (the step then runs layer by layer; see ``moejax/offload``).
-      pregate: a :class:`moejax.models.readme.PreGate`: every MoE layer uses the experts it picks from the
-        token ids (Read-ME), known before the step runs (the offload cache's Belady policy uses them).
       decode_steps: multi-step decoding (as vLLM's multi-step scheduling): when an iteration would only
         decode (no prompt to prefill, none waiting), run this many decode iterations in one compiled call,
         feeding the sampled tokens back on the device, so the host's per-iteration work (scheduling, packing,
@@ -153,8 +146,6 @@ class EngineConfig:
     prefill_kv_block: int | None = None
     attn_impl: str = "xla"
     layer_loop: str = "auto"
-    offload: object | None = None
-    pregate: object | None = None
     decode_steps: int = 1
 
 
@@ -196,24 +187,6 @@ class Completion:
     logits: np.ndarray | None = None     # [n_tokens, V] with EngineConfig.record_logits
 
 
-def _bucket_edges(longest: int, minimum: int, linear_from: int = 512) -> list[int]:
-    """Lengths that reach every bucket of :func:`shape_bucket` up to ``longest``."""
-    edges, b = [], minimum
-    while b < min(longest, linear_from):
-        edges.append(b)
-        b *= 2
-    edges.append(min(longest, max(b, minimum)))
-    edges += list(range(linear_from * 2, longest, linear_from))
-    return sorted(set(edges + [longest]))
-
-
-def shape_bucket(n: int, minimum: int = 1, linear_from: int = 512) -> int:
-    """Shape bucket: powers of two up to ``linear_from``, then multiples of it (long prompts waste < 1/k)."""
-    if n <= linear_from:
-        return pow2(n, minimum)
-    return -(-n // linear_from) * linear_from
-
-
 class _Entry:
     __slots__ = ("callback", "logits", "logprobs", "metrics", "req", "tops")
 
@@ -223,52 +196,28 @@ class _Entry:
 
 
 class Engine:
-    """Continuous-batching engine for a :class:`~moejax.models.transformer.Transformer`."""
+    """Continuous-batching engine for a :class:`~moejax.models.transformer.Transformer`.
 
-    def __init__(self, model, cfg: EngineConfig | None = None, *, model_name: str = "moejax"):
-        cfg = cfg or EngineConfig()
+    ``runner``: the :class:`~moejax.serve.runner.ModelRunner` that executes the plans (default: one over
+    ``model`` in memory, built from ``cfg``); a runner built elsewhere carries its own ``EngineConfig``
+    (``cfg`` may then be omitted, or must be that config).
+    """
+
+    def __init__(self, model, cfg: EngineConfig | None = None, *, runner: ModelRunner | None = None,
+                 model_name: str = "moejax"):
+        if runner is None:
+            runner = ModelRunner(model, cfg or EngineConfig())
+        elif runner.model is not model:
+            raise ValueError("Engine(model, runner=...): the runner was built for another model")
+        elif cfg is not None and cfg != runner.cfg:
+            raise ValueError("Engine(cfg=..., runner=...): cfg differs from the runner's EngineConfig (pass one)")
+        cfg = runner.cfg
         mcfg = model.cfg
-        self.model, self.cfg, self.mcfg = model, cfg, mcfg
+        self.model, self.cfg, self.mcfg, self.runner = model, cfg, mcfg, runner
         self.model_name = model_name
-        self.max_model_len = cfg.max_model_len or mcfg.max_seq_len
-        if self.max_model_len > mcfg.max_seq_len:
-            raise ValueError(f"EngineConfig.max_model_len={self.max_model_len} exceeds ModelConfig.max_seq_len="
-                             f"{mcfg.max_seq_len}")
-        if cfg.block_size < 1:
-            raise ValueError(f"EngineConfig.block_size={cfg.block_size} must be >= 1")
-        if cfg.kv_block < cfg.block_size or cfg.kv_block % cfg.block_size:
-            raise ValueError(f"EngineConfig.kv_block={cfg.kv_block} must be a positive multiple of "
-                             f"block_size={cfg.block_size}")
-        step = cfg.prefill_token_step
-        if not isinstance(step, int) or step < cfg.min_prefill_tokens or step & (step - 1):
-            raise ValueError(f"EngineConfig.prefill_token_step={step!r} must be a power of two >= "
-                             f"min_prefill_tokens={cfg.min_prefill_tokens}")
-        k = cfg.decode_steps
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"EngineConfig.decode_steps={k!r} must be an integer >= 1")
-        pkb = cfg.prefill_kv_block
-        if pkb is None:
-            pkb = max(cfg.block_size, min(cfg.kv_block, 128) // cfg.block_size * cfg.block_size)
-        if not isinstance(pkb, int) or pkb < cfg.block_size or pkb % cfg.block_size:
-            raise ValueError(f"EngineConfig.prefill_kv_block={pkb!r} must be a positive multiple of "
-                             f"block_size={cfg.block_size}")
-        self.prefill_kv_block = pkb
-        ppb = cfg.kv_block // cfg.block_size
-        # block-table width: the whole context, rounded up to whole key blocks
-        self.max_pages = -(-math.ceil(self.max_model_len / cfg.block_size) // ppb) * ppb
-        if cfg.attn_impl not in ("xla", "pallas", "auto"):
-            raise ValueError(f"EngineConfig.attn_impl={cfg.attn_impl!r}; allowed: 'xla', 'pallas', 'auto'")
-        num_blocks = cfg.num_blocks or 1 + cfg.sched.max_num_seqs * math.ceil(self.max_model_len / cfg.block_size)
-        self.gdef, self.state = nnx.split(model)
-        self.layer_states = None
-        if cfg.offload is None and resolve_layer_loop(cfg.layer_loop) == "unroll":
-            self.layer_states = unstack_layers(model)
-        self.alloc = BlockAllocator(num_blocks, cfg.block_size, enable_prefix_cache=cfg.enable_prefix_cache)
-        self.scheduler = make_scheduler(cfg.scheduler, cfg.sched, self.alloc, mcfg.n_layers)
-        self.pool = KVPool.create(model.runs, num_blocks, cfg.block_size, mcfg.n_kv_heads, mcfg.resolved_head_dim,
-                                  dtype_of(mcfg.dtype))
-        m = mcfg.moe
-        self.expert_bytes = 0 if m is None else 3 * mcfg.d_model * m.d_ff * jnp.dtype(dtype_of(mcfg.param_dtype)).itemsize
+        self.max_model_len = runner.max_model_len
+        self.alloc = BlockAllocator(runner.num_blocks, cfg.block_size, enable_prefix_cache=cfg.enable_prefix_cache)
+        self.scheduler = make_scheduler(cfg.scheduler, cfg.sched, self.alloc, mcfg.n_layers, self.max_model_len)
         self.entries: dict[str, _Entry] = {}
         self.finished_metrics: list[RequestMetrics] = []
         self.iterations: list[IterationStats] = []
@@ -276,16 +225,6 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
         self._rng = np.random.default_rng(0)
-        self._pf_hidden = None
-        self._zeros = None
-        self._group: dict | None = None  # outputs of a multi-step call, per request (see _step_multi)
-        self.compiled_shapes: set[tuple] = set()  # step shapes compiled so far (by warmup or by a step)
-        self.runtime = None
-        if cfg.offload is not None:
-            from moejax.offload.runtime import OffloadRuntime
-
-            self.runtime = OffloadRuntime(model, cfg.offload, block_size=cfg.block_size, attn_impl=cfg.attn_impl,
-                                          kv_block=cfg.kv_block)
 
     # ----------------------------------------------------------------------------------------- requests
     def validate_prompt(self, prompt: Sequence[int]) -> list[int]:
@@ -336,13 +275,8 @@ class Engine:
                 self.scheduler.add(x.req)
             else:
                 e = self.entries.get(x)
-                if e is None:
-                    continue
-                sched = self.scheduler
-                if getattr(sched, "batch", None) and e.req in sched.batch:
-                    e.req.aborted = True  # in flight through the layer groups: dropped when the prompt lands
-                    continue
-                self._finish(e, "abort", outputs)
+                if e is not None and self.scheduler.abort(e.req):  # else: in flight, finished when it lands
+                    self._finalize(e, outputs)
 
     def has_unfinished(self) -> bool:
         return bool(self.entries) or not self._inbox.empty()
@@ -355,11 +289,22 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    @property
+    def pool(self):
+        """The runner's KV pool."""
+        return self.runner.pool
+
+    @property
+    def compiled_shapes(self) -> set[tuple]:
+        """Step shapes the runner has compiled so far (by :meth:`warmup` or by a step)."""
+        return self.runner.compiled_shapes
+
     # ----------------------------------------------------------------------------------------- stepping
-    def _finish(self, e: _Entry, reason: str, outputs: list[RequestOutput], emit_tokens=None):
+    def _finalize(self, e: _Entry, outputs: list[RequestOutput], emit_tokens: RequestOutput | None = None,
+                  group: dict | None = None):
+        """Report a request the scheduler finished: metrics, and its last output."""
         req = e.req
-        self.scheduler.remove(req)
-        req.status, req.finish_reason = Status.FINISHED, reason
+        reason = req.finish_reason
         e.metrics.finish = time.perf_counter()
         e.metrics.preemptions = req.num_preemptions
         del self.entries[req.id]
@@ -367,62 +312,15 @@ class Engine:
         self.prom.on_finish(e.metrics, reason)
         out = emit_tokens or RequestOutput(req.id, [], [], [], True, reason, len(req.prompt), req.cached_tokens)
         out.finished, out.finish_reason = True, reason
-        self._emit(e, out, outputs)
+        self._emit(e, out, outputs, group)
 
-    def _emit(self, e: _Entry, out: RequestOutput, outputs: list[RequestOutput]):
-        if self._group is not None:  # inside a multi-step call: merged per request when it ends
-            self._group.setdefault(out.request_id, (e, []))[1].append(out)
+    def _emit(self, e: _Entry, out: RequestOutput, outputs: list[RequestOutput], group: dict | None = None):
+        if group is not None:  # inside a multi-step call: merged per request when it ends
+            group.setdefault(out.request_id, (e, []))[1].append(out)
             return
         outputs.append(out)
         if e.callback is not None:
             e.callback(out)
-
-    def decode_rows(self, n: int, with_prefill: bool) -> int:
-        """Decode-row bucket for ``n`` running requests (the full batch next to a prefill: one compiled
-        program per prefill shape instead of one per (prefill shape, decode count))."""
-        return pow2(self.cfg.sched.max_num_seqs if with_prefill else n, self.cfg.min_decode_bucket)
-
-    def prefill_shape(self, rows: int, tokens: int) -> tuple[int, int]:
-        """``(Bp, Tp)`` bucket of a prefill part with ``rows`` chunks, the longest of ``tokens`` tokens."""
-        return pow2(rows, 1), shape_bucket(tokens, self.cfg.min_prefill_tokens, self.cfg.prefill_token_step)
-
-    def _blank_decode(self, n: int) -> DecodeBatch:
-        """A decode part of ``n`` padding rows (length 0: no attention work, no expert routed)."""
-        return DecodeBatch(np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros((n, self.max_pages), np.int32),
-                           np.zeros(n, bool), np.zeros((n, 2), np.uint32), np.zeros(n, np.float32),
-                           np.ones(n, np.float32))
-
-    def _blank_prefill(self, rows: int, tokens: int) -> PrefillBatch:
-        """A prefill part of ``rows`` empty rows of ``tokens`` tokens."""
-        return PrefillBatch(np.zeros((rows, tokens), np.int32), np.zeros(rows, np.int32), np.zeros(rows, np.int32),
-                            np.zeros((rows, self.max_pages), np.int32), np.zeros((rows, 2), np.uint32),
-                            np.zeros(rows, np.float32), np.ones(rows, np.float32))
-
-    @staticmethod
-    def _fill_row(part, i: int, req: Request) -> None:
-        """Row ``i``'s block table and sampling parameters."""
-        part.tables[i, :len(req.blocks)] = req.blocks
-        part.keys[i] = (req.params.seed, len(req.output))
-        part.temperature[i], part.top_p[i] = req.params.temperature, req.params.top_p
-
-    def _pack(self, plan: Plan):
-        dec = pf = None
-        if plan.decode or (plan.prefill and self.runtime is None):
-            # next to a prefill the decode part is always there, padded to the full batch, so a prefill shape
-            # compiles once
-            dec = self._blank_decode(self.decode_rows(len(plan.decode), bool(plan.prefill)))
-            for i, r in enumerate(plan.decode):
-                dec.tokens[i], dec.pos[i], dec.valid[i] = r.last_token, r.num_tokens - 1, True
-                self._fill_row(dec, i, r)
-        if plan.prefill:
-            pf = self._blank_prefill(*self.prefill_shape(len(plan.prefill), max(c.length for c in plan.prefill)))
-            Tp = pf.tokens.shape[1]
-            for i, c in enumerate(plan.prefill):
-                toks = c.request.tokens[c.start:c.start + c.length]
-                pf.tokens[i, Tp - len(toks):] = toks  # left-padded (see PrefillBatch)
-                pf.start[i], pf.length[i] = c.start, c.length
-                self._fill_row(pf, i, c.request)
-        return dec, pf
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns the outputs it produced (possibly none)."""
@@ -432,56 +330,52 @@ class Engine:
         plan = self.scheduler.schedule(t0)
         if plan.empty:
             return outputs
-        steps = self._decode_steps(plan)  # (grows the rows' blocks first: the tables are packed next)
-        dec, pf = self._pack(plan)
+        steps = self._decode_steps(plan)  # (reserves the rows' blocks first: the tables are packed next)
         if steps > 1:
-            return self._step_multi(plan, dec, steps, t0, outputs)
-        use_hidden = plan.use_hidden
-        hidden = self._pf_hidden if use_hidden else None
-        self.compiled_shapes.add(self._shape_key(dec, pf))
-        dec_ids, pf_ids = self._pregate(plan, dec, pf) if self.cfg.pregate is not None else (None, None)
-        if self.runtime is not None:
-            o = self.runtime.step(self.pool, dec, pf, hidden, plan.group, use_hidden=use_hidden,
-                                  return_logits=self.cfg.record_logits, dec_ids=dec_ids, pf_ids=pf_ids)
-        else:
-            args, kw = self._step_args(dec, pf, hidden, plan.group, use_hidden, dec_ids, pf_ids)
-            o = engine_step(*args, **kw)
-        self.pool = o.pool
-        host = jax.device_get((o.dec_next, o.dec_logprob, o.dec_top, o.pf_next, o.pf_logprob, o.pf_top,
-                               o.experts_touched, o.dec_logits, o.pf_logits))
-        d_next, d_lp, d_top, p_next, p_lp, p_top, touched, d_logits, p_logits = host
+            return self._step_multi(plan, steps, t0, outputs)
+        res = self.runner.execute(plan)
         t1 = time.perf_counter()
-
-        L = self.mcfg.n_layers
-        for i, req in enumerate(plan.decode):
-            req.num_computed = req.num_tokens
-            self._append(req, int(d_next[i]), float(d_lp[i]), d_top[0][i], d_top[1][i],
-                         None if d_logits is None else d_logits[i], t1, outputs)
-        for i, c in enumerate(plan.prefill):
-            req = c.request
-            if plan.group[1] == L:
-                req.num_computed = c.start + c.length
-            if c.last:
-                e = self.entries.get(req.id)
-                if req.aborted and e is not None:
-                    self._finish(e, "abort", outputs)
-                    continue
-                self.scheduler.prefilling.remove(req)
-                self.scheduler.running.append(req)
-                req.status = Status.RUNNING
-                self._append(req, int(p_next[i]), float(p_lp[i]), p_top[0][i], p_top[1][i],
-                             None if p_logits is None else p_logits[i], t1, outputs)
-        for req in list(self.scheduler.running) + list(self.scheduler.prefilling):
-            self.scheduler.register_full_blocks(req)
-        self.scheduler.on_step_done(plan)
-        self._pf_hidden = o.pf_hidden if (plan.prefill and not plan.prefill[0].last) else None
-
+        emitted = self.scheduler.update_from_output(plan, [[t] for t in res.dec_next[:len(plan.decode)]],
+                                                    res.pf_next[:len(plan.prefill)])
+        for em in emitted:
+            self._record_token(em, res, t1, outputs)
         it = IterationStats(t0, t1, len(plan.decode), sum(c.length for c in plan.prefill), tuple(plan.group),
-                            [int(x) for x in touched], int(touched.sum()) * self.expert_bytes, len(plan.preempted),
-                            sum(r.num_tokens for r in plan.decode), sum(c.start + c.length for c in plan.prefill),
+                            [int(x) for x in res.experts_touched],
+                            int(res.experts_touched.sum()) * self.runner.expert_bytes, len(plan.preempted),
+                            sum(em.num_tokens for em in emitted if em.part == "decode"),
+                            sum(c.start + c.length for c in plan.prefill),
                             sum(c.length * c.start + c.length * (c.length + 1) // 2 for c in plan.prefill))
         self._record(it)
         return outputs
+
+    def _record_token(self, em: Emitted, res: StepResult, now: float, outputs, group: dict | None = None):
+        """Metrics, logprobs and the output of one token the scheduler appended (or of an in-flight abort)."""
+        req = em.request
+        e = self.entries[req.id]
+        if em.token < 0:  # aborted in flight
+            self._finalize(e, outputs, group=group)
+            return
+        m = e.metrics
+        if m.first_token is None:
+            m.first_token = now
+            m.cached_tokens = req.cached_tokens
+        m.token_times.append(now)
+        dec = em.part == "decode"
+        lp, (tids, tlps), logits = ((res.dec_logprob, res.dec_top, res.dec_logits) if dec
+                                    else (res.pf_logprob, res.pf_top, res.pf_logits))
+        at = (em.step, em.row) if (dec and res.dec_next.ndim == 2) else (em.row,)
+        lp = float(lp[at])
+        e.logprobs.append(lp)
+        k = req.params.logprobs
+        top = [(int(a), float(b)) for a, b in zip(tids[at][:k], tlps[at][:k])]
+        e.tops.append(top)
+        if logits is not None:
+            e.logits.append(np.asarray(logits[at]))
+        out = RequestOutput(req.id, [em.token], [lp], [top], False, None, len(req.prompt), req.cached_tokens)
+        if em.finish_reason is not None:
+            self._finalize(e, outputs, out, group)
+        else:
+            self._emit(e, out, outputs, group)
 
     def _record(self, it: IterationStats) -> None:
         """Keep an iteration's statistics and export them to Prometheus."""
@@ -491,205 +385,60 @@ class Engine:
 
     def _decode_steps(self, plan: Plan) -> int:
         """Decode iterations to fuse into this call: ``EngineConfig.decode_steps`` when the plan only decodes,
-        nothing waits to be admitted, every row's context has room and the rows' blocks can grow to cover the
-        whole group; else 1."""
+        nothing waits to be admitted, the runner supports multi-step calls, every row's context has room and
+        the rows' blocks can grow to cover the whole group; else 1."""
         k = self.cfg.decode_steps
         sched = self.scheduler
-        if (k == 1 or plan.prefill or not plan.decode or plan.preempted or self.runtime is not None
-                or self.cfg.pregate is not None or sched.waiting or sched.prefilling or not self._inbox.empty()):
+        if (k == 1 or plan.prefill or not plan.decode or plan.preempted or not self.runner.supports_multi_step
+                or sched.waiting or sched.prefilling or not self._inbox.empty()):
             return 1
         if any(r.num_tokens + k > self.max_model_len for r in plan.decode):
             return 1
         # positions num_tokens - 1 .. num_tokens + k - 2 get K/V written (blocks left over are used later)
-        return k if all(sched._grow(r, r.num_tokens + k - 1) for r in plan.decode) else 1
+        return k if all(sched.reserve(r, r.num_tokens + k - 1) for r in plan.decode) else 1
 
-    def _step_multi(self, plan: Plan, dec: DecodeBatch, k: int, t0: float,
-                    outputs: list[RequestOutput]) -> list[RequestOutput]:
-        """Run ``k`` decode iterations in one call (:func:`~moejax.serve.step.engine_decode_steps`) and hand
-        out their tokens in order; a request that finishes inside the group drops its later tokens."""
-        self.compiled_shapes.add(self._shape_key(dec, None, k))
-        o = engine_decode_steps(self.gdef, self.state, self.pool, dec, self.layer_states, **self._multi_kw(k))
-        self.pool = o.pool
-        toks, lps, (tids, tlps), touched, logits = jax.device_get((o.tokens, o.logprob, o.top, o.experts_touched,
-                                                                  o.logits))
+    def _step_multi(self, plan: Plan, k: int, t0: float, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Run ``k`` decode iterations in one call (:meth:`ModelRunner.execute_decode_steps`) and hand out their
+        tokens in order, one output per request (a request that finishes inside the group drops its later
+        tokens)."""
+        res = self.runner.execute_decode_steps(plan, k)
         t1 = time.perf_counter()
+        n = len(plan.decode)
+        emitted = self.scheduler.update_from_output(plan, [list(res.dec_next[:, i]) for i in range(n)], [])
+        group: dict = {}
+        for em in emitted:
+            self._record_token(em, res, t1, outputs, group)
         dt = (t1 - t0) / k
-        self._group = {}
-        try:
-            for j in range(k):
-                live = [(i, r) for i, r in enumerate(plan.decode) if r.status != Status.FINISHED]
-                for i, req in live:
-                    req.num_computed = req.num_tokens
-                    self._append(req, int(toks[j, i]), float(lps[j, i]), tids[j, i], tlps[j, i],
-                                 None if logits is None else logits[j, i], t1, outputs)
-                it = IterationStats(t0 + j * dt, t0 + (j + 1) * dt, len(live), 0, (0, self.mcfg.n_layers),
-                                    [int(x) for x in touched[j]], int(touched[j].sum()) * self.expert_bytes,
-                                    0, sum(r.num_tokens for _, r in live))
-                self._record(it)
-        finally:
-            group, self._group = self._group, None
+        for j in range(k):
+            live = [em for em in emitted if em.step == j]
+            touched = res.experts_touched[j]
+            self._record(IterationStats(t0 + j * dt, t0 + (j + 1) * dt, len(live), 0, (0, self.mcfg.n_layers),
+                                        [int(x) for x in touched], int(touched.sum()) * self.runner.expert_bytes,
+                                        0, sum(em.num_tokens for em in live)))
         for e, outs in group.values():  # one output per request and call: the tokens it produced, in order
             self._emit(e, merge_outputs(outs), outputs)
-        for req in self.scheduler.running:
-            self.scheduler.register_full_blocks(req)
-        self.scheduler.on_step_done(plan)
         return outputs
 
-    def _static_kw(self) -> dict:
-        """Static arguments shared by :func:`engine_step` and :func:`engine_decode_steps`."""
-        return {"block_size": self.cfg.block_size, "return_logits": self.cfg.record_logits,
-                "attn_impl": self.cfg.attn_impl, "kv_block": self.cfg.kv_block}
-
-    def _multi_kw(self, k: int) -> dict:
-        return {**self._static_kw(), "steps": k}
-
     # ----------------------------------------------------------------------------------------- compiling
-    @staticmethod
-    def _shape_key(dec, pf, steps: int = 1) -> tuple:
-        """What selects a compiled step: decode rows and prefill (rows, tokens); multi-step decode calls
-        (``EngineConfig.decode_steps``) are ``(rows, None, steps)``."""
-        key = (None if dec is None else int(dec.tokens.shape[0]), None if pf is None else tuple(pf.tokens.shape))
-        return key if steps == 1 else (*key, steps)
-
-    def _zero_hidden(self, shape) -> jax.Array:
-        if self._zeros is None or self._zeros.shape[:2] != tuple(shape):
-            self._zeros = jnp.zeros((*shape, self.mcfg.d_model), dtype_of(self.mcfg.dtype))
-        return self._zeros
-
-    def _step_args(self, dec, pf, hidden, group, use_hidden, dec_ids, pf_ids):
-        """Positional and keyword arguments of :func:`engine_step` (shared by :meth:`step` and :meth:`warmup`)."""
-        if pf is not None and hidden is None:
-            hidden = self._zero_hidden(pf.tokens.shape)  # the layer group and use_hidden are run-time values
-        g = np.asarray((group[0], group[1], int(bool(use_hidden))), np.int32)
-        kw = {**self._static_kw(), "prefill_kv_block": self.prefill_kv_block}
-        return (self.gdef, self.state, self.pool, dec, pf, hidden, g, dec_ids, pf_ids, self.layer_states), kw
-
     def warmup_shapes(self, max_prompt_tokens: int | None = None) -> list[tuple]:
-        """Every step shape the scheduler can ask for (see :meth:`_shape_key`), smallest first.
-
-        Decode-only steps: each decode-row bucket up to ``max_num_seqs``. Steps with a prefill: the full decode
-        batch beside ``(rows, tokens)`` buckets for up to ``max_prefill_seqs`` rows and, per row, up to the
-        chunk budget (chunked) or the longest prompt the context allows (layered; ``max_prompt_tokens`` caps
-        it when the workload's prompts are known to be shorter).
-        """
-        sc, L = self.cfg.sched, self.max_model_len
-        longest = min(L, max_prompt_tokens) if max_prompt_tokens else L
-        if self.cfg.scheduler == "chunked":
-            longest = min(longest, sc.max_num_batched_tokens)
-        edges = _bucket_edges(longest, self.cfg.min_prefill_tokens, self.cfg.prefill_token_step)
-        tokens = sorted({self.prefill_shape(1, t)[1] for t in edges})
-        rows = sorted({self.prefill_shape(n, 1)[0] for n in range(1, min(sc.max_prefill_seqs, sc.max_num_seqs) + 1)})
-        multi = sc.max_num_batched_tokens if self.cfg.scheduler == "chunked" else sc.max_layered_tokens
-        buckets = sorted({self.decode_rows(n, False) for n in range(1, sc.max_num_seqs + 1)})
-        keys = [(b, None) for b in buckets]
-        if self.cfg.decode_steps > 1 and self.runtime is None and self.cfg.pregate is None:
-            keys += [(b, None, self.cfg.decode_steps) for b in buckets]
-        full = self.decode_rows(0, True) if self.runtime is None else None
-        for bp in rows:
-            # several rows: their tokens fit the budget, and layered batches also keep within the padding bound
-            # (bp rows x the longest <= (1 + max_layered_padding) x their tokens)
-            lim = multi if self.cfg.scheduler == "chunked" or bp == 1 else int(
-                (1 + sc.max_layered_padding) * multi / bp)
-            for tp in tokens:
-                if bp == 1 or tp <= shape_bucket(lim, self.cfg.min_prefill_tokens, self.cfg.prefill_token_step):
-                    keys.append((full, (bp, tp)))
-        return keys
+        """Every step shape the scheduler can ask for (:meth:`ModelRunner.warmup_shapes`)."""
+        return self.runner.warmup_shapes(self.scheduler, max_prompt_tokens)
 
     def warmup(self, shapes: Sequence[tuple] | None = None, *, max_prompt_tokens: int | None = None,
-               workers: int = 2, progress: bool = False) -> int:
+               workers: int = 2, progress: bool = False, background: bool = False):
         """Compile the engine step for ``shapes`` (default :meth:`warmup_shapes`) ahead of time, so serving
-        never stops to compile. Lowering runs here, XLA compiles on ``workers`` threads. Returns the number of
-        shapes compiled (those already compiled are skipped). Not available with ``offload`` (its layer-by-layer
-        step compiles per piece).
+        never stops to compile (:meth:`ModelRunner.warmup`: returns the number compiled, or with
+        ``background=True`` a future of it while compiling goes on beside serving)."""
+        shapes = self.warmup_shapes(max_prompt_tokens) if shapes is None else shapes
+        return self.runner.warmup(shapes, workers=workers, progress=progress, background=background)
 
-        Each compiled step stays loaded (jax's compilation cache) with its JIT code: on XLA:CPU a step of an
-        8-layer model maps several hundred memory regions, so grids of many dozens of shapes across several
-        engines in one process can reach the kernel's ``vm.max_map_count`` (65530 by default; LLVM then
-        reports "Cannot allocate memory"). Keep the grid small (``prefill_token_step``, ``max_prompt_tokens``)
-        or call ``jax.clear_caches()`` between engines."""
-        if self.runtime is not None:
-            raise ValueError("Engine.warmup is not available with EngineConfig.offload (the offload step runs "
-                             "layer by layer and compiles its pieces on first use)")
-        from concurrent.futures import ThreadPoolExecutor
+    def score_prompt(self, ids: Sequence[int]):
+        """Teacher-forced log-probabilities of a prompt (:meth:`ModelRunner.score_prompt`); thread-safe."""
+        return self.runner.score_prompt(self.validate_prompt(ids))
 
-        todo = [k for k in (shapes if shapes is not None else self.warmup_shapes(max_prompt_tokens))
-                if k not in self.compiled_shapes]
-        bar = None
-        if progress:
-            from tqdm import tqdm
-            bar = tqdm(total=len(todo), desc="compile engine steps", unit="shape")
-        with ThreadPoolExecutor(max(1, workers)) as ex:
-            futs = []
-            for key in todo:
-                bd, pfs = key[:2]
-                dec = None if bd is None else self._blank_decode(bd)
-                if len(key) > 2:  # a multi-step decode call
-                    lower = engine_decode_steps.lower(self.gdef, self.state, self.pool, dec, self.layer_states,
-                                                      **self._multi_kw(key[2]))
-                    futs.append((ex.submit(lower.compile), key))
-                    continue
-                pf = None if pfs is None else self._blank_prefill(*pfs)
-                dec_ids = pf_ids = None
-                if self.cfg.pregate is not None:
-                    dec_ids = None if dec is None else np.zeros(bd, np.int32)
-                    pf_ids = None if pf is None else np.zeros(pfs, np.int32)
-                args, kw = self._step_args(dec, pf, None, (0, self.mcfg.n_layers), False, dec_ids, pf_ids)
-                futs.append((ex.submit(engine_step.lower(*args, **kw).compile), key))
-            for f, key in futs:
-                f.result()
-                self.compiled_shapes.add(key)
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
-        return len(todo)
-
-    def _pregate(self, plan: Plan, dec, pf):
-        """Pre-gated expert ids of the decode rows ``[Bd]`` and prefill rows ``[Bp, Tp]`` (numpy)."""
-        from moejax.models.readme import pregate_ids
-
-        W = self.cfg.pregate.window
-        dec_ids = pf_ids = None
-        if dec is not None:
-            win = np.full((len(dec.tokens), W), -1, np.int32)
-            for i, r in enumerate(plan.decode):
-                t = r.tokens[-W:]
-                win[i, W - len(t):] = t
-            dec_ids = np.asarray(pregate_ids(self.cfg.pregate, win))
-        if pf is not None:
-            Bp, Tp = pf.tokens.shape
-            win = np.full((Bp, Tp, W), -1, np.int32)
-            for i, c in enumerate(plan.prefill):
-                toks = np.asarray(c.request.tokens[:c.start + c.length], np.int32)
-                pad = Tp - c.length
-                for j in range(c.length):
-                    p = c.start + j
-                    t = toks[max(0, p - W + 1):p + 1]
-                    win[i, pad + j, W - len(t):] = t
-            pf_ids = np.asarray(pregate_ids(self.cfg.pregate, win.reshape(Bp * Tp, W))).reshape(Bp, Tp)
-        return dec_ids, pf_ids
-
-    def _append(self, req: Request, tok: int, lp: float, top_ids, top_lps, logits, now: float, outputs):
-        e = self.entries[req.id]
-        req.output.append(tok)
-        m = e.metrics
-        if m.first_token is None:
-            m.first_token = now
-            m.cached_tokens = req.cached_tokens
-        m.token_times.append(now)
-        e.logprobs.append(lp)
-        k = req.params.logprobs
-        top = [(int(a), float(b)) for a, b in zip(top_ids[:k], top_lps[:k])]
-        e.tops.append(top)
-        if logits is not None:
-            e.logits.append(np.asarray(logits))
-        out = RequestOutput(req.id, [tok], [lp], [top], False, None, len(req.prompt), req.cached_tokens)
-        if tok in req.params.stop_token_ids:
-            self._finish(e, "stop", outputs, out)
-        elif len(req.output) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
-            self._finish(e, "length", outputs, out)
-        else:
-            self._emit(e, out, outputs)
+    def close(self) -> None:
+        """Release the runner's threads and files (offloaded experts); the engine cannot step afterwards."""
+        self.runner.close()
 
     # ----------------------------------------------------------------------------------------- offline
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,

@@ -29,13 +29,12 @@ from moejax.serve.protocol import ChatRequest, CompletionRequest
 # ------------------------------------------------------------------------------------------------ context
 @dataclass
 class ServeContext:
-    """What the routes serve from: the engine, its thread (:class:`~moejax.serve.server.AsyncEngine`), the
-    prompt scorer for ``echo`` logprobs, the tokenizer, the served model's name and its creation time."""
+    """What the routes serve from: the engine (which also scores prompts for ``echo`` logprobs), its thread
+    (:class:`~moejax.serve.server.AsyncEngine`), the tokenizer, the served model's name and its creation time."""
 
     engine: Engine
     tokenizer: Any
     aengine: Any
-    scorer: Any
     model_name: str
     created: int
 
@@ -296,7 +295,10 @@ async def echo_part(ctx: ServeContext, ids, want_lp: bool, n_lp: int):
     text = tokenizer.decode(ids)
     if not want_lp:
         return text, None
-    nxt, top_id, top_lp = await asyncio.to_thread(ctx.scorer, ids)
+    try:
+        nxt, top_id, top_lp = await asyncio.to_thread(ctx.engine.score_prompt, ids)
+    except NotImplementedError as e:  # e.g. offloaded experts: no dense forward to score with
+        raise APIError(400, str(e), "logprobs", "unsupported") from None
     toks = [tokenizer.piece(t) for t in ids]
     lp = {"tokens": toks, "token_logprobs": [None] + [float(x) for x in nxt],
           "top_logprobs": [None] + [{tokenizer.piece(a): float(b) for a, b in zip(i[:n_lp], v[:n_lp])}

@@ -1,7 +1,9 @@
 """Iteration schedulers: which requests decode, which prompt tokens prefill, through which layers.
 
-Both schedulers share :class:`Scheduler`'s block management (admission with prefix-cache lookup, block growth,
-preemption by recompute when the pool is full) and differ only in how prompts are cut:
+Both schedulers share :class:`Scheduler`'s request lifecycle (admission with prefix-cache lookup, block growth,
+preemption by recompute when the pool is full, and, once a step ran, :meth:`Scheduler.update_from_output`:
+sampled tokens appended, prefill -> running transitions, stop and length checks, finished requests freed, full
+blocks registered in the prefix cache) and differ only in how prompts are cut:
 
 * :class:`ChunkedPrefillScheduler` (Sarathi-Serve / vLLM): a token budget per iteration (default 512); decode
   rows take one token each, the rest goes to prompt chunks, every chunk through the whole layer stack.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import enum
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from moejax.serve.kv_cache import (
@@ -135,16 +138,34 @@ class SchedulerConfig:
         return self
 
 
+@dataclass
+class Emitted:
+    """A token :meth:`Scheduler.update_from_output` appended to a request: from decode row ``row`` (``"decode"``)
+    or prefill row ``row`` (``"prefill"``) of iteration ``step`` of the call; ``finish_reason`` set when it ended
+    the request (``"stop"`` or ``"length"``)."""
+
+    request: Request
+    token: int
+    part: str
+    row: int
+    step: int = 0
+    finish_reason: str | None = None
+    num_tokens: int = 0      # the request's prompt + output tokens right after this one
+
+
 class Scheduler:
-    """Shared admission, block growth and preemption. Subclasses implement :meth:`schedule`."""
+    """Shared request lifecycle: admission, block growth, preemption, and the state transitions after a step
+    (:meth:`update_from_output`). Subclasses implement :meth:`schedule` and :meth:`max_prefill_row`."""
 
     name = "base"
 
-    def __init__(self, cfg: SchedulerConfig, allocator: BlockAllocator, n_layers: int):
+    def __init__(self, cfg: SchedulerConfig, allocator: BlockAllocator, n_layers: int,
+                 max_model_len: int | None = None):
         self.cfg = cfg.validate()
         self.alloc = allocator
         self.bs = allocator.block_size
         self.n_layers = n_layers
+        self.max_model_len = max_model_len
         self.waiting: list[Request] = []
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
@@ -159,6 +180,17 @@ class Scheduler:
             if req in q:
                 q.remove(req)
         self._free(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        """End a request (``reason``: ``"stop"``, ``"length"`` or ``"abort"``): out of every queue, blocks freed."""
+        self.remove(req)
+        req.status, req.finish_reason = Status.FINISHED, reason
+
+    def abort(self, req: Request) -> bool:
+        """Abort a request. True: it is finished now (the caller reports it); False: it is in flight and
+        finishes as ``"abort"`` when its step's output comes back (:meth:`update_from_output`)."""
+        self.finish(req, "abort")
+        return True
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.prefilling or self.running)
@@ -176,8 +208,9 @@ class Scheduler:
     def _blocks_needed(self, req: Request, upto: int) -> int:
         return max(0, math.ceil(upto / self.bs) - len(req.blocks))
 
-    def _grow(self, req: Request, upto: int) -> bool:
-        """Make sure ``req`` has blocks for positions ``< upto``; False if the pool is full."""
+    def reserve(self, req: Request, upto: int) -> bool:
+        """Make sure ``req`` has blocks for positions ``< upto`` (allocating what is missing); False if the pool
+        is full (nothing allocated then)."""
         n = self._blocks_needed(req, upto)
         if n == 0:
             return True
@@ -220,7 +253,7 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             req = self.running[i]
-            if self._grow(req, req.num_tokens):
+            if self.reserve(req, req.num_tokens):
                 i += 1
                 continue
             victim = self.running[-1]
@@ -245,6 +278,64 @@ class Scheduler:
 
     def schedule(self, now: float) -> Plan:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def max_prefill_row(self, rows: int, context: int) -> int:  # pragma: no cover - interface
+        """The most prompt tokens one prefill row can hold when ``rows`` rows prefill together, with prompts of
+        up to ``context`` tokens (the runner compiles the shapes up to it ahead of time)."""
+        raise NotImplementedError
+
+    def update_from_output(self, plan: Plan, dec_tokens: Sequence[Sequence[int]],
+                           pf_tokens: Sequence[int]) -> list[Emitted]:
+        """Apply an executed plan: ``dec_tokens[i]`` are the tokens decode row ``i`` sampled (one per iteration
+        of the call, in order; several with multi-step decoding), ``pf_tokens[i]`` the token sampled after
+        prefill row ``i`` (used only for a chunk that completes its prompt).
+
+        Decode rows: each token is appended while the request runs (a request that finishes inside a
+        multi-step group drops its later tokens). Prefill rows: the cached-token count advances once the rows
+        passed the last layer; a completed prompt moves to running and appends its first token, or finishes as
+        ``"abort"`` if it was aborted in flight. A token that is a stop id, reaches ``max_tokens`` or fills the
+        context finishes its request (blocks freed). Then full blocks are registered in the prefix cache.
+        Returns every appended token in order (iteration-major, decode rows before prefill rows) and the
+        in-flight aborts, as :class:`Emitted` (an abort has ``token=-1``)."""
+        out: list[Emitted] = []
+        for j in range(max((len(t) for t in dec_tokens), default=0)):
+            for i, req in enumerate(plan.decode):
+                if req.status == Status.FINISHED or j >= len(dec_tokens[i]):
+                    continue
+                req.num_computed = req.num_tokens
+                out.append(self._append(req, int(dec_tokens[i][j]), "decode", i, j))
+        L = self.n_layers
+        for i, c in enumerate(plan.prefill):
+            req = c.request
+            if plan.group[1] == L:
+                req.num_computed = c.start + c.length
+            if not c.last:
+                continue
+            if req.aborted:
+                self.finish(req, "abort")
+                out.append(Emitted(req, -1, "prefill", i, 0, "abort"))
+                continue
+            self.prefilling.remove(req)
+            self.running.append(req)
+            req.status = Status.RUNNING
+            out.append(self._append(req, int(pf_tokens[i]), "prefill", i, 0))
+        for req in list(self.running) + list(self.prefilling):
+            self.register_full_blocks(req)
+        self.on_step_done(plan)
+        return out
+
+    def _append(self, req: Request, tok: int, part: str, row: int, step: int) -> Emitted:
+        """Append a sampled token; finish the request if it stops or reaches its length."""
+        req.output.append(tok)
+        reason = None
+        if tok in req.params.stop_token_ids:
+            reason = "stop"
+        elif len(req.output) >= req.params.max_tokens or (
+                self.max_model_len is not None and req.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self.finish(req, reason)
+        return Emitted(req, tok, part, row, step, reason, req.num_tokens)
 
     def on_step_done(self, plan: Plan) -> None:
         """Called after the step ran: state transitions that depend on the plan."""
@@ -272,11 +363,15 @@ class ChunkedPrefillScheduler(Scheduler):
             if budget <= 0 or len(plan.prefill) >= self.cfg.max_prefill_seqs:
                 break
             n = min(req.to_prefill, budget)
-            if not self._grow(req, req.num_computed + n):
+            if not self.reserve(req, req.num_computed + n):
                 break
             plan.prefill.append(PrefillChunk(req, req.num_computed, n, req.num_computed + n == req.num_tokens))
             budget -= n
         return plan
+
+    def max_prefill_row(self, rows: int, context: int) -> int:
+        """A chunk holds at most the token budget."""
+        return min(context, self.cfg.max_num_batched_tokens)
 
 
 class LayeredPrefillScheduler(Scheduler):
@@ -284,8 +379,9 @@ class LayeredPrefillScheduler(Scheduler):
 
     name = "layered"
 
-    def __init__(self, cfg: SchedulerConfig, allocator: BlockAllocator, n_layers: int):
-        super().__init__(cfg, allocator, n_layers)
+    def __init__(self, cfg: SchedulerConfig, allocator: BlockAllocator, n_layers: int,
+                 max_model_len: int | None = None):
+        super().__init__(cfg, allocator, n_layers, max_model_len)
         self.batch: list[Request] = []      # prompts in flight through the layer groups
         self.bounds: list[tuple[int, int]] = []
         self.group_index = 0
@@ -345,6 +441,20 @@ class LayeredPrefillScheduler(Scheduler):
         plan.prefill = [PrefillChunk(r, r.num_computed, r.to_prefill, last) for r in self.batch]
         return plan
 
+    def max_prefill_row(self, rows: int, context: int) -> int:
+        """A whole prompt alone; several rows only within the padding bound (rows x the longest <=
+        ``(1 + max_layered_padding)`` x their tokens, at most ``max_layered_tokens``)."""
+        if rows == 1:
+            return context
+        return min(context, int((1 + self.cfg.max_layered_padding) * self.cfg.max_layered_tokens / rows))
+
+    def abort(self, req: Request) -> bool:
+        """A prompt in flight through the layer groups is dropped when it lands (its rows are in the batch)."""
+        if req in self.batch:
+            req.aborted = True
+            return False
+        return super().abort(req)
+
     def on_step_done(self, plan: Plan) -> None:
         if plan.prefill:
             self.group_index += 1
@@ -355,8 +465,10 @@ class LayeredPrefillScheduler(Scheduler):
 SCHEDULERS = {"chunked": ChunkedPrefillScheduler, "layered": LayeredPrefillScheduler}
 
 
-def make_scheduler(name: str, cfg: SchedulerConfig, allocator: BlockAllocator, n_layers: int) -> Scheduler:
+def make_scheduler(name: str, cfg: SchedulerConfig, allocator: BlockAllocator, n_layers: int,
+                   max_model_len: int | None = None) -> Scheduler:
+    """The scheduler registered as ``name`` in :data:`SCHEDULERS`."""
     if name not in SCHEDULERS:
         raise ValueError(f"scheduler={name!r}; allowed: {sorted(SCHEDULERS)}")
-    return SCHEDULERS[name](cfg, allocator, n_layers)
+    return SCHEDULERS[name](cfg, allocator, n_layers, max_model_len)
 

@@ -23,12 +23,6 @@ import logging
 import threading
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from moejax.models.generate import bucket as pow2
 from moejax.serve.engine import Engine, RequestOutput, SamplingParams
 from moejax.serve.errors import install_error_handlers
 from moejax.serve.routes import ServeContext, register_routes
@@ -129,34 +123,6 @@ class AsyncEngine:
         return self.pending >= self.max_pending
 
 
-class PromptScorer:
-    """Teacher-forced log-probabilities of prompt tokens (``echo`` with ``logprobs``), one compile per length
-    bucket."""
-
-    def __init__(self, model):
-        self.gdef, self.state = nnx.split(model)
-        self.lock = threading.Lock()
-        self._jitted = jax.jit(self._score, static_argnums=0)
-
-    @staticmethod
-    def _score(gdef, state, tokens, n):
-        model = nnx.merge(gdef, state)
-        mask = (jnp.arange(tokens.shape[1]) < n)[None].astype(jnp.int32)
-        lp = jax.nn.log_softmax(model(tokens, attention_mask=mask).logits[0], axis=-1)
-        nxt = jnp.take_along_axis(lp[:-1], tokens[0, 1:, None], axis=1)[:, 0]
-        top_lp, top_id = jax.lax.top_k(lp[:-1], 5)
-        return nxt, top_id, top_lp
-
-    def __call__(self, ids: list[int]):
-        T = pow2(len(ids), 16)
-        toks = np.zeros((1, T), np.int32)
-        toks[0, :len(ids)] = ids
-        with self.lock:
-            nxt, top_id, top_lp = jax.device_get(self._jitted(self.gdef, self.state, toks, len(ids)))
-        n = len(ids) - 1
-        return nxt[:n], top_id[:n], top_lp[:n]
-
-
 # ------------------------------------------------------------------------------------------------ app
 def create_app(engine: Engine, tokenizer, *, model_name: str = "moejax", max_pending: int = 512,
                batch_wait_ms: float = 2.0):
@@ -167,7 +133,6 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "moejax", max_pen
     from fastapi import FastAPI
 
     aengine = AsyncEngine(engine, max_pending=max_pending, batch_wait_ms=batch_wait_ms)
-    scorer = PromptScorer(engine.model)
     created = int(time.time())
 
     @asynccontextmanager
@@ -179,8 +144,8 @@ def create_app(engine: Engine, tokenizer, *, model_name: str = "moejax", max_pen
     app = FastAPI(title="moejax", lifespan=lifespan)
     app.state.engine = engine
     app.state.async_engine = aengine
-    app.state.ctx = ServeContext(engine=engine, tokenizer=tokenizer, aengine=aengine, scorer=scorer,
-                                 model_name=model_name, created=created)
+    app.state.ctx = ServeContext(engine=engine, tokenizer=tokenizer, aengine=aengine, model_name=model_name,
+                                 created=created)
     install_error_handlers(app)
     register_routes(app)
     return app

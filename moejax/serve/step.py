@@ -8,8 +8,9 @@ One call runs
 Chunked prefill uses ``lo, hi = 0, n_layers`` (every iteration sees whole chunks through the whole stack).
 Layered prefill is the same compiled step with a *group mask*: ``(lo, hi)`` is a runtime value, each layer of
 the scanned stack tests ``lo <= layer < hi``, and ``lax.cond`` takes the prefill rows through that layer's
-projections, attention and experts only when it is active (:func:`grouped_layer`; the KV pool itself never
-enters a conditional, which would copy it in every layer). In inactive layers prefill tokens are neither
+projections, attention and experts only when it is active
+(:meth:`~moejax.models.transformer.Block.paged_layer`; the KV pool itself never enters a conditional, which
+would copy it in every layer). In inactive layers prefill tokens are neither
 written to the KV cache (their writes are dropped) nor routed: the MoE call there contains the decode tokens
 alone, so a masked prefill token is never dispatched to another group's experts. The prefill hidden states
 leave the step and come back on the next iteration (``pf_hidden``), so a prompt advances one layer group per
@@ -21,6 +22,10 @@ in each layer (``experts_touched``), the basis of the expert-weight-traffic metr
 
 Attention reads keys/values through block tables from the pool laid out by
 :class:`moejax.serve.kv_cache.KVPool` (column ``t`` of a row's gathered keys is position ``t``).
+
+The layer math is the model's own: this module packs rows (:func:`prepare_rows`), walks the layers calling
+:meth:`~moejax.models.transformer.Block.paged_layer` with the group mask, and samples (:func:`finish_step`); it
+never takes a block's attention or FFN apart.
 """
 
 from __future__ import annotations
@@ -32,12 +37,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.nn.attention import _NEG, rope_tables
+from moejax.models.transformer import PagedPart
+from moejax.nn.attention import PagedSpec, paged_rows
+from moejax.nn.sampling import sample_rows
 from moejax.serve.kv_cache import KVPool
-from moejax.serve.sampling import sample_rows
 
 TOP_LOGPROBS = 5
-QUERY_BLOCK = 512  # prefill queries are processed in blocks of this many to bound the score matrix
 
 
 class DecodeBatch(NamedTuple):
@@ -74,93 +79,6 @@ class StepOutput(NamedTuple):
     pool: KVPool
 
 
-def _slots(tables, pos, block_size):
-    """Pool slot of position ``pos`` (any shape ``[B, ...]``) through ``tables [B, P]``."""
-    blk = jnp.take_along_axis(tables, (pos // block_size).reshape(pos.shape[0], -1), axis=1).reshape(pos.shape)
-    return blk * block_size + pos % block_size
-
-
-def _paged_attend(q, kp, vp, li, tables, qpos, lengths, block_size, impl="xla", kv_block=None):
-    """Attention of ``q [B, Tq, H, hd]`` at positions ``qpos [B, Tq]`` over the row's cached keys.
-
-    Rows are left-padded, so a row's queries end at position ``lengths - 1`` (the layout of
-    ``pallas_kernels.paged_attention``); queries see positions ``<= qpos`` and ``< lengths``, and queries with
-    no visible key give zeros. ``impl="xla"``: a loop over key blocks of ``kv_block`` tokens (a whole number
-    of pages; default the whole table) with an online softmax, as flash attention does. The loop's trip
-    count is a run-time value (the longest row's visible length), so the table width ``P`` can be the
-    engine's maximum without costing work for short contexts: the compiled step does not depend on context
-    length. Each block gathers its pages straight from the stacked per-run pool (no copy of layer ``li``'s
-    pages); long prefill query blocks are split so the score matrix stays bounded. This computes the
-    math of ``pallas_kernels.paged_attention.paged_attention_reference``. ``impl="pallas"`` (or
-    ``"auto"``, which picks the kernel only where it was validated faster) calls the paged-attention kernel
-    on layer ``li``'s pages.
-    """
-    if impl != "xla":
-        from pallas_kernels.paged_attention import paged_attention
-
-        nb = kp.shape[1] // block_size
-        kl = kp[li].reshape(nb, block_size, *kp.shape[2:]).astype(q.dtype)
-        vl = vp[li].reshape(nb, block_size, *vp.shape[2:]).astype(q.dtype)
-        return paged_attention(q, kl, vl, tables, lengths, impl=impl)
-    B, P = tables.shape
-    kv_block = kv_block or P * block_size
-    if kv_block % block_size:
-        raise ValueError(f"kv_block={kv_block} must be a multiple of block_size={block_size}")
-    ppb = kv_block // block_size
-    if P % ppb:  # pad the table with the scratch block (never visible: beyond every length)
-        tables = jnp.pad(tables, ((0, 0), (0, ppb - P % ppb)))
-        P = tables.shape[1]
-    B, Tq, H, hd = q.shape
-    KV = kp.shape[2]
-    G = H // KV
-    scale = 1.0 / jnp.sqrt(jnp.float32(hd))
-    within = jnp.arange(kv_block)
-
-    def attend_block(qb, pb):
-        """``qb [B, Tb, H, hd]`` at positions ``pb [B, Tb]``: online softmax over the visible key blocks."""
-        Tb = qb.shape[1]
-        qg = qb.reshape(B, Tb, KV, G, hd)
-        # keys needed: positions < min(length, max query position + 1) of any row
-        need = jnp.max(jnp.minimum(lengths, jnp.max(pb, axis=1) + 1))
-        n_blocks = jnp.clip((need + kv_block - 1) // kv_block, 0, P // ppb)
-
-        def body(j, carry):
-            m, den, acc = carry
-            tb = jax.lax.dynamic_slice_in_dim(tables, j * ppb, ppb, axis=1)
-            slots = (tb[:, :, None] * block_size + jnp.arange(block_size)).reshape(B, kv_block)
-            k = kp[li, slots].astype(qb.dtype)  # [B, kv_block, KV, hd]
-            v = vp[li, slots].astype(qb.dtype)
-            cols = j * kv_block + within
-            mask = (cols[None, None, :] <= pb[:, :, None]) & (cols[None, None, :] < lengths[:, None, None])
-            sc = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
-            mk = mask[:, None, None]
-            sc = jnp.where(mk, sc, _NEG)
-            m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
-            p = jnp.where(mk, jnp.exp(sc - m_new[..., None]), 0.0)
-            corr = jnp.exp(m - m_new)
-            den = den * corr + jnp.sum(p, axis=-1)
-            acc = acc * corr[..., None] + jnp.einsum("bkgst,btkd->bkgsd", p.astype(v.dtype), v,
-                                                     preferred_element_type=jnp.float32)
-            return m_new, den, acc
-
-        init = (jnp.full((B, KV, G, Tb), _NEG, jnp.float32), jnp.zeros((B, KV, G, Tb), jnp.float32),
-                jnp.zeros((B, KV, G, Tb, hd), jnp.float32))
-        if P // ppb == 1:  # one key block covers the table: no loop (its overhead shows in decode steps)
-            _, den, acc = body(0, init)
-        else:
-            _, den, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-        o = acc / jnp.where(den > 0, den, 1.0)[..., None]  # no visible key: zeros
-        return jnp.moveaxis(o, 3, 1).reshape(B, Tb, H, hd).astype(qb.dtype)
-
-    if Tq <= QUERY_BLOCK or Tq % QUERY_BLOCK:
-        return attend_block(q, qpos)
-    nq = Tq // QUERY_BLOCK
-    qs = jnp.moveaxis(q.reshape(B, nq, QUERY_BLOCK, H, hd), 1, 0)
-    ps = jnp.moveaxis(qpos.reshape(B, nq, QUERY_BLOCK), 1, 0)
-    out = jax.lax.map(lambda a: attend_block(*a), (qs, ps))
-    return jnp.moveaxis(out, 0, 1).reshape(q.shape)
-
-
 def _sample(model, h, keys, temperature, top_p, return_logits):
     logits = model.head(h)
     tok, lp = sample_rows(logits, keys, temperature, top_p)
@@ -169,21 +87,10 @@ def _sample(model, h, keys, temperature, top_p, return_logits):
     return tok, chosen, (top_id.astype(jnp.int32), top_lp), (logits if return_logits else None)
 
 
-class RowContext(NamedTuple):
-    """Per-row attention inputs shared by every layer: RoPE tables, positions, cache slots, lengths, tables."""
-
-    rope: tuple
-    pos: jax.Array      # [B, S] query positions
-    slots: jax.Array    # [B, S] pool slots the new K/V go to (0 = scratch)
-    lengths: jax.Array  # [B] cached tokens after this step (0 = padding row)
-    tables: jax.Array   # [B, P]
-    valid: jax.Array    # [B, S] real tokens
-    expert_ids: jax.Array | None = None  # [B, S] pre-gated experts (Read-ME), used by every MoE layer
-
-
 def prepare_rows(model, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hidden, *, block_size: int,
-                 use_hidden: bool, dec_ids=None, pf_ids=None):
-    """Embeddings (or carried hidden states) and :class:`RowContext` of the decode and prefill parts.
+                 use_hidden, dec_ids=None, pf_ids=None) -> tuple[PagedPart | None, PagedPart | None]:
+    """The decode and prefill parts of a step as the layers see them (:class:`PagedPart`: embeddings or carried
+    hidden states, paged-attention rows, pre-gated experts).
 
     ``use_hidden``: a Python bool (static choice) or a traced bool (the prefill rows start from ``pf_hidden``
     where it is true, from the token embeddings otherwise; ``pf_hidden`` must then be given).
@@ -191,130 +98,34 @@ def prepare_rows(model, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hid
     """
     cfg = model.cfg
     dt = jnp.dtype(cfg.dtype)
-    hd = cfg.resolved_head_dim
-    emb = model.embed[...]
-    xd = xp = dctx = pctx = None
+    rows = partial(paged_rows, block_size=block_size, head_dim=cfg.resolved_head_dim, rope_theta=cfg.rope_theta)
+    dpart = ppart = None
     if dec is not None:
-        xd = jnp.take(emb, dec.tokens, axis=0).astype(dt)[:, None]  # [Bd, 1, D]
         pos = dec.pos[:, None]
-        slots = jnp.where(dec.valid[:, None], _slots(dec.tables, pos, block_size), 0)
-        dctx = RowContext(rope_tables(pos, hd, cfg.rope_theta), pos, slots, jnp.where(dec.valid, dec.pos + 1, 0),
-                          dec.tables, dec.valid[:, None], None if dec_ids is None else dec_ids[:, None])
+        drows = rows(dec.tables, pos, dec.valid[:, None], jnp.where(dec.valid, dec.pos + 1, 0))
+        dpart = PagedPart(model.embed_tokens(dec.tokens)[:, None], drows, None if dec_ids is None else dec_ids[:, None])
     if pf is not None:
         Tp = pf.tokens.shape[1]
         pad = Tp - pf.length  # left padding
         pos = (pf.start - pad)[:, None] + jnp.arange(Tp, dtype=jnp.int32)
         valid = jnp.arange(Tp)[None, :] >= pad[:, None]
         if isinstance(use_hidden, bool):
-            xp = pf_hidden.astype(dt) if use_hidden else jnp.take(emb, pf.tokens, axis=0).astype(dt)
+            xp = pf_hidden.astype(dt) if use_hidden else model.embed_tokens(pf.tokens)
         else:
-            xp = jnp.where(use_hidden, pf_hidden.astype(dt), jnp.take(emb, pf.tokens, axis=0).astype(dt))
-        slots = jnp.where(valid, _slots(pf.tables, jnp.maximum(pos, 0), block_size), 0)
-        pctx = RowContext(rope_tables(pos, hd, cfg.rope_theta), pos, slots,
-                          jnp.where(pf.length > 0, pf.start + pf.length, 0), pf.tables, valid, pf_ids)
-    return xd, xp, dctx, pctx
+            xp = jnp.where(use_hidden, pf_hidden.astype(dt), model.embed_tokens(pf.tokens))
+        prows = rows(pf.tables, pos, valid, jnp.where(pf.length > 0, pf.start + pf.length, 0))
+        ppart = PagedPart(xp, prows, pf_ids)
+    return dpart, ppart
 
 
-def layer_attention(blk, x, ctx: RowContext, kp, vp, li, *, block_size: int, impl: str = "xla",
-                    kv_block: int | None = None, prefill_kv_block: int | None = None):
-    """Pre-norm attention of rows ``x [B, S, D]`` through layer ``li`` of a run's pool (writes the new K/V).
-    Rows of several tokens (prefill chunks) use key blocks of ``prefill_kv_block`` (default ``kv_block``)."""
-    q, k, v = blk.attn.qkv(blk.attn_norm(x), None, ctx.rope)
-    kp, vp = write_kv(kp, vp, li, ctx.slots, k, v)
-    x = read_attention(blk, x, q, ctx, kp, vp, li, block_size=block_size, impl=impl, kv_block=kv_block,
-                       prefill_kv_block=prefill_kv_block)
-    return x, kp, vp
-
-
-def write_kv(kp, vp, li, slots, k, v):
-    """Write new keys/values ``[B, S, KV, hd]`` to pool slots ``slots [B, S]`` of layer ``li``. A slot past the
-    pool's end (``>= kp.shape[1]``) is skipped: no write at all, unlike the scratch slot 0 that padding rows use."""
-    flat = slots.reshape(-1)
-    kp = kp.at[li, flat].set(k.reshape(-1, *k.shape[2:]).astype(kp.dtype), mode="drop")
-    vp = vp.at[li, flat].set(v.reshape(-1, *v.shape[2:]).astype(vp.dtype), mode="drop")
-    return kp, vp
-
-
-def read_attention(blk, x, q, ctx: RowContext, kp, vp, li, *, block_size: int, impl: str = "xla",
-                   kv_block: int | None = None, prefill_kv_block: int | None = None):
-    """The attention half of :func:`layer_attention` for queries ``q`` whose K/V are already in the pool
-    (reads the pool only): ``x`` plus the attention output."""
-    if x.shape[1] > 1 and prefill_kv_block:
-        kv_block = prefill_kv_block
-    o = _paged_attend(q, kp, vp, li, ctx.tables, ctx.pos, ctx.lengths, block_size, impl, kv_block)
-    return x + blk.attn.out(o).astype(x.dtype)
-
-
-def grouped_layer(blk, ffn, attn_read, xd, xp, dctx, pctx, kp, vp, li, active):
-    """One layer of a step with a prefill part whose layer group is a run-time value (``active``).
-
-    Decode rows (``xd``, or None) always pass; prefill rows ``xp`` pass only where ``active``, and are then
-    routed in the same MoE call as the decode rows. The KV pool never enters a ``lax.cond`` (a conditional
-    that updates the pool makes XLA copy the whole pool in every layer): the prefill projections run under a
-    first cond, the new K/V of both parts are written unconditionally (in an inactive layer the prefill rows'
-    writes are dropped: their slots point past the pool, so thousands of rows do not all hit one scratch slot,
-    which on GPUs serializes the scatter), and a second cond, which only reads the pool, runs the
-    prefill attention and the shared MoE call (or the decode rows' MoE call alone)."""
-    a = blk.attn
-
-    def pf_qkv(x):
-        return a.qkv(blk.attn_norm(x), None, pctx.rope)
-
-    def pf_none(x):
-        q, k, v = jax.eval_shape(pf_qkv, x)
-        return jnp.zeros(q.shape, q.dtype), jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)
-
-    qp, kpn, vpn = jax.lax.cond(active, pf_qkv, pf_none, xp)
-    pslots = jnp.where(active, pctx.slots, kp.shape[1])  # past the pool: the write is dropped
-    kp, vp = write_kv(kp, vp, li, pslots, kpn, vpn)
-    if xd is not None:  # decode and prefill rows own their blocks: they share no slot but the scratch slot 0
-        qd, kd, vd = a.qkv(blk.attn_norm(xd), None, dctx.rope)
-        kp, vp = write_kv(kp, vp, li, dctx.slots, kd, vd)
-        xd = attn_read(blk, xd, qd, dctx, kp, vp, li)
-
-    def with_prefill(xd, xp, qp, kp, vp):
-        xp = attn_read(blk, xp, qp, pctx, kp, vp, li)
-        if xd is None:
-            (xp,), cnt = _ffn_parts(blk, ffn, [(xp, pctx)])
-        else:
-            (xd, xp), cnt = _ffn_parts(blk, ffn, [(xd, dctx), (xp, pctx)])
-        return xd, xp, cnt
-
-    def decode_only(xd, xp, qp, kp, vp):
-        if xd is None:
-            return xd, xp, jnp.int32(0)
-        (xd,), cnt = _ffn_parts(blk, ffn, [(xd, dctx)])
-        return xd, xp, cnt
-
-    xd, xp, cnt = jax.lax.cond(active, with_prefill, decode_only, xd, xp, qp, kp, vp)
-    return xd, xp, kp, vp, cnt
-
-
-def _ffn_parts(blk, ffn, rows):
-    """One shared FFN call over ``rows = [(x, ctx), ...]`` plus residuals; also the experts-touched count."""
-    parts = [(x, ctx.valid) for x, ctx in rows]
-    f, cnt = ffn(*ffn_rows(blk, parts, [c.expert_ids for _, c in rows]))
-    return add_ffn(parts, f), cnt
-
-
-def ffn_rows(blk, parts, ids=None):
-    """Normalized FFN inputs of several row groups ``[(x [B, S, D], valid [B, S]), ...]`` as one token batch
-    (and their pre-gated expert ids when ``ids`` lists one ``[B, S]`` array per group)."""
-    ys = [blk.ffn_norm(x).reshape(-1, x.shape[-1]) for x, _ in parts]
-    ms = [m.reshape(-1) for _, m in parts]
-    if ids is None or any(i is None for i in ids):
-        return jnp.concatenate(ys), jnp.concatenate(ms), None
-    return jnp.concatenate(ys), jnp.concatenate(ms), jnp.concatenate([i.reshape(-1) for i in ids])
-
-
-def add_ffn(parts, f):
-    """Split the FFN output ``f [T, D]`` back over the row groups and add the residuals."""
-    out, i = [], 0
-    for x, _ in parts:
-        n = x.shape[0] * x.shape[1]
-        out.append(x + f[i:i + n].reshape(x.shape).astype(x.dtype))
-        i += n
-    return out
+def attention_specs(block_size: int, attn_impl: str, kv_block: int | None, prefill_kv_block: int | None,
+                    prefill_tokens: int | None) -> tuple[PagedSpec, PagedSpec]:
+    """The paged-attention settings of the decode rows and of prefill rows of ``prefill_tokens`` columns: rows
+    of several tokens (prefill chunks) use key blocks of ``prefill_kv_block`` (default ``kv_block``)."""
+    dspec = PagedSpec(block_size, attn_impl, kv_block)
+    if prefill_tokens is not None and prefill_tokens > 1 and prefill_kv_block:
+        return dspec, PagedSpec(block_size, attn_impl, prefill_kv_block)
+    return dspec, dspec
 
 
 def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hidden, group,
@@ -327,49 +138,37 @@ def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: Prefill
     this iteration, starting from ``pf_hidden [Bp, Tp, D]`` (the previous group's output) where
     ``use_hidden`` is 1 and from the token embeddings otherwise (``pf_hidden`` may be None then). All three
     are run-time values, so one compiled step serves every layer group. ``kv_block``: key-block size of the
-    XLA attention loop (see :func:`_paged_attend`); ``prefill_kv_block``: the same for the prefill rows.
+    XLA attention loop (see :func:`moejax.nn.attention.paged_attention`); ``prefill_kv_block``: the same for the prefill rows.
     ``layer_states`` (:func:`moejax.models.transformer.unstack_layers`): apply the layers one by one on their
     own weight buffers instead of scanning the stacked weights (no per-layer weight copy on CPU; the group
     mask is then tested per layer the same way).
     """
     model = nnx.merge(gdef, state)
-    cfg = model.cfg
-    dt = jnp.dtype(cfg.dtype)
+    dt = jnp.dtype(model.cfg.dtype)
     lo, hi = group[0], group[1]
     has_d, has_p = dec is not None, pf is not None
     use_hidden = False if pf_hidden is None else group[2] > 0
-    xd, xp, dctx, pctx = prepare_rows(model, dec, pf, pf_hidden, block_size=block_size, use_hidden=use_hidden,
-                                      dec_ids=dec_ids, pf_ids=pf_ids)
-    attn = partial(layer_attention, block_size=block_size, impl=attn_impl, kv_block=kv_block,
-                   prefill_kv_block=prefill_kv_block)
-    attn_read = partial(read_attention, block_size=block_size, impl=attn_impl, kv_block=kv_block,
-                        prefill_kv_block=prefill_kv_block)
-
+    dpart, ppart = prepare_rows(model, dec, pf, pf_hidden, block_size=block_size, use_hidden=use_hidden,
+                                dec_ids=dec_ids, pf_ids=pf_ids)
+    dspec, pspec = attention_specs(block_size, attn_impl, kv_block, prefill_kv_block,
+                                   pf.tokens.shape[1] if has_p else None)
+    xd = dpart.x if has_d else jnp.zeros((0,), dt)
+    xp = ppart.x if has_p else jnp.zeros((0,), dt)
     ks, vs, touched = list(pool.k), list(pool.v), []
-    for r, (kind, first, n) in enumerate(model.runs):
+    for r, (_kind, first, n) in enumerate(model.runs):
         gd, st = nnx.split(model.stacks[r])
 
-        def body(carry, xs, gd=gd, kind=kind, first=first):
+        def body(carry, xs, gd=gd, first=first):
             xd_, xp_, kp, vp = carry
             bst, li = xs
             blk = nnx.merge(gd, bst)
+            d = dpart._replace(x=xd_) if has_d else None
+            p = ppart._replace(x=xp_) if has_p else None
+            active = ((first + li >= lo) & (first + li < hi)) if has_p else None
+            xd_new, xp_new, kp, vp, cnt = blk.paged_layer(kp, vp, li, d, p, active, dec_spec=dspec, pf_spec=pspec)
+            return (xd_new if has_d else xd_, xp_new if has_p else xp_, kp, vp), cnt
 
-            def ffn(y, mask, ids):
-                if kind == "moe":
-                    f, aux = blk.moe(y, token_mask=mask, expert_ids=ids)
-                    return f.astype(dt), jnp.sum(aux["expert_load"] > 0).astype(jnp.int32)
-                return blk.mlp(y).astype(dt), jnp.int32(0)
-
-            if has_p:
-                xd_new, xp_, kp, vp, cnt = grouped_layer(blk, ffn, attn_read, xd_ if has_d else None, xp_, dctx,
-                                                         pctx, kp, vp, li, (first + li >= lo) & (first + li < hi))
-                xd_ = xd_new if has_d else xd_
-            else:  # decode only: no prefill part, no group test
-                xd_, kp, vp = attn(blk, xd_, dctx, kp, vp, li)
-                (xd_,), cnt = _ffn_parts(blk, ffn, [(xd_, dctx)])
-            return (xd_, xp_, kp, vp), cnt
-
-        carry = (xd if has_d else jnp.zeros((0,), dt), xp if has_p else jnp.zeros((0,), dt), ks[r], vs[r])
+        carry = (xd, xp, ks[r], vs[r])
         if layer_states is None:
             carry, cnt = jax.lax.scan(body, carry, (st, jnp.arange(n, dtype=jnp.int32)))
         else:
@@ -378,11 +177,7 @@ def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: Prefill
                 carry, c = body(carry, (layer_states[r][i], i))
                 cnts.append(c)
             cnt = jnp.stack(cnts)
-        xd_o, xp_o, ks[r], vs[r] = carry
-        if has_d:
-            xd = xd_o
-        if has_p:
-            xp = xp_o
+        xd, xp, ks[r], vs[r] = carry
         touched.append(cnt)
     return finish_step(model, xd, xp, dec, pf, jnp.concatenate(touched), KVPool(tuple(ks), tuple(vs)),
                        return_logits)

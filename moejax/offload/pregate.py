@@ -14,7 +14,9 @@
    refactored FFNs best reproduce the dense model's FFN outputs, summed over layers.
 5. Serving: the model runs with ``expert_ids`` from the pre-gate (:meth:`Transformer.__call__`'s
    ``expert_ids``), so every layer's experts are known once a token is known: all prompt tokens at prefill and
-   each generated token one step ahead; the offload runtime feeds that lookahead to the Belady cache.
+   each generated token one step ahead. :class:`PreGatedRunner` serves so with the experts in memory; the
+   offload runner (:class:`moejax.offload.runtime.OffloadRunner` with ``pregate=``) also feeds that lookahead to
+   the Belady and predictive cache policies.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from flax import nnx
 from moejax.config import MoEConfig, RouterConfig
 from moejax.nn.attention import attend, attention_mask, rope_tables
 from moejax.nn.experts import swiglu
+from moejax.serve.runner import ModelRunner
 
 # Top-level stdlib packages/modules by area; files matching none go to "other".
 DOMAINS: dict[str, tuple[str, ...]] = {
@@ -329,3 +332,49 @@ def route_tokens(gate: PreGate, tokens: np.ndarray) -> np.ndarray:
     """Expert ids ``[B, S]`` for token ids ``[B, S]`` (each position sees only itself and earlier tokens)."""
     B, S = tokens.shape
     return np.asarray(pregate_ids(gate, jnp.asarray(make_windows(tokens, gate.window)))).reshape(B, S)
+
+
+# ------------------------------------------------------------------------------------------------ serving
+def plan_expert_ids(gate: PreGate, plan, dec, pf):
+    """Pre-gated experts of a packed serving step: ``dec_ids [Bd]`` for the decode rows (the token each row
+    computes) and ``pf_ids [Bp, Tp]`` for the left-padded prefill rows (numpy; None for an absent part), from
+    each token's window of the request's preceding tokens."""
+    W = gate.window
+    dec_ids = pf_ids = None
+    if dec is not None:
+        win = np.full((len(dec.tokens), W), -1, np.int32)
+        for i, r in enumerate(plan.decode):
+            t = r.tokens[-W:]
+            win[i, W - len(t):] = t
+        dec_ids = np.asarray(pregate_ids(gate, win))
+    if pf is not None:
+        Bp, Tp = pf.tokens.shape
+        win = np.full((Bp, Tp, W), -1, np.int32)
+        for i, c in enumerate(plan.prefill):
+            toks = np.asarray(c.request.tokens[:c.start + c.length], np.int32)
+            pad = Tp - c.length
+            for j in range(c.length):
+                p = c.start + j
+                t = toks[max(0, p - W + 1):p + 1]
+                win[i, pad + j, W - len(t):] = t
+        pf_ids = np.asarray(pregate_ids(gate, win.reshape(Bp * Tp, W))).reshape(Bp, Tp)
+    return dec_ids, pf_ids
+
+
+class PreGatedRunner(ModelRunner):
+    """Serving with Read-ME's pre-gating router, experts in memory: every MoE layer uses the experts ``gate``
+    picks from the token ids, known before the step runs. ``Engine(model, runner=PreGatedRunner(model, cfg,
+    gate))``. Multi-step decoding is off (each step's ids need the tokens the previous one sampled)."""
+
+    supports_multi_step = False
+
+    def __init__(self, model, cfg, gate: PreGate):
+        super().__init__(model, cfg)
+        self.gate = gate
+
+    def expert_ids(self, plan, dec, pf):
+        return plan_expert_ids(self.gate, plan, dec, pf)
+
+    def blank_expert_ids(self, dec, pf):
+        return (None if dec is None else np.zeros(dec.tokens.shape[0], np.int32),
+                None if pf is None else np.zeros(pf.tokens.shape, np.int32))
