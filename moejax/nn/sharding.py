@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import jax
 
+from moejax.nn.context import scoped
+
 
 @dataclass(frozen=True)
 class TensorOps:
@@ -44,11 +46,8 @@ def tensor_ops(ops: TensorOps | None):
     """Trace-time context: layers traced inside use ``ops`` at their tensor-parallel edges (None: identities)."""
     if ops is not None and not isinstance(ops, TensorOps):
         raise TypeError(f"tensor_ops takes a moejax.nn.sharding.TensorOps or None, got {type(ops).__name__}")
-    tok = _OPS.set(ops)
-    try:
+    with scoped(_OPS, ops):
         yield
-    finally:
-        _OPS.reset(tok)
 
 
 def current_tensor_ops() -> TensorOps | None:

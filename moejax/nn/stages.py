@@ -79,6 +79,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.nn import dispatch as dsp
+from moejax.nn.context import scoped
 from moejax.nn.experts import GROUPED_IMPLS, grouped_layout, swiglu_capacity
 from moejax.nn.routers import router_statistics
 from moejax.nn.sharding import tensor_input, tensor_output
@@ -331,11 +332,8 @@ def moe_hooks(*registries: MoEHooks):
     for h in registries:
         if not isinstance(h, MoEHooks):
             raise TypeError(f"moe_hooks takes MoEHooks registries, got {type(h).__name__}")
-    tok = _HOOKS.set(_HOOKS.get() + tuple(registries))
-    try:
+    with scoped(_HOOKS, _HOOKS.get() + tuple(registries)):
         yield
-    finally:
-        _HOOKS.reset(tok)
 
 
 @contextlib.contextmanager
@@ -344,11 +342,8 @@ def moe_stages(**impls: StageFn):
     implementations (over a layer's own ``stages`` and enclosing ``moe_stages`` blocks)."""
     new = dict(_STAGES.get())
     new.update(stage_overrides(impls))
-    tok = _STAGES.set(tuple(new.items()))
-    try:
+    with scoped(_STAGES, tuple(new.items())):
         yield
-    finally:
-        _STAGES.reset(tok)
 
 
 class MoEExecutor(Protocol):
@@ -370,11 +365,8 @@ def moe_executor(executor: MoEExecutor | None):
     local stages)."""
     if executor is not None and not callable(getattr(executor, "run_moe", None)):
         raise TypeError(f"moe_executor takes an object with a run_moe method, got {type(executor).__name__}")
-    tok = _EXECUTOR.set(executor)
-    try:
+    with scoped(_EXECUTOR, executor):
         yield
-    finally:
-        _EXECUTOR.reset(tok)
 
 
 def current_executor() -> MoEExecutor | None:

@@ -122,22 +122,22 @@ def get_model(name: str | ModelSpec) -> ModelSpec:
     """The :class:`ModelSpec` registered as ``name`` in :data:`MODELS` (a spec is returned as it is).
 
     Raises ``ValueError`` naming the registered models for an unknown name."""
-    if isinstance(name, ModelSpec):
-        return name
-    if name not in MODELS:
-        raise ValueError(f"unknown roofline model {name!r}; allowed: {', '.join(sorted(MODELS))}")
-    return MODELS[name]
+    return _lookup(name, ModelSpec, MODELS, "model")
 
 
 def get_gpu(name: str | GPUSpec) -> GPUSpec:
     """The :class:`GPUSpec` registered as ``name`` in :data:`GPUS` (a spec is returned as it is).
 
     Raises ``ValueError`` naming the registered GPUs for an unknown name."""
-    if isinstance(name, GPUSpec):
+    return _lookup(name, GPUSpec, GPUS, "GPU")
+
+
+def _lookup(name, cls, registry: dict, what: str):
+    if isinstance(name, cls):
         return name
-    if name not in GPUS:
-        raise ValueError(f"unknown roofline GPU {name!r}; allowed: {', '.join(sorted(GPUS))}")
-    return GPUS[name]
+    if name not in registry:
+        raise ValueError(f"unknown roofline {what} {name!r}; allowed: {', '.join(sorted(registry))}")
+    return registry[name]
 
 
 def expected_distinct(n_tokens, experts, k) -> float:
