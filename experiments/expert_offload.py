@@ -142,7 +142,7 @@ def score_windows(eng, windows):
         blocks, tables = window_blocks(eng, T)
         pf = PrefillBatch(np.asarray([w[:-1]], np.int32), np.zeros(1, np.int32), np.full(1, T, np.int32), tables,
                           np.zeros((1, 2), np.uint32), np.zeros(1, np.float32), np.ones(1, np.float32))
-        o = eng.runner.step(eng.pool, None, pf, None, (0, L), use_hidden=False, return_logits=False)
+        o = eng.runner.step(eng.runner.pool, None, pf, None, (0, L), use_hidden=False, return_logits=False)
         eng.runner.pool = o.pool
         eng.alloc.release(blocks)
         lp = head(eng.runner.state, o.pf_hidden[0])
@@ -167,7 +167,7 @@ def score_windows_decode(eng, windows):
         for t in range(T):
             dec = DecodeBatch(np.asarray([w[t]], np.int32), np.asarray([t], np.int32), tables, np.ones(1, bool),
                               np.zeros((1, 2), np.uint32), np.zeros(1, np.float32), np.ones(1, np.float32))
-            o = eng.runner.step(eng.pool, dec, None, None, (0, L), use_hidden=False, return_logits=True)
+            o = eng.runner.step(eng.runner.pool, dec, None, None, (0, L), use_hidden=False, return_logits=True)
             eng.runner.pool = o.pool
             lp = jax.nn.log_softmax(o.dec_logits[0].astype(np.float32))
             total -= float(lp[int(w[t + 1])])

@@ -174,18 +174,18 @@ def main(argv=None):
         t = time.perf_counter()
         n_warm = eng.warmup(max_prompt_tokens=hi + 96, progress=True)  # every step shape, ahead of time
         warm_s = time.perf_counter() - t
-        shapes_after_warmup = len(eng.compiled_shapes)
+        shapes_after_warmup = len(eng.runner.compiled_shapes)
         for rate in args.rates:
             t = time.perf_counter()
             m = run_trace(eng, traces[rate], None if wall else h100_clock(cfg.n_layers))
-            m["new_shapes_in_measured_run"] = len(eng.compiled_shapes) - shapes_after_warmup
+            m["new_shapes_in_measured_run"] = len(eng.runner.compiled_shapes) - shapes_after_warmup
             m["run_s"] = time.perf_counter() - t
             m["warmup_compile_s"] = warm_s
             m["warmup_shapes"] = n_warm
             if os.path.exists("/proc/self/maps"):
                 with open("/proc/self/maps") as f:
                     m["process_memory_maps_after_warmup"] = sum(1 for _ in f)  # vm.max_map_count bounds this
-            m["compiled_shapes"] = len(eng.compiled_shapes)
+            m["compiled_shapes"] = len(eng.runner.compiled_shapes)
             describe_run(m, eng, cfg)
             results[str(rate)][name] = m
             print(rate, name, {k: m[k] for k in ("ttft_mean_s", "tpot_mean_s", "expert_bytes_total", "iterations")},

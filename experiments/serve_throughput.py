@@ -255,7 +255,7 @@ def main(argv=None):
     bw, rate = max(bw0, bw1), max(rate0, rate1)  # the higher readings: the tighter bound
     rows, single_rows, met = result_rows(res, B, N, args.decode_steps, roofline_bound(model, cfg, P, N, bw, rate))
     write_report(args, res, rows, single_rows, met, budget=budget, n_shapes=n_shapes, warmup_s=warmup_s,
-                 n_compiled=len(engine.compiled_shapes), bw=bw, rate=rate, bw0=bw0, bw1=bw1)
+                 n_compiled=len(engine.runner.compiled_shapes), bw=bw, rate=rate, bw0=bw0, bw1=bw1)
 
 
 if __name__ == "__main__":

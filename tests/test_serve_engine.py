@@ -111,7 +111,7 @@ def test_layered_kv_equals_one_shot_prefill(model):
     out = model(jnp.asarray([prompt]), cache=model.init_cache(1, 40), cache_index=0)
     slots = np.concatenate([np.arange(b * 8, b * 8 + 8) for b in req.blocks])[:37]
     for r in range(len(model.runs)):
-        for got, ref in ((eng.pool.k[r], out.cache.k[r]), (eng.pool.v[r], out.cache.v[r])):
+        for got, ref in ((eng.runner.pool.k[r], out.cache.k[r]), (eng.runner.pool.v[r], out.cache.v[r])):
             got = np.asarray(got)[:, slots]
             ref = np.asarray(ref)[:, 0, :37]
             assert np.abs(got - ref).max() <= KV_TOL * max(1.0, np.abs(ref).max())
@@ -132,7 +132,7 @@ def test_group_step_without_decode_rows_and_dropped_writes(model):
     pf.length[0] = n
     pf.tables[0, :3] = [1, 2, 3]
     rng = np.random.default_rng(10)  # a pool full of old values: a stray write of anything shows
-    before = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), eng.pool)
+    before = jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), eng.runner.pool)
     outs = []
     for dec in (None, eng.runner.blank_decode(2)):
         eng.runner.pool = jax.tree.map(jnp.asarray, before)
@@ -272,7 +272,7 @@ def test_warmup_compiles_every_step_shape(model):
     finally:
         logging.getLogger("jax").removeHandler(h)
     assert all(len(r.tokens) == 5 for r in res)
-    assert set(eng.compiled_shapes) == set(keys)
+    assert set(eng.runner.compiled_shapes) == set(keys)
     assert not [m for m in msgs if "engine_step" in m and "ompil" in m], msgs
 
 
@@ -294,8 +294,8 @@ def test_multi_step_decode_matches_single_steps(model):
     four = Engine(model, EngineConfig(block_size=8, max_model_len=48, record_logits=True, sched=sched_cfg(),
                                       decode_steps=4))
     got = four.generate(prompts, params)
-    assert any(len(k) == 3 and k[2] == 4 for k in four.compiled_shapes)  # multi-step calls ran
-    assert any(len(k) == 2 and k[1] is None for k in four.compiled_shapes)  # and single decode steps
+    assert any(len(k) == 3 and k[2] == 4 for k in four.runner.compiled_shapes)  # multi-step calls ran
+    assert any(len(k) == 2 and k[1] is None for k in four.runner.compiled_shapes)  # and single decode steps
     for a, b in zip(ref, got):
         assert b.tokens == a.tokens and b.finish_reason == a.finish_reason
         np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)

@@ -289,16 +289,6 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
-    @property
-    def pool(self):
-        """The runner's KV pool."""
-        return self.runner.pool
-
-    @property
-    def compiled_shapes(self) -> set[tuple]:
-        """Step shapes the runner has compiled so far (by :meth:`warmup` or by a step)."""
-        return self.runner.compiled_shapes
-
     # ----------------------------------------------------------------------------------------- stepping
     def _finalize(self, e: _Entry, outputs: list[RequestOutput], emit_tokens: RequestOutput | None = None,
                   group: dict | None = None):
