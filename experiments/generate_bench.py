@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -125,21 +126,22 @@ def expert_floor_patch(top_k: int):
     import jax
     import jax.numpy as jnp
 
-    from moejax.nn import stages
+    from moejax.nn.experts import GROUPED_IMPLS
 
-    def floor(x, wg, wu, wd, combine):
+    def floor(x, w, layout, ids, slot_weights, block_rows):
+        wg, wu, wd = w
         T, D = x.shape
         rows = share_rows(T, top_k, wg.shape[0])
         y = floor_experts(x, wg, wu, wd, rows).reshape(-1, D)
         return jnp.sum(y[: T * top_k].reshape(T, -1, D), axis=1) if y.shape[0] >= T * top_k else y[:T]
 
-    real = stages.swiglu_dense_combine
+    real = GROUPED_IMPLS["dense"]
     jax.clear_caches()
-    stages.swiglu_dense_combine = floor
+    GROUPED_IMPLS["dense"] = dataclasses.replace(real, run=floor)
     try:
         yield
     finally:
-        stages.swiglu_dense_combine = real
+        GROUPED_IMPLS["dense"] = real
         jax.clear_caches()
 
 

@@ -170,7 +170,7 @@ class MoEConfig:
         (the ``pallas_kernels.gmm`` grouped-matmul kernels over unpadded sorted rows, backward through
         ``gmm``/``tgmm`` too; interpret mode on CPU, so only for tests there), ``auto`` (``gather`` when
         ``4 * tokens * top_k <= num_experts``, ``dense`` when ``tokens * num_experts <= 256``, else ``tiles``
-        on CPU and ``ragged_dot`` elsewhere; see :func:`moejax.nn.moe.resolve_grouped_impl`; ``auto`` picks
+        on CPU and ``ragged_dot`` elsewhere; see :func:`moejax.nn.experts.resolve_grouped_impl`; ``auto`` picks
         ``pallas`` only on a backend listed in ``pallas_kernels.grouped_matmul.VALIDATED_FASTER`` -- where
         the kernel was compiled for real, validated and measured faster -- which is none yet).
       block_rows: row tile of the ``tiles`` implementation; ``None`` picks one from the token count.

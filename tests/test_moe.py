@@ -409,7 +409,7 @@ def test_property_all_routers_slow(tokens, num_experts, router, variant, cf, blo
 
 def test_auto_impl_selection():
     """auto: all-experts 'dense' only for tiny token counts; tiles on CPU otherwise."""
-    from moejax.nn.moe import resolve_grouped_impl
+    from moejax.nn.experts import resolve_grouped_impl
     assert resolve_grouped_impl("auto", 16, 8) == "dense"
     assert resolve_grouped_impl("auto", 16, 8, 2) == "dense"
     assert resolve_grouped_impl("auto", 1, 8, 2) == "gather"  # one decoding sequence: 2 of 8 experts
@@ -417,3 +417,30 @@ def test_auto_impl_selection():
     assert resolve_grouped_impl("auto", 2, 64, 8) == "gather"
     assert resolve_grouped_impl("auto", 64, 8) == "tiles"
     assert resolve_grouped_impl("tiles", 1, 1) == "tiles"
+
+
+def test_grouped_impl_table_matches_the_config_names():
+    """One table of grouped-compute methods: every name MoEConfig.grouped_impl accepts (but 'auto') has an entry
+    and every entry is selectable; an unknown name is refused naming the allowed ones."""
+    from moejax.config import GROUPED_IMPLS as NAMES
+    from moejax.nn.experts import GROUPED_IMPLS, resolve_grouped_impl
+    assert set(GROUPED_IMPLS) == set(NAMES) - {"auto"}
+    assert all(g.name == n and g.layout in ("tiles", "rows", "dense") for n, g in GROUPED_IMPLS.items())
+    with pytest.raises(ValueError, match="allowed: 'auto', 'tiles'"):
+        resolve_grouped_impl("fast", 4, 8)
+
+
+@pytest.mark.parametrize("method", ["tiles", "ragged_dot", "dense", "gather"])
+def test_apply_experts_equals_the_layer(method):
+    """MoE.apply_experts on the layer's own routing (the runners' split of the FFN: route, then experts) gives
+    the layer's output with every table method, and with the weights passed in explicitly."""
+    cfg = make_cfg(ROUTERS["topk"], f"dropless-{method}", "1-gated")
+    layer = make_layer(cfg, seed=3)
+    x = make_x((24, D), seed=4)
+    ref, _ = layer(x)
+    r, _ = layer.route(x)
+    T, K = 24, r.expert_ids.shape[-1]
+    ids, w, m = (a.reshape(T, K) for a in (r.expert_ids, r.weights, r.mask))
+    for kw in ({}, {"expert_weights": layer.experts.weights(), "method": method}):
+        got = layer.apply_experts(x, ids, w, m, **kw)
+        assert jnp.abs(got - ref).max() <= OUT_TOL * max(1.0, float(jnp.abs(ref).max())), (method, kw)

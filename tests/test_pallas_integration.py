@@ -14,7 +14,8 @@ from flax import nnx
 
 from moejax.config import MoEConfig, RouterConfig, get_preset
 from moejax.models.transformer import Transformer
-from moejax.nn.moe import MoE, resolve_grouped_impl
+from moejax.nn.experts import resolve_grouped_impl
+from moejax.nn.moe import MoE
 
 TOL = 1e-5
 
