@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments.common import environment, markdown_table, write_results
 
 POLICIES = ("random", "lru", "lfu", "belady", "predictive")
+SERVED_ORDER_TEXTS, TEXT_TOKENS = 32, 1024  # validation texts replayed in served order, tokens per text
 PAPER = {"cache_2": {"random": 34.2, "lru": 33.9, "belady": 44.2}, "cache_5": {"random": 82.9, "lru": 83.5,
                                                                                "belady": 88.0}}
 
@@ -426,7 +427,7 @@ def served_order_hit_rates(gate, val_dom, trans, Lm):
 
     from moejax.offload.cache import simulate, simulate_served
 
-    vseqs = route_texts(gate, val_dom, 32, np.random.default_rng(7))
+    vseqs = route_texts(gate, val_dom, SERVED_ORDER_TEXTS, np.random.default_rng(7), length=TEXT_TOKENS)
     served_order = {}
     for C in (2, 4, 5, 6):
         acc = {}
@@ -440,7 +441,7 @@ def served_order_hit_rates(gate, val_dom, trans, Lm):
                    for sq in vseqs]
             acc[name] = sum(x.hits for x in sts) / sum(x.accesses for x in sts)
         acc["belady (whole future)"] = sum(simulate([(li, int(e)) for e in sq for li in range(Lm)], C * Lm,
-                                                    "belady").hits for sq in vseqs) / (len(vseqs) * 1024 * Lm)
+                                                    "belady").hits for sq in vseqs) / (len(vseqs) * TEXT_TOKENS * Lm)
         served_order[C] = acc
     return served_order
 
@@ -540,6 +541,7 @@ def readme_markdown(args, r) -> str:
     gain2, gain2p, cgain, cgain_p = r["gain2"], r["gain2p"], r["cgain"], r["cgain_p"]
     so_cols = ["random", "lru", "belady", "predictive (fixed model)", "predictive", "belady (whole future)"]
     so2 = served_order[2]
+    n_served = results['2-lru-direct']['hits'] + results['2-lru-direct']['misses']
     md = ("# Expert offloading with Read-ME pre-gating (measured on this CPU)\n\n"
           f"Dense `tiny-dense` model trained by `moejax train` ({run}); Read-ME refactor into {E} domain experts "
           f"(expert width {info.expert_width}, shared {info.shared_per_layer}) + a pre-gate distilled from the "
@@ -570,12 +572,7 @@ def readme_markdown(args, r) -> str:
           + markdown_table([{"cache": f"{c} of {E}", **{p: 100 * v for p, v in served_order[c].items()}}
                             for c in sorted(served_order)], ["cache", *so_cols])
           + f"\nOn these traces predictive gains {100 * (so2['predictive'] - so2['lru']):+.1f} points over LRU "
-          f"at a cache of 2 (whole-future Belady: {100 * (so2['belady (whole future)'] - so2['lru']):+.1f}). "
-          "In a side study on these kinds of traces (experiments/offload_policy_traces.py), the exact optimal "
-          "online policy for the fixed first-order model (value iteration over (cache set, current expert), per "
-          "layer) gained +2.7 at a cache of 2, a fixed second-order model +3.0, expected first-passage time "
-          "instead of the discounted value +1.2: a Markov model of the pre-gate sequence does not get near the "
-          "+13.7 of knowing the future.\n\n"
+          f"at a cache of 2 (whole-future Belady: {100 * (so2['belady (whole future)'] - so2['lru']):+.1f}).\n\n"
           f"Concurrent serving: all {args.prompts} requests in one batch (each step's accesses cover every "
           "request's current token), hit rate %:\n\n"
           + markdown_table(crows, list(crows[0]))
@@ -594,8 +591,8 @@ def readme_markdown(args, r) -> str:
           + f" by the best honest policy found, predictive: {gain2p:+.1f} served and "
           f"{100 * (so2['predictive'] - so2['lru']):+.1f} on validation text in served order (Belady with the "
           f"one-token lookahead: {gain2:+.1f} / {100 * (so2['belady'] - so2['lru']):+.1f}). The served run has "
-          f"{results['2-lru-direct']['hits'] + results['2-lru-direct']['misses']} accesses per policy (one point "
-          "is ~13 accesses) of generated text, the traces 131k accesses of natural text. With concurrent requests "
+          f"{n_served} accesses per policy (one point is ~{n_served / 100:.0f} accesses) of generated text, the "
+          f"traces {SERVED_ORDER_TEXTS * TEXT_TOKENS * Lm / 1000:.0f}k accesses of natural text. With concurrent requests "
           "(each step knows every request's current experts) the gains at a cache of 2 exceed +5 only against a "
           "thrashing LRU (above).\n\n"
           + f"Quality (validation bits/byte, teacher forced): dense {quality['dense_bits_per_byte']:.3f}, "
