@@ -19,7 +19,7 @@ def _measurements(seed: int) -> dict:
     """A results dict of the shape :func:`experiments.expert_offload.readme_part` builds, random values."""
     rng = np.random.default_rng(seed)
     E, Lm = 8, 4
-    rate = lambda: float(rng.uniform(0.05, 0.95))  # noqa: E731
+    rate = lambda: float(rng.uniform(0.05, 0.95))
     policies = ("random", "lru", "belady", "predictive")
     so_cols = ["random", "lru", "belady", "predictive (fixed model)", "predictive", "belady (whole future)"]
     concurrent = {f"{c}-{p}": {"hit_rate": rate()} for c in (2, 4, 5, 6) for p in policies}
