@@ -24,6 +24,7 @@ from fastapi.responses import Response, StreamingResponse
 from moejax.serve.engine import Engine, RequestOutput, SamplingParams
 from moejax.serve.errors import APIError
 from moejax.serve.protocol import ChatRequest, CompletionRequest
+from moejax.serve.tokenizer import ChatTemplateError
 
 
 # ------------------------------------------------------------------------------------------------ context
@@ -378,7 +379,8 @@ async def completions(body: CompletionRequest, request: Request):
 
 # ------------------------------------------------------------------------------------------------ chat
 def chat_prompt_text(tokenizer, body: ChatRequest) -> str:
-    """The chat template applied to the request's messages (text content parts joined)."""
+    """The tokenizer's chat template applied to the request's messages (text content parts joined), with the
+    generation prompt; a template that fails on them (its own ``raise_exception`` included) is a 400."""
     msgs = []
     for m in body.messages:
         content = m.content
@@ -388,7 +390,10 @@ def chat_prompt_text(tokenizer, body: ChatRequest) -> str:
                                "messages")
             content = "".join(p["text"] for p in content)
         msgs.append({"role": m.role, "content": content})
-    return tokenizer.apply_chat_template(msgs)
+    try:
+        return tokenizer.apply_chat_template(msgs)
+    except ChatTemplateError as e:
+        raise APIError(400, str(e), "messages", "chat_template_error") from None
 
 
 def chat_chunk(body: ChatRequest):
