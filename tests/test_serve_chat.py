@@ -187,17 +187,25 @@ def engine(model):
                                       enable_prefix_cache=False))
 
 
-def test_server_chat_uses_the_checkpoint_template(tmp_path, model, engine):
-    tok = HFTokenizer(write_tokenizer_dir(tmp_path))
+def test_server_chat_uses_the_checkpoint_template(tmp_path, engine):
+    """The server's chat prompt is the template's (from tokenizer_config.json or chat_template.jinja), encoded
+    with its special tokens; the answer is the engine's; the template's raise_exception is a 400."""
+    tok = HFTokenizer(write_tokenizer_dir(tmp_path / "cfg"))
     ids = tok.encode(WANT)
     # the engine's own greedy answer to that prompt (the same engine: no further compilation)
-    toks = engine.generate([ids], SamplingParams(max_tokens=4, temperature=0, stop_token_ids=(EOS_ID,)))[0].tokens
+    toks = engine.generate([ids], SamplingParams(max_tokens=1, temperature=0, stop_token_ids=(EOS_ID,)))[0].tokens
+    jinja = HFTokenizer(write_tokenizer_dir(tmp_path / "jinja", config_template="{{ 'not this' }}",
+                                            jinja_template=TEMPLATE))
+    for tk in (tok, jinja):
+        with TestClient(create_app(engine, tk, model_name="tiny-hf")) as c:
+            r = c.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 1, "temperature": 0,
+                                                     "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["prompt_token_ids"] == ids and body["choices"][0]["token_ids"] == toks
+            assert body["usage"]["prompt_tokens"] == len(ids) and body["usage"]["completion_tokens"] == len(toks)
+            assert body["choices"][0]["message"]["content"] == tok.decode([t for t in toks if t != EOS_ID])
     with TestClient(create_app(engine, tok, model_name="tiny-hf")) as c:
-        r = c.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 4, "temperature": 0})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["usage"]["prompt_tokens"] == len(ids) and body["usage"]["completion_tokens"] == len(toks)
-        assert body["choices"][0]["message"]["content"] == tok.decode([t for t in toks if t != EOS_ID])
         # the template's raise_exception is a 400 in OpenAI's shape, and the server keeps serving
         r = c.post("/v1/chat/completions", json={"messages": MSGS[::-1], "max_tokens": 2})
         assert r.status_code == 400, r.text

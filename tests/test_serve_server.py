@@ -113,6 +113,83 @@ def test_stop_strings_n_seed_and_chat(client, model):
     assert len(lps) >= 1 and all(len(x["top_logprobs"]) == 2 for x in lps)
 
 
+def test_return_token_ids_completions(client, model):
+    """vLLM's return_token_ids on /v1/completions: each choice's generated ids (the engine's greedy tokens, EOS
+    included) and its prompt's ids, whole and streamed (new ids per event, the prompt's in a choice's first
+    event); with echo the generated ids only; with a stop string the ids up to the one that completed it; absent
+    without the flag."""
+    prompt = "def f(x):"
+    want, toks = greedy_text(model, prompt, 12)
+    body = {"prompt": prompt, "max_tokens": 12, "temperature": 0}
+    ch = client.post("/v1/completions", json={**body, "return_token_ids": True}).json()["choices"][0]
+    assert ch["token_ids"] == toks and ch["prompt_token_ids"] == list(prompt.encode())
+    assert ch["text"] == want == ByteTokenizer(300).decode(ch["token_ids"])
+    for flag in ({}, {"return_token_ids": False}, {"return_token_ids": None}):
+        ch = client.post("/v1/completions", json={**body, **flag}).json()["choices"][0]
+        assert "token_ids" not in ch and "prompt_token_ids" not in ch
+    # streamed, a token-id prompt: the events' ids concatenate to the same; the prompt's ids come once
+    with client.stream("POST", "/v1/completions", json={**body, "prompt": list(prompt.encode()), "stream": True,
+                                                        "return_token_ids": True}) as s:
+        ev = sse_events(s.iter_lines())[:-1]
+    assert all("token_ids" in e["choices"][0] for e in ev)
+    assert [t for e in ev for t in e["choices"][0]["token_ids"]] == toks
+    assert ev[0]["choices"][0]["prompt_token_ids"] == list(prompt.encode())
+    assert not any("prompt_token_ids" in e["choices"][0] for e in ev[1:])
+    assert "".join(e["choices"][0]["text"] for e in ev) == want
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+        ev = sse_events(s.iter_lines())[:-1]
+    assert not any({"token_ids", "prompt_token_ids"} & set(e["choices"][0]) for e in ev)
+    # echo: the text starts with the prompt, the ids are the generated ones only
+    ch = client.post("/v1/completions", json={**body, "echo": True, "return_token_ids": True}).json()["choices"][0]
+    assert ch["text"] == prompt + want and ch["token_ids"] == toks
+    with client.stream("POST", "/v1/completions", json={**body, "echo": True, "stream": True,
+                                                        "return_token_ids": True}) as s:
+        ev = sse_events(s.iter_lines())[:-1]
+    assert [t for e in ev for t in e["choices"][0]["token_ids"]] == toks
+    # a batch of prompts, n=2: each choice's prompt ids are its own prompt's
+    r = client.post("/v1/completions", json={"prompt": [list(prompt.encode()), [1, 2, 3]], "n": 2, "max_tokens": 1,
+                                              "return_token_ids": True}).json()
+    assert [c["prompt_token_ids"] for c in r["choices"]] == [list(prompt.encode())] * 2 + [[1, 2, 3]] * 2
+    assert [len(c["token_ids"]) for c in r["choices"]] == [1] * 4
+    # a stop string: the ids up to (and including) the one whose text completed it
+    visible = [t for t in toks if t != 256]
+    stop = next((ch for i, ch in enumerate(want) if i >= 2 and ch not in want[:i]), None)
+    if stop is not None:
+        k = next(k for k in range(1, len(visible) + 1) if stop in ByteTokenizer(300).decode(visible[:k]))
+        for stream in (False, True):
+            req = {**body, "stop": [stop], "return_token_ids": True, "stream": stream}
+            if stream:
+                with client.stream("POST", "/v1/completions", json=req) as s:
+                    got = [t for e in sse_events(s.iter_lines())[:-1] for t in e["choices"][0]["token_ids"]]
+            else:
+                got = client.post("/v1/completions", json=req).json()["choices"][0]["token_ids"]
+            assert got == visible[:k], (stream, stop)
+
+
+def test_return_token_ids_chat(client, model):
+    """return_token_ids on /v1/chat/completions: each choice's generated ids, the prompt's ids at the top level
+    (the templated prompt), streamed too (in each choice's first event); absent without the flag."""
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    prompt = "system: be brief\nuser: hi\nassistant: "
+    want, toks = greedy_text(model, prompt, 6)
+    body = {"messages": msgs, "max_tokens": 6, "temperature": 0}
+    r = client.post("/v1/chat/completions", json={**body, "return_token_ids": True}).json()
+    assert r["prompt_token_ids"] == list(prompt.encode()) and r["choices"][0]["token_ids"] == toks
+    assert r["choices"][0]["message"]["content"] == want and "prompt_token_ids" not in r["choices"][0]
+    r = client.post("/v1/chat/completions", json=body).json()
+    assert "prompt_token_ids" not in r and "token_ids" not in r["choices"][0]
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True,
+                                                             "return_token_ids": True}) as s:
+        ev = sse_events(s.iter_lines())[:-1]
+    assert ev[0]["prompt_token_ids"] == list(prompt.encode()) and not any("prompt_token_ids" in e for e in ev[1:])
+    assert all("token_ids" in e["choices"][0] for e in ev)
+    assert [t for e in ev for t in e["choices"][0]["token_ids"]] == toks
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in ev) == want
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        ev = sse_events(s.iter_lines())[:-1]
+    assert not any("prompt_token_ids" in e or "token_ids" in e["choices"][0] for e in ev)
+
+
 def test_multi_step_decoding_serves_the_same_responses(model):
     """decode_steps=4 (several tokens per engine output) answers as decode_steps=1: text, finish reason, usage
     and logprobs, with a stop string that completes inside a group; its streams carry fewer, larger events."""
@@ -123,18 +200,21 @@ def test_multi_step_decoding_serves_the_same_responses(model):
     bodies = [{"prompt": "abc", "max_tokens": 16, "temperature": 0, "logprobs": 2},
               {"prompt": "xyz", "max_tokens": 9, "temperature": 1.0, "seed": 3}]
     if stop:
-        bodies.append({"prompt": "abc", "max_tokens": 16, "temperature": 0, "stop": [stop], "logprobs": 1})
+        bodies.append({"prompt": "abc", "max_tokens": 16, "temperature": 0, "stop": [stop], "logprobs": 1,
+                       "return_token_ids": True})
     got = {}
     for k in (1, 4):
         app, _ = make_app(model, decode_steps=k)
         with TestClient(app) as c:
             res = [c.post("/v1/completions", json=b).json() for b in bodies]
-            with c.stream("POST", "/v1/completions", json={**bodies[0], "stream": True}) as st:
+            with c.stream("POST", "/v1/completions", json={**bodies[0], "stream": True,
+                                                           "return_token_ids": True}) as st:
                 ev = sse_events(st.iter_lines())
         got[k] = (res, ev)
     for r1, r4 in zip(got[1][0], got[4][0]):
         c1, c4 = r1["choices"][0], r4["choices"][0]
         assert (c4["text"], c4["finish_reason"], r4["usage"]) == (c1["text"], c1["finish_reason"], r1["usage"])
+        assert c4.get("token_ids") == c1.get("token_ids")  # a stop string inside a group: the same ids
         if c1.get("logprobs"):
             assert c4["logprobs"]["tokens"] == c1["logprobs"]["tokens"]
             np.testing.assert_allclose(c4["logprobs"]["token_logprobs"], c1["logprobs"]["token_logprobs"], atol=1e-5)
@@ -142,6 +222,8 @@ def test_multi_step_decoding_serves_the_same_responses(model):
         assert got[4][0][2]["choices"][0]["finish_reason"] == "stop"
     text = {k: "".join(e["choices"][0]["text"] for e in got[k][1][:-1]) for k in got}
     assert text[4] == text[1] == got[1][0][0]["choices"][0]["text"]
+    ids = {k: [t for e in got[k][1][:-1] for t in e["choices"][0]["token_ids"]] for k in got}
+    assert ids[4] == ids[1] and len(ids[1]) == got[1][0][0]["usage"]["completion_tokens"]
     assert len(got[4][1]) < len(got[1][1])  # tokens arrive in groups
 
 

@@ -24,6 +24,8 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     stream: bool = False
+    # vLLM's: the choices' generated token ids (`token_ids`) and the prompt's (`prompt_token_ids`) in the response
+    return_token_ids: bool | None = None
 
 
 # No docstrings on the request classes: FastAPI would publish them as schema descriptions in /openapi.json.

@@ -6,6 +6,15 @@ logprobs); :func:`run_choices` submits them to the engine thread and yields thei
 answer. The routes find the engine, tokenizer and model name in ``request.app.state.ctx`` (a
 :class:`ServeContext`, built by :func:`moejax.serve.server.create_app`); :func:`register_routes` adds them to
 an app.
+
+``return_token_ids`` (vLLM's field; default false) adds token ids where vLLM puts them: completions give each
+choice ``token_ids`` (its generated ids) and ``prompt_token_ids`` (its prompt's); chat gives each choice
+``token_ids`` and the response a top-level ``prompt_token_ids``. In a stream, every event carries its new ids
+in ``token_ids`` (an engine output with new ids always makes an event, even while its text is held back) and a
+choice's first event carries the prompt's ids (completions: in the choice; chat: at the top level, as vLLM's
+role chunk of each choice). ``token_ids`` are what the engine generated: an EOS or stop token id it emitted
+included, with a stop string the ids up to the one that completed it, with ``echo`` the generated ids only.
+With the flag false or null the keys are absent (responses as without the field).
 """
 
 from __future__ import annotations
@@ -225,9 +234,11 @@ def sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def stream_response(ctx: ServeContext, request, prompts, body, max_tokens, n_lp, rid, obj, chunk):
+async def stream_response(ctx: ServeContext, request, prompts, body, max_tokens, n_lp, rid, obj, chunk,
+                          top=None):
     """Server-sent events of ``run_choices``: ``await chunk(choice, delta, start, end)`` gives the choice
-    entry of one event (None: nothing to send). 4xx/503 errors surface before the stream starts."""
+    entry of one event (None: nothing to send); ``top(choice)``, when given, the event's top-level fields after
+    ``choices``. 4xx/503 errors surface before the stream starts."""
     gen = run_choices(ctx, request, prompts, body, max_tokens, n_lp)
     first = await anext(gen, None)
 
@@ -239,7 +250,7 @@ async def stream_response(ctx: ServeContext, request, prompts, body, max_tokens,
                 entry = await chunk(c, delta, a, b)
                 if entry is not None:
                     yield sse({"id": rid, "object": obj, "created": int(time.time()), "model": ctx.model_name,
-                               "choices": [entry]})
+                               "choices": [entry], **(top(c) if top is not None else {})})
                 item = await anext(gen, None)
             yield "data: [DONE]\n\n"
         finally:
@@ -328,8 +339,9 @@ def clean_logprobs(lp):
 
 
 def completion_chunk(ctx: ServeContext, body: CompletionRequest, want_lp: bool, n_lp: int):
-    """The ``chunk`` of :func:`stream_response` for completions (the echo goes into a choice's first event)."""
-    echoed = set()
+    """The ``chunk`` of :func:`stream_response` for completions (the echo goes into a choice's first event, and
+    with ``return_token_ids`` its prompt's ids; every event then carries its new ids)."""
+    echoed, sent_prompt = set(), set()
 
     async def chunk(c, delta, a, b):
         text, lp = delta, (c.logprobs_completion(a, b) if want_lp and b > a else None)
@@ -337,8 +349,14 @@ def completion_chunk(ctx: ServeContext, body: CompletionRequest, want_lp: bool, 
             echoed.add(c.index)
             et, elp = await echo_part(ctx, c.prompt_ids, want_lp, n_lp)
             text, lp = et + text, merge_logprobs(elp, lp)
-        if text or c.finish_reason or lp:
-            return {"index": c.index, "text": text, "logprobs": clean_logprobs(lp), "finish_reason": c.finish_reason}
+        if text or c.finish_reason or lp or (body.return_token_ids and b > a):
+            entry = {"index": c.index, "text": text, "logprobs": clean_logprobs(lp), "finish_reason": c.finish_reason}
+            if body.return_token_ids:
+                entry["token_ids"] = c.ids[a:b]
+                if c.index not in sent_prompt:
+                    sent_prompt.add(c.index)
+                    entry["prompt_token_ids"] = c.prompt_ids
+            return entry
         return None
 
     return chunk
@@ -371,6 +389,8 @@ async def completions(body: CompletionRequest, request: Request):
             et, elp = await echo_part(ctx, c.prompt_ids, want_lp, n_lp)
             text, lp = et + text, merge_logprobs(elp, lp)
         out.append({"index": c.index, "text": text, "logprobs": clean_logprobs(lp), "finish_reason": c.finish_reason})
+        if body.return_token_ids:
+            out[-1].update(token_ids=c.ids, prompt_token_ids=c.prompt_ids)
     if len(out) < len(prompts) * body.n:  # client went away
         return Response(status_code=499)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": ctx.model_name,
@@ -396,9 +416,10 @@ def chat_prompt_text(tokenizer, body: ChatRequest) -> str:
         raise APIError(400, str(e), "messages", "chat_template_error") from None
 
 
-def chat_chunk(body: ChatRequest):
-    """The ``chunk`` of :func:`stream_response` for chat (a choice's first event carries the role)."""
-    started = set()
+def chat_chunk(body: ChatRequest, prompt_ids: list[int]):
+    """The ``chunk`` and ``top`` of :func:`stream_response` for chat (a choice's first event carries the role, and
+    with ``return_token_ids`` the top-level ``prompt_token_ids``; every event then carries its new ids)."""
+    started, sent_prompt = set(), set()
 
     async def chunk(c, delta, a, b):
         d = {}
@@ -408,11 +429,20 @@ def chat_chunk(body: ChatRequest):
         if delta:
             d["content"] = delta
         lp = c.logprobs_chat(a, b) if body.logprobs and b > a else None
-        if d or c.finish_reason or lp:
-            return {"index": c.index, "delta": d, "logprobs": lp, "finish_reason": c.finish_reason}
+        if d or c.finish_reason or lp or (body.return_token_ids and b > a):
+            entry = {"index": c.index, "delta": d, "logprobs": lp, "finish_reason": c.finish_reason}
+            if body.return_token_ids:
+                entry["token_ids"] = c.ids[a:b]
+            return entry
         return None
 
-    return chunk
+    def top(c):
+        if body.return_token_ids and c.index not in sent_prompt:
+            sent_prompt.add(c.index)
+            return {"prompt_token_ids": prompt_ids}
+        return {}
+
+    return chunk, top
 
 
 async def chat(body: ChatRequest, request: Request):
@@ -429,16 +459,22 @@ async def chat(body: ChatRequest, request: Request):
     n_lp = (body.top_logprobs or 0) if body.logprobs else 0
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
+        chunk, top = chat_chunk(body, ids)
         return await stream_response(ctx, request, [ids], body, max_tokens, n_lp, rid, "chat.completion.chunk",
-                                     chat_chunk(body))
+                                     chunk, top)
     final = await finished_choices(ctx, request, [ids], body, max_tokens, n_lp)
     if len(final) < body.n:
         return Response(status_code=499)
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": c.logprobs_chat(0, len(c.ids)) if body.logprobs else None,
                 "finish_reason": c.finish_reason} for c in final]
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
-            "choices": choices, "usage": usage(final, [ids])}
+    out = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": ctx.model_name,
+           "choices": choices, "usage": usage(final, [ids])}
+    if body.return_token_ids:
+        for ch, c in zip(choices, final, strict=True):
+            ch["token_ids"] = c.ids
+        out["prompt_token_ids"] = ids
+    return out
 
 
 def register_routes(app) -> None:
