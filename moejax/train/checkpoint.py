@@ -2,13 +2,30 @@
 
 A checkpoint step directory holds ``state`` (parameters, non-trainable state such as router biases, optimizer
 state: an orbax PyTree) and ``meta`` (JSON: step, model and train configs, data-iterator state, corpus info).
-Orbax writes each step into a temporary directory and renames it when complete, so a run killed during a save
-resumes from the last complete checkpoint and never overwrites a good one.
+Orbax writes each step into a temporary directory (``<step>.orbax-checkpoint-tmp``, with a ``-<timestamp>``
+suffix in older orbax) and renames it when complete, so a run killed during a save resumes from the last
+complete checkpoint and never overwrites a good one. Orbax skips such partial directories when listing steps
+but leaves them on disk; opening a :class:`Checkpointer` for writing removes them.
+
+Fault injection (tests/test_crash.py): with ``MOEJAX_FAULT_CHECKPOINT_STEP=N`` set, the save of step ``N``
+writes its ``meta`` file into the temporary directory, writes ``MOEJAX_FAULT_MARKER`` (a JSON file naming the
+step, the temporary directory and the pid) and then, by ``MOEJAX_FAULT_CHECKPOINT_MODE``: ``hang`` (default)
+blocks the save (on orbax's background thread, before it is finalized) for up to ``MOEJAX_FAULT_HANG_S``
+seconds (default 600), so that a test can SIGKILL the process while the write is provably in progress;
+``kill`` SIGKILLs the process itself at that point. Without ``MOEJAX_FAULT_CHECKPOINT_STEP`` nothing changes:
+the checkpoint manager is built exactly as it would be otherwise.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import re
+import shutil
+import signal
+import sys
+import time
 from typing import Any
 
 import jax
@@ -20,12 +37,19 @@ from moejax.config import ModelConfig, TrainConfig, config_from_dict, config_to_
 class Checkpointer:
     """Save/restore training state under ``directory`` (created if missing)."""
 
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, clean_partial: bool = True):
+        """``clean_partial``: remove the temporary directories of saves that never completed (a killed run);
+        readers that may run beside a live training run (``load_model``) pass ``False``, since the newest
+        temporary directory may be a save in progress."""
         self.directory = os.path.abspath(directory)
+        self.removed_partial = remove_partial_checkpoints(self.directory) if clean_partial else []
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+        fault = _fault_handler_registry()
+        if fault is None:
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        else:
+            self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=fault)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -65,6 +89,85 @@ class Checkpointer:
         self.manager.close()
 
 
+_PARTIAL = re.compile(r"^\d+\.orbax-checkpoint-tmp")  # a step's temporary directory (see orbax path/step.py)
+
+
+def partial_checkpoints(directory: str) -> list[str]:
+    """Names of the step directories under ``directory`` that orbax never finalized (saves cut off mid-write)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(n for n in os.listdir(directory) if _PARTIAL.match(n))
+
+
+def remove_partial_checkpoints(directory: str) -> list[str]:
+    """Delete the never-finalized step directories under ``directory`` (process 0 only); returns their names.
+
+    Orbax's ``latest_step`` already skips them, so this is housekeeping: a run killed mid-save would otherwise
+    leave a partial copy of its state behind on every kill."""
+    names = partial_checkpoints(directory)
+    if not names or jax.process_index() != 0:
+        return names
+    for n in names:
+        shutil.rmtree(os.path.join(directory, n), ignore_errors=True)
+    print(f"checkpoints: removed {len(names)} partial (never finalized) checkpoint(s) in {directory}: "
+          f"{', '.join(names)}", file=sys.stderr)
+    return names
+
+
+# ------------------------------------------------------------------------------------------------ fault injection
+FAULT_STEP_ENV = "MOEJAX_FAULT_CHECKPOINT_STEP"
+FAULT_MODE_ENV = "MOEJAX_FAULT_CHECKPOINT_MODE"
+FAULT_MARKER_ENV = "MOEJAX_FAULT_MARKER"
+FAULT_HANG_ENV = "MOEJAX_FAULT_HANG_S"
+FAULT_MODES = ("hang", "kill")
+
+
+def _fault_handler_registry():
+    """The handler registry with the fault-injecting ``meta`` handler, or None when no fault is requested."""
+    step = os.environ.get(FAULT_STEP_ENV)
+    if not step:
+        return None
+    mode = os.environ.get(FAULT_MODE_ENV, "hang")
+    if not step.isdigit() or mode not in FAULT_MODES:
+        raise ValueError(f"{FAULT_STEP_ENV}={step!r} must be a step number and {FAULT_MODE_ENV}={mode!r} one of "
+                         f"{FAULT_MODES}")
+    reg = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    pytree = ocp.PyTreeCheckpointHandler()
+    meta = _FaultInjectingJsonHandler(int(step), mode, os.environ.get(FAULT_MARKER_ENV),
+                                      float(os.environ.get(FAULT_HANG_ENV, "600")))
+    for item, handler, save, restore in (("state", pytree, ocp.args.PyTreeSave, ocp.args.PyTreeRestore),
+                                         ("meta", meta, ocp.args.JsonSave, ocp.args.JsonRestore)):
+        reg.add(item, save, handler)
+        reg.add(item, restore, handler)
+    return reg
+
+
+class _FaultInjectingJsonHandler(ocp.JsonCheckpointHandler):
+    """Orbax's JSON handler, interrupted after writing the ``meta`` of step ``step`` (see the module docstring).
+
+    Its write runs as one of the save's commit futures (orbax's background thread in async mode): blocking here
+    keeps the step's temporary directory, with this file in it, unfinalized."""
+
+    def __init__(self, step: int, mode: str, marker: str | None, hang_s: float):
+        super().__init__()
+        self.fault_step, self.mode, self.marker, self.hang_s = step, mode, marker, hang_s
+
+    async def _save_fn(self, x, directory):
+        await super()._save_fn(x, directory)
+        if x.get("step") == self.fault_step:
+            await asyncio.to_thread(self._fault, str(directory))
+
+    def _fault(self, directory: str) -> None:
+        if self.marker:
+            tmp = self.marker + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"step": self.fault_step, "pid": os.getpid(), "meta_dir": directory, "mode": self.mode}, f)
+            os.replace(tmp, self.marker)
+        if self.mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(self.hang_s)
+
+
 def _first_line(e: BaseException, limit: int = 300) -> str:
     """A short reason: the root cause's first line (orbax wraps tensorstore errors in long spec dumps)."""
     while e.__cause__ is not None:
@@ -92,7 +195,7 @@ def load_model(directory: str, step: int | None = None):
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
     sub = os.path.join(directory, "checkpoints")
-    ck = Checkpointer(sub if os.path.isdir(sub) else directory, async_save=False)
+    ck = Checkpointer(sub if os.path.isdir(sub) else directory, async_save=False, clean_partial=False)
     try:
         meta = ck.read_meta(step)
         cfg, _ = configs_from_meta(meta)
