@@ -57,7 +57,8 @@ KERNEL_VARIANTS = ("gpu",)
 PLANE_BITS = (1, 2, 4, 8)
 SCALE_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 # (variant, backend) pairs where the kernel was compiled for real, checked against the reference and measured
-# faster than the XLA path. "auto" uses the kernel only there. Empty until a device run validates it.
+# faster than the XLA path (experiments/gpu_check.py). "auto" uses the kernel only there: the GPU variant on
+# GPUs since a lent GPU's run (experiments/results/gpu_check_dequant.md).
 VALIDATED_FASTER: frozenset = frozenset({("gpu", "gpu")})
 # "auto" picks the kernel only up to this many rows of x (measured faster at 16 rows, slower at 2048).
 AUTO_MAX_ROWS = 16

@@ -65,8 +65,8 @@ from pallas_kernels._compat import SUPPORTED_DTYPES, VARIANTS, pltpu
 
 IMPLS = ("xla", "pallas", "auto")
 # (variant, backend) pairs where the kernel was compiled for real, checked against the reference and measured
-# faster than the XLA path by experiments/gpu_check.py. "auto" uses the kernel only there. Empty until a
-# device is lent and the check passes; add the pair together with the committed results.
+# faster than the XLA path by experiments/gpu_check.py. "auto" uses the kernel only there: the GPU variant on
+# GPUs since an H100 run (experiments/results/gpu_check.md); add a pair together with its committed results.
 VALIDATED_FASTER: frozenset = frozenset({("gpu", "gpu")})
 
 _F32 = jnp.float32

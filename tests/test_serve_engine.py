@@ -368,3 +368,23 @@ def test_prefill_token_buckets():
     with pytest.raises(ValueError, match="prefill_token_step"):
         Engine(Transformer(small_cfg(n_layers=1, dense_layers=()), rngs=nnx.Rngs(0)),
                EngineConfig(prefill_token_step=384))
+
+
+def test_background_warmup_while_serving(model):
+    """Engine.warmup(background=True) returns at once with a future; the engine serves meanwhile (a shape not
+    compiled yet compiles on first use; the warm-up never touches the live KV pool) with the same tokens as an
+    engine without warm-up, and once the future is done every step shape is compiled."""
+    from concurrent.futures import Future
+
+    sched = sched_cfg(max_num_seqs=2, max_prefill_seqs=2, max_num_batched_tokens=32)
+    eng = Engine(model, EngineConfig(block_size=8, sched=sched))
+    fut = eng.warmup(background=True)
+    assert isinstance(fut, Future)
+    rng = np.random.default_rng(6)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (3, 61, 17)]
+    sp = SamplingParams(max_tokens=5, temperature=0)
+    res = eng.generate(prompts, sp)
+    assert fut.result(timeout=600) == len(eng.warmup_shapes())
+    assert set(eng.warmup_shapes()) <= eng.runner.compiled_shapes
+    ref = Engine(model, EngineConfig(block_size=8, sched=sched)).generate(prompts, sp)
+    assert [r.tokens for r in res] == [r.tokens for r in ref]

@@ -88,6 +88,9 @@ class ModelRunner:
         self.layer_states = self._layer_states(model)
         self.pool = KVPool.create(model.runs, self.num_blocks, cfg.block_size, mcfg.n_kv_heads,
                                   mcfg.resolved_head_dim, dtype_of(mcfg.dtype))
+        # what compiling needs of the pool (a background warm-up must not touch the live, donated buffers)
+        # (no sharding given: like the pool itself, uncommitted, so the steps later find the compiled programs)
+        self._pool_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.pool)
         m = mcfg.moe
         self.expert_bytes = 0 if m is None else 3 * mcfg.d_model * m.d_ff * jnp.dtype(dtype_of(mcfg.param_dtype)).itemsize
         self.compiled_shapes: set[tuple] = set()  # step shapes compiled so far (by warmup or by a step)
@@ -290,12 +293,12 @@ class ModelRunner:
         bd, pfs = key[:2]
         dec = None if bd is None else self.blank_decode(bd)
         if len(key) > 2:  # a multi-step decode call
-            return engine_decode_steps.lower(self.gdef, self.state, self.pool, dec, self.layer_states,
+            return engine_decode_steps.lower(self.gdef, self.state, self._pool_spec, dec, self.layer_states,
                                              **self._multi_kw(key[2]))
         pf = None if pfs is None else self.blank_prefill(*pfs)
         dec_ids, pf_ids = self.blank_expert_ids(dec, pf)
         args, kw = self._step_args(dec, pf, None, (0, self.mcfg.n_layers), False, dec_ids, pf_ids)
-        return engine_step.lower(*args, **kw)
+        return engine_step.lower(*args[:2], self._pool_spec, *args[3:], **kw)
 
     # ----------------------------------------------------------------------------------------- scoring
     def score_prompt(self, ids: Sequence[int]):
