@@ -384,7 +384,10 @@ def test_background_warmup_while_serving(model):
     prompts = [rng.integers(0, 97, n).tolist() for n in (3, 61, 17)]
     sp = SamplingParams(max_tokens=5, temperature=0)
     res = eng.generate(prompts, sp)
+    assert eng.warmup_status()["state"] in ("running", "done")
     assert fut.result(timeout=600) == len(eng.warmup_shapes())
     assert set(eng.warmup_shapes()) <= eng.runner.compiled_shapes
+    n = len(eng.warmup_shapes())
+    assert eng.warmup_status() == {"state": "done", "compiled": n, "shapes": n}
     ref = Engine(model, EngineConfig(block_size=8, sched=sched)).generate(prompts, sp)
     assert [r.tokens for r in res] == [r.tokens for r in ref]

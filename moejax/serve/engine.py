@@ -225,6 +225,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
         self._rng = np.random.default_rng(0)
+        self._warmup = None  # (future, shapes) of a background warm-up
 
     # ----------------------------------------------------------------------------------------- requests
     def validate_prompt(self, prompt: Sequence[int]) -> list[int]:
@@ -419,8 +420,26 @@ class Engine:
         """Compile the engine step for ``shapes`` (default :meth:`warmup_shapes`) ahead of time, so serving
         never stops to compile (:meth:`ModelRunner.warmup`: returns the number compiled, or with
         ``background=True`` a future of it while compiling goes on beside serving)."""
-        shapes = self.warmup_shapes(max_prompt_tokens) if shapes is None else shapes
-        return self.runner.warmup(shapes, workers=workers, progress=progress, background=background)
+        shapes = self.warmup_shapes(max_prompt_tokens) if shapes is None else list(shapes)
+        out = self.runner.warmup(shapes, workers=workers, progress=progress, background=background)
+        if background:
+            self._warmup = (out, shapes)
+        return out
+
+    def warmup_status(self) -> dict:
+        """Progress of a background :meth:`warmup`: ``state`` (``"none"``, ``"running"``, ``"done"`` or
+        ``"failed"``, with ``error``), ``compiled`` of ``shapes`` step shapes (the server's ``/health`` shows
+        it)."""
+        if self._warmup is None:
+            return {"state": "none"}
+        fut, shapes = self._warmup
+        done = fut.done()  # before counting: a done warm-up has added all its shapes
+        out = {"state": "running", "compiled": sum(k in self.runner.compiled_shapes for k in shapes),
+               "shapes": len(shapes)}
+        if done:
+            err = fut.exception()
+            out.update({"state": "done"} if err is None else {"state": "failed", "error": repr(err)})
+        return out
 
     def score_prompt(self, ids: Sequence[int]):
         """Teacher-forced log-probabilities of a prompt (:meth:`ModelRunner.score_prompt`); thread-safe."""

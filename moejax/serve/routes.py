@@ -271,7 +271,11 @@ async def finished_choices(ctx: ServeContext, request, prompts, body, max_tokens
 # ------------------------------------------------------------------------------------------------ info routes
 async def health(request: Request):
     engine = context(request).engine
-    return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
+    out = {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
+    warm = engine.warmup_status()
+    if warm["state"] != "none":  # a background warm-up: serving already, compiling step shapes beside it
+        out["warmup"] = warm
+    return out
 
 
 async def models(request: Request):
