@@ -8,7 +8,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -33,6 +33,16 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def cpu_isa() -> str:
+    """The widest x86 vector ISA this CPU has (``AVX-512``/``AVX2``): CPU results differ by 2-4x between them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return "unknown ISA"
+    return "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
 
 
 def time_fn(fn: Callable, *args, repeats: int = 5, warmup: int = 1) -> dict:

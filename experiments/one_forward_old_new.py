@@ -34,7 +34,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from experiments.common import markdown_table, write_results
+from experiments.common import cpu_isa, markdown_table, write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROBES = os.path.join(HERE, "old_new_probes")
@@ -144,15 +144,6 @@ def report(args, rows, par, rounds, cpu) -> None:
                                                           "parity": par, "rounds": rounds}, md))
 
 
-def cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return "unknown CPU"
-    return "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old-rev", default="726b6ec")
@@ -175,7 +166,7 @@ def main(argv=None):
         finally:
             for t in trees.values():
                 subprocess.run(["git", "worktree", "remove", "--force", t], capture_output=True, check=False)
-    report(args, summarize(rounds), par, rounds, cpu_flags())
+    report(args, summarize(rounds), par, rounds, cpu_isa())
 
 
 if __name__ == "__main__":
