@@ -5,6 +5,8 @@
 Writes ``experiments/results/<name>.png`` (training loss in bits/byte, validation bits/byte, tokens/s, and
 the per-layer expert-load spread), ``<name>.json`` (final numbers) and ``<name>.md``, and copies the log to
 ``<name>.log.jsonl``. ``--zlib`` adds the zlib -9 bits/byte of the same validation bytes as a reference line.
+``--full-eval`` evaluates the final checkpoint on the whole validation split of the corpus recorded in the run
+(checked by content hash; ``--corpus PATH --allow-corpus-mismatch`` evaluates on another one).
 """
 
 from __future__ import annotations
@@ -45,7 +47,9 @@ def zlib_bits_per_byte(start) -> float | None:
     from moejax.train import data as data_lib
     corpus = start["corpus"]
     streams, info = data_lib.build_corpus(corpus["root"], val_percent=start["train_config"]["val_percent"])
-    if info.files_hash != corpus["files_hash"]:
+    why = data_lib.corpus_mismatch(corpus, info)
+    if why is not None:
+        print(f"--zlib skipped: the corpus at the run's root is not the one it trained on: {why}", file=sys.stderr)
         return None
     toks = streams["validation"].tokens
     raw = bytes(int(t) for t in toks if t < 256)
@@ -58,7 +62,11 @@ def main(argv=None):
     ap.add_argument("--name", default=None)
     ap.add_argument("--zlib", action="store_true")
     ap.add_argument("--full-eval", action="store_true",
-                    help="also evaluate the final checkpoint on the whole validation split")
+                    help="also evaluate the final checkpoint on the whole validation split (of the corpus the run "
+                         "recorded, checked by content hash)")
+    ap.add_argument("--corpus", default=None, help="--full-eval on this corpus instead (needs "
+                                                   "--allow-corpus-mismatch when its content hash differs)")
+    ap.add_argument("--allow-corpus-mismatch", action="store_true")
     args = ap.parse_args(argv)
     log = os.path.join(args.run_dir, "log.jsonl")
     if not os.path.exists(log):
@@ -69,7 +77,10 @@ def main(argv=None):
     full = None
     if args.full_eval:
         from moejax.train.trainer import evaluate_checkpoint
-        full = evaluate_checkpoint(args.run_dir)
+        try:
+            full = evaluate_checkpoint(args.run_dir, corpus=args.corpus, allow_mismatch=args.allow_corpus_mismatch)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: --full-eval: {e}") from None
 
     import matplotlib
     matplotlib.use("Agg")
@@ -110,7 +121,10 @@ def main(argv=None):
                "full_val_bits_per_byte": full and full["val_bits_per_byte"], "full_val_bytes": full and full["val_bytes"],
                "zlib9_bits_per_byte": zb, "median_tokens_per_s": tok_s[len(tok_s) // 2],
                "train_minutes": (end or {}).get("elapsed_s", float("nan")) / 60, "params": start.get("params"),
-               "corpus_files_hash": start["corpus"]["files_hash"], "corpus_tokens": start["corpus"]["n_tokens"]}
+               "corpus_files_hash": start["corpus"]["files_hash"],
+               "corpus_content_hash": start["corpus"].get("content_hash"),
+               "full_eval_corpus_content_hash": full and full["corpus_content_hash"],
+               "corpus_tokens": start["corpus"]["n_tokens"]}
     md = (f"# Training run `{name}`\n\n`val_bits_per_byte` is the in-training validation subset "
           f"({summary['val_bytes']} bytes); `full_val_bits_per_byte` the whole validation split, the split zlib -9 "
           "is measured on.\n\n" + markdown_table([summary], [k for k in summary if k != "corpus_tokens"]) +

@@ -3,13 +3,15 @@
 Tokens are bytes (0..255) plus specials (``EOS = 256`` ends every document, ``PAD = 257``). A corpus is a list of
 text files; the default is the Python standard library's own ``.py`` sources (on every machine; site-packages and
 test folders excluded). Files go to train or validation by a hash of their path relative to the corpus root, so
-the split is stable as files come and go; a hash of the sorted file list is recorded with every run because
-standard libraries differ between Python builds.
+the split is stable as files come and go; a hash of the corpus contents (each file's relative path and bytes, in
+sorted order) is recorded with every run because standard libraries differ between Python builds: evaluation
+and resume check it (:func:`corpus_mismatch`).
 
 Each split is tokenized once into a cache directory as a numpy memmap of ``uint16`` tokens plus document start
-offsets (written atomically), then cut into fixed-length sequences. A sequence may hold several documents and a
-document may continue into the next sequence; ``segment_ids`` number the document pieces within a sequence
-(attention stays inside a piece) and ``positions`` restart at each piece.
+offsets, with the content hash in its metadata (written atomically; keyed by the files' paths, sizes and
+modification times, so an edited file rebuilds the cache), then cut into fixed-length sequences. A sequence may
+hold several documents and a document may continue into the next sequence; ``segment_ids`` number the document
+pieces within a sequence (attention stays inside a piece) and ``positions`` restart at each piece.
 
 :class:`BatchIterator` yields global batch ``step``'s rows ``[rank * B/n, (rank+1) * B/n)``: the global batch
 does not depend on how many processes read it. Its state (epoch, step) is a small dict saved with checkpoints;
@@ -67,18 +69,70 @@ def split_files(files: Sequence[str], val_percent: float, split: str) -> list[st
 
 
 def file_list_hash(files: Sequence[str]) -> str:
+    """A hash of the sorted relative paths only (contents not included; see :func:`content_hash`)."""
     return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+
+
+def content_hash(file_digests: dict) -> str:
+    """The corpus content hash from ``{relative path: blake2b digest of the file's bytes}``: blake2b over each
+    file's relative path and digest in sorted path order (16 hex digits). :func:`build_corpus` computes it while
+    tokenizing (the files are read once) and keeps it in the cache's metadata."""
+    h = hashlib.blake2b(digest_size=8)
+    for rel in sorted(file_digests):
+        h.update(rel.encode() + b"\0" + file_digests[rel])
+    return h.hexdigest()
+
+
+def _stat_key(base: str, files: Sequence[str]) -> str:
+    """A cheap fingerprint (path, size, mtime) of the files, for the cache key: an edited file is re-read."""
+    h = hashlib.sha256()
+    for rel in files:
+        st = os.stat(os.path.join(base, rel))
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class CorpusInfo:
+    """What a run records about its corpus (``to_dict()`` goes into checkpoint metadata and the log header).
+
+    Attributes:
+      root: absolute path of the corpus directory (or file).
+      files_hash: hash of the sorted relative file paths (:func:`file_list_hash`).
+      n_files, n_tokens: per split.
+      content_hash: hash of every file's relative path and bytes (:func:`content_hash`); identifies the corpus.
+    """
+
     root: str
     files_hash: str
     n_files: dict
     n_tokens: dict
+    content_hash: str = ""
 
     def to_dict(self) -> dict:
-        return {"root": self.root, "files_hash": self.files_hash, "n_files": self.n_files, "n_tokens": self.n_tokens}
+        return {"root": self.root, "files_hash": self.files_hash, "content_hash": self.content_hash,
+                "n_files": self.n_files, "n_tokens": self.n_tokens}
+
+
+def corpus_mismatch(recorded: dict | None, info: CorpusInfo) -> str | None:
+    """``None`` when ``info`` is the corpus that ``recorded`` (a :meth:`CorpusInfo.to_dict` from a checkpoint or
+    a log) describes; otherwise why not, naming both hashes. A record written before content hashes existed
+    (``files_hash`` only) is compared by its file list, with a warning that the contents are not verified."""
+    here = f"this corpus {info.root!r} has content hash {info.content_hash}"
+    if not recorded:
+        return f"no corpus is recorded (content hash: none); {here}"
+    rec = f"the recorded corpus {recorded.get('root')!r}"
+    if recorded.get("content_hash"):
+        if recorded["content_hash"] == info.content_hash:
+            return None
+        return f"{rec} has content hash {recorded['content_hash']}; {here}"
+    if recorded.get("files_hash") == info.files_hash:
+        import warnings
+        warnings.warn(f"{rec} was recorded before corpus content hashes (file-list hash {info.files_hash} only): "
+                      "its file list matches, its contents are not verified", stacklevel=2)
+        return None
+    return (f"{rec} has content hash: none recorded (file-list hash {recorded.get('files_hash')}); {here} "
+            f"(file-list hash {info.files_hash})")
 
 
 def default_cache_dir() -> str:
@@ -94,14 +148,14 @@ def build_corpus(root: str | None = None, *, val_percent: float = 5.0, cache_dir
     else:
         files, base = list_corpus(root, suffixes), root
     fh = file_list_hash(files)
-    key = hashlib.sha256(f"{root}|{fh}|{val_percent}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{root}|{fh}|{_stat_key(base, files)}|{val_percent}".encode()).hexdigest()[:16]
     out = os.path.join(cache_dir or default_cache_dir(), key)
     if not os.path.exists(os.path.join(out, "meta.json")):
         _write_cache(out, base, files, val_percent)
     with open(os.path.join(out, "meta.json")) as f:
         meta = json.load(f)
     streams = {s: TokenStream(os.path.join(out, s)) for s in ("train", "validation")}
-    info = CorpusInfo(root, fh, meta["n_files"], {s: len(t) for s, t in streams.items()})
+    info = CorpusInfo(root, fh, meta["n_files"], {s: len(t) for s, t in streams.items()}, meta["content_hash"])
     if info.n_tokens["train"] == 0 or info.n_tokens["validation"] == 0:
         raise ValueError(f"corpus {root!r}: a split is empty ({info.n_files}); use more files or another "
                          f"val_percent (now {val_percent})")
@@ -112,14 +166,16 @@ def _write_cache(out: str, base: str, files: Sequence[str], val_percent: float) 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
-    n_files = {}
+    n_files, digests = {}, {}
     for split in ("train", "validation"):
         chosen = split_files(files, val_percent, split)
         n_files[split] = len(chosen)
         chunks, starts, n = [], [], 0
         for rel in chosen:
             with open(os.path.join(base, rel), "rb") as fh:
-                data = np.frombuffer(fh.read(), np.uint8).astype(np.uint16)
+                raw = fh.read()
+            digests[rel] = hashlib.blake2b(raw).digest()
+            data = np.frombuffer(raw, np.uint8).astype(np.uint16)
             starts.append(n)
             chunks.append(data)
             chunks.append(np.array([EOS], np.uint16))
@@ -130,7 +186,8 @@ def _write_cache(out: str, base: str, files: Sequence[str], val_percent: float) 
         toks.tofile(os.path.join(d, "tokens.u16"))
         np.asarray(starts, np.int64).tofile(os.path.join(d, "starts.i64"))
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"files": list(files), "n_files": n_files, "val_percent": val_percent}, f)
+        json.dump({"files": list(files), "n_files": n_files, "val_percent": val_percent,
+                   "content_hash": content_hash(digests)}, f)
     try:
         os.replace(tmp, out)
     except OSError:  # another process won the race: keep theirs

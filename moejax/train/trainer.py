@@ -335,14 +335,34 @@ class Trainer:
         return {"val_bits_per_byte": nats / LN2 / n, "val_bytes": n}
 
 
-def evaluate_checkpoint(ckpt: str, *, corpus: str | None = None, batch: int = 16,
-                        max_batches: int | None = None) -> dict:
-    """Validation bits/byte of a training checkpoint over its corpus's validation split (all of it by default)."""
+def evaluate_checkpoint(ckpt: str, *, corpus: str | None = None, batch: int = 16, max_batches: int | None = None,
+                        allow_mismatch: bool = False, cache_dir: str | None = None) -> dict:
+    """Validation bits/byte of a training checkpoint over its corpus's validation split (all of it by default).
+
+    ``corpus``: ``None`` evaluates on the corpus recorded in the checkpoint (its root, checked against its content
+    hash); a path evaluates on that corpus, which must have the recorded content hash unless ``allow_mismatch``.
+    A checkpoint without a recorded corpus needs an explicit ``corpus`` and ``allow_mismatch=True``.
+    Raises ValueError naming both hashes on a mismatch, FileNotFoundError when the recorded corpus is gone.
+    """
     from moejax.train.checkpoint import load_model
 
     model, cfg, meta = load_model(ckpt)
     tc = meta["train_config"]
-    streams, info = data_lib.build_corpus(corpus, val_percent=tc["val_percent"])
+    recorded = meta.get("corpus") or None
+    flag = "pass allow_mismatch=True (moejax eval --allow-corpus-mismatch) to evaluate on it anyway"
+    if corpus is None:
+        if recorded is None or not recorded.get("root"):
+            raise ValueError(f"checkpoint {ckpt!r} records no training corpus (content hash: none): pass "
+                             f"corpus=PATH (--corpus) and allow_mismatch=True (--allow-corpus-mismatch)")
+        if not os.path.exists(recorded["root"]):
+            raise FileNotFoundError(f"checkpoint {ckpt!r} was trained on corpus {recorded['root']!r} (content hash "
+                                    f"{recorded.get('content_hash') or 'none recorded'}), which is not on this "
+                                    f"machine: pass corpus=PATH (--corpus) with the same files")
+        corpus = recorded["root"]
+    streams, info = data_lib.build_corpus(corpus, val_percent=tc["val_percent"], cache_dir=cache_dir)
+    why = data_lib.corpus_mismatch(recorded, info)
+    if why is not None and not allow_mismatch:
+        raise ValueError(f"checkpoint {ckpt!r} was not trained on this corpus: {why}; {flag}")
     gdef, state = nnx.split(model)
 
     ev = jax.jit(lambda state, b: eval_sums(nnx.merge(gdef, state), b))
@@ -354,8 +374,9 @@ def evaluate_checkpoint(ckpt: str, *, corpus: str | None = None, batch: int = 16
         nats, n = nats + float(s), n + int(c)
     if n == 0:
         raise ValueError("the validation split is shorter than one batch")
-    return {"val_bits_per_byte": nats / LN2 / n, "val_bytes": n, "corpus_files_hash": info.files_hash,
-            "step": meta["step"]}
+    return {"val_bits_per_byte": nats / LN2 / n, "val_bytes": n, "corpus_root": info.root,
+            "corpus_files_hash": info.files_hash, "corpus_content_hash": info.content_hash,
+            "corpus_mismatch": why, "step": meta["step"]}
 
 
 def expert_histogram(expert_load: np.ndarray) -> list[list[float]]:
@@ -431,9 +452,9 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
         saved_cfg, saved_tc = configs_from_meta(meta)
         _compatible(config_to_dict(saved_cfg), config_to_dict(trainer.cfg), "model config")
         _compatible(config_to_dict(saved_tc), config_to_dict(tc), "train config", ignore=("steps", "minutes"))
-        if meta.get("corpus", {}).get("files_hash") != info.files_hash:
-            raise ValueError(f"cannot resume: corpus file list changed (hash {meta.get('corpus', {}).get('files_hash')}"
-                             f" -> {info.files_hash})")
+        why = data_lib.corpus_mismatch(meta.get("corpus"), info)  # old checkpoints: by file list
+        if why is not None:
+            raise ValueError(f"cannot resume: the corpus changed: {why}")
         abstract = {"params": trainer.params, "rest": trainer.rest, "opt_state": trainer.opt_state}
         state, meta = ckpt.restore(abstract)
         trainer.params, trainer.rest, trainer.opt_state = state["params"], state["rest"], state["opt_state"]
