@@ -10,10 +10,81 @@ Subcommands grow with the library (train, eval, serve, profile, bench, ...).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
+import math
 import os
 import sys
 from collections.abc import Sequence
+
+# --dtype of --preset/--config/--hf when not given (a --ckpt keeps its training compute dtype)
+DEFAULT_DTYPE = "float32"
+
+
+def _span(lo, hi, lo_open: bool = False, hi_open: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"{'<' if hi_open else '<='} {hi}" if hi is not None else "(any value)"
+
+
+def int_range(lo: int | None = None, hi: int | None = None):
+    """An argparse ``type=``: an integer in ``[lo, hi]`` (``None``: unbounded). A bad value exits 2 with
+    ``argument --FLAG: must be an integer >= 1, got 0``."""
+    span = _span(lo, hi)
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {text!r}") from None
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer {span}, got {v}")
+        return v
+
+    parse.__name__ = f"integer {span}"
+    return parse
+
+
+def float_range(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    """An argparse ``type=``: a finite number in ``[lo, hi]``; ``lo_open``/``hi_open`` exclude a bound."""
+    span = _span(lo, hi, lo_open, hi_open)
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number {span}, got {text!r}") from None
+        if (not math.isfinite(v) or (lo is not None and (v <= lo if lo_open else v < lo))
+                or (hi is not None and (v >= hi if hi_open else v > hi))):
+            raise argparse.ArgumentTypeError(f"must be a number {span}, got {text}")
+        return v
+
+    parse.__name__ = f"number {span}"
+    return parse
+
+
+positive_int = int_range(1)
+nonneg_int = int_range(0)
+positive_float = float_range(0, lo_open=True)
+nonneg_float = float_range(0)
+port = int_range(1, 65535)
+seed32 = int_range(0, 2**32 - 1)  # a PRNG seed (SamplingParams.seed's range)
+
+
+def _offload_bits(text: str):
+    """``serve --offload-bits``: ``router`` or a width in bits (the store lists the widths it holds)."""
+    if text.strip().lower() == "router":
+        return "router"
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if not 1 <= v <= 32:
+        raise argparse.ArgumentTypeError(f"must be 'router' or a bit width in [1, 32] (one the store holds, "
+                                         f"e.g. 8), got {text!r}")
+    return v
 
 
 def _model_from_args(args):
@@ -29,18 +100,35 @@ def _model_from_args(args):
     if getattr(args, "ckpt", None):
         from moejax.train.checkpoint import load_model
         model, cfg, _ = load_model(args.ckpt)
+        if args.dtype is not None and args.dtype != cfg.dtype:
+            model, cfg = _with_compute_dtype(model, cfg, args.dtype)
         return model, cfg, None
+    dtype = args.dtype or DEFAULT_DTYPE
     if args.hf:
         from moejax.models.hf import load_hf
-        model, cfg = load_hf(args.hf, dtype=args.dtype)
+        model, cfg = load_hf(args.hf, dtype=dtype)
         return model, cfg, args.hf
     cfg = get_preset(args.preset) if args.preset else load_config(args.config)
-    if args.dtype != cfg.dtype:
+    if dtype != cfg.dtype:
         import dataclasses
-        cfg = dataclasses.replace(cfg, dtype=args.dtype).validate()
+        cfg = dataclasses.replace(cfg, dtype=dtype).validate()
     print(f"random weights (seed {args.seed}) for {'preset ' + args.preset if args.preset else args.config}; "
           f"backend {jax.default_backend()}", file=sys.stderr)
     return Transformer(cfg, rngs=nnx.Rngs(args.seed)), cfg, None
+
+
+def _with_compute_dtype(model, cfg, dtype: str):
+    """A training checkpoint's model computing in ``dtype`` (``ModelConfig.dtype``, as ``--dtype`` sets it for
+    ``--preset``/``--config``); its parameters keep their stored ``param_dtype``."""
+    import dataclasses
+
+    from flax import nnx
+
+    from moejax.models.transformer import Transformer
+
+    cfg = dataclasses.replace(cfg, dtype=dtype).validate()
+    gdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    return nnx.merge(gdef, nnx.state(model)), cfg
 
 
 def _load_tokenizer(path):
@@ -57,6 +145,8 @@ def cmd_generate(args) -> int:
     from moejax.models.generate import generate
 
     model, cfg, path = _model_from_args(args)
+    if args.eos_id is not None and args.eos_id >= cfg.vocab_size:
+        raise SystemExit(f"error: --eos-id {args.eos_id} is outside the vocabulary [0, {cfg.vocab_size})")
     tok = _load_tokenizer(path)
     if args.prompt_ids is not None:
         try:
@@ -177,9 +267,13 @@ def _train_schedule(args, cfg, tc, mesh):
 def cmd_eval(args) -> int:
     from moejax.train.trainer import evaluate_checkpoint
 
-    r = evaluate_checkpoint(args.ckpt, corpus=args.corpus, batch=args.batch, max_batches=args.max_batches)
-    print(f"validation bits/byte {r['val_bits_per_byte']:.4f} over {r['val_bytes']} bytes (corpus files hash "
-          f"{r['corpus_files_hash']}, checkpoint step {r['step']})")
+    r = evaluate_checkpoint(args.ckpt, corpus=args.corpus, batch=args.batch, max_batches=args.max_batches,
+                            allow_mismatch=args.allow_corpus_mismatch)
+    if r["corpus_mismatch"]:
+        print(f"warning: evaluating on another corpus than the checkpoint's (--allow-corpus-mismatch): "
+              f"{r['corpus_mismatch']}", file=sys.stderr)
+    print(f"validation bits/byte {r['val_bits_per_byte']:.4f} over {r['val_bytes']} bytes (corpus {r['corpus_root']}, "
+          f"content hash {r['corpus_content_hash']}, checkpoint step {r['step']})")
     return 0
 
 
@@ -218,19 +312,16 @@ def cmd_serve(args) -> int:
         from moejax.offload.runtime import OffloadConfig, load_offloaded_model
         from moejax.offload.store import ExpertStore
 
-        if any((args.preset, args.config, args.hf, args.ckpt)):
-            raise SystemExit("error: --offload replaces --preset/--config/--hf/--ckpt (the store holds the model)")
-        store = ExpertStore(args.offload, io=args.offload_io)
+        io = args.offload_io or OFFLOAD_DEFAULTS["offload_io"]
+        store = ExpertStore(args.offload, io=io)
         model, cfg, path = load_offloaded_model(store), store.config(), None
         total = sum(r["nbytes"] for r in store.manifest["experts"])
-        budget = parse_budget(args.expert_memory_budget or "100%", total)
+        budget = parse_budget(args.expert_memory_budget or OFFLOAD_DEFAULTS["expert_memory_budget"], total)
         bits = args.offload_bits
         if bits is None and store.quant is not None:
             bits = "router" if store.quant["scheme"] == "mwq" else store.quant["bits"][0]
-        elif bits is not None and bits != "router":
-            bits = int(bits)
-        offload = OffloadConfig(args.offload, budget, policy=args.offload_policy, io=args.offload_io, bits=bits,
-                                avg_bits=args.offload_avg_bits)
+        offload = OffloadConfig(args.offload, budget, policy=args.offload_policy or OFFLOAD_DEFAULTS["offload_policy"],
+                                io=io, bits=bits, avg_bits=args.offload_avg_bits)
         args.preset = os.path.basename(os.path.normpath(args.offload))
         print(f"offload: {total / 2**20:.1f} MiB of experts on disk, {budget / 2**20:.1f} MiB in memory",
               file=sys.stderr)
@@ -260,6 +351,47 @@ def cmd_serve(args) -> int:
     serve(engine, tok, host=args.host, port=args.port, model_name=name, max_pending=args.max_pending,
           batch_wait_ms=args.batch_wait_ms)
     return 0
+
+
+# serve's --offload-* flags: None when not given (so a flag given without --offload is an error); these defaults
+# apply with --offload
+OFFLOAD_DEFAULTS = {"expert_memory_budget": "100%", "offload_policy": "lru", "offload_io": "direct"}
+OFFLOAD_FLAGS = ("expert_memory_budget", "offload_policy", "offload_io", "offload_bits", "offload_avg_bits")
+
+
+def _check_serve(parser, args) -> None:
+    """Flag combinations ``serve`` cannot honour: an argparse error (exit 2) naming the flag they need."""
+    if not args.offload:
+        given = [_flag(d) for d in OFFLOAD_FLAGS if getattr(args, d) is not None]
+        if given:
+            what = "it configures" if len(given) == 1 else "they configure"
+            parser.error(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} --offload ({what} serving from an "
+                         f"offload store)")
+        return
+    if any((args.preset, args.config, args.hf, args.ckpt)):
+        parser.error("--offload replaces --preset/--config/--hf/--ckpt (the store holds the model)")
+    if args.dtype is not None:
+        parser.error("--dtype does not apply with --offload (the store holds the model and its dtype): pass --dtype "
+                     "to `moejax offload prepare`")
+    # a warm-up asked for on the command line (compared with the parser's default, so the check holds whatever
+    # --warmup's default is; False/"none" ask for none)
+    if args.warmup not in (False, None, "none") and args.warmup != parser.get_default("warmup"):
+        parser.error("--warmup is not available with --offload (the offloaded step runs layer by layer and loads "
+                     "experts on demand); it needs a model source (--preset/--config/--hf/--ckpt) instead")
+
+
+def _check_train(parser, args) -> None:
+    """``--profile`` and ``--two-level-a2a`` configure ``--schedule``: an error without the schedule using them."""
+    spec = (args.schedule or "none").strip().lower()
+    if args.profile and spec != "auto":
+        parser.error(f"--profile needs --schedule auto (the FSMoE planner reads it; --schedule is {args.schedule!r})")
+    if args.two_level_a2a and spec == "none":
+        parser.error("--two-level-a2a needs --schedule (auto, R or RFWD,RBWD; --schedule 1 exchanges in two levels "
+                     "without pipelining) and a --mesh with a node axis")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
 
 
 def parse_budget(text: str, total: int) -> int:
@@ -312,6 +444,13 @@ def cmd_profile(args) -> int:
               f"r2 {f.r2:.4f}  max rel residual {f.max_rel_residual:.3f}")
     print(f"wrote {args.out}")
     return 0
+
+
+def _add_dtype(parser, dtypes) -> None:
+    """``--dtype`` of a command with a model source (``None`` when not given: see :func:`_model_from_args`)."""
+    parser.add_argument("--dtype", choices=dtypes, default=None,
+                        help=f"compute dtype (default {DEFAULT_DTYPE}; --hf: also the parameters'; --ckpt: default "
+                             "the checkpoint's training compute dtype)")
 
 
 def _add_model_source(parser) -> None:
@@ -373,25 +512,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_source(g)
     g.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     g.add_argument("--prompt", help="prompt text (tokenizer.json of the checkpoint, or bytes for byte-level models)")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=positive_int, default=32)
     g.add_argument("--greedy", action="store_true", help="greedy decoding (default: sample)")
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--eos-id", type=int, default=None)
-    g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--temperature", type=nonneg_float, default=1.0)
+    g.add_argument("--top-p", type=float_range(0, 1, lo_open=True), default=1.0)
+    g.add_argument("--seed", type=seed32, default=0)
+    g.add_argument("--eos-id", type=nonneg_int, default=None)
+    _add_dtype(g, DTYPES)
     g.set_defaults(func=cmd_generate)
 
     t = sub.add_parser("train", help="train on a byte-level corpus (default: this Python's stdlib sources)")
     t.add_argument("--preset", help="model preset, e.g. tiny")
     t.add_argument("--config", help="model config JSON/YAML")
     t.add_argument("--train-config", help="TrainConfig JSON/YAML (flags below override it)")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--minutes", type=float, help="training time budget in minutes (--preset tiny defaults to 200 steps, ~3 min)")
-    t.add_argument("--seq-len", type=int)
-    t.add_argument("--batch", type=int, help="global batch (sequences per step)")
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int)
+    t.add_argument("--steps", type=positive_int)
+    t.add_argument("--minutes", type=positive_float,
+                   help="training time budget in minutes (--preset tiny defaults to 200 steps, ~3 min)")
+    t.add_argument("--seq-len", type=positive_int)
+    t.add_argument("--batch", type=positive_int, help="global batch (sequences per step)")
+    t.add_argument("--lr", type=positive_float)
+    t.add_argument("--seed", type=nonneg_int)
     t.add_argument("--router", choices=ROUTER_TYPES)
     t.add_argument("--dispatch", choices=DISPATCH_TYPES)
     t.add_argument("--corpus", help="text file or directory (default: the stdlib's .py files)")
@@ -403,21 +543,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "plan pipeline degrees and gradient buckets with the FSMoE cost model), or explicit "
                         "degrees 'R' or 'RFWD,RBWD' (e.g. 4,2)")
     t.add_argument("--profile", help="profile JSON for --schedule auto (default: measure a quick one on this mesh; "
-                                     "see `moejax profile`)")
+                                     "see `moejax profile`); needs --schedule auto")
     t.add_argument("--two-level-a2a", action="store_true",
-                   help="2-level (intra-node then inter-node) all-to-all on meshes with a node axis")
+                   help="2-level (intra-node then inter-node) all-to-all on meshes with a node axis; needs --schedule "
+                        "(e.g. --schedule 1: no pipelining)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     t.add_argument("--coordinator", help="multi-process: coordinator host:port (or JAX_COORDINATOR_ADDRESS etc.)")
-    t.add_argument("--num-processes", type=int)
-    t.add_argument("--process-id", type=int)
+    t.add_argument("--num-processes", type=positive_int)
+    t.add_argument("--process-id", type=nonneg_int)
     t.add_argument("--no-progress", action="store_true")
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=cmd_train, check=functools.partial(_check_train, t))
 
     e = sub.add_parser("eval", help="validation bits/byte of a training checkpoint")
     e.add_argument("--ckpt", required=True, help="training run directory")
-    e.add_argument("--corpus")
-    e.add_argument("--batch", type=int, default=16)
-    e.add_argument("--max-batches", type=int, default=None)
+    e.add_argument("--corpus", help="text file or directory (default: the corpus recorded in the checkpoint; another "
+                                    "corpus needs --allow-corpus-mismatch)")
+    e.add_argument("--allow-corpus-mismatch", action="store_true",
+                   help="evaluate on --corpus although its content hash differs from the checkpoint's corpus")
+    e.add_argument("--batch", type=positive_int, default=16)
+    e.add_argument("--max-batches", type=positive_int, default=None)
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="export a training checkpoint as a Hugging Face directory")
@@ -432,39 +576,42 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching, paged KV cache)")
     _add_model_source(s)
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=port, default=8000)
     s.add_argument("--model-name", default=None, help="name clients use in 'model' (default: the source's name)")
     _add_lazy_choices(s, "--scheduler", "moejax.serve.scheduler", lambda m: sorted(m.SCHEDULERS), default="chunked")
-    s.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    s.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool (default: max-num-seqs "
-                                                                 "full-length sequences)")
-    s.add_argument("--max-num-seqs", type=int, default=16, help="running requests (decode batch bound)")
-    s.add_argument("--max-num-batched-tokens", type=int, default=512, help="chunked prefill token budget")
-    s.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    s.add_argument("--max-pending", type=int, default=512, help="requests in flight before 503 + Retry-After")
-    s.add_argument("--batch-wait-ms", type=float, default=2.0,
+    s.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block")
+    s.add_argument("--num-blocks", type=int_range(2), default=None,
+                   help="KV blocks in the pool (default: max-num-seqs full-length sequences)")
+    s.add_argument("--max-num-seqs", type=positive_int, default=16, help="running requests (decode batch bound)")
+    s.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="chunked prefill token budget")
+    s.add_argument("--max-model-len", type=int_range(2), default=None, help="context length (default: the model's)")
+    s.add_argument("--max-pending", type=positive_int, default=512, help="requests in flight before 503 + Retry-After")
+    s.add_argument("--batch-wait-ms", type=float_range(0, 1000), default=2.0,
                    help="an idle engine's first step waits until no request has arrived for this long (at most 10x), "
                         "so a burst of concurrent requests is prefilled together; 0: no wait")
     s.add_argument("--no-prefix-cache", action="store_true")
-    s.add_argument("--decode-steps", type=int, default=1,
+    s.add_argument("--decode-steps", type=positive_int, default=1,
                    help="multi-step decoding: decode iterations per compiled call when nothing waits to be "
                         "admitted (less host overhead per token; streams receive tokens in groups of this many)")
     s.add_argument("--warmup", action="store_true",
                    help="compile every engine step shape before serving (no compile pauses while serving; "
                         "takes about a second or more per shape, see Engine.warmup_shapes)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--dtype", choices=DTYPES, default="float32")
+    s.add_argument("--seed", type=seed32, default=0)
+    _add_dtype(s, DTYPES)
     s.add_argument("--offload", help="serve from an offload store (`moejax offload prepare`): experts on disk")
     s.add_argument("--expert-memory-budget", help="expert bytes kept in memory with --offload: a percentage of "
-                                                  "all expert bytes (e.g. 50%%) or a size (e.g. 2GB, 512MiB)")
-    _add_lazy_choices(s, "--offload-policy", "moejax.offload.cache", _servable_policies, default="lru")
-    _add_lazy_choices(s, "--offload-io", "moejax.offload.store", lambda m: m.IO_MODES, default="direct")
-    s.add_argument("--offload-bits", default=None,
+                                                  "all expert bytes (e.g. 50%%) or a size (e.g. 2GB, 512MiB); "
+                                                  "default 100%%")
+    _add_lazy_choices(s, "--offload-policy", "moejax.offload.cache", _servable_policies, default=None,
+                      help=f"expert cache policy with --offload (default {OFFLOAD_DEFAULTS['offload_policy']})")
+    _add_lazy_choices(s, "--offload-io", "moejax.offload.store", lambda m: m.IO_MODES, default=None,
+                      help=f"how --offload reads experts (default {OFFLOAD_DEFAULTS['offload_io']})")
+    s.add_argument("--offload-bits", type=_offload_bits, default=None,
                    help="quantized stores: a fixed width (e.g. 8) or 'router' (D2MoE bit-width router + HEBF)")
-    s.add_argument("--offload-avg-bits", type=float, default=None,
+    s.add_argument("--offload-avg-bits", type=positive_float, default=None,
                    help="with the bit-width router: the mean width of the activated experts per layer and step "
                         "(D2MoE's bit budget, e.g. 3); default: only the memory budget bounds the widths")
-    s.set_defaults(func=cmd_serve)
+    s.set_defaults(func=cmd_serve, check=functools.partial(_check_serve, s))
 
     o = sub.add_parser("offload", help="expert offloading tools")
     osub = o.add_subparsers(dest="offload_command", required=True)
@@ -474,14 +621,15 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--overwrite", action="store_true")
     op.add_argument("--quant", choices=QUANT_PRESETS, default="none",
                     help="store experts quantized: D2MoE nested bit-planes (mwq: 2/3/4/8 bits) or uniform int8/int4")
-    op.add_argument("--seed", type=int, default=0)
-    op.add_argument("--dtype", choices=DTYPES, default="float32")
+    op.add_argument("--seed", type=seed32, default=0)
+    _add_dtype(op, DTYPES)
     op.set_defaults(func=cmd_offload_prepare)
 
     pr = sub.add_parser("profile", help="time collectives and expert GEMMs on this machine, fit alpha-beta "
                                         "models (FSMoE online profiling), write a profile JSON")
-    pr.add_argument("--devices", type=int, default=None, help="devices on the profiled mesh axis (default: all)")
-    pr.add_argument("--host-devices", type=int, default=None,
+    pr.add_argument("--devices", type=positive_int, default=None,
+                    help="devices on the profiled mesh axis (default: all)")
+    pr.add_argument("--host-devices", type=positive_int, default=None,
                     help="CPU: virtual host devices (sets --xla_force_host_platform_device_count if unset)")
     pr.add_argument("--out", default="profile.json", help="output JSON path (written atomically)")
     pr.add_argument("--quick", action="store_true", help="few sizes and repeats (seconds on CPU)")
@@ -499,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    check = getattr(args, "check", None)
+    if check is not None:  # flag combinations a command cannot honour: exit 2 before any work
+        check(args)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

@@ -45,6 +45,9 @@ class AsyncEngine:
         if not (isinstance(batch_wait_ms, (int, float)) and not isinstance(batch_wait_ms, bool)
                 and 0 <= batch_wait_ms <= 1000):
             raise ValueError(f"batch_wait_ms={batch_wait_ms!r} must be a number of milliseconds in [0, 1000]")
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending={max_pending!r} must be an integer >= 1 (requests in flight before the "
+                             f"server answers 503)")
         self.engine = engine
         self.max_pending = max_pending
         self.batch_wait_s = batch_wait_ms / 1e3

@@ -1,0 +1,121 @@
+"""`moejax` flag validation: numeric ranges and flag combinations a command cannot honour exit 2 at parse time,
+naming the flag (and the allowed range or the flag it needs), before any model is built."""
+
+import pytest
+
+from moejax.cli import build_parser, main
+
+
+def _exit_message(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2, argv
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x"])
+def test_serve_max_pending_below_one_is_rejected(capsys, value):
+    err = _exit_message(capsys, ["serve", "--preset", "tiny", "--max-pending", value])
+    assert "--max-pending" in err and ">= 1" in err
+
+
+def test_async_engine_rejects_max_pending_below_one():
+    from moejax.serve.server import AsyncEngine
+
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="max_pending"):
+            AsyncEngine(None, max_pending=bad)
+
+
+@pytest.mark.parametrize("argv, flag, allowed", [
+    (["serve", "--preset", "tiny", "--port", "0"], "--port", "[1, 65535]"),
+    (["serve", "--preset", "tiny", "--port", "65536"], "--port", "[1, 65535]"),
+    (["serve", "--preset", "tiny", "--block-size", "0"], "--block-size", ">= 1"),
+    (["serve", "--preset", "tiny", "--num-blocks", "1"], "--num-blocks", ">= 2"),
+    (["serve", "--preset", "tiny", "--max-num-seqs", "0"], "--max-num-seqs", ">= 1"),
+    (["serve", "--preset", "tiny", "--max-num-batched-tokens", "-5"], "--max-num-batched-tokens", ">= 1"),
+    (["serve", "--preset", "tiny", "--max-model-len", "1"], "--max-model-len", ">= 2"),
+    (["serve", "--preset", "tiny", "--batch-wait-ms", "-1"], "--batch-wait-ms", "[0, 1000]"),
+    (["serve", "--preset", "tiny", "--batch-wait-ms", "1001"], "--batch-wait-ms", "[0, 1000]"),
+    (["serve", "--preset", "tiny", "--decode-steps", "0"], "--decode-steps", ">= 1"),
+    (["serve", "--offload", "store", "--offload-avg-bits", "0"], "--offload-avg-bits", "> 0"),
+    (["serve", "--offload", "store", "--offload-bits", "fast"], "--offload-bits", "'router'"),
+    (["train", "--preset", "tiny", "--steps", "0"], "--steps", ">= 1"),
+    (["train", "--preset", "tiny", "--batch", "0"], "--batch", ">= 1"),
+    (["train", "--preset", "tiny", "--seq-len", "-1"], "--seq-len", ">= 1"),
+    (["train", "--preset", "tiny", "--minutes", "0"], "--minutes", "> 0"),
+    (["train", "--preset", "tiny", "--lr", "-0.1"], "--lr", "> 0"),
+    (["train", "--preset", "tiny", "--lr", "nan"], "--lr", "> 0"),
+    (["train", "--preset", "tiny", "--seed", "-1"], "--seed", ">= 0"),
+    (["generate", "--preset", "tiny", "--max-new-tokens", "0"], "--max-new-tokens", ">= 1"),
+    (["generate", "--preset", "tiny", "--temperature", "-0.5"], "--temperature", ">= 0"),
+    (["generate", "--preset", "tiny", "--top-p", "0"], "--top-p", "(0, 1]"),
+    (["generate", "--preset", "tiny", "--top-p", "1.5"], "--top-p", "(0, 1]"),
+    (["eval", "--ckpt", "run", "--batch", "0"], "--batch", ">= 1"),
+    (["eval", "--ckpt", "run", "--max-batches", "0"], "--max-batches", ">= 1"),
+    (["profile", "--devices", "0"], "--devices", ">= 1"),
+])
+def test_numeric_flags_out_of_range_are_rejected(capsys, argv, flag, allowed):
+    err = _exit_message(capsys, argv)
+    assert f"argument {flag}:" in err and allowed in err
+
+
+def test_numeric_flags_in_range_parse():
+    args = build_parser().parse_args(["serve", "--preset", "tiny", "--max-pending", "1", "--port", "65535",
+                                      "--batch-wait-ms", "0", "--num-blocks", "2", "--max-model-len", "2",
+                                      "--offload-bits", "router"])
+    assert (args.max_pending, args.port, args.batch_wait_ms, args.num_blocks, args.max_model_len) == (1, 65535, 0.0,
+                                                                                                     2, 2)
+    assert args.offload_bits == "router"
+    assert build_parser().parse_args(["serve", "--offload", "s", "--offload-bits", "8"]).offload_bits == 8
+    args = build_parser().parse_args(["generate", "--preset", "tiny", "--top-p", "1", "--temperature", "0"])
+    assert (args.top_p, args.temperature) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("extra, given", [
+    (["--expert-memory-budget", "50%"], "--expert-memory-budget"),
+    (["--offload-policy", "lru"], "--offload-policy"),  # the default value, given explicitly: still an error
+    (["--offload-io", "direct"], "--offload-io"),
+    (["--offload-bits", "8"], "--offload-bits"),
+    (["--offload-avg-bits", "3"], "--offload-avg-bits"),
+])
+def test_serve_offload_flags_need_offload(capsys, extra, given):
+    err = _exit_message(capsys, ["serve", "--preset", "tiny", *extra])
+    assert f"{given} needs --offload" in err
+
+
+@pytest.mark.parametrize("extra, given, needed", [
+    (["--warmup"], "--warmup", "--preset/--config/--hf/--ckpt"),
+    (["--dtype", "bfloat16"], "--dtype", "offload prepare"),
+    (["--preset", "tiny"], "--offload replaces", "--preset/--config/--hf/--ckpt"),
+])
+def test_serve_flags_that_do_not_apply_with_offload(capsys, extra, given, needed):
+    err = _exit_message(capsys, ["serve", "--offload", "store", *extra])
+    assert given in err and needed in err
+
+
+@pytest.mark.parametrize("extra, needed", [
+    (["--two-level-a2a"], "--two-level-a2a needs --schedule"),
+    (["--profile", "p.json"], "--profile needs --schedule auto"),
+    (["--profile", "p.json", "--schedule", "4,2", "--mesh", "expert=8"], "--profile needs --schedule auto"),
+])
+def test_train_schedule_flags_need_schedule(capsys, extra, needed):
+    err = _exit_message(capsys, ["train", "--preset", "tiny", *extra])
+    assert needed in err
+
+
+def test_flag_defaults_resolve_when_not_given():
+    """Flags whose use depends on another are None when not given (the command resolves their defaults), and the
+    combinations that work pass the checks."""
+    args = build_parser().parse_args(["serve", "--preset", "tiny"])
+    assert args.dtype is None and args.offload_policy is None and args.offload_io is None
+    args.check(args)
+    args = build_parser().parse_args(["serve", "--offload", "store", "--offload-policy", "lfu",
+                                      "--expert-memory-budget", "50%"])
+    args.check(args)
+    args = build_parser().parse_args(["train", "--preset", "tiny", "--two-level-a2a", "--schedule", "1",
+                                      "--mesh", "node=2,expert=4"])
+    args.check(args)
+    args = build_parser().parse_args(["train", "--preset", "tiny", "--profile", "p.json", "--schedule", "auto",
+                                      "--mesh", "expert=8"])
+    args.check(args)
