@@ -340,18 +340,24 @@ def cmd_serve(args) -> int:
 
         runner = OffloadRunner(model, ecfg, offload)
     engine = Engine(model, ecfg, runner=runner, model_name=name)
-    if args.warmup and offload is None:
+    if offload is None and args.warmup == "blocking":
         import time
 
         t = time.perf_counter()
         n = engine.warmup(progress=True)
         print(f"compiled {n} engine step shapes in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    elif offload is None and args.warmup == "background":  # the offload step compiles per piece on first use
+        engine.warmup(background=True)
+        print(f"compiling {len(engine.warmup_shapes())} engine step shapes in the background (/health shows the "
+              "progress)", file=sys.stderr)
     print(f"serving '{name}' ({args.scheduler} prefill, {engine.alloc.num_blocks} KV blocks of {args.block_size}) "
           f"on http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(engine, tok, host=args.host, port=args.port, model_name=name, max_pending=args.max_pending,
           batch_wait_ms=args.batch_wait_ms)
     return 0
 
+
+WARMUP_MODES = ("background", "blocking", "none")
 
 # serve's --offload-* flags: None when not given (so a flag given without --offload is an error); these defaults
 # apply with --offload
@@ -583,19 +589,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-blocks", type=int_range(2), default=None,
                    help="KV blocks in the pool (default: max-num-seqs full-length sequences)")
     s.add_argument("--max-num-seqs", type=positive_int, default=16, help="running requests (decode batch bound)")
-    s.add_argument("--max-num-batched-tokens", type=positive_int, default=512, help="chunked prefill token budget")
+    s.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
+                   help="chunked prefill's token budget per iteration (default 2048: the up to 4 prompts one "
+                        "iteration admits prefill whole, not cut into chunks, up to ~500 tokens each). Cost of larger: "
+                        "a prefill iteration takes longer, so decoding requests see a longer gap between tokens "
+                        "while prompts arrive, and more step shapes compile; of smaller: a prompt takes more "
+                        "iterations")
     s.add_argument("--max-model-len", type=int_range(2), default=None, help="context length (default: the model's)")
     s.add_argument("--max-pending", type=positive_int, default=512, help="requests in flight before 503 + Retry-After")
     s.add_argument("--batch-wait-ms", type=float_range(0, 1000), default=2.0,
                    help="an idle engine's first step waits until no request has arrived for this long (at most 10x), "
                         "so a burst of concurrent requests is prefilled together; 0: no wait")
     s.add_argument("--no-prefix-cache", action="store_true")
-    s.add_argument("--decode-steps", type=positive_int, default=1,
-                   help="multi-step decoding: decode iterations per compiled call when nothing waits to be "
-                        "admitted (less host overhead per token; streams receive tokens in groups of this many)")
-    s.add_argument("--warmup", action="store_true",
-                   help="compile every engine step shape before serving (no compile pauses while serving; "
-                        "takes about a second or more per shape, see Engine.warmup_shapes)")
+    s.add_argument("--decode-steps", type=positive_int, default=4,
+                   help="multi-step decoding: decode iterations per compiled call when every request is decoding "
+                        "and nothing waits to be admitted (default 4: the host's scheduling and dispatch paid once "
+                        "per 4 tokens). Cost: streams receive tokens in groups of up to this many, a request that "
+                        "arrives meanwhile waits for the group to end, and a request finishing inside a group costs "
+                        "its row the rest of the group; 1 turns it off")
+    s.add_argument("--warmup", nargs="?", const="blocking", choices=WARMUP_MODES, default="background",
+                   help="compile the engine's step shapes ahead of use. background (default): /health answers at "
+                        "once and the shapes compile on a thread while serving (until then a request whose shape is "
+                        "not compiled yet waits for its compile, and compiling takes CPU from serving; /health "
+                        "shows the progress); blocking (also plain --warmup): compile every shape before listening "
+                        "(no compile pause while serving, but no /health for a minute or more on a small CPU); "
+                        "none: compile each shape on first use")
     s.add_argument("--seed", type=seed32, default=0)
     _add_dtype(s, DTYPES)
     s.add_argument("--offload", help="serve from an offload store (`moejax offload prepare`): experts on disk")

@@ -175,7 +175,9 @@ def _start_server(args, port, env, log, timeout=60.0):
     """Start ``moejax serve`` on ``port``; returns (process, seconds until /health answered 200)."""
     import httpx
 
-    cmd = [sys.executable, "-m", "moejax.cli", "serve", *args, "--port", str(port), "--model-name", "m"]
+    # no warm-up: the test is about restarting, and a background warm-up would take CPU from the load it times
+    cmd = [sys.executable, "-m", "moejax.cli", "serve", *args, "--port", str(port), "--model-name", "m",
+           "--warmup", "none"]
     t0 = time.perf_counter()
     with open(log, "ab") as err:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
