@@ -32,6 +32,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments.common import cpu_isa, environment, markdown_table, write_results
+from experiments.serve_throughput import http_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
@@ -66,22 +67,6 @@ def wait_until(pred, timeout: float, what: str) -> float:
     return time.perf_counter() - t
 
 
-async def burst(url: str, prompts, n_new: int):
-    """Generated tokens and seconds of all ``prompts`` sent at once."""
-    import httpx
-
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as c:
-        async def one(p):
-            r = await c.post(url + "/v1/completions", json={"prompt": p, "max_tokens": n_new, "temperature": 0,
-                                                            "ignore_eos": True})
-            r.raise_for_status()
-            return r.json()["usage"]["completion_tokens"]
-
-        t = time.perf_counter()
-        toks = await asyncio.gather(*(one(p) for p in prompts))
-        return sum(toks), time.perf_counter() - t
-
-
 def measure(name: str, flags: list[str], prompts, args, log) -> dict:
     """Start the server with ``flags``, time it, stop it."""
     port = free_port()
@@ -99,11 +84,11 @@ def measure(name: str, flags: list[str], prompts, args, log) -> dict:
         health_s = time.perf_counter() - t0
         warm_s = health_s + wait_until(lambda: (health(url) or {}).get("warmup", {}).get("state") != "running",
                                        1200, "warm-up done")
-        n, dt = asyncio.run(burst(url, prompts, args.new_tokens))
+        n, dt = asyncio.run(http_batch(url, prompts, args.new_tokens))
         first = n / dt
         rates = []
         for _ in range(args.repeats):
-            n, dt = asyncio.run(burst(url, prompts, args.new_tokens))
+            n, dt = asyncio.run(http_batch(url, prompts, args.new_tokens))
             rates.append(n / dt)
     finally:
         proc.terminate()
