@@ -8,6 +8,7 @@ against a numpy model of the primitive's documented semantics; the real primitiv
 
 import dataclasses
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -170,7 +171,7 @@ def _same(a, b):
     _close(y, y_r, OUT_TOL)
     np.testing.assert_allclose(float(lb), float(lb_r), rtol=1e-5)
     _rel_l2(gx, gx_r, GRAD_TOL, "dx")
-    for (path, g), g_r in zip(jax.tree_util.tree_leaves_with_path(gp), jax.tree.leaves(gp_r)):
+    for (path, g), g_r in zip(jax.tree_util.tree_leaves_with_path(gp), jax.tree.leaves(gp_r), strict=True):
         _rel_l2(g, g_r, GRAD_TOL, jax.tree_util.keystr(path))
 
 
@@ -267,22 +268,33 @@ def test_train_config_ep_a2a_is_validated():
     assert TrainConfig(ep_a2a="ragged").validate().ep_a2a == "ragged"
 
 
-@pytest.mark.slow
-def test_trainer_ragged_ep_grads_equal_single_device():
-    # TrainConfig.ep_a2a reaches the trainer's shard_map step: dropless MoE, ragged (emulated) exchange.
-    from test_parallel_train import compare_sharded_grads, configs
+@pytest.mark.parametrize("small", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["small", "full"])
+def test_trainer_ragged_ep_grads_equal_single_device(small):
+    # TrainConfig.ep_a2a reaches the trainer's shard_map step: dropless MoE, ragged (emulated) exchange. The small
+    # model (one layer, d_model 16) runs in the default suite; test_parallel_train's model is slow.
+    from test_parallel_train import batch, compare_sharded_grads, configs
 
     from moejax.config import RouterConfig
     from moejax.train.trainer import Trainer
 
     mesh_cfg = MeshConfig.parse("data=2,expert=4")
     cfg, ref_cfg, tc = configs(RouterConfig(type="topk", top_k=2), mesh_cfg)
+    if small:
+        shrink = {"d_model": 16, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 16}
+        cfg, ref_cfg = (dataclasses.replace(c, **shrink, moe=dataclasses.replace(c.moe, d_ff=16)).validate()
+                        for c in (cfg, ref_cfg))
     cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch="dropless"))
     ref_cfg = dataclasses.replace(ref_cfg, moe=dataclasses.replace(ref_cfg.moe, dispatch="dropless"))
     par = Trainer(cfg, dataclasses.replace(tc, ep_a2a="ragged_emulated"), mesh_cfg)
     one = Trainer(ref_cfg, tc)
     mp, m1 = compare_sharded_grads(par, one)
     assert int(mp["dropped"]) == 0 == int(m1["dropped"])
+    # the step exchanges the tokens by the emulated ragged all-to-all (all_gather + gathers); an all_to_all
+    # carries only the int32 group sizes, never the float token buffers of the fixed path
+    b = jax.tree.map(lambda a: jax.device_put(a, par.batch_sharding), batch())
+    step = str(jax.make_jaxpr(par._sharded_grads)(par.params, par.rest, b, jax.random.PRNGKey(5)))
+    a2a_dtypes = set(re.findall(r":(\w+)\[[\d,]*\] = all_to_all\[", step))
+    assert "all_gather" in step and a2a_dtypes == {"i32"}, a2a_dtypes
 
 
 def test_trainer_rejects_moe_pipelining_with_the_ragged_exchange():
