@@ -75,18 +75,19 @@ def test_fsdp_step_equals_all_reduce_step(mesh_spec):
     for k in ("loss", "ce", "aux_loss", "z_loss"):
         assert abs(float(mf[k]) - float(mp[k])) <= TOL * abs(float(mp[k])), k
     np.testing.assert_array_equal(np.asarray(mf["expert_load"]), np.asarray(mp["expert_load"]))
-    for (path, a), ref in zip(jax.tree_util.tree_leaves_with_path(gf), jax.tree.leaves(gp)):
+    for (path, a), ref in zip(jax.tree_util.tree_leaves_with_path(gf), jax.tree.leaves(gp), strict=True):
         a, ref = np.asarray(a), np.asarray(ref)
         assert np.max(np.abs(a - ref)) <= TOL * np.max(np.abs(ref)), jax.tree_util.keystr(path)
     # the gradients come out sharded like the parameters
-    for g, p in zip(jax.tree.leaves(gf), jax.tree.leaves(fsdp.params)):
+    for g, p in zip(jax.tree.leaves(gf), jax.tree.leaves(fsdp.params), strict=True):
         assert _uses_data(g.sharding.spec) == _uses_data(p.sharding.spec)
 
     # two optimizer steps
     for s in range(2):
         lp, lf = plain.train_step(batch(s))["loss"], fsdp.train_step(batch(s))["loss"]
         assert abs(float(lf) - float(lp)) <= TOL * abs(float(lp)), s
-    for (path, a), ref in zip(jax.tree_util.tree_leaves_with_path(fsdp.params), jax.tree.leaves(plain.params)):
+    for (path, a), ref in zip(jax.tree_util.tree_leaves_with_path(fsdp.params), jax.tree.leaves(plain.params),
+                              strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(ref), rtol=0, atol=TOL, err_msg=jax.tree_util.keystr(path))
     # still sharded after the update
     after = {jax.tree_util.keystr(p): v.sharding.spec for p, v in jax.tree_util.tree_leaves_with_path(fsdp.params)}
@@ -109,11 +110,53 @@ def test_fsdp_dense_model_on_data8():
     for s in range(2):
         lp, lf = plain.train_step(batch(s))["loss"], fsdp.train_step(batch(s))["loss"]
         assert abs(float(lf) - float(lp)) <= TOL * abs(float(lp)), s
-    for a, ref in zip(jax.tree.leaves(fsdp.params), jax.tree.leaves(plain.params)):
+    for a, ref in zip(jax.tree.leaves(fsdp.params), jax.tree.leaves(plain.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(ref), rtol=0, atol=TOL)
 
 
-@pytest.mark.slow  # restoring onto another mesh stays in the default suite (test_parallel_train)
+def test_checkpoint_moves_between_fsdp_and_plain(tmp_path):
+    """The default-suite case of the slow test below, without ``train()``: an FSDP trainer's state (random
+    optimizer moments, so nothing is zero by chance) saved on data=2,expert=4,fsdp and restored without FSDP on
+    data=4,expert=2, then that plain checkpoint restored into FSDP on data=4,expert=2,fsdp: parameters and
+    optimizer state bit-identical at every move, sharded over ``data`` exactly where the target trainer is."""
+    from moejax.train.checkpoint import Checkpointer
+
+    cfg, _, tc = configs(RouterConfig(type="topk", top_k=2), MeshConfig(data=2, expert=4))
+    src = Trainer(cfg, tc, MeshConfig.parse("data=2,expert=4,fsdp"))
+    rng = np.random.default_rng(0)
+
+    def fill(a):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            return a
+        return jax.device_put(rng.standard_normal(a.shape).astype(a.dtype), a.sharding)
+
+    state = {"params": src.params, "rest": src.rest, "opt_state": jax.tree.map(fill, src.opt_state)}
+    assert any(_uses_data(a.sharding.spec) for a in jax.tree.leaves(state["params"]))
+    saved = jax.tree.map(np.asarray, state)
+
+    def move(state, directory, target):
+        ck = Checkpointer(str(tmp_path / directory), async_save=False)
+        ck.save(1, state, {"step": 1})
+        ck.wait()
+        out, meta = ck.restore({"params": target.params, "rest": target.rest, "opt_state": target.opt_state})
+        ck.close()
+        assert meta["step"] == 1
+        for (path, a), b, t in zip(jax.tree_util.tree_leaves_with_path(out), jax.tree.leaves(saved),
+                                   jax.tree.leaves({"params": target.params, "rest": target.rest,
+                                                    "opt_state": target.opt_state}), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
+            assert a.sharding.is_equivalent_to(t.sharding, a.ndim), jax.tree_util.keystr(path)
+        return out
+
+    plain = Trainer(cfg, tc, MeshConfig(data=4, expert=2))
+    out = move(state, "fsdp", plain)
+    assert not any(_uses_data(a.sharding.spec) for a in jax.tree.leaves(out))
+    fsdp = Trainer(cfg, tc, MeshConfig.parse("data=4,expert=2,fsdp"))
+    out = move(out, "plain", fsdp)
+    assert any(_uses_data(a.sharding.spec) for a in jax.tree.leaves(out["params"]))
+
+
+@pytest.mark.slow  # its train()-free case above and restoring onto another mesh (test_parallel_train) run by default
 def test_checkpoint_between_fsdp_and_plain(tmp_path):
     """Saved by an FSDP run, restored without FSDP on another mesh (and back): identical parameters."""
     from moejax.train.checkpoint import Checkpointer, load_model
@@ -139,7 +182,7 @@ def test_checkpoint_between_fsdp_and_plain(tmp_path):
     state, meta = ck.restore({"params": plain.params, "rest": plain.rest, "opt_state": plain.opt_state})
     assert meta["step"] == 2
     assert not any(_uses_data(a.sharding.spec) for a in jax.tree.leaves(state["params"]))
-    for a, b in zip(jax.tree.leaves(state["params"]), ref):
+    for a, b in zip(jax.tree.leaves(state["params"]), ref, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     # ... and the other way: a plain checkpoint restored into an FSDP trainer
@@ -151,7 +194,7 @@ def test_checkpoint_between_fsdp_and_plain(tmp_path):
     ck.close()
     ck2.close()
     assert any(_uses_data(a.sharding.spec) for a in jax.tree.leaves(state2["params"]))
-    for a, b in zip(jax.tree.leaves(state2["params"]), ref):
+    for a, b in zip(jax.tree.leaves(state2["params"]), ref, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    for a, b in zip(jax.tree.leaves(state2["opt_state"]), jax.tree.leaves(state["opt_state"])):
+    for a, b in zip(jax.tree.leaves(state2["opt_state"]), jax.tree.leaves(state["opt_state"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
