@@ -20,12 +20,12 @@ TOL = 1e-5  # relative to each gradient's (and loss's) max magnitude
 TOPK = RouterConfig(type="topk", top_k=2)
 
 
-def configs(mesh_cfg, moe=True, router=TOPK, n_heads=4, n_kv_heads=2):
+def configs(mesh_cfg, moe=True, router=TOPK, n_heads=4, n_kv_heads=2, n_layers=2):
     n = num_batch_shards(mesh_cfg)
     m = MoEConfig(num_experts=4, d_ff=16, dispatch="capacity", capacity_factor=2.0, router=router,
                   num_shared_experts=1, shared_d_ff=8) if moe else None
-    cfg = ModelConfig(vocab_size=260, d_model=16, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=8,
-                      d_ff=24, max_seq_len=32, moe=m).validate()
+    cfg = ModelConfig(vocab_size=260, d_model=16, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                      head_dim=8, d_ff=24, max_seq_len=32, moe=m).validate()
     ref = cfg if m is None else dataclasses.replace(cfg, moe=dataclasses.replace(m, router=dataclasses.replace(
         router, group_size=BATCH // n * SEQ)))
     tc = TrainConfig(steps=10, seq_len=SEQ, global_batch=BATCH, warmup_steps=1)
@@ -48,10 +48,10 @@ def _grads(t, b, key):
                                      key)
 
 
-def _check(mesh_spec, moe=True, schedule=None):
+def _check(mesh_spec, moe=True, schedule=None, n_layers=2):
     """One step's loss, metrics and gradients on ``mesh_spec`` (tensor-parallel) equal one device's."""
     mesh_cfg = MeshConfig.parse(mesh_spec)
-    cfg, ref_cfg, tc = configs(mesh_cfg, moe=moe)
+    cfg, ref_cfg, tc = configs(mesh_cfg, moe=moe, n_layers=n_layers)
     par, one = Trainer(cfg, tc, mesh_cfg, schedule=schedule), Trainer(ref_cfg, tc)
     b = batch()
     key = jax.random.PRNGKey(5)
@@ -142,12 +142,17 @@ def test_tensor_parallel_with_fsdp():
     assert w.addressable_shards[0].data.size * 2 * 2 * 2 == w.size  # expert (2) x data (2) x tensor (2)
 
 
-@pytest.mark.slow
-def test_tensor_parallel_with_fsdp_two_steps():
+# The combinations below run in the default suite on a one-layer model (a scanned stack of one MoE layer: the
+# same step, about a quarter cheaper to compile), and on the two-layer model in the slow suite.
+N_LAYERS = [1, pytest.param(2, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("n_layers", N_LAYERS)
+def test_tensor_parallel_with_fsdp_two_steps(n_layers):
     """... and two optimizer steps (updates on the data x tensor shards): losses and parameters equal one
     device's, and the parameters keep their placement."""
     mesh_cfg = MeshConfig.parse("data=2,tensor=2,expert=2,fsdp")
-    cfg, ref_cfg, tc = configs(mesh_cfg)
+    cfg, ref_cfg, tc = configs(mesh_cfg, n_layers=n_layers)
     par, one = Trainer(cfg, tc, mesh_cfg), Trainer(ref_cfg, tc)
     before = jax.tree.map(lambda v: v.sharding, par.params)
     _two_steps(par, one)
@@ -155,23 +160,23 @@ def test_tensor_parallel_with_fsdp_two_steps():
         assert v.sharding.is_equivalent_to(sh, v.ndim), (jax.tree_util.keystr(path), v.sharding, sh)
 
 
-@pytest.mark.slow
-def test_tensor_parallel_with_node_axis():
+@pytest.mark.parametrize("n_layers", N_LAYERS)
+def test_tensor_parallel_with_node_axis(n_layers):
     """Experts over (node, expert), the batch over (node, expert), tensor inside: equals one device."""
-    par, _ = _check("node=2,tensor=2,expert=2")
+    par, _ = _check("node=2,tensor=2,expert=2", n_layers=n_layers)
     w = par.params["stacks"][0]["moe"]["experts"]["w_gate"].get_value()
     assert w.sharding.spec[1] == ("node", "expert") and w.sharding.spec[3] == "tensor"
 
 
-@pytest.mark.slow  # two-level all-to-alls without tensor parallelism stay in the default suite
-def test_tensor_parallel_two_level_all_to_all():
+@pytest.mark.parametrize("n_layers", N_LAYERS)
+def test_tensor_parallel_two_level_all_to_all(n_layers):
     """2-level (intra-node, then inter-node) dispatch/combine all-to-alls with pipelined expert stages holding
     the tensor psum: equals one device, and every exchange is really split in two."""
     from moejax.schedule.overlap import OverlapSchedule
     from moejax.schedule.rewrite import count_collectives
 
     sch = OverlapSchedule(degree_fwd=2, degree_bwd=2, two_level=True, bucketing=False)
-    par, _ = _check("node=2,tensor=2,expert=2", schedule=sch)
+    par, _ = _check("node=2,tensor=2,expert=2", schedule=sch, n_layers=n_layers)
     b = jax.tree.map(lambda a: jax.device_put(a, par.batch_sharding), batch())
     hlo = jax.jit(par._sharded_grads).lower(par.params, par.rest, b, jax.random.PRNGKey(5)).compile().as_text()
     # per (scanned) MoE layer: dispatch + combine, forward and backward, 2 chunks each, 2 exchanges each
