@@ -229,17 +229,20 @@ def test_block_allocator_never_leaks(ops):
     assert alloc.num_used == 0 and alloc.num_free == 11
 
 
-@pytest.mark.slow  # the kernel itself is checked in tests/test_pallas_paged_attention.py by default
-def test_engine_with_pallas_paged_attention_matches_xla():
-    """attn_impl='pallas' (the Triton-style kernel, interpreted on CPU) gives the XLA path's logits."""
-    m = Transformer(small_cfg(n_layers=2, dense_layers=(), head_dim=16), rngs=nnx.Rngs(0))
+# one layer in the default suite (the kernel itself is checked over a grid in tests/test_pallas_paged_attention.py),
+# two layers slow
+@pytest.mark.parametrize("n_layers", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_engine_with_pallas_paged_attention_matches_xla(n_layers):
+    """attn_impl='pallas' (the Triton-style kernel, interpreted on CPU) gives the XLA path's logits: a prefill of
+    two prompts (3 and 21 tokens) and decode steps over two block tables."""
+    m = Transformer(small_cfg(n_layers=n_layers, dense_layers=(), head_dim=16), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, 97, n).tolist() for n in (3, 21)]
     out = {}
     for impl in ("xla", "pallas"):
         eng = Engine(m, EngineConfig(record_logits=True, block_size=8, attn_impl=impl, sched=sched_cfg()))
         out[impl] = eng.generate(prompts, SamplingParams(max_tokens=4, temperature=0))
-    for a, b in zip(out["xla"], out["pallas"]):
+    for a, b in zip(out["xla"], out["pallas"], strict=True):
         assert a.tokens == b.tokens
         assert np.abs(a.logits - b.logits).max() <= 1e-5 * max(1.0, np.abs(a.logits).max())
 
