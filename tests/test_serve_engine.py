@@ -41,7 +41,7 @@ def sched_cfg(**kw):
 
 def check_against_generate(model, prompts, results, n_new):
     """Tokens equal up to the first near tie; logits within LOGIT_TOL up to there (teacher-forced)."""
-    for p, r in zip(prompts, results):
+    for p, r in zip(prompts, results, strict=True):
         ref = generate(model, [p], n_new, return_logits=True)
         ref_toks, ref_logits = ref.tokens[0], ref.logits[0]
         top2 = np.sort(ref_logits, axis=-1)[:, -2:]
@@ -85,6 +85,28 @@ def test_prefix_sharing_and_preemption(model, scheduler):
     assert res[0].tokens[:4] == first[0].tokens
     assert sum(r.metrics.cached_tokens for r in res) >= 16, [r.metrics.cached_tokens for r in res]
     assert sum(r.metrics.preemptions for r in res) > 0
+    eng.alloc.check()
+    assert eng.alloc.num_used == 0
+
+
+def test_prefix_sharing_and_preemption_chunked_small():
+    """The default ``chunked`` scheduler with prefix sharing and preemption, small enough for the default suite
+    (the case above is slow for ``chunked``): one MoE layer stack of two layers, prompts prefilled in chunks of
+    at most 16 tokens, at most two sequences at a time; 6 usable blocks of 8 tokens cannot hold two requests of
+    ~35 tokens (even sharing a 16-token prefix) -> preemption. Tokens and logits against sequential generate."""
+    m = Transformer(small_cfg(n_layers=2, dense_layers=()), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    shared = rng.integers(0, 97, 16).tolist()
+    prompts = [shared + rng.integers(0, 97, k).tolist() for k in (5, 9)] + [rng.integers(0, 97, 20).tolist()]
+    eng = Engine(m, EngineConfig(scheduler="chunked", record_logits=True, block_size=8, num_blocks=7,
+                                 sched=sched_cfg(max_num_seqs=2, max_num_batched_tokens=16, max_prefill_seqs=1)))
+    first = eng.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warms the prefix cache
+    res = eng.generate(prompts, SamplingParams(max_tokens=12, temperature=0))
+    check_against_generate(m, prompts, res, 12)
+    assert res[0].tokens[:4] == first[0].tokens
+    assert sum(r.metrics.cached_tokens for r in res) >= 16, [r.metrics.cached_tokens for r in res]
+    assert sum(r.metrics.preemptions for r in res) > 0
+    assert any(it.prefill_tokens and it.decode_tokens for it in eng.iterations)  # chunks beside decode rows
     eng.alloc.check()
     assert eng.alloc.num_used == 0
 
