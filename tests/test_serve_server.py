@@ -381,3 +381,49 @@ def test_prompt_longer_than_context_small_max_model_len(model):
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "y" * 40}]})
         assert r.status_code == 400
 
+
+
+
+def test_overload_answers_503_with_retry_after_then_serves_again(model):
+    """``max_pending=1`` and one request held in flight (the engine's step waits on a gate): a completion, a
+    streamed completion and a chat request each get 503 with ``Retry-After`` and code ``overloaded`` (the
+    status comes before any stream starts); once the held request finishes, a new one is served (200). The
+    slow load test (200 clients, the default max_pending of 512) never overloads the server."""
+    import threading
+
+    eng = Engine(model, EngineConfig(block_size=8, sched=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64)))
+    app = create_app(eng, ByteTokenizer(model.cfg.vocab_size), model_name="tiny-test", max_pending=1)
+    aengine = app.state.async_engine
+    gate, step = threading.Event(), eng.step
+
+    def gated_step():
+        gate.wait(timeout=60)
+        return step()
+
+    eng.step = gated_step
+    held = {}
+    with serve_in_background(app) as url, httpx.Client(timeout=60) as c:
+        t = threading.Thread(target=lambda: held.update(r=c.post(url + "/v1/completions", json={
+            "prompt": "abc", "max_tokens": 3, "temperature": 0, "ignore_eos": True})))
+        t.start()
+        try:
+            t0 = time.time()
+            while aengine.pending < 1 and time.time() - t0 < 30:
+                time.sleep(0.01)
+            assert aengine.pending == 1 and not gate.is_set()  # the held request is in flight
+            refused = [c.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}),
+                       c.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True}),
+                       c.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                                  "max_tokens": 2})]
+            for r in refused:
+                assert r.status_code == 503, (r.status_code, r.text)
+                assert r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "overloaded"
+            assert aengine.pending == 1  # the refused requests never reached the engine
+        finally:
+            gate.set()  # never leave the engine thread waiting, even after a failed assertion
+            t.join(timeout=60)
+        assert held["r"].status_code == 200 and held["r"].json()["usage"]["completion_tokens"] == 3
+        assert wait_idle(eng) and aengine.pending == 0
+        r = c.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 200, r.text
+    eng.alloc.check()
