@@ -175,7 +175,11 @@ def test_record_routing_statistics_hook():
 
 
 def test_hook_statistics_in_scanned_transformer():
-    """Hooks reach every MoE layer of a scanned layer stack; an ``aux`` entry comes back per MoE layer."""
+    """Hooks reach every MoE layer of a scanned layer stack; an ``aux`` entry comes back per MoE layer, and its
+    values are each layer's own: the largest router probability of that layer's input, recomputed layer by layer
+    without hooks (within ``OUT_TOL``)."""
+    from moejax.models.transformer import unstack_layers
+
     cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, d_ff=48, max_seq_len=64,
                       moe=MoEConfig(num_experts=4, d_ff=24, router=RouterConfig(type="topk", top_k=2)),
                       dense_layers=(0,)).validate()
@@ -183,9 +187,32 @@ def test_hook_statistics_in_scanned_transformer():
     hooks = MoEHooks()
     hooks.register("gate", "after", lambda ctx, r: ctx.aux.update(max_prob=jnp.max(r.probs)))
     g, state = nnx.split(model)
+    f = lambda s, t: nnx.merge(g, s)(t)  # noqa: E731
+    tok = jax.random.randint(jax.random.PRNGKey(4), (2, 8), 0, cfg.vocab_size)
     with moe_hooks(hooks):
-        out = jax.eval_shape(lambda s, t: nnx.merge(g, s)(t), state, jnp.zeros((2, 8), jnp.int32))
+        out = jax.eval_shape(f, state, tok)
+        got = np.asarray(jax.jit(f)(state, tok).aux["max_prob"])
     assert out.aux["max_prob"].shape == (2,)
+    # reference: layer i's MoE input is ffn_norm(h + attention(attn_norm(h))), h the hidden state after layers < i
+    def reference(state, tok):
+        m = nnx.merge(g, state)
+        positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+        layer_states, want = unstack_layers(m), []
+        for r, (kind, first, n) in enumerate(m.runs):
+            if kind != "moe":
+                continue
+            gdef = nnx.graphdef(m.stacks[r])
+            for j in range(n):
+                h = m(tok, layers=(0, first + j), return_hidden=True).logits
+                blk = nnx.merge(gdef, layer_states[r][j])
+                a, _ = blk.attn(blk.attn_norm(h), positions, segment_ids=jnp.ones((2, 8), jnp.int32))
+                routing, _ = blk.moe.route(blk.ffn_norm(h + a).reshape(-1, cfg.d_model))
+                want.append(jnp.max(routing.probs))
+        return jnp.stack(want)
+
+    want = np.asarray(jax.jit(reference)(state, tok))
+    assert want.shape == (2,) and want[0] != want[1]
+    np.testing.assert_allclose(got, want, rtol=0, atol=OUT_TOL * max(1.0, float(np.max(want))))
 
 
 def _gather_dispatch(ctx, x):
@@ -243,7 +270,7 @@ def test_inject_custom_collective(mesh_spec):
     ((_, (y0, aux0)), grads0), hlo0 = run(False)
     assert "all-to-all" in hlo0 and "all-to-all" not in hlo and "all-gather" in hlo
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0)):
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(aux["global_load"][0]), np.asarray(jnp.sum(aux0["expert_load"], 0)))
 
