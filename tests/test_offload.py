@@ -57,15 +57,30 @@ def test_offloaded_serving_is_token_identical_at_every_budget(model, store_dir):
         budget = max(int(total * frac), 8 * store.record_bytes)
         eng = Engine(om, runner=OffloadRunner(om, EngineConfig(record_logits=True, block_size=8),
                                               OffloadConfig(store_dir, budget, io="direct")))
+        peak = _track_used(eng.runner.cache)
         res = eng.generate(prompts, sp)
-        for a, b in zip(res, ref):
+        for a, b in zip(res, ref, strict=True):
             assert a.tokens == b.tokens
             np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
+        assert peak and max(peak) <= budget, (max(peak), budget)  # resident expert bytes after every access
         s = eng.runner.stats
         assert s.bytes_read == s.misses * store.record_bytes and s.hits + s.misses > 0
         misses.append(s.misses)
         eng.runner.close()
     assert misses[-1] <= n_moe * 8 and misses == sorted(misses, reverse=True)
+
+
+def _track_used(cache):
+    """The cache's resident bytes after every access (the runner's cache, observed through its ``access``)."""
+    used, access = [], cache.access
+
+    def observed(*args, **kwargs):
+        out = access(*args, **kwargs)
+        used.append(cache.used)
+        return out
+
+    cache.access = observed
+    return used
 
 
 @settings(max_examples=40, deadline=None)
@@ -87,6 +102,48 @@ def test_size_aware_belady_heuristic_vs_exact_optimum(trace, budget):
     opt = optimal_misses(trace, budget, sizes)
     heur = simulate(trace, budget, "belady", sizes).misses
     assert opt <= heur <= len(trace)
+    # the heuristic, access by access: the accessed item is resident after each access (demand paging) and the
+    # resident items' sizes never sum to more than the budget
+    c = ExpertCache(budget, "belady")
+    c.set_future(trace)
+    misses = 0
+    for k in trace:
+        hit, _ = c.access(k, sizes[k])
+        misses += not hit
+        assert k in c and c.used == sum(sizes[x] for x in c.items) <= budget, (k, dict(c.items), budget)
+    assert misses == heur
+    # the exact optimum equals an independent search whose every resident set is checked against the budget
+    assert opt == _lazy_exact_misses(tuple(trace), budget, sizes)
+
+
+def _lazy_exact_misses(trace, budget, sizes):
+    """Fewest misses by a search other than ``optimal_misses``': on a miss, evict resident items one at a time
+    (in every order) only until the new item fits, never earlier (lazy demand paging: any schedule that evicts
+    early can be replayed lazily with no more misses), asserting the budget on every resident set it reaches."""
+    import functools
+
+    @functools.lru_cache(maxsize=None)
+    def best(i, resident):
+        if i == len(trace):
+            return 0
+        k = trace[i]
+        if k in resident:
+            return best(i + 1, resident)
+        costs = []
+
+        def evict(res):
+            if sum(sizes[x] for x in res) + sizes[k] <= budget:
+                new = res | {k}
+                assert sum(sizes[x] for x in new) <= budget
+                costs.append(1 + best(i + 1, new))
+                return
+            for x in res:
+                evict(res - {x})
+
+        evict(resident)
+        return min(costs)
+
+    return best(0, frozenset())
 
 
 def _random_chain(rng, E):
@@ -301,18 +358,22 @@ def test_quantized_store_fixed_width_is_token_identical_and_router_respects_budg
         budget = max(int(total * frac), 8 * sum(planes))  # a prefill can need all 8 experts of a layer
         eng = Engine(om, runner=OffloadRunner(om, EngineConfig(record_logits=True, block_size=8),
                                               OffloadConfig(path, budget, bits=8)))
+        peak = _track_used(eng.runner.cache)
         res = eng.generate(prompts, sp)
-        for a, b in zip(res, ref):
+        for a, b in zip(res, ref, strict=True):
             assert a.tokens == b.tokens
             np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
+        assert peak and max(peak) <= budget, (max(peak), budget)
         assert set(eng.runner.stats.bits_used) == {8}
         eng.runner.close()
     eng = Engine(om, runner=OffloadRunner(om, EngineConfig(block_size=8),
                                           OffloadConfig(path, int(total * 0.3), bits="router")))
+    peak = _track_used(eng.runner.cache)
     eng.generate(prompts, sp)
     used = eng.runner.stats.bits_used
     assert set(used) <= {2, 3, 4, 8} and len(used) >= 2, used
     assert eng.runner.cache.used <= int(total * 0.3)
+    assert peak and max(peak) <= int(total * 0.3)  # after every access, not only at the end
     with pytest.raises(ValueError, match="bits"):
         Engine(om, runner=OffloadRunner(om, EngineConfig(), OffloadConfig(path, total)))
     with pytest.raises(ValueError, match="bits=5"):
@@ -370,7 +431,7 @@ def test_router_avg_bits_budget_validation_and_determinism(model, tmp_path):
     eng.runner.close()
     ref = Engine(om, runner=OffloadRunner(om, EngineConfig(record_logits=True, block_size=8),
                                           OffloadConfig(path, total, bits=2)))
-    for a, b in zip(out, [r for p in prompts for r in ref.generate([p], sp)]):
+    for a, b in zip(out, [r for p in prompts for r in ref.generate([p], sp)], strict=True):
         assert a.tokens == b.tokens
         np.testing.assert_array_equal(a.logits, b.logits)
     ref.runner.close()
