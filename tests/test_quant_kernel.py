@@ -27,6 +27,33 @@ def case(M, K, N, cfg, dtype, seed=0):
     return x, w, quantize(w, cfg)
 
 
+def naive_dequantize(qt, bits):
+    """``W [K, N]`` (float64) decoded from ``qt``'s packed planes at width ``bits`` one row and one plane at a
+    time, by the layout and formula in ``pallas_kernels/dequant_matmul.py``'s docstring (an oracle independent of
+    ``unpack_plane`` / ``dequantize_reference``): row ``r`` is in group ``g = r // G`` at offset ``i``; in a
+    ``k``-bit plane (``per = 8 // k`` values per byte) it is value ``j = i // (G / per)`` of byte row
+    ``g * G / per + i % (G / per)``, bits ``[j k, (j + 1) k)``; ``W = zero + s_0 (q_0 + base_offset) +
+    sum_p s_p (q_p - (2^k_p - 1) / 2)``."""
+    c = qt.config
+    G, (K, N) = c.group_size, qt.shape
+    n_planes = list(c.bits).index(bits) + 1
+    planes = [np.asarray(p).astype(np.int64) for p in qt.planes[:n_planes]]
+    scales = [np.asarray(sc, np.float64) for sc in qt.scales[:n_planes]]
+    zero = np.asarray(qt.zero, np.float64)
+    w = np.zeros((K, N))
+    for r in range(K):
+        g, i = divmod(r, G)
+        row = zero[g].copy()
+        for p in range(n_planes):
+            k = c.plane_bits[p]
+            gb = G // (8 // k)
+            j, b = divmod(i, gb)
+            q = (planes[p][g * gb + b] >> (j * k)) & ((1 << k) - 1)
+            row += scales[p][g] * (q + c.base_offset if p == 0 else q - ((1 << k) - 1) / 2)
+        w[r] = row
+    return w
+
+
 def check_kernel(M, K, N, cfg, bits, dtype, tiling=None):
     x, _, qt = case(M, K, N, cfg, dtype)
     ref = dequant_matmul(x, qt, bits, impl="xla", preferred_element_type=jnp.float32)
@@ -34,6 +61,10 @@ def check_kernel(M, K, N, cfg, bits, dtype, tiling=None):
     w = qt.dequantize(bits, dtype)
     np.testing.assert_allclose(np.asarray(ref), np.asarray(jnp.dot(x, w, preferred_element_type=jnp.float32)),
                                rtol=1e-6, atol=1e-6)
+    # ... and the dequantization itself (float32 math) equals the naive decode of the packed bits
+    w64 = naive_dequantize(qt, bits)
+    w32 = np.asarray(qt.dequantize(bits, jnp.float32), np.float64)
+    assert np.max(np.abs(w32 - w64)) <= 1e-6 * np.max(np.abs(w64)), np.max(np.abs(w32 - w64))
     out = dequant_matmul(x, qt, bits, impl="pallas", interpret=True, tiling=tiling,
                          preferred_element_type=jnp.float32)
     assert out.shape == (M, N) and out.dtype == jnp.float32
@@ -75,14 +106,25 @@ def test_kernel_matches_reference_full_grid(M, K, N, bits, dtype, tiling):
     check_kernel(M, K, N, mwq_config((2, 3, 4, 8)), bits, dtype, tiling)
 
 
-def test_auto_is_xla_until_validated():
-    validated = ("gpu", jax.default_backend()) in dq.VALIDATED_FASTER
-    assert dq.resolve_impl("auto", rows=dq.AUTO_MAX_ROWS) == ("pallas" if validated else "xla")
-    # measured slower than the XLA path at prefill sizes: auto never picks the kernel there
-    assert dq.resolve_impl("auto", rows=dq.AUTO_MAX_ROWS + 1) == "xla"
-    assert dq.resolve_impl("auto") == "xla"
+def test_auto_picks_the_kernel_only_where_validated_and_small(monkeypatch):
+    """Hand-stated cases (the test used to restate the rule: ``"pallas" if validated else "xla"``)."""
+    assert dq.VALIDATED_FASTER == frozenset({("gpu", "gpu")}) and dq.AUTO_MAX_ROWS == 16  # the measured table
     assert ("gpu", "cpu") not in dq.VALIDATED_FASTER  # interpret mode is never the fast path
-    assert dq.resolve_impl("pallas") == "pallas"
+    if jax.default_backend() == "cpu":
+        assert dq.resolve_impl("auto", rows=1) == "xla"
+    # on a backend where the kernel was validated faster: at most 16 rows (decode) only
+    monkeypatch.setattr(dq._compat, "backend", lambda: "gpu")
+    assert dq.resolve_impl("auto", rows=1) == "pallas"
+    assert dq.resolve_impl("auto", rows=16) == "pallas"
+    # measured slower than the XLA path at prefill sizes: auto never picks the kernel there
+    assert dq.resolve_impl("auto", rows=17) == "xla"
+    assert dq.resolve_impl("auto", rows=2048) == "xla"
+    assert dq.resolve_impl("auto") == "xla"  # rows unknown
+    # a backend that is not in the table
+    monkeypatch.setattr(dq._compat, "backend", lambda: "tpu")
+    assert dq.resolve_impl("auto", rows=1) == "xla"
+    # an explicit choice is taken as asked
+    assert dq.resolve_impl("pallas") == "pallas" and dq.resolve_impl("xla", rows=1) == "xla"
 
 
 def test_kernel_validation_errors():
@@ -162,7 +204,7 @@ def test_quantized_swiglu_error_by_width(moe_case):
             deq = swiglu_dense_combine(x, *qe.dequantize([b] * 4), comb)
             assert rel(out, deq) < 1e-5
     # relative weight error at each width; the output error stays within a small multiple of it
-    werr = {b: max(rel(t.dequantize(b), jnp.asarray(wt)) for t, wt in zip(qe.tensors().values(), ws))
+    werr = {b: max(rel(t.dequantize(b), jnp.asarray(wt)) for t, wt in zip(qe.tensors().values(), ws, strict=True))
             for b in qe.bits}
     assert errs[8] < 3 * werr[8] and errs[8] < 0.02, (errs, werr)
     assert errs[2] > errs[3] > errs[4] > errs[8]
