@@ -152,7 +152,7 @@ def check_layer(model, x, *, token_mask=None, token_index=None, rng=None, train=
     ref_leaves = jax.tree_util.tree_leaves_with_path(rgp)
     assert [p for p, _ in leaves] == [p for p, _ in ref_leaves]
     assert len(leaves) >= 4
-    for (path, g), (_, rg) in zip(leaves, ref_leaves):
+    for (path, g), (_, rg) in zip(leaves, ref_leaves, strict=True):
         assert_rel_l2(g, rg, grad_tol, f"grad {jax.tree_util.keystr(path)}")
 
     assert int(aux["dropped"]) == dec.dropped, (int(aux["dropped"]), dec.dropped)

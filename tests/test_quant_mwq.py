@@ -213,10 +213,10 @@ def test_quantized_experts_records():
     arrays = qe.expert_meta_arrays(2) | qe.expert_plane_arrays(2, 0) | qe.expert_plane_arrays(2, 1)
     ex = expert_from_arrays(arrays)
     assert ex["w_up"].bits_available == (2, 3)
-    for a, b in zip(dequantize_expert(ex, 3), dequantize_expert(qe.expert(2), 3)):
+    for a, b in zip(dequantize_expert(ex, 3), dequantize_expert(qe.expert(2), 3), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     g8 = dequantize_expert(qe.expert_arrays(0), 8)
-    for got, ref in zip(g8, (wg[0], wu[0], wd[0])):
+    for got, ref in zip(g8, (wg[0], wu[0], wd[0]), strict=True):
         # 8-bit bound R'/512 per group, R' <= 2 max|w| (plus float16 zero-point rounding)
         assert np.abs(np.asarray(got) - np.asarray(ref)).max() <= 1.01 * np.abs(np.asarray(ref)).max() / 256
     back = QuantizedExperts.from_dict(qe.to_dict())

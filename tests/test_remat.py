@@ -53,12 +53,12 @@ def test_remat_same_loss_and_grads_different_program(remat, reference):
     ref, b, key, g_ref, m_ref = reference
     cfg, tc = _cfgs(remat)
     t = Trainer(cfg, tc)
-    for a, r in zip(jax.tree.leaves(t.params), jax.tree.leaves(ref.params)):  # same initial parameters
+    for a, r in zip(jax.tree.leaves(t.params), jax.tree.leaves(ref.params), strict=True):  # same initial parameters
         np.testing.assert_array_equal(np.asarray(a), np.asarray(r))
     g, m = jax.jit(t._grads)(t.params, t.rest, b, key)
     for k in ("loss", "ce", "aux_loss", "z_loss"):
         assert _rel(m[k], m_ref[k]) <= TOL, (k, float(m[k]), float(m_ref[k]))
-    for (path, a), r in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref)):
+    for (path, a), r in zip(jax.tree_util.tree_leaves_with_path(g), jax.tree.leaves(g_ref), strict=True):
         assert _rel(a, r) <= TOL, (jax.tree_util.keystr(path), _rel(a, r))
     # the program differs: one checkpoint equation per scanned layer stack, with the configured policy
     jr = jax.make_jaxpr(t._grads)(t.params, t.rest, b, key).jaxpr
@@ -85,5 +85,5 @@ def test_remat_with_expert_parallel_fsdp_step():
     b, key = plain.place(batch()), jax.random.PRNGKey(3)
     (g0, m0), (g1, m1) = (jax.jit(t._sharded_grads)(t.params, t.rest, b, key) for t in (plain, remat))
     assert _rel(m1["loss"], m0["loss"]) <= TOL
-    for a, r in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    for a, r in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         assert _rel(a, r) <= TOL

@@ -191,5 +191,5 @@ def test_remat_gives_the_same_gradients(remat):
         f = lambda p: jnp.mean(nnx.merge(gdef, p, rest)(tok).logits ** 2)
         return jax.tree.leaves(jax.jit(jax.grad(f))(params))
 
-    for a, b in zip(grads(dataclasses.replace(cfg, remat=remat)), grads(cfg)):
+    for a, b in zip(grads(dataclasses.replace(cfg, remat=remat)), grads(cfg), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
