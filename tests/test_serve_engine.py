@@ -321,7 +321,7 @@ def test_multi_step_decode_matches_single_steps(model):
     got = four.generate(prompts, params)
     assert any(len(k) == 3 and k[2] == 4 for k in four.runner.compiled_shapes)  # multi-step calls ran
     assert any(len(k) == 2 and k[1] is None for k in four.runner.compiled_shapes)  # and single decode steps
-    for a, b in zip(ref, got):
+    for a, b in zip(ref, got, strict=True):
         assert b.tokens == a.tokens and b.finish_reason == a.finish_reason
         np.testing.assert_allclose(b.logprobs, a.logprobs, atol=1e-5)
         assert np.abs(b.logits - a.logits).max() <= LOGIT_TOL
