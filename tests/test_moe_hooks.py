@@ -187,7 +187,10 @@ def test_hook_statistics_in_scanned_transformer():
     hooks = MoEHooks()
     hooks.register("gate", "after", lambda ctx, r: ctx.aux.update(max_prob=jnp.max(r.probs)))
     g, state = nnx.split(model)
-    f = lambda s, t: nnx.merge(g, s)(t)  # noqa: E731
+
+    def f(s, t):
+        return nnx.merge(g, s)(t)
+
     tok = jax.random.randint(jax.random.PRNGKey(4), (2, 8), 0, cfg.vocab_size)
     with moe_hooks(hooks):
         out = jax.eval_shape(f, state, tok)

@@ -122,7 +122,7 @@ def _lazy_exact_misses(trace, budget, sizes):
     early can be replayed lazily with no more misses), asserting the budget on every resident set it reaches."""
     import functools
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def best(i, resident):
         if i == len(trace):
             return 0
