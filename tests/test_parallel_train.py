@@ -43,9 +43,19 @@ def rel(a, b):
     return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
-@pytest.mark.parametrize("mesh_spec", ["expert=8", "data=2,expert=4", "data=2,node=2,expert=2"])
-@pytest.mark.parametrize("router", [RouterConfig(type="topk", top_k=2), RouterConfig(type="gshard")],
-                         ids=["topk", "gshard"])
+TOPK, GSHARD = RouterConfig(type="topk", top_k=2), RouterConfig(type="gshard")
+
+
+# Each mesh once in the default suite (data=2,expert=4 also by the sigmoid case of the all-routers test below);
+# every router x mesh in the slow set.
+@pytest.mark.parametrize("mesh_spec, router", [
+    pytest.param("expert=8", TOPK, id="topk-expert=8"),
+    pytest.param("data=2,node=2,expert=2", GSHARD, id="gshard-data=2,node=2,expert=2"),
+    pytest.param("data=2,expert=4", TOPK, id="topk-data=2,expert=4", marks=pytest.mark.slow),
+    pytest.param("data=2,node=2,expert=2", TOPK, id="topk-data=2,node=2,expert=2", marks=pytest.mark.slow),
+    pytest.param("expert=8", GSHARD, id="gshard-expert=8", marks=pytest.mark.slow),
+    pytest.param("data=2,expert=4", GSHARD, id="gshard-data=2,expert=4", marks=pytest.mark.slow),
+])
 def test_sharded_grads_equal_single_device(mesh_spec, router):
     _check_grads(mesh_spec, router)
 
@@ -102,6 +112,7 @@ def test_mesh_errors():
         Trainer(cfg, dataclasses.replace(tc, global_batch=12), MeshConfig(data=2, expert=4))
 
 
+@pytest.mark.slow  # default: test_resume_on_another_mesh_continues_the_trajectory (the same move through train())
 def test_restore_onto_another_mesh(tmp_path):
     """Saved on expert=8, restored on data=4,expert=2: bit-identical parameters, logits within 1e-6."""
     from flax import nnx

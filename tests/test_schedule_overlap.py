@@ -78,10 +78,11 @@ def _check_pipeline(mesh_spec, router, r_fwd, r_bwd):
     ("data=2,expert=4", "gshard", 1, 4),
     pytest.param("expert=8", "gshard", 4, 1, marks=pytest.mark.slow),
     pytest.param("data=2,expert=4", "topk", 4, 4, marks=pytest.mark.slow),
-    # the other routers, one case each in the default suite (every router x degree: the slow full grid)
-    ("expert=8", "switch", 2, 8),
+    # beyond topk and gshard in the default suite: sigmoid (its aux-free bias) and expert_choice (its own
+    # capacity); switch and xmoe, and every router x degree, in the slow full grid
+    pytest.param("expert=8", "switch", 2, 8, marks=pytest.mark.slow),
     ("data=2,expert=4", "sigmoid", 4, 1),
-    ("expert=8", "xmoe", 8, 4),
+    pytest.param("expert=8", "xmoe", 8, 4, marks=pytest.mark.slow),
     ("data=2,expert=4", "expert_choice", 2, 8),
 ])
 def test_pipelined_step_equals_plain_step(mesh_spec, router, r_fwd, r_bwd):

@@ -90,6 +90,7 @@ def test_tensor_parallel_dense_model():
     assert par.params["stacks"][0]["mlp"]["w_gate"].get_value().sharding.spec[2] == "tensor"
 
 
+@pytest.mark.slow  # default: test_tensor_parallel_with_fsdp_two_steps (two steps on data x tensor x expert)
 def test_tensor_parallel_train_step_runs():
     mesh_cfg = MeshConfig.parse("tensor=2,expert=4")
     cfg, ref_cfg, tc = configs(mesh_cfg)
