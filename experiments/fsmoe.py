@@ -202,7 +202,9 @@ def part_c(log):
     from moejax.train.trainer import Trainer
 
     out = {"backend": jax.default_backend(), "devices": len(jax.devices()),
-           "mock_topology": os.environ.get("JAX_MOCK_GPU_TOPOLOGY")}
+           "mock_topology": os.environ.get("JAX_MOCK_GPU_TOPOLOGY"),
+           # the script sets 1x1x8 unless the environment already had a value (a hand-set one is recorded so)
+           "mock_topology_source": MOCK_TOPOLOGY_SOURCE}
     if jax.default_backend() != "gpu" or len(jax.devices()) < 8:
         out["skipped"] = "needs a GPU backend with 8 (mock) devices"
         return out
@@ -303,6 +305,9 @@ def plot(p, path):
     fig.savefig(path, dpi=120)
 
 
+MOCK_TOPOLOGY_SOURCE = None  # set by main for part (c)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", default=None, help="comma-separated parts to run: a, b, c (default a,b)")
@@ -311,6 +316,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     parts = set((args.part or "a,b").split(","))
     if "c" in parts:
+        global MOCK_TOPOLOGY_SOURCE
+        MOCK_TOPOLOGY_SOURCE = "environment" if "JAX_MOCK_GPU_TOPOLOGY" in os.environ else "script"
         os.environ.setdefault("JAX_MOCK_GPU_TOPOLOGY", "1x1x8")
     else:
         from experiments.common import setup_devices

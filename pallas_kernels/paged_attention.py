@@ -3,7 +3,9 @@
 Layout (fixed by ``moejax.serve.kv_cache``; per layer):
 
 - ``q [B, Tq, H, D]``: ``Tq`` new query tokens per sequence (1 for decode, a few for speculative decoding, a
-  chunk for chunked / layered prefill) at positions ``lengths[b] - Tq .. lengths[b] - 1``;
+  chunk for chunked / layered prefill) at positions ``lengths[b] - Tq`` to ``lengths[b] - 1`` inclusive (rows
+  are left-padded: where ``lengths[b] < Tq`` the first ``Tq - lengths[b]`` queries sit at negative positions,
+  see no key and output zeros);
 - ``k_pages, v_pages [num_pages, page_size, KVH, D]``: the paged pool (token ``s`` of sequence ``b`` lives in
   page ``block_tables[b, s // page_size]`` at offset ``s % page_size``);
 - ``block_tables`` int32 ``[B, max_pages]`` (entries past a sequence's last page are ignored);
@@ -395,7 +397,8 @@ def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_
     """Causal GQA attention of ``q [B, Tq, H, D]`` over a paged KV pool (layout in the module docstring).
 
     Args:
-      q: queries at positions ``lengths[b] - Tq .. lengths[b] - 1`` (already RoPE'd).
+      q: queries at positions ``lengths[b] - Tq`` to ``lengths[b] - 1`` inclusive (already RoPE'd; left-padded
+        rows: queries at negative positions output zeros).
       k_pages, v_pages: ``[num_pages, page_size, KVH, D]``, same dtype as ``q``.
       block_tables: int32 ``[B, max_pages]`` page ids per sequence.
       lengths: int32 ``[B]`` valid tokens per sequence including the ``Tq`` new ones (0 = padding slot).
