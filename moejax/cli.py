@@ -73,6 +73,29 @@ port = int_range(1, 65535)
 seed32 = int_range(0, 2**32 - 1)  # a PRNG seed (SamplingParams.seed's range)
 
 
+def nm_ratio(text: str) -> tuple[int, int]:
+    """``N:M`` -> ``(n, m)`` with integers ``0 < n <= m`` (``--sparsity``)."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not N:M (e.g. 2:8)")
+    n, m = (int(p) for p in parts)
+    if not 0 < n <= m:
+        raise argparse.ArgumentTypeError(f"{text!r}: N:M needs 0 < N <= M")
+    return n, m
+
+
+def sparsity_sites(text: str) -> tuple[str, ...]:
+    """Comma-separated sites of ``moejax.config.SPARSITY_SITES`` (``--sparsity-layers``)."""
+    from moejax.config import SPARSITY_SITES
+
+    sites = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [t for t in sites if t not in SPARSITY_SITES]
+    if not sites or bad:
+        raise argparse.ArgumentTypeError(f"{text!r}: sites must be a comma-separated subset of "
+                                         f"{', '.join(SPARSITY_SITES)}")
+    return sites
+
+
 def _offload_bits(text: str):
     """``serve --offload-bits``: ``router`` or a width in bits (the store lists the widths it holds)."""
     if text.strip().lower() == "router":
@@ -195,6 +218,12 @@ def _train_configs(args):
                                   "global_batch": args.batch, "lr": args.lr, "seed": args.seed}.items() if v is not None}
     if args.preset == "tiny" and args.steps is None and args.minutes is None and not args.train_config:
         over["steps"] = 200  # a quick default run: about 3 minutes on 2 CPU cores
+    if args.sparsity is not None:
+        from moejax.config import SPARSITY_SITES, SparsityConfig
+
+        n, m = args.sparsity
+        over["sparsity"] = SparsityConfig(n=n, m=m, method=args.sparsity_method or "bdwp",
+                                          layers=args.sparsity_layers or SPARSITY_SITES)
     return cfg.validate(), dataclasses.replace(tc, **over).validate()
 
 
@@ -391,6 +420,11 @@ def _check_train(parser, args) -> None:
     spec = (args.schedule or "none").strip().lower()
     if args.profile and spec != "auto":
         parser.error(f"--profile needs --schedule auto (the FSMoE planner reads it; --schedule is {args.schedule!r})")
+    if args.sparsity is None and (args.sparsity_method or args.sparsity_layers):
+        parser.error("--sparsity-method/--sparsity-layers need --sparsity N:M (they configure N:M sparse training)")
+    if args.sparsity is not None and args.sparsity_method == "transposable" and args.sparsity[1] > 4:
+        parser.error(f"--sparsity-method transposable needs M <= 4 (exact block-pattern masks); got "
+                     f"--sparsity {args.sparsity[0]}:{args.sparsity[1]}")
     if args.two_level_a2a and spec == "none":
         parser.error("--two-level-a2a needs --schedule (auto, R or RFWD,RBWD; --schedule 1 exchanges in two levels "
                      "without pipelining) and a --mesh with a node axis")
@@ -509,7 +543,13 @@ QUANT_PRESETS = ("none", "mwq", "int8", "int4")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from moejax.config import DISPATCH_TYPES, DTYPES, ROUTER_TYPES
+    from moejax.config import (
+        DISPATCH_TYPES,
+        DTYPES,
+        ROUTER_TYPES,
+        SPARSITY_METHODS,
+        SPARSITY_SITES,
+    )
 
     ap = argparse.ArgumentParser(prog="moejax", description="Mixture-of-Experts training and serving in JAX")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -540,6 +580,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=nonneg_int)
     t.add_argument("--router", choices=ROUTER_TYPES)
     t.add_argument("--dispatch", choices=DISPATCH_TYPES)
+    t.add_argument("--sparsity", type=nm_ratio, metavar="N:M",
+                   help="N:M sparse training: N weights kept in every M along each GEMM's reduction axis (e.g. 2:8); "
+                        "attention, MLP and expert projections (router and embeddings dense)")
+    t.add_argument("--sparsity-method", choices=SPARSITY_METHODS,
+                   help="N:M method (default bdwp with --sparsity): srste, bdwp (bidirectional: the activation-gradient "
+                        "GEMM sparse too), transposable (m <= 4), dense")
+    t.add_argument("--sparsity-layers", type=sparsity_sites, metavar="SITES",
+                   help=f"comma-separated sites made sparse, of {','.join(SPARSITY_SITES)} (default: all)")
     t.add_argument("--corpus", help="text file or directory (default: the stdlib's .py files)")
     t.add_argument("--out", help="output directory (default runs/<preset>)")
     t.add_argument("--mesh", help="device mesh, e.g. expert=8 or data=2,expert=4 (CPU: set XLA_FLAGS="

@@ -303,6 +303,51 @@ class ModelConfig:
         return self
 
 
+SPARSITY_METHODS = ("dense", "srste", "bdwp", "transposable")
+"""N:M sparse-training methods (``SparsityConfig.method``; :mod:`moejax.sparsity.methods`)."""
+SPARSITY_SITES = ("attention", "mlp", "experts")
+"""Layer groups N:M sparsity can cover (``SparsityConfig.layers``; router and embeddings stay dense)."""
+
+
+@dataclass(frozen=True)
+class SparsityConfig:
+    """N:M sparse training (:mod:`moejax.sparsity`).
+
+    Attributes:
+      n, m: ``n`` weights kept in every group of ``m`` consecutive ones (``0 < n <= m``).
+      method: one of :data:`SPARSITY_METHODS`: ``dense`` (off), ``srste`` (forward mask along the reduction axis,
+        straight-through gradient with the SR-STE decay), ``bdwp`` (bidirectional: a second mask along the
+        output axis for the activation-gradient GEMM, dense weight gradient), ``transposable`` (one mask N:M
+        along both axes; ``m <= 4``).
+      layers: which of :data:`SPARSITY_SITES` are sparse: attention q/k/v/o, the dense and shared SwiGLU MLPs
+        (``mlp``), the routed experts (each expert masked on its own).
+      srste_decay: SR-STE's lambda_W, the decay on pruned weights added to their gradient (``srste`` only;
+        ``aojunzz/NM-sparsity``'s default 2e-4).
+    """
+
+    n: int = 2
+    m: int = 4
+    method: str = "dense"
+    layers: tuple[str, ...] = SPARSITY_SITES
+    srste_decay: float = 2e-4
+
+    def validate(self) -> SparsityConfig:
+        c = "SparsityConfig"
+        _check_int(c, "n", self.n)
+        _check_int(c, "m", self.m)
+        if self.n > self.m:
+            raise _err(c, "n", self.n, f"must be <= m ({self.m})")
+        _check_choice(c, "method", self.method, SPARSITY_METHODS)
+        if not self.layers or not isinstance(self.layers, tuple):
+            raise _err(c, "layers", self.layers, f"must be a non-empty tuple of {', '.join(map(repr, SPARSITY_SITES))}")
+        for site in self.layers:
+            _check_choice(c, "layers", site, SPARSITY_SITES)
+        if self.method == "transposable" and self.m > 4:
+            raise _err(c, "m", self.m, "transposable masks are offered for m <= 4 (exact block-pattern search)")
+        _check_float(c, "srste_decay", self.srste_decay, 0.0)
+        return self
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A training run.
@@ -328,6 +373,7 @@ class TrainConfig:
         ``ragged_all_to_all``; not on CPU), ``auto`` (``fixed`` until a backend is validated for ``ragged``) or
         ``ragged_emulated`` (the ragged path with a CPU emulation of the primitive, for tests); see
         :mod:`moejax.parallel.expert_parallel`.
+      sparsity: N:M sparse training (:class:`SparsityConfig`; ``None`` or method ``dense``: off).
     """
 
     steps: int = 1000
@@ -352,6 +398,7 @@ class TrainConfig:
     seed: int = 0
     val_percent: float = 5.0
     ep_a2a: str = "fixed"
+    sparsity: SparsityConfig | None = None
 
     def validate(self) -> TrainConfig:
         c = "TrainConfig"
@@ -381,6 +428,10 @@ class TrainConfig:
         if self.val_percent >= 100:
             raise _err(c, "val_percent", self.val_percent, "must be in (0, 100)")
         _check_choice(c, "ep_a2a", self.ep_a2a, EP_A2A_MODES)
+        if self.sparsity is not None:
+            if not isinstance(self.sparsity, SparsityConfig):
+                raise _err(c, "sparsity", self.sparsity, "must be a SparsityConfig or None")
+            self.sparsity.validate()
         return self
 
 
@@ -423,7 +474,7 @@ def get_preset(name: str) -> ModelConfig:
 
 # ------------------------------------------------------------------------------------------ (de)serialise
 
-_NESTED = {"moe": MoEConfig, "router": RouterConfig}
+_NESTED = {"moe": MoEConfig, "router": RouterConfig, "sparsity": SparsityConfig}
 
 
 def config_to_dict(cfg: Any) -> dict:

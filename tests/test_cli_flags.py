@@ -119,3 +119,30 @@ def test_flag_defaults_resolve_when_not_given():
     args = build_parser().parse_args(["train", "--preset", "tiny", "--profile", "p.json", "--schedule", "auto",
                                       "--mesh", "expert=8"])
     args.check(args)
+
+
+@pytest.mark.parametrize("extra, needed", [
+    (["--sparsity", "2:0"], "argument --sparsity: '2:0': N:M needs 0 < N <= M"),
+    (["--sparsity", "3:2"], "N:M needs 0 < N <= M"),
+    (["--sparsity", "2-8"], "is not N:M"),
+    (["--sparsity", "2:8", "--sparsity-method", "bdwp2"], "argument --sparsity-method: invalid choice"),
+    (["--sparsity", "2:8", "--sparsity-layers", "router"], "subset of attention, mlp, experts"),
+    (["--sparsity-method", "srste"], "--sparsity-method/--sparsity-layers need --sparsity N:M"),
+    (["--sparsity", "2:8", "--sparsity-method", "transposable"], "transposable needs M <= 4"),
+])
+def test_train_sparsity_flags(capsys, extra, needed):
+    err = _exit_message(capsys, ["train", "--preset", "tiny", *extra])
+    assert needed in err
+
+
+def test_train_sparsity_flags_build_the_config():
+    from moejax.cli import _train_configs
+    from moejax.config import SparsityConfig
+
+    args = build_parser().parse_args(["train", "--preset", "tiny", "--sparsity", "2:8"])
+    args.check(args)
+    assert _train_configs(args)[1].sparsity == SparsityConfig(n=2, m=8, method="bdwp")
+    args = build_parser().parse_args(["train", "--preset", "tiny", "--sparsity", "1:4", "--sparsity-method",
+                                      "srste", "--sparsity-layers", "experts,mlp"])
+    assert _train_configs(args)[1].sparsity == SparsityConfig(n=1, m=4, method="srste", layers=("experts", "mlp"))
+    assert _train_configs(build_parser().parse_args(["train", "--preset", "tiny"]))[1].sparsity is None

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.nn import sparse
 from moejax.nn.norms import rms_norm
 from moejax.nn.sharding import tensor_input, tensor_output
 from pallas_kernels.common import MASK_VALUE
@@ -79,8 +80,17 @@ def attention_mask(batch: int, seq: int, *, segment_ids=None, cache_index=None, 
     return (jnp.arange(T)[None, :] <= qpos[:, None])[None] & kv_valid[:, None, :]
 
 
+def _proj(w):
+    """A q/k/v weight ``[D, heads, head_dim]`` as the projection multiplies by it (:mod:`moejax.nn.sparse`)."""
+    return sparse.sparse_weight(w[...], "attention", *Attention.SPARSE_WEIGHTS["wq"])
+
+
 class Attention(nnx.Module):
     """Multi-head attention with ``n_kv_heads`` shared key/value heads."""
+
+    SPARSE_SITE = "attention"  # N:M sparsity (moejax.nn.sparse): (reduction axis, output axis) of each weight
+    SPARSE_WEIGHTS: ClassVar[dict[str, tuple[int, int]]] = {"wq": (-3, -1), "wk": (-3, -1), "wv": (-3, -1),
+                                                            "wo": (-2, -1)}
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *, rope_theta: float,
                  qk_norm: bool = False, qkv_bias: bool = False, norm_eps: float = 1e-6, init_std: float = 0.02,
@@ -111,9 +121,9 @@ class Attention(nnx.Module):
         projections are column-parallel: the local heads only (``x`` replicated, its gradient summed)."""
         dt = self.dtype
         x = tensor_input(x.astype(dt))
-        q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
-        k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
-        v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
+        q = sparse.einsum("bsd,dhk->bshk", x, _proj(self.wq).astype(dt))
+        k = sparse.einsum("bsd,dhk->bshk", x, _proj(self.wk).astype(dt))
+        v = sparse.einsum("bsd,dhk->bshk", x, _proj(self.wv).astype(dt))
         if hasattr(self, "bq"):
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         if hasattr(self, "q_norm"):
@@ -125,7 +135,8 @@ class Attention(nnx.Module):
     def out(self, o):
         """The output projection (row-parallel under tensor parallelism: partial sums over the local heads,
         summed over the tensor axis)."""
-        return tensor_output(jnp.einsum("bshk,hkd->bsd", o, self.wo[...].astype(self.dtype)))
+        wo = sparse.sparse_weight(self.wo[...], "attention", *self.SPARSE_WEIGHTS["wo"])  # reduce: heads, head_dim
+        return tensor_output(sparse.einsum("bshk,hkd->bsd", o, wo.astype(self.dtype)))
 
     def __call__(self, x, positions, *, segment_ids=None, kv: LayerKV | None = None, cache_index=None,
                  kv_valid=None, rope=None, mask=None):

@@ -27,14 +27,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moejax.nn import dispatch as dsp
+from moejax.nn import sparse
 from moejax.nn.dispatch import Layout
 from moejax.nn.sharding import tensor_input, tensor_output
+from moejax.nn.sparse import Dual
 
 _F32 = jnp.float32
 
@@ -152,6 +155,30 @@ def _moe_tiles_bwd(bt, res, dout):
 _moe_tiles.defvjp(_moe_tiles_fwd, _moe_tiles_bwd)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(10,))
+def _moe_tiles_dual(x, wg, wu, wd, bg, bu, bd, row_weight, row_token, expert_tiles, bt):
+    """:func:`_moe_tiles` with backward weights ``bg, bu, bd`` for the activation gradients (N:M BDWP,
+    :mod:`moejax.nn.sparse`): the forward and the weight gradients as there, ``dx`` and the combine-weight
+    gradient through ``b*``; no gradient flows to ``b*``."""
+    return _tiles_forward(x, wg, wu, wd, row_weight, row_token, expert_tiles, bt, save=False)[0]
+
+
+def _moe_tiles_dual_fwd(x, wg, wu, wd, bg, bu, bd, row_weight, row_token, expert_tiles, bt):
+    out, (a, b) = _tiles_forward(x, wg, wu, wd, row_weight, row_token, expert_tiles, bt, save=True)
+    return out, (x, bg, bu, bd, row_weight, row_token, expert_tiles, a, b)
+
+
+def _moe_tiles_dual_bwd(bt, res, dout):
+    x, bg, bu, bd, row_weight, row_token, expert_tiles, a, b = res
+    dx, dwg, dwu, dwd, dwr = _tiles_backward(x, bg, bu, bd, row_weight, row_token, expert_tiles, bt, a, b,
+                                             dout)
+    z = jnp.zeros_like
+    return dx, dwg, dwu, dwd, z(bg), z(bu), z(bd), dwr, None, None
+
+
+_moe_tiles_dual.defvjp(_moe_tiles_dual_fwd, _moe_tiles_dual_bwd)
+
+
 def moe_swiglu_tiles(x: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, layout: Layout,
                      weights: jax.Array, block_rows: int) -> jax.Array:
     """Fused dispatch + SwiGLU experts + combine over a dropless tiled layout.
@@ -165,8 +192,12 @@ def moe_swiglu_tiles(x: jax.Array, wg: jax.Array, wu: jax.Array, wd: jax.Array, 
     if R % block_rows:
         raise ValueError(f"layout rows ({R}) must be a multiple of block_rows ({block_rows})")
     row_weight = dsp_row_values(weights, layout)
-    return _moe_tiles(x, wg.astype(x.dtype), wu.astype(x.dtype), wd.astype(x.dtype), row_weight,
-                      layout.row_token, layout.expert_tiles, block_rows)
+    w = tuple(v.astype(x.dtype) for v in (wg, wu, wd))
+    if any(isinstance(v, Dual) for v in w):  # N:M BDWP: backward weights for the activation gradients
+        w = [v if isinstance(v, Dual) else Dual(v, v) for v in w]
+        return _moe_tiles_dual(x, *(v.fwd for v in w), *(v.bwd for v in w), row_weight, layout.row_token,
+                               layout.expert_tiles, block_rows)
+    return _moe_tiles(x, *w, row_weight, layout.row_token, layout.expert_tiles, block_rows)
 
 
 def dsp_row_values(weights: jax.Array, layout: Layout) -> jax.Array:
@@ -180,10 +211,14 @@ def dsp_row_values(weights: jax.Array, layout: Layout) -> jax.Array:
 def swiglu_ragged(x: jax.Array, wg, wu, wd, layout: Layout) -> jax.Array:
     """SwiGLU experts with ``lax.ragged_dot`` over unpadded dropless rows (layout built with block_rows=1)."""
     gs = layout.group_sizes
-    a = jax.lax.ragged_dot(x, wg.astype(x.dtype), gs, preferred_element_type=_F32)
-    b = jax.lax.ragged_dot(x, wu.astype(x.dtype), gs, preferred_element_type=_F32)
+    a = sparse.dual(_ragged, x, wg.astype(x.dtype), gs)
+    b = sparse.dual(_ragged, x, wu.astype(x.dtype), gs)
     h = (jax.nn.silu(a) * b).astype(x.dtype)
-    return jax.lax.ragged_dot(h, wd.astype(x.dtype), gs, preferred_element_type=_F32).astype(x.dtype)
+    return sparse.dual(_ragged, h, wd.astype(x.dtype), gs).astype(x.dtype)
+
+
+def _ragged(x, w, gs):
+    return jax.lax.ragged_dot(x, w, gs, preferred_element_type=_F32)
 
 
 def swiglu_pallas(x: jax.Array, wg, wu, wd, layout: Layout, *, interpret: bool | None = None) -> jax.Array:
@@ -192,6 +227,9 @@ def swiglu_pallas(x: jax.Array, wg, wu, wd, layout: Layout, *, interpret: bool |
     interpret mode unless on the kernel's backend (so on CPU it is a slow, exact test path)."""
     from pallas_kernels.grouped_matmul import gmm
 
+    if any(isinstance(v, Dual) for v in (wg, wu, wd)):
+        raise ValueError("grouped_impl='pallas' has no N:M BDWP backward (its gmm/tgmm VJP is fixed); train "
+                         "sparse experts with grouped_impl 'auto', 'tiles', 'ragged_dot', 'dense' or 'gather'")
     gs = layout.group_sizes
     kw = {"impl": "pallas", "preferred_element_type": _F32, "interpret": interpret}
     a = gmm(x, wg.astype(x.dtype), gs, **kw)
@@ -209,10 +247,10 @@ def swiglu_capacity(x: jax.Array, wg, wu, wd) -> jax.Array:
     """
     G, E, C, D = x.shape
     xe = jnp.swapaxes(x, 0, 1).reshape(E, G * C, D)
-    a = jnp.einsum("erd,edf->erf", xe, wg.astype(x.dtype), preferred_element_type=_F32)
-    b = jnp.einsum("erd,edf->erf", xe, wu.astype(x.dtype), preferred_element_type=_F32)
+    a = sparse.einsum("erd,edf->erf", xe, wg.astype(x.dtype), preferred_element_type=_F32)
+    b = sparse.einsum("erd,edf->erf", xe, wu.astype(x.dtype), preferred_element_type=_F32)
     h = (jax.nn.silu(a) * b).astype(x.dtype)
-    y = jnp.einsum("erf,efd->erd", h, wd.astype(x.dtype), preferred_element_type=_F32).astype(x.dtype)
+    y = sparse.einsum("erf,efd->erd", h, wd.astype(x.dtype), preferred_element_type=_F32).astype(x.dtype)
     return jnp.swapaxes(y.reshape(E, G, C, -1), 0, 1)
 
 
@@ -225,10 +263,10 @@ def swiglu_dense_combine(x: jax.Array, wg, wu, wd, combine: jax.Array) -> jax.Ar
     T, D = x.shape
     E = wg.shape[0]
     xe = jnp.broadcast_to(x, (E, T, D))
-    a = jnp.einsum("etd,edf->etf", xe, wg.astype(x.dtype), preferred_element_type=_F32)
-    b = jnp.einsum("etd,edf->etf", xe, wu.astype(x.dtype), preferred_element_type=_F32)
+    a = sparse.einsum("etd,edf->etf", xe, wg.astype(x.dtype), preferred_element_type=_F32)
+    b = sparse.einsum("etd,edf->etf", xe, wu.astype(x.dtype), preferred_element_type=_F32)
     h = (jax.nn.silu(a) * b * jnp.swapaxes(combine, 0, 1)[..., None].astype(_F32)).astype(x.dtype)
-    y = jnp.einsum("etf,efd->etd", h, wd.astype(x.dtype), preferred_element_type=_F32)
+    y = sparse.einsum("etf,efd->etd", h, wd.astype(x.dtype), preferred_element_type=_F32)
     return jnp.sum(y, axis=0).astype(x.dtype)
 
 
@@ -243,19 +281,26 @@ def swiglu_gather(x: jax.Array, wg, wu, wd, expert_ids: jax.Array, weights: jax.
     K = expert_ids.shape[1]
     ids = expert_ids.reshape(-1)
     xs = jnp.repeat(x, K, axis=0)  # [T*K, D], slot s = (t, k)
-    a = _dot(xs, jnp.take(wg, ids, axis=0).astype(x.dtype), "sd,sdf->sf")
-    b = _dot(xs, jnp.take(wu, ids, axis=0).astype(x.dtype), "sd,sdf->sf")
+    a = sparse.dual(_gathered_dot, xs, wg, ids)
+    b = sparse.dual(_gathered_dot, xs, wu, ids)
     h = (jax.nn.silu(a) * b * weights.reshape(-1, 1).astype(_F32)).astype(x.dtype)
-    y = _dot(h, jnp.take(wd, ids, axis=0).astype(x.dtype), "sf,sfd->sd")
+    y = sparse.dual(_gathered_dot, h, wd, ids)
     return jnp.sum(y.reshape(T, K, -1), axis=1).astype(x.dtype)
 
 
+def _gathered_dot(xs, w, ids):
+    """Slot ``s`` of ``xs [S, K]`` times expert ``ids[s]``'s matrix of ``w [E, K, N]`` (gathered, then cast:
+    only the routed experts' weights are read)."""
+    return _dot(xs, jnp.take(w, ids, axis=0).astype(xs.dtype), "sd,sdf->sf")
+
+
 def swiglu(x: jax.Array, wg, wu, wd) -> jax.Array:
-    """One dense SwiGLU FFN ``x [..., D]`` with ``wg, wu [D, F]``, ``wd [F, D]``."""
-    a = jnp.einsum("...d,df->...f", x, wg.astype(x.dtype), preferred_element_type=_F32)
-    b = jnp.einsum("...d,df->...f", x, wu.astype(x.dtype), preferred_element_type=_F32)
+    """One dense SwiGLU FFN ``x [..., D]`` with ``wg, wu [D, F]``, ``wd [F, D]`` (arrays, or
+    :class:`~moejax.nn.sparse.Dual` pairs under N:M BDWP)."""
+    a = sparse.einsum("...d,df->...f", x, wg.astype(x.dtype), preferred_element_type=_F32)
+    b = sparse.einsum("...d,df->...f", x, wu.astype(x.dtype), preferred_element_type=_F32)
     h = (jax.nn.silu(a) * b).astype(x.dtype)
-    return jnp.einsum("...f,fd->...d", h, wd.astype(x.dtype), preferred_element_type=_F32).astype(x.dtype)
+    return sparse.einsum("...f,fd->...d", h, wd.astype(x.dtype), preferred_element_type=_F32).astype(x.dtype)
 
 
 def swiglu_reference(x: jax.Array, wg, wu, wd, group_sizes) -> jax.Array:
@@ -387,6 +432,10 @@ def grouped_experts(x, weights, expert_ids, slot_weights, mask, *, method: str, 
 class SwiGLUExperts(nnx.Module):
     """``E`` stacked SwiGLU experts: ``w_gate, w_up [E, D, F]``, ``w_down [E, F, D]``."""
 
+    SPARSE_SITE = "experts"  # N:M sparsity (moejax.nn.sparse): each expert's matrix masked on its own
+    SPARSE_WEIGHTS: ClassVar[dict[str, tuple[int, int]]] = {"w_gate": (-2, -1), "w_up": (-2, -1),
+                                                            "w_down": (-2, -1)}
+
     def __init__(self, num_experts: int, d_model: int, d_ff: int, *, init_std: float = 0.02,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         init = nnx.initializers.normal(stddev=init_std)
@@ -398,11 +447,19 @@ class SwiGLUExperts(nnx.Module):
                                 logical_axes=("expert", "mlp", "embed"))
 
     def weights(self):
-        return self.w_gate[...], self.w_up[...], self.w_down[...]
+        """``(w_gate, w_up, w_down)`` as the expert GEMMs multiply by them: the parameters, or their N:M
+        sparse forms when :mod:`moejax.nn.sparse` is installed for ``experts`` (each expert's matrix masked
+        on its own: groups along ``D`` / ``F``, the reduction axes)."""
+        return tuple(sparse.sparse_weight(getattr(self, a)[...], self.SPARSE_SITE, *axes)
+                     for a, axes in self.SPARSE_WEIGHTS.items())
 
 
 class SwiGLU(nnx.Module):
     """A dense SwiGLU FFN (dense layers and shared experts)."""
+
+    SPARSE_SITE = "mlp"  # N:M sparsity (moejax.nn.sparse): (reduction axis, output axis) of each weight
+    SPARSE_WEIGHTS: ClassVar[dict[str, tuple[int, int]]] = {"w_gate": (-2, -1), "w_up": (-2, -1),
+                                                            "w_down": (-2, -1)}
 
     def __init__(self, d_model: int, d_ff: int, *, init_std: float = 0.02, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
@@ -414,5 +471,6 @@ class SwiGLU(nnx.Module):
     def __call__(self, x):
         """``x [..., D]``; under tensor parallelism (:mod:`moejax.nn.sharding`) gate/up are column-parallel and
         down row-parallel over ``d_ff`` (Megatron's f before, g after)."""
-        y = swiglu(tensor_input(x), self.w_gate[...], self.w_up[...], self.w_down[...])
-        return tensor_output(y)
+        w = (sparse.sparse_weight(getattr(self, a)[...], self.SPARSE_SITE, *axes)
+             for a, axes in self.SPARSE_WEIGHTS.items())
+        return tensor_output(swiglu(tensor_input(x), *w))

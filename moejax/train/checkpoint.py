@@ -186,11 +186,17 @@ def configs_from_meta(meta: dict) -> tuple[ModelConfig, TrainConfig]:
             config_from_dict(TrainConfig, meta["train_config"]).validate())
 
 
-def load_model(directory: str, step: int | None = None):
-    """The model of a training checkpoint (``directory`` is a run's output dir or its ``checkpoints`` dir)."""
+def load_model(directory: str, step: int | None = None, *, apply_sparsity: bool = True):
+    """The model of a training checkpoint (``directory`` is a run's output dir or its ``checkpoints`` dir).
+
+    A run trained with N:M sparsity (``TrainConfig.sparsity``) loads as the sparse model it trained: the
+    weights its forward masks prune are zero (:func:`moejax.nn.sparse.apply_forward_masks`), so ``generate``,
+    ``serve``, ``eval`` and ``export`` all see the N:M-sparse model. ``apply_sparsity=False``: the dense
+    master weights as saved (to continue training or inspect them)."""
     from flax import nnx
 
     from moejax.models.transformer import Transformer
+    from moejax.nn.sparse import apply_forward_masks
 
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory {directory!r} does not exist")
@@ -198,7 +204,7 @@ def load_model(directory: str, step: int | None = None):
     ck = Checkpointer(sub if os.path.isdir(sub) else directory, async_save=False, clean_partial=False)
     try:
         meta = ck.read_meta(step)
-        cfg, _ = configs_from_meta(meta)
+        cfg, tc = configs_from_meta(meta)
         model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
         gdef, params, rest = nnx.split(model, nnx.Param, ...)
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -214,4 +220,7 @@ def load_model(directory: str, step: int | None = None):
         raise ValueError(f"checkpoint {directory!r} is incompatible or corrupt: {_first_line(e)}") from e
     finally:
         ck.close()
-    return nnx.merge(gdef, state["params"], state["rest"]), cfg, meta
+    model = nnx.merge(gdef, state["params"], state["rest"])
+    if apply_sparsity:
+        apply_forward_masks(model, tc.sparsity)
+    return model, cfg, meta

@@ -27,6 +27,7 @@ from flax import nnx
 from moejax.config import ModelConfig, TrainConfig
 from moejax.models.transformer import Transformer, count_params
 from moejax.nn.routers import aux_free_bias_update
+from moejax.nn.sparse import mask_flip_rate, sparse_training
 from moejax.train import data as data_lib
 
 LN2 = math.log(2.0)
@@ -137,8 +138,10 @@ class Trainer:
         if axes:  # global token index for per-token router randomness
             row0 = jax.lax.axis_index(axes) * B
             tidx = ((row0 + jnp.arange(B, dtype=jnp.int32))[:, None] * S + jnp.arange(S, dtype=jnp.int32))
-        out = nnx.merge(self.gdef, params, rest)(inp["tokens"], segment_ids=inp["segment_ids"],
-                                                 positions=inp["positions"], token_index=tidx, rng=key, train=True)
+        with sparse_training(self.tc.sparsity):
+            out = nnx.merge(self.gdef, params, rest)(inp["tokens"], segment_ids=inp["segment_ids"],
+                                                     positions=inp["positions"], token_index=tidx, rng=key,
+                                                     train=True)
         ce_sum, n = lm_loss(out.logits, tgt)
         n_all = jax.lax.psum(n, axes) if axes else n
         ce = ce_sum / jnp.maximum(n_all, 1)
@@ -275,7 +278,11 @@ class Trainer:
             g, m = self._grads(params, rest, batch, key)
         loss = m.pop("loss")
         updates, opt_state = self.opt.update(g, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        old_params, params = params, optax.apply_updates(params, updates)
+        sc = self.tc.sparsity
+        if sc is not None and sc.method != "dense":  # how many forward-mask entries this step changed
+            m["mask_flip_rate"] = mask_flip_rate(nnx.merge(self.gdef, old_params, rest),
+                                                 nnx.merge(self.gdef, params, rest), sc)
         if self.fsdp > 1:  # keep parameters and moments sharded over data (jit would propagate it; this pins it)
             params, opt_state = self._constrain(params), self._constrain(opt_state)
         if "expert_load" in m:
@@ -300,7 +307,8 @@ class Trainer:
         return nnx.split(model, nnx.Param, ...)[2]
 
     def _eval_impl(self, params, rest, batch):
-        return eval_sums(nnx.merge(self.gdef, params, rest), batch)
+        with sparse_training(self.tc.sparsity):  # the forward masks: the sparse model being trained
+            return eval_sums(nnx.merge(self.gdef, params, rest), batch)
 
     # ------------------------------------------------------------------------------------------------ API
     def place(self, batch: dict, process_local: bool = False) -> dict:
@@ -505,6 +513,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
                     rec.update(aux_loss=float(m["aux_loss"]), z_loss=float(m["z_loss"]),
                                dropped_fraction=float(m["dropped"]) / max(1.0, float(np.sum(m["expert_load"]))),
                                expert_load=expert_histogram(m["expert_load"]))
+                if "mask_flip_rate" in m:  # N:M sparse training: share of forward-mask entries this step flipped
+                    rec["mask_flip_rate"] = float(m["mask_flip_rate"])
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 last_t, last_tokens = t, tokens
