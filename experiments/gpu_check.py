@@ -43,6 +43,12 @@ rewritten after every step, so a timeout still leaves the finished steps on disk
    through one layer (layered prefill at G = 8, whose inactive layers drop the prompt's K/V writes), beside
    decode rows. ``--only serve_step`` runs it alone.
 
+10. ``nm_sparse``: N:M sparse training (issue 21): the routes from JAX to 2:4 sparse tensor cores found by
+   introspection (``jax.lax``, ``jax.experimental.sparse``, Pallas Mosaic GPU's ``wgmma``/``tcgen05_mma``
+   sparse operands) with the device's compute capability; the forward and activation-gradient bfloat16 GEMMs
+   of a BDWP step with a dense and a 2:4-masked (densely stored) weight; the cost of recomputing BDWP's two
+   masks of one weight.
+
 Each step is a function of the run's :class:`Context` returning its record; ``STEPS`` lists them in run order.
 ``--only a,b`` runs only the steps whose names start with those prefixes, ``--skip`` the others; ``--out``
 names the results file (so a partial run does not overwrite the full one).
@@ -814,6 +820,77 @@ def serve_step(ctx):
     return {"experts": 128, "rows": rows}
 
 
+# 10. N:M sparsity ---------------------------------------------------------------------------------------------
+def sparse_paths() -> dict:
+    """Which routes from JAX to 2:4 sparse tensor cores exist in this jax, found by introspection (not assumed)."""
+    import inspect
+
+    import jax
+
+    out = {"jax": jax.__version__,
+           "lax_nm_sparse_dot": [n for n in dir(jax.lax) if "sparse" in n.lower()] or "none in jax.lax"}
+    try:
+        from jax.experimental import sparse as jsparse
+
+        out["jax.experimental.sparse"] = ("unstructured BCOO/BCSR (cuSPARSE SpMM), no N:M format: "
+                                          + ", ".join(n for n in ("BCOO", "BCSR", "nm_spmm") if hasattr(jsparse, n)))
+    except ImportError as e:
+        out["jax.experimental.sparse"] = f"import failed: {e}"
+    try:
+        from jax.experimental.pallas import mosaic_gpu as plgpu
+
+        for fn in ("wgmma", "tcgen05_mma"):
+            f = getattr(plgpu, fn, None)
+            out[f"pallas mosaic_gpu.{fn}"] = ("absent" if f is None else
+                                              [p for p in inspect.signature(f).parameters if "sparse" in p]
+                                              or "no sparse operand")
+    except ImportError as e:
+        out["pallas mosaic_gpu"] = f"import failed: {e}"
+    return out
+
+
+def nm_sparse(ctx):
+    """Issue 21 item 6: whether JAX reaches 2:4 sparse tensor cores here (the routes, by introspection, and the
+    device's compute capability: Mosaic GPU's sparse MMA is ``tcgen05`` -- sm_100, Blackwell), then the GEMMs a
+    BDWP step runs, timed: forward ``X W`` and activation gradient ``dY W^T`` in bfloat16 with a dense ``W``
+    and with a 2:4-masked ``W`` held densely (what XLA runs: no gain expected), and the per-step cost of
+    recomputing the two masks from the dense weight."""
+    import jax
+    import jax.numpy as jnp
+
+    from moejax.nn.nm_masks import nm_mask
+
+    M, K, N = (256, 128, 256) if ctx.smoke else (8192, 4096, 14336)
+    dev = jax.devices()[0]
+    paths = sparse_paths()
+    paths["compute_capability"] = getattr(dev, "compute_capability", None)
+    ks = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(ks[0], (M, K), jnp.bfloat16)
+    dy = jax.random.normal(ks[1], (M, N), jnp.bfloat16)
+    w = jax.random.normal(ks[2], (K, N), jnp.float32)
+    ws = jnp.where(nm_mask(w, 2, 4, 0), w, 0).astype(jnp.bfloat16)
+    wd = w.astype(jnp.bfloat16)
+    fwd = jax.jit(lambda x, w: x @ w)
+    bwd = jax.jit(lambda d, w: d @ w.T)
+    rows = []
+    for name, fn, a in (("forward X W", fwd, x), ("act. grad dY W^T", bwd, dy)):
+        td = bench(fn, a, wd, **ctx.it)["median_s"]
+        ts = bench(fn, a, ws, **ctx.it)["median_s"]
+        rows.append({"gemm": name, "M": M, "K": K, "N": N, "dense_ms": td * 1e3, "masked_2of4_ms": ts * 1e3,
+                     "dense_tflops": 2 * M * K * N / td / 1e12, "masked_over_dense": ts / td})
+        print(f"   {name}: dense {td * 1e3:.2f} ms, 2:4-masked (dense storage) {ts * 1e3:.2f} ms", flush=True)
+    masks = jax.jit(lambda w: (nm_mask(w, 2, 4, 0), nm_mask(w, 2, 4, 1)))
+    tm = bench(masks, w, **ctx.it)["median_s"]
+    print(f"   BDWP's two masks of a {K}x{N} weight: {tm * 1e3:.2f} ms; routes: {paths}", flush=True)
+    tc05 = paths.get("pallas mosaic_gpu.tcgen05_mma")
+    blackwell = str(paths["compute_capability"] or "").startswith("10")
+    note = ("the masked GEMMs above run densely (XLA has no N:M dot); moejax has no sparse-MMA kernel: "
+            + ("Mosaic GPU's tcgen05_mma takes a sparse operand and this device is sm_100, so one could be "
+               "written here" if isinstance(tc05, list) and blackwell else
+               "the only sparse-MMA route found (Mosaic GPU tcgen05_mma) needs sm_100, which this device is not"))
+    return {"paths": paths, "rows": rows, "mask_recompute_ms": tm * 1e3, "sparse_kernel": None, "note": note}
+
+
 # -- the table of steps, in run order; ``--only``/``--skip`` match name prefixes -----------------------------
 assert SMOKE["gmm"].keys() == FULL["gmm"].keys(), "the gmm timing steps are named after FULL's shapes"
 
@@ -833,6 +910,7 @@ STEPS = [
     ("dequant_tiling_sweep", dequant_tiling_sweep),
     ("ep_ragged", ep_ragged),
     ("serve_step", serve_step),
+    ("nm_sparse", nm_sparse),
 ]
 
 
