@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moejax.config import RouterConfig
@@ -274,3 +275,160 @@ def router_statistics(out: RouterOutput, token_mask=None) -> dict:
 def aux_free_bias_update(bias: jax.Array, expert_load: jax.Array, rate: float) -> jax.Array:
     """DeepSeek-V3 aux-loss-free balancing: ``b_e += rate * sign(mean_load - load_e)``."""
     return bias + rate * jnp.sign(jnp.mean(expert_load) - expert_load).astype(bias.dtype)
+
+
+# ------------------------------------------------------------------------- Cartesian product (OmniMoE)
+
+def product_candidates(k: int, n1: int, n2: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rank pairs ``(a, b)`` that can hold one of the top-``k`` sums of two descending-sorted lists.
+
+    With ``u`` and ``v`` sorted descending, ``u[a] + v[b]`` is at most every ``u[a'] + v[b']`` with ``a' <= a``,
+    ``b' <= b``: ``(a + 1) (b + 1) - 1`` other pairs. So a pair with ``(a + 1) (b + 1) > k`` is never needed
+    for the top-``k`` values; the rest, ``sum_a floor(k / a)`` ~ ``k ln k`` pairs (50 for k = 16, 1,466 for
+    k = 256, against ``k^2``), always suffice. Returned in ``(a, b)`` lexicographic order (ties go to the
+    earlier pair).
+    """
+    a, b = [], []
+    for i in range(min(k, n1)):
+        for j in range(min(k // (i + 1), n2)):
+            a.append(i)
+            b.append(j)
+    return np.asarray(a, np.int32), np.asarray(b, np.int32)
+
+
+def product_topk(s1: jax.Array, s2: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """Exact top-``k`` of ``s1[..., i] + s2[..., j]`` over all ``n1 * n2`` pairs, in O(k log k) per row.
+
+    Args:
+      s1: ``[..., n1]`` scores of the first head (OmniMoE: log-probabilities).
+      s2: ``[..., n2]`` scores of the second head.
+      k: how many pairs, ``1 <= k <= n1 * n2``.
+
+    Returns:
+      ``(scores, ids)``, each ``[..., k]``, scores descending; ``ids = i * n2 + j``. The top-``k`` of each
+      head, then the top-``k`` of the candidate sums (:func:`product_candidates`): no ``[..., n1 * n2]`` tensor
+      is formed. The scores are differentiable in ``s1`` and ``s2``. Where sums tie at the ``k``-th place the
+      chosen ids may differ from a brute-force top-``k`` over all pairs (the values never do).
+    """
+    n1, n2 = s1.shape[-1], s2.shape[-1]
+    if not 1 <= k <= n1 * n2:
+        raise ValueError(f"product_topk: k must be in [1, n1 * n2 = {n1 * n2}], got {k}")
+    v1, i1 = jax.lax.top_k(s1, min(k, n1))
+    v2, i2 = jax.lax.top_k(s2, min(k, n2))
+    a, b = product_candidates(k, n1, n2)
+    cand = v1[..., a] + v2[..., b]
+    scores, p = jax.lax.top_k(cand, k)
+    ia = jnp.take_along_axis(i1, jnp.asarray(a)[p], axis=-1)
+    ib = jnp.take_along_axis(i2, jnp.asarray(b)[p], axis=-1)
+    return scores, (ia * n2 + ib).astype(jnp.int32)
+
+
+class HeadNorm(nnx.Module):
+    """BatchNorm without affine parameters over a router head's logits, padding tokens excluded.
+
+    Training normalizes by the statistics of the valid tokens of the call (summed over ``axis_name`` when
+    called inside ``shard_map``, so every data shard uses the global batch statistics) and moves the running
+    statistics (``nnx.BatchStat``: carried as model state, checkpointed) by ``momentum``; evaluation and serving
+    use the running statistics.
+    """
+
+    def __init__(self, n: int, *, momentum: float = 0.99, epsilon: float = 1e-5):
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"HeadNorm: momentum must be in [0, 1), got {momentum}")
+        self.momentum, self.epsilon = momentum, epsilon
+        self.mean = nnx.BatchStat(jnp.zeros((n,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((n,), jnp.float32))
+
+    def __call__(self, x: jax.Array, *, token_mask=None, train: bool = False, axis_name=None) -> jax.Array:
+        x = x.astype(jnp.float32)
+        if not train:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            w = jnp.ones(x.shape[:-1], jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+            w = w[..., None]
+            red = tuple(range(x.ndim - 1))
+            cnt, s = jnp.sum(w), jnp.sum(x * w, axis=red)
+            if axis_name is not None:
+                cnt, s = jax.lax.psum(cnt, axis_name), jax.lax.psum(s, axis_name)
+            cnt = jnp.maximum(cnt, 1.0)
+            mean = s / cnt
+            ss = jnp.sum(jnp.square(x - mean) * w, axis=red)
+            if axis_name is not None:
+                ss = jax.lax.psum(ss, axis_name)
+            var = ss / cnt
+            m = self.momentum
+            self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
+            self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(var)
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+
+
+class ProductRouterOutput(NamedTuple):
+    expert_ids: jax.Array   # [G, S, K] int32, i * n + j
+    weights: jax.Array      # [G, S, K] float32: exp(score) = p1[i] * p2[j] (0 where mask is False)
+    mask: jax.Array         # [G, S, K] bool
+    head_logp: tuple        # two [G, S, n] float32 log-probabilities (head-level aux statistics)
+    head_logits: tuple      # two [G, S, n] float32 normalized logits before log_softmax (z-loss)
+
+
+class CartesianRouter(nnx.Module):
+    """OmniMoE's Cartesian product router over ``N = n^2`` atomic experts at O(sqrt(N)) cost per token.
+
+    Two heads ``Linear(d, n)``, each followed by :class:`HeadNorm` and ``log_softmax``; the expert ``(i, j)``
+    scores ``logp1[i] + logp2[j]``; the top-``k`` experts are the exact top-``k`` of those sums
+    (:func:`product_topk`), weighted by ``exp(score)`` (not renormalized). No ``[tokens, N]`` tensor is formed.
+    ``momentum`` 0.9 is PyTorch's BatchNorm default (its ``momentum=0.1``), as OmniMoE's reference uses. The
+    reference scores all ``N`` pairs per token; this router scores about ``k ln k``.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, init_std: float = 0.02,
+                 momentum: float = 0.9, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        n = math.isqrt(num_experts)
+        if n * n != num_experts:
+            raise ValueError(f"CartesianRouter: num_experts must be a perfect square (n^2), got {num_experts}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"CartesianRouter: top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        self.n, self.num_experts, self.top_k = n, num_experts, top_k
+        init = _normal_init(init_std)
+        self.w1 = nnx.Param(init(rngs.params(), (d_model, n), param_dtype), logical_axes=("embed", None))
+        self.w2 = nnx.Param(init(rngs.params(), (d_model, n), param_dtype), logical_axes=("embed", None))
+        self.norm1 = HeadNorm(n, momentum=momentum)
+        self.norm2 = HeadNorm(n, momentum=momentum)
+
+    def __call__(self, x, *, token_mask=None, train: bool = False, axis_name=None) -> ProductRouterOutput:
+        xf = x.astype(jnp.float32)
+        heads = []
+        for w, norm in ((self.w1, self.norm1), (self.w2, self.norm2)):
+            z = norm(jnp.einsum("...d,dn->...n", xf, w[...].astype(jnp.float32)), token_mask=token_mask,
+                     train=train, axis_name=axis_name)
+            heads.append((z, jax.nn.log_softmax(z, axis=-1)))
+        scores, ids = product_topk(heads[0][1], heads[1][1], self.top_k)
+        mask = jnp.ones(ids.shape, bool)
+        if token_mask is not None:
+            mask = mask & token_mask[..., None]
+        weights = jnp.where(mask, jnp.exp(scores), 0.0)
+        return ProductRouterOutput(ids, weights, mask, (heads[0][1], heads[1][1]), (heads[0][0], heads[1][0]))
+
+
+def product_router_statistics(out: ProductRouterOutput, num_experts: int, token_mask=None) -> dict:
+    """Head-level aux losses and per-expert loads of a Cartesian routing, with no ``[tokens, N]`` tensor.
+
+    - ``load_balance_loss``: per head, ``n * sum_i f_i P_i`` (``f_i``: share of routed slots whose head
+      coordinate is ``i``; ``P_i``: mean head probability), averaged over the two heads; 1.0 at balance.
+    - ``z_loss``: mean over tokens and heads of ``logsumexp(head logits) ** 2``.
+    - ``expert_load``: routed slots per expert (a segment sum over the chosen ids), float32 ``[N]``.
+    """
+    n = out.head_logp[0].shape[-1]
+    lead = out.expert_ids.shape[:-1]
+    valid = jnp.ones(lead, jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)
+    m = out.mask.reshape(-1).astype(jnp.float32)
+    ids = out.expert_ids.reshape(-1)
+    n_tok = jnp.maximum(jnp.sum(valid), 1.0)
+    lb, z = 0.0, 0.0
+    for h, coord in enumerate((ids // n, ids % n)):
+        f = jax.ops.segment_sum(m, coord, num_segments=n)
+        f = f / jnp.maximum(jnp.sum(f), 1.0)
+        p = jnp.sum(jnp.exp(out.head_logp[h]) * valid[..., None], axis=tuple(range(len(lead)))) / n_tok
+        lb = lb + n * jnp.sum(f * p) / 2
+        z = z + jnp.sum(jax.nn.logsumexp(out.head_logits[h], axis=-1) ** 2 * valid) / n_tok / 2
+    load = jax.ops.segment_sum(m, ids, num_segments=num_experts)
+    return {"load_balance_loss": lb, "z_loss": z, "expert_load": load}
