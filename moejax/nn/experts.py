@@ -20,6 +20,10 @@ one end to end); the capacity path has its own buffers:
   :func:`swiglu_gather` (``gather``, a few slots) runs each slot on its own expert's gathered weights.
 
 :func:`swiglu_reference` is the naive per-expert loop the others are tested against.
+
+Atomic experts (OmniMoE: each expert one row of ``U`` and of ``V``, ``N`` up to 2^20) have their own table,
+:data:`ATOMIC_IMPLS`: :func:`atomic_token_centric` (PEER-style gathers, the baseline) and
+:func:`atomic_expert_centric` (pairs sorted by expert, custom VJP, temporaries independent of ``N``).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moejax.nn import dispatch as dsp
@@ -474,3 +479,93 @@ class SwiGLU(nnx.Module):
         w = (sparse.sparse_weight(getattr(self, a)[...], self.SPARSE_SITE, *axes)
              for a, axes in self.SPARSE_WEIGHTS.items())
         return tensor_output(swiglu(tensor_input(x), *w))
+
+
+# ------------------------------------------------------------------------------ atomic experts (OmniMoE)
+
+def _atomic_check(x, u, v, ids, weights):
+    if u.shape != v.shape or u.ndim != 2 or x.shape[-1] != u.shape[1]:
+        raise ValueError(f"atomic experts: U and V must both be [N, d] with d = x.shape[-1] = {x.shape[-1]}; got "
+                         f"U {u.shape}, V {v.shape}")
+    if ids.shape != weights.shape or ids.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"atomic experts: expert_ids and weights must be [tokens, K] for x {x.shape}; got "
+                         f"{ids.shape} and {weights.shape}")
+
+
+def atomic_token_centric(x: jax.Array, u: jax.Array, v: jax.Array, expert_ids: jax.Array,
+                         weights: jax.Array) -> jax.Array:
+    """Atomic experts, token-centric (PEER-style): every token gathers its ``K`` rows of ``U`` and ``V``.
+
+    ``y[t] = sum_k weights[t, k] * silu(x[t] . U[e]) * V[e]`` with ``e = expert_ids[t, k]``; ``x [T, d]``,
+    ``U, V [N, d]``, ``expert_ids, weights [T, K]``. Reads ``T * K`` rows of each table in token order.
+    """
+    _atomic_check(x, u, v, expert_ids, weights)
+    ug = jnp.take(u, expert_ids, axis=0).astype(x.dtype)  # [T, K, d]
+    h = jnp.einsum("td,tkd->tk", x, ug, preferred_element_type=_F32)
+    a = (jax.nn.silu(h) * weights.astype(_F32)).astype(x.dtype)
+    vg = jnp.take(v, expert_ids, axis=0).astype(x.dtype)
+    return jnp.einsum("tk,tkd->td", a, vg, preferred_element_type=_F32).astype(x.dtype)
+
+
+def atomic_expert_centric(x: jax.Array, u: jax.Array, v: jax.Array, expert_ids: jax.Array,
+                          weights: jax.Array) -> jax.Array:
+    """Atomic experts, expert-centric (OmniMoE): the ``(token, expert)`` pairs sorted by expert.
+
+    Same result as :func:`atomic_token_centric`. One stable sort puts the pairs of an expert next to each
+    other, so consecutive pairs read the same ``U``/``V`` row (fetched from memory once per run of pairs, the
+    rest from cache) and the gathers and the weight gradients' scatter-adds run over sorted indices; the token
+    rows are gathered from, and the outputs scatter-added into, the small ``[T, d]`` activations. Pays off
+    with reuse ``T * K / N`` well above 1. A custom VJP keeps the forward+backward temporaries
+    ``O(T K d)``, whatever ``N`` (the ``[N, d]`` weight gradients are outputs).
+    """
+    _atomic_check(x, u, v, expert_ids, weights)
+    return _atomic_ec(x, u, v, jnp.asarray(expert_ids, jnp.int32), jnp.asarray(weights))
+
+
+def _atomic_ec_pairs(expert_ids, weights, K):
+    flat = expert_ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    return order, flat[order], (order // K).astype(jnp.int32), weights.reshape(-1)[order].astype(_F32)
+
+
+def _atomic_ec_fwd(x, u, v, expert_ids, weights):
+    T, K = expert_ids.shape
+    order, e, tok, g = _atomic_ec_pairs(expert_ids, weights, K)
+    xs = jnp.take(x, tok, axis=0).astype(_F32)
+    us = jnp.take(u, e, axis=0, indices_are_sorted=True).astype(_F32)  # [T*K, d], runs of one row
+    h = jnp.sum(xs * us, axis=-1)
+    vs = jnp.take(v, e, axis=0, indices_are_sorted=True).astype(_F32)
+    y = jax.ops.segment_sum((jax.nn.silu(h) * g)[:, None] * vs, tok, num_segments=T).astype(x.dtype)
+    return y, (x, u, v, expert_ids, order, e, tok, g, h, jnp.zeros((0,), weights.dtype))
+
+
+@jax.custom_vjp
+def _atomic_ec(x, u, v, expert_ids, weights):
+    return _atomic_ec_fwd(x, u, v, expert_ids, weights)[0]
+
+
+def _atomic_ec_bwd(res, dy):
+    x, u, v, expert_ids, order, e, tok, g, h, w_dtype = res
+    T, K = expert_ids.shape
+    dys = jnp.take(dy, tok, axis=0).astype(_F32)
+    vs = jnp.take(v, e, axis=0, indices_are_sorted=True).astype(_F32)
+    sh = jax.nn.silu(h)
+    da = jnp.sum(dys * vs, axis=-1)
+    dg = da * sh
+    dh = da * g * _silu_grad(h)
+    us = jnp.take(u, e, axis=0, indices_are_sorted=True).astype(_F32)
+    dx = jax.ops.segment_sum(dh[:, None] * us, tok, num_segments=T).astype(x.dtype)
+    xs = jnp.take(x, tok, axis=0).astype(_F32)
+    # Two distinct zero buffers (+0.0 and -0.0, equal as numbers): with one zero constant XLA merges the two
+    # broadcasts and copies it for each in-place scatter, an [N, d] temporary.
+    du = jnp.zeros(u.shape, _F32).at[e].add(dh[:, None] * xs, indices_are_sorted=True).astype(u.dtype)
+    dv = jnp.full(v.shape, -0.0, _F32).at[e].add((sh * g)[:, None] * dys, indices_are_sorted=True)
+    dw = jnp.zeros((T * K,), _F32).at[order].set(dg, unique_indices=True).reshape(T, K)
+    d_ids = np.zeros(expert_ids.shape, jax.dtypes.float0)
+    return dx, du, dv.astype(v.dtype), d_ids, dw.astype(w_dtype.dtype)
+
+
+_atomic_ec.defvjp(_atomic_ec_fwd, _atomic_ec_bwd)
+
+
+ATOMIC_IMPLS = {"token_centric": atomic_token_centric, "expert_centric": atomic_expert_centric}
