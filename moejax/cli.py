@@ -544,9 +544,9 @@ QUANT_PRESETS = ("none", "mwq", "int8", "int4")
 
 def build_parser() -> argparse.ArgumentParser:
     from moejax.config import (
+        ALL_ROUTER_TYPES,
         DISPATCH_TYPES,
         DTYPES,
-        ROUTER_TYPES,
         SPARSITY_METHODS,
         SPARSITY_SITES,
     )
@@ -578,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch", type=positive_int, help="global batch (sequences per step)")
     t.add_argument("--lr", type=positive_float)
     t.add_argument("--seed", type=nonneg_int)
-    t.add_argument("--router", choices=ROUTER_TYPES)
+    t.add_argument("--router", choices=ALL_ROUTER_TYPES)
     t.add_argument("--dispatch", choices=DISPATCH_TYPES)
     t.add_argument("--sparsity", type=nm_ratio, metavar="N:M",
                    help="N:M sparse training: N weights kept in every M along each GEMM's reduction axis (e.g. 2:8); "

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-ROUTER_TYPES = ("topk", "switch", "gshard", "sigmoid", "xmoe", "expert_choice")
+ROUTER_TYPES = ("topk", "switch", "gshard", "sigmoid", "xmoe", "expert_choice")  # routers of SwiGLU experts
+PRODUCT_ROUTER_TYPES = ("cartesian",)  # routers of atomic experts (OmniMoE): N = n^2, O(sqrt(N)) per token
+ALL_ROUTER_TYPES = ROUTER_TYPES + PRODUCT_ROUTER_TYPES
+EXPERT_TYPES = ("swiglu", "atomic")
+ATOMIC_IMPLS = ("auto", "expert_centric", "token_centric")
 DISPATCH_TYPES = ("dropless", "capacity")
 GSHARD_SECOND_POLICIES = ("random", "all", "sampling")
 GROUPED_IMPLS = ("auto", "tiles", "ragged_dot", "dense", "gather", "pallas")
@@ -63,7 +68,7 @@ class RouterConfig:
     """How tokens choose experts.
 
     Attributes:
-      type: one of ``ROUTER_TYPES``.
+      type: one of ``ALL_ROUTER_TYPES``.
         ``topk``: softmax over all experts, top-k, optionally renormalized over the k chosen (Mixtral:
         ``normalize=True``, which equals a softmax over the top-k logits; Qwen2/Qwen3-MoE:
         ``normalize`` from ``norm_topk_prob``).
@@ -76,6 +81,10 @@ class RouterConfig:
         expert embeddings divided by a learnable temperature, softmax, top-k.
         ``expert_choice``: every expert takes its top-``capacity`` tokens of a routing group (capacity
         dispatch only; ``top_k`` is ignored, the average number of experts per token is ``capacity_factor``).
+        ``cartesian`` (``MoEConfig.expert_type="atomic"`` only): OmniMoE's Cartesian product router over
+        ``N = n^2`` atomic experts: two heads ``Linear(d, n)`` with affine-free batch norm and log_softmax,
+        the exact top-k of the pair sums ``logp1[i] + logp2[j]``, weights ``exp(score)``
+        (:class:`moejax.nn.routers.CartesianRouter`).
       top_k: experts per token (``switch`` forces 1, ``gshard`` forces 2).
       normalize: renormalize the chosen experts' weights to sum to one.
       group_size: tokens per routing group. Batch-dependent statistics (capacity, Expert Choice, aux losses,
@@ -111,8 +120,10 @@ class RouterConfig:
 
     def validate(self, num_experts: int | None = None) -> RouterConfig:
         c = "RouterConfig"
-        _check_choice(c, "type", self.type, ROUTER_TYPES)
+        _check_choice(c, "type", self.type, ALL_ROUTER_TYPES)
         _check_int(c, "top_k", self.top_k)
+        if num_experts is not None and self.type == "cartesian" and math.isqrt(num_experts) ** 2 != num_experts:
+            raise _err(c, "type", self.type, f"'cartesian' needs num_experts = n^2 (got {num_experts})")
         if num_experts is not None and self.type != "expert_choice" and self.effective_top_k > num_experts:
             raise _err(c, "top_k", self.effective_top_k, f"must be <= num_experts ({num_experts})")
         if self.group_size is not None:
@@ -174,6 +185,11 @@ class MoEConfig:
         ``pallas`` only on a backend listed in ``pallas_kernels.grouped_matmul.VALIDATED_FASTER`` -- where
         the kernel was compiled for real, validated and measured faster -- which is none yet).
       block_rows: row tile of the ``tiles`` implementation; ``None`` picks one from the token count.
+      expert_type: ``swiglu`` (routed SwiGLU experts ``[E, D, d_ff]``) or ``atomic`` (OmniMoE: every expert
+        one row of ``U`` and of ``V`` ``[N, D]``, ``y = sum_k g_k silu(x . U[e_k]) V[e_k]``, with the
+        ``cartesian`` router, dropless; ``d_ff`` is unused; the dense branch is the shared expert).
+      atomic_impl: atomic experts' compute (:data:`moejax.nn.experts.ATOMIC_IMPLS`): ``expert_centric``
+        (pairs sorted by expert), ``token_centric`` (per-token gathers), ``auto`` (expert-centric).
     """
 
     num_experts: int = 8
@@ -188,6 +204,8 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     grouped_impl: str = "auto"
     block_rows: int | None = None
+    expert_type: str = "swiglu"
+    atomic_impl: str = "auto"
 
     def validate(self) -> MoEConfig:
         c = "MoEConfig"
@@ -208,6 +226,16 @@ class MoEConfig:
         if not isinstance(self.router, RouterConfig):
             raise _err(c, "router", self.router, "must be a RouterConfig")
         self.router.validate(self.num_experts)
+        _check_choice(c, "expert_type", self.expert_type, EXPERT_TYPES)
+        _check_choice(c, "atomic_impl", self.atomic_impl, ATOMIC_IMPLS)
+        if self.expert_type == "atomic" and self.router.type not in PRODUCT_ROUTER_TYPES:
+            raise _err(c, "router.type", self.router.type, f"atomic experts need a product router: "
+                       f"{', '.join(map(repr, PRODUCT_ROUTER_TYPES))}")
+        if self.expert_type != "atomic" and self.router.type in PRODUCT_ROUTER_TYPES:
+            raise _err(c, "expert_type", self.expert_type, f"router type {self.router.type!r} needs "
+                       "expert_type='atomic'")
+        if self.expert_type == "atomic" and self.dispatch != "dropless":
+            raise _err(c, "dispatch", self.dispatch, "atomic experts are dropless only: use 'dropless'")
         if self.router.type == "expert_choice" and self.dispatch != "capacity":
             raise _err(c, "dispatch", self.dispatch,
                        "router type 'expert_choice' is capacity-based only: use dispatch='capacity'")
@@ -447,6 +475,11 @@ PRESETS: dict[str, ModelConfig] = {
     # Fast on CPU: the tiny Mixtral-shaped model of the benchmarks.
     "tiny": _tiny(),
     "tiny-dense": dataclasses.replace(_tiny(), moe=None, d_ff=1024),
+    # OmniMoE on tiny's shapes: N = 2^16 atomic experts, K = 128, a dense SwiGLU branch of 768: 786,432 active
+    # FFN parameters per token and layer (router heads included) against tiny's 788,480 (-0.26%).
+    "tiny-omni": dataclasses.replace(_tiny(), moe=MoEConfig(
+        num_experts=2**16, d_ff=768, num_shared_experts=1, shared_d_ff=768, expert_type="atomic",
+        router=RouterConfig(type="cartesian", top_k=128))),
     # Shapes only (nothing downloads); for cost models, memory planning and shape tests.
     "mixtral-8x7b": ModelConfig(
         vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,

@@ -217,6 +217,9 @@ def config_to_hf(cfg: ModelConfig, model_type: str | None = None, dtype: str | N
     Raises ``ValueError`` naming the field when ``cfg`` uses something the architecture cannot express.
     """
     cfg.validate()
+    if cfg.moe is not None and cfg.moe.expert_type != "swiglu":
+        raise ValueError(f"MoEConfig.expert_type={cfg.moe.expert_type!r} has no Hugging Face architecture "
+                         "(Mixtral/Qwen2-MoE/Qwen3-MoE have SwiGLU experts); export needs expert_type='swiglu'")
     mt = model_type or infer_model_type(cfg)
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model_type={mt!r} is not supported; allowed values are "

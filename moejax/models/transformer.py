@@ -11,6 +11,7 @@ the number of runs (1 for an all-MoE model, 2 for Qwen2-MoE-style patterns with 
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -29,7 +30,7 @@ from moejax.nn.attention import (
 )
 from moejax.nn.attention import attention_mask as make_attention_mask
 from moejax.nn.experts import SwiGLU
-from moejax.nn.moe import MoE
+from moejax.nn.moe import AtomicMoE, MoE
 from moejax.nn.norms import RMSNorm
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -101,7 +102,8 @@ class Block(nnx.Module):
                               norm_eps=cfg.norm_eps, init_std=cfg.init_std, dtype=dt, param_dtype=pdt, rngs=rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
         if kind == "moe":
-            self.moe = MoE(cfg.d_model, cfg.moe, init_std=cfg.init_std, dtype=dt, param_dtype=pdt, rngs=rngs)
+            layer = AtomicMoE if cfg.moe.expert_type == "atomic" else MoE
+            self.moe = layer(cfg.d_model, cfg.moe, init_std=cfg.init_std, dtype=dt, param_dtype=pdt, rngs=rngs)
         else:
             self.mlp = SwiGLU(cfg.d_model, cfg.d_ff, init_std=cfg.init_std, param_dtype=pdt, rngs=rngs)
 
@@ -456,7 +458,13 @@ def active_params(cfg: ModelConfig) -> dict[str, Any]:
     for kind in cfg.layer_kinds():
         total += attn
         active += attn
-        if kind == "moe":
+        if kind == "moe" and cfg.moe.expert_type == "atomic":  # K rows of U and of V, two router heads
+            m = cfg.moe
+            shared = 3 * D * m.num_shared_experts * (m.shared_d_ff or m.d_ff)
+            router = 2 * D * math.isqrt(m.num_experts)
+            total += 2 * m.num_experts * D + shared + router
+            active += 2 * m.router.top_k * D + shared + router
+        elif kind == "moe":
             m = cfg.moe
             e = 3 * D * m.d_ff
             shared = 3 * D * m.num_shared_experts * (m.shared_d_ff or m.d_ff)

@@ -10,12 +10,18 @@ from flax import nnx
 from moejax.config import MoEConfig
 from moejax.nn import stages as _stages
 from moejax.nn.experts import (
+    ATOMIC_IMPLS,
     SwiGLU,
     SwiGLUExperts,
     grouped_experts,
     resolve_grouped_impl,
 )
-from moejax.nn.routers import RouterOutput, make_router
+from moejax.nn.routers import (
+    CartesianRouter,
+    RouterOutput,
+    make_router,
+    product_router_statistics,
+)
 
 
 def forced_routing(expert_ids, token_mask, num_experts: int) -> RouterOutput:
@@ -144,3 +150,78 @@ class MoE(nnx.Module):
         return _stages.run_stages(self, xt, path=path, capacity_factor=cfg.capacity_factor,
                                   expert_weights=self.experts.weights(), token_mask=token_mask,
                                   token_index=token_index, rng=rng, train=train, expert_ids=expert_ids)
+
+
+class AtomicMoE(nnx.Module):
+    """OmniMoE's FFN: atomic experts (one row of ``U`` and of ``V`` each) under a Cartesian product router,
+    plus the dense SwiGLU branch (``num_shared_experts * shared_d_ff`` wide).
+
+    ``y = shared(x) + sum_k g_k silu(x . U[e_k]) V[e_k]`` over the ``K`` experts the
+    :class:`~moejax.nn.routers.CartesianRouter` picks among ``N = n^2`` (``MoEConfig.num_experts``), run by
+    :data:`~moejax.nn.experts.ATOMIC_IMPLS` (``MoEConfig.atomic_impl``). The same interface as :class:`MoE`
+    (``__call__``, :meth:`route`, :meth:`apply_experts`, :meth:`shared_output`); ``aux`` holds head-level
+    ``load_balance_loss`` and ``z_loss``, ``expert_load [N]``, ``dropped`` (always 0) and, in training,
+    ``norm_stats [2 heads, 2 (mean, var), n]``: the router's running batch-norm statistics after this call
+    (the trainer stores them: the layer runs inside scanned, jitted code where module state changes are local).
+    Expert parallelism, pre-gated ``expert_ids`` and a given ``token_index``/``rng`` (the router is
+    deterministic) are not supported: the first two raise ``NotImplementedError``.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig, *, init_std: float = 0.02, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        cfg.validate()
+        if cfg.expert_type != "atomic":
+            raise ValueError(f"AtomicMoE needs MoEConfig.expert_type='atomic', got {cfg.expert_type!r}")
+        self.cfg, self.dtype = cfg, dtype
+        self.router = CartesianRouter(d_model, cfg.num_experts, cfg.router.top_k, init_std=init_std,
+                                      param_dtype=param_dtype, rngs=rngs)
+        init = nnx.initializers.normal(stddev=init_std)
+        self.u = nnx.Param(init(rngs.params(), (cfg.num_experts, d_model), param_dtype),
+                           logical_axes=(None, "embed"))
+        self.v = nnx.Param(init(rngs.params(), (cfg.num_experts, d_model), param_dtype),
+                           logical_axes=(None, "embed"))
+        if cfg.num_shared_experts:
+            width = cfg.num_shared_experts * (cfg.shared_d_ff or cfg.d_ff)
+            self.shared = SwiGLU(d_model, width, init_std=init_std, param_dtype=param_dtype, rngs=rngs)
+
+    def route(self, xt, *, token_mask=None, train=False, **unused):
+        """Route flat tokens ``xt [T, D]``: ``(ProductRouterOutput [T, K], None)``."""
+        if unused.get("expert_ids") is not None:
+            raise NotImplementedError("AtomicMoE: pre-gated expert_ids (the Cartesian router always routes)")
+        return self.router(xt, token_mask=token_mask, train=train), None
+
+    def __call__(self, x, *, token_mask=None, token_index=None, rng=None, train=False, expert_ids=None):
+        if _stages.current_executor() is not None:
+            raise NotImplementedError("AtomicMoE under expert parallelism: atomic experts are rows of U/V that "
+                                      "a layer reads per token pair; no shard_map executor exchanges them yet "
+                                      "(use a data-only mesh)")
+        shape = x.shape
+        xt = x.reshape(-1, shape[-1]).astype(self.dtype)
+        tm = None if token_mask is None else token_mask.reshape(-1)
+        r, _ = self.route(xt, token_mask=tm, train=train, expert_ids=expert_ids)
+        out = self.apply_experts(xt, r.expert_ids, r.weights, r.mask)
+        aux = product_router_statistics(r, self.cfg.num_experts, token_mask=tm)
+        aux["dropped"] = jnp.int32(0)
+        aux["capacity_used"] = jnp.int32(0)
+        if train:
+            aux["norm_stats"] = jnp.stack([jnp.stack([n.mean[...], n.var[...]])
+                                           for n in (self.router.norm1, self.router.norm2)])
+        return out.reshape(shape).astype(x.dtype), aux
+
+    def apply_experts(self, xt, expert_ids, weights, mask, *, method: str | None = None, **unused):
+        """Atomic experts on given routing (``[T, K]`` each) plus the dense branch; ``[T, D]``."""
+        method = method or self.cfg.atomic_impl
+        method = "expert_centric" if method == "auto" else method
+        if method not in ATOMIC_IMPLS:
+            raise ValueError(f"AtomicMoE: method must be one of {', '.join(map(repr, ATOMIC_IMPLS))}, got "
+                             f"{method!r}")
+        yt = xt.astype(self.dtype)
+        w = jnp.where(mask, weights, 0.0)
+        out = ATOMIC_IMPLS[method](yt, self.u[...], self.v[...], expert_ids, w)
+        if self.cfg.num_shared_experts:
+            out = out + self.shared_output(yt)
+        return out.astype(xt.dtype)
+
+    def shared_output(self, xt):
+        """The dense SwiGLU branch for flat tokens ``xt [T, D]``."""
+        return self.shared(xt)

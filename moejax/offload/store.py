@@ -81,6 +81,9 @@ def prepare(model, out_dir: str, *, overwrite: bool = False, progress: bool = Fa
     cfg = model.cfg
     if cfg.moe is None:
         raise ValueError("the model has no MoE layers: nothing to offload")
+    if cfg.moe.expert_type != "swiglu":
+        raise ValueError(f"MoEConfig.expert_type={cfg.moe.expert_type!r}: offloading stores whole SwiGLU experts; "
+                         "an atomic expert is one row of U and V, read per token pair (keep them in memory)")
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists (pass overwrite=True / --overwrite to replace it)")

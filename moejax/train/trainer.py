@@ -79,6 +79,9 @@ class Trainer:
         if cfg.vocab_size < data_lib.BYTE_VOCAB:
             raise ValueError(f"ModelConfig.vocab_size={cfg.vocab_size} is too small for byte-level data "
                              f"(needs >= {data_lib.BYTE_VOCAB})")
+        if mesh_cfg is not None and cfg.moe is not None and cfg.moe.expert_type == "atomic":
+            raise ValueError("MoEConfig.expert_type='atomic' (OmniMoE) trains on one device for now: its "
+                             "router's batch statistics are not yet reduced over a mesh; drop the mesh")
         self.cfg, self.tc = cfg, tc
         model = Transformer(cfg, rngs=nnx.Rngs(tc.seed))
         self.n_params = count_params(model)
@@ -154,6 +157,8 @@ class Trainer:
             loss = loss + cfg.moe.aux_loss_coef * lb + cfg.moe.z_loss_coef * z
             metrics.update(aux_loss=lb, z_loss=z, expert_load=out.aux["expert_load"],
                            dropped=jnp.sum(out.aux["dropped"]))
+            if "norm_stats" in out.aux:  # atomic experts: the router's running batch-norm statistics
+                metrics["norm_stats"] = out.aux["norm_stats"]
         return loss, metrics
 
     def _grads(self, params, rest, batch, key, axes=None, n_shards=1):
@@ -287,6 +292,8 @@ class Trainer:
             params, opt_state = self._constrain(params), self._constrain(opt_state)
         if "expert_load" in m:
             rest = self._update_router_bias(params, rest, m["expert_load"])
+        if "norm_stats" in m:
+            rest = self._update_norm_stats(params, rest, m.pop("norm_stats"))
         m["loss"] = loss
         m["grad_norm"] = optax.global_norm(g)
         return params, rest, opt_state, m
@@ -303,6 +310,20 @@ class Trainer:
                 continue
             bias = stack.moe.router.bias
             bias.value = aux_free_bias_update(bias.value, expert_load[layer:layer + n], cfg.moe.router.bias_update_rate)
+            layer += n
+        return nnx.split(model, nnx.Param, ...)[2]
+
+    def _update_norm_stats(self, params, rest, stats):
+        """Store the Cartesian routers' running batch-norm statistics of this step (``[layers, 2 heads,
+        2 (mean, var), n]``, averaged over micro-batches) in the model state."""
+        model = nnx.merge(self.gdef, params, rest)
+        layer = 0
+        for (kind, _, n), stack in zip(model.runs, model.stacks, strict=True):
+            if kind != "moe":
+                continue
+            for h, norm in enumerate((stack.moe.router.norm1, stack.moe.router.norm2)):
+                norm.mean.value = stats[layer:layer + n, h, 0]
+                norm.var.value = stats[layer:layer + n, h, 1]
             layer += n
         return nnx.split(model, nnx.Param, ...)[2]
 
