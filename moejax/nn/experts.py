@@ -512,31 +512,50 @@ def atomic_expert_centric(x: jax.Array, u: jax.Array, v: jax.Array, expert_ids: 
     """Atomic experts, expert-centric (OmniMoE): the ``(token, expert)`` pairs sorted by expert.
 
     Same result as :func:`atomic_token_centric`. One stable sort puts the pairs of an expert next to each
-    other, so consecutive pairs read the same ``U``/``V`` row (fetched from memory once per run of pairs, the
-    rest from cache) and the gathers and the weight gradients' scatter-adds run over sorted indices; the token
-    rows are gathered from, and the outputs scatter-added into, the small ``[T, d]`` activations. Pays off
-    with reuse ``T * K / N`` well above 1. A custom VJP keeps the forward+backward temporaries
-    ``O(T K d)``, whatever ``N`` (the ``[N, d]`` weight gradients are outputs).
+    other; a loop over tiles of :data:`ATOMIC_TILE` sorted pairs gathers each tile's token rows and ``U``/``V``
+    rows (consecutive pairs share a row: fetched from memory once per run of pairs, the rest from cache),
+    computes the tile and scatter-adds it into the ``[T, d]`` output, so no ``[T*K, d]`` buffer is written. The
+    custom VJP runs the backward as the same loop (the weight gradients' scatter-adds over sorted rows): the
+    forward+backward temporaries do not depend on ``N`` (the ``[N, d]`` weight gradients are outputs).
     """
     _atomic_check(x, u, v, expert_ids, weights)
     return _atomic_ec(x, u, v, jnp.asarray(expert_ids, jnp.int32), jnp.asarray(weights))
 
 
+ATOMIC_TILE = 128  # (token, expert) pairs per tile of the expert-centric loop: [tile, d] buffers stay in cache
+
+
 def _atomic_ec_pairs(expert_ids, weights, K):
+    """Pairs sorted by expert, padded to whole tiles (padding: expert 0, token 0, weight 0 -- adds nothing)."""
     flat = expert_ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    return order, flat[order], (order // K).astype(jnp.int32), weights.reshape(-1)[order].astype(_F32)
+    pad = -flat.shape[0] % ATOMIC_TILE
+    e = jnp.pad(flat[order], (0, pad))
+    tok = jnp.pad((order // K).astype(jnp.int32), (0, pad))
+    g = jnp.pad(weights.reshape(-1)[order].astype(_F32), (0, pad))
+    return order, e, tok, g
+
+
+def _ec_tile(i, e, tok, g):
+    sl = partial(jax.lax.dynamic_slice_in_dim, start_index=i * ATOMIC_TILE, slice_size=ATOMIC_TILE)
+    return sl(e), sl(tok), sl(g)
+
+
+def _ec_rows(table, et):
+    return jnp.take(table, et, axis=0, indices_are_sorted=True, mode="clip").astype(_F32)
 
 
 def _atomic_ec_fwd(x, u, v, expert_ids, weights):
     T, K = expert_ids.shape
     order, e, tok, g = _atomic_ec_pairs(expert_ids, weights, K)
-    xs = jnp.take(x, tok, axis=0).astype(_F32)
-    us = jnp.take(u, e, axis=0, indices_are_sorted=True).astype(_F32)  # [T*K, d], runs of one row
-    h = jnp.sum(xs * us, axis=-1)
-    vs = jnp.take(v, e, axis=0, indices_are_sorted=True).astype(_F32)
-    y = jax.ops.segment_sum((jax.nn.silu(h) * g)[:, None] * vs, tok, num_segments=T).astype(x.dtype)
-    return y, (x, u, v, expert_ids, order, e, tok, g, h, jnp.zeros((0,), weights.dtype))
+
+    def body(i, y):
+        et, tt, gt = _ec_tile(i, e, tok, g)
+        h = jnp.sum(jnp.take(x, tt, axis=0, mode="clip").astype(_F32) * _ec_rows(u, et), axis=-1)
+        return y.at[tt].add((jax.nn.silu(h) * gt)[:, None] * _ec_rows(v, et), mode="drop")
+
+    y = jax.lax.fori_loop(0, e.shape[0] // ATOMIC_TILE, body, jnp.zeros(x.shape, _F32))
+    return y.astype(x.dtype), (x, u, v, expert_ids, order, e, tok, g, jnp.zeros((0,), weights.dtype))
 
 
 @jax.custom_vjp
@@ -545,24 +564,33 @@ def _atomic_ec(x, u, v, expert_ids, weights):
 
 
 def _atomic_ec_bwd(res, dy):
-    x, u, v, expert_ids, order, e, tok, g, h, w_dtype = res
+    x, u, v, expert_ids, order, e, tok, g, w_dtype = res
     T, K = expert_ids.shape
-    dys = jnp.take(dy, tok, axis=0).astype(_F32)
-    vs = jnp.take(v, e, axis=0, indices_are_sorted=True).astype(_F32)
-    sh = jax.nn.silu(h)
-    da = jnp.sum(dys * vs, axis=-1)
-    dg = da * sh
-    dh = da * g * _silu_grad(h)
-    us = jnp.take(u, e, axis=0, indices_are_sorted=True).astype(_F32)
-    dx = jax.ops.segment_sum(dh[:, None] * us, tok, num_segments=T).astype(x.dtype)
-    xs = jnp.take(x, tok, axis=0).astype(_F32)
+    P = ATOMIC_TILE
+
+    def body(i, carry):
+        dx, du, dv, dg = carry
+        et, tt, gt = _ec_tile(i, e, tok, g)
+        xt = jnp.take(x, tt, axis=0, mode="clip").astype(_F32)
+        ut, vt = _ec_rows(u, et), _ec_rows(v, et)
+        dyt = jnp.take(dy, tt, axis=0, mode="clip").astype(_F32)
+        h = jnp.sum(xt * ut, axis=-1)
+        sh = jax.nn.silu(h)
+        da = jnp.sum(dyt * vt, axis=-1)
+        dh = da * gt * _silu_grad(h)
+        dx = dx.at[tt].add(dh[:, None] * ut, mode="drop")
+        du = du.at[et].add(dh[:, None] * xt, indices_are_sorted=True, mode="drop")
+        dv = dv.at[et].add((sh * gt)[:, None] * dyt, indices_are_sorted=True, mode="drop")
+        return dx, du, dv, jax.lax.dynamic_update_slice_in_dim(dg, da * sh, i * P, 0)
+
     # Two distinct zero buffers (+0.0 and -0.0, equal as numbers): with one zero constant XLA merges the two
-    # broadcasts and copies it for each in-place scatter, an [N, d] temporary.
-    du = jnp.zeros(u.shape, _F32).at[e].add(dh[:, None] * xs, indices_are_sorted=True).astype(u.dtype)
-    dv = jnp.full(v.shape, -0.0, _F32).at[e].add((sh * g)[:, None] * dys, indices_are_sorted=True)
-    dw = jnp.zeros((T * K,), _F32).at[order].set(dg, unique_indices=True).reshape(T, K)
+    # broadcasts and copies it for each in-place update, an [N, d] temporary.
+    init = (jnp.zeros(x.shape, _F32), jnp.zeros(u.shape, _F32), jnp.full(v.shape, -0.0, _F32),
+            jnp.zeros(e.shape, _F32))
+    dx, du, dv, dg = jax.lax.fori_loop(0, e.shape[0] // P, body, init)
+    dw = jnp.zeros((T * K,), _F32).at[order].set(dg[:T * K], unique_indices=True).reshape(T, K)
     d_ids = np.zeros(expert_ids.shape, jax.dtypes.float0)
-    return dx, du, dv.astype(v.dtype), d_ids, dw.astype(w_dtype.dtype)
+    return dx.astype(x.dtype), du.astype(u.dtype), dv.astype(v.dtype), d_ids, dw.astype(w_dtype.dtype)
 
 
 _atomic_ec.defvjp(_atomic_ec_fwd, _atomic_ec_bwd)
