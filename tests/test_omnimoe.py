@@ -110,8 +110,39 @@ def test_training_updates_router_statistics_and_checkpoints_serve(tmp_path):
         n = int(ties[0]) + 1 if ties.size else 6
         assert r.tokens[:n] == ref.tokens[0][:n].tolist()
         assert np.abs(r.logits[:n] - ref.logits[0][:n]).max() <= 1e-4 * max(1.0, np.abs(ref.logits[0]).max())
-    with pytest.raises(ValueError, match="trains on one device for now"):
-        Trainer(CFG, tc, MeshConfig.parse("data=2"))
+    with pytest.raises(ValueError, match="trains data parallel only"):
+        Trainer(CFG, tc, MeshConfig.parse("data=2,expert=2"))
+
+
+def test_data_parallel_step_equals_one_device():
+    """On data=4 (shard_map, the router's batch statistics psum-ed over the batch axes) the step's loss, z-loss,
+    expert loads, gradients and new running statistics equal one device's. The head-level load-balance loss is
+    per routing group (a device's tokens on the mesh, the whole batch on one device), so it is left out of the
+    objective here (``aux_loss_coef=0``) to compare the rest exactly."""
+    from moejax.parallel.mesh import MeshConfig
+    from moejax.train.trainer import Trainer
+    from tests.test_parallel_train import batch
+
+    cfg = dataclasses.replace(CFG, moe=dataclasses.replace(MOE, aux_loss_coef=0.0))
+    tc = TrainConfig(steps=4, seq_len=16, global_batch=16, warmup_steps=1)
+    par, one = Trainer(cfg, tc, MeshConfig.parse("data=4")), Trainer(cfg, tc)
+    b = batch()
+    key = jax.random.PRNGKey(5)
+    gp, mp = jax.jit(par._sharded_grads)(par.params, par.rest,
+                                        jax.tree.map(lambda a: jax.device_put(a, par.batch_sharding), b), key)
+    g1, m1 = jax.jit(one._grads)(one.params, one.rest, jax.tree.map(jnp.asarray, b), key)
+    for k in ("loss", "ce", "z_loss"):
+        assert rel(mp[k], m1[k]) <= 1e-5, k
+    np.testing.assert_array_equal(np.asarray(mp["expert_load"]), np.asarray(m1["expert_load"]))
+    assert rel(np.asarray(mp["norm_stats"]) / 4, m1["norm_stats"]) <= 1e-5
+    for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(gp), jax.tree.leaves(g1), strict=True):
+        assert rel(a, b_) <= 1e-5, jax.tree_util.keystr(path)
+    lp, l1 = par.train_step(b)["loss"], one.train_step(b)["loss"]
+    assert rel(lp, l1) <= 1e-5
+    sp = nnx.state(par.model(), nnx.BatchStat)
+    s1 = nnx.state(one.model(), nnx.BatchStat)
+    for a, b_ in zip(jax.tree.leaves(sp), jax.tree.leaves(s1), strict=True):
+        assert rel(a, b_) <= 1e-5
 
 
 def test_export_and_offload_of_atomic_experts_fail_clearly(tmp_path):

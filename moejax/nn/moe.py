@@ -163,8 +163,10 @@ class AtomicMoE(nnx.Module):
     ``load_balance_loss`` and ``z_loss``, ``expert_load [N]``, ``dropped`` (always 0) and, in training,
     ``norm_stats [2 heads, 2 (mean, var), n]``: the router's running batch-norm statistics after this call
     (the trainer stores them: the layer runs inside scanned, jitted code where module state changes are local).
-    Expert parallelism, pre-gated ``expert_ids`` and a given ``token_index``/``rng`` (the router is
-    deterministic) are not supported: the first two raise ``NotImplementedError``.
+    Under a MoE executor (the trainer's ``shard_map`` step) the executor runs it: data parallel works (the
+    tables replicated, the router's statistics reduced over the batch axes); sharding the experts and
+    pre-gated ``expert_ids`` raise ``NotImplementedError``; ``token_index``/``rng`` are unused (the router is
+    deterministic).
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig, *, init_std: float = 0.02, dtype=jnp.float32,
@@ -184,29 +186,39 @@ class AtomicMoE(nnx.Module):
             width = cfg.num_shared_experts * (cfg.shared_d_ff or cfg.d_ff)
             self.shared = SwiGLU(d_model, width, init_std=init_std, param_dtype=param_dtype, rngs=rngs)
 
-    def route(self, xt, *, token_mask=None, train=False, **unused):
-        """Route flat tokens ``xt [T, D]``: ``(ProductRouterOutput [T, K], None)``."""
+    def route(self, xt, *, token_mask=None, train=False, axis_name=None, **unused):
+        """Route flat tokens ``xt [T, D]``: ``(ProductRouterOutput [T, K], None)``. ``axis_name``: the batch
+        axes (inside ``shard_map``) the router's batch statistics are reduced over."""
         if unused.get("expert_ids") is not None:
             raise NotImplementedError("AtomicMoE: pre-gated expert_ids (the Cartesian router always routes)")
-        return self.router(xt, token_mask=token_mask, train=train), None
+        return self.router(xt, token_mask=token_mask, train=train, axis_name=axis_name), None
 
     def __call__(self, x, *, token_mask=None, token_index=None, rng=None, train=False, expert_ids=None):
-        if _stages.current_executor() is not None:
-            raise NotImplementedError("AtomicMoE under expert parallelism: atomic experts are rows of U/V that "
-                                      "a layer reads per token pair; no shard_map executor exchanges them yet "
-                                      "(use a data-only mesh)")
+        if expert_ids is not None:
+            raise NotImplementedError("AtomicMoE: pre-gated expert_ids (the Cartesian router always routes)")
         shape = x.shape
         xt = x.reshape(-1, shape[-1]).astype(self.dtype)
         tm = None if token_mask is None else token_mask.reshape(-1)
-        r, _ = self.route(xt, token_mask=tm, train=train, expert_ids=expert_ids)
+        executor = _stages.current_executor()
+        if executor is not None:  # e.g. the trainer's shard_map step: the executor decides (data parallel only)
+            out, aux = executor.run_moe(self, xt, token_mask=tm, token_index=token_index, rng=rng, train=train)
+        else:
+            out, aux = self.local(xt, token_mask=tm, train=train)
+        return out.reshape(shape).astype(x.dtype), aux
+
+    def local(self, xt, *, token_mask=None, train=False, axis_name=None):
+        """Route and run flat tokens ``xt [T, D]`` on this device's (replicated) tables: ``(out, aux)``.
+        ``axis_name``: batch axes to reduce the router's batch statistics over (data parallel in
+        ``shard_map``)."""
+        r, _ = self.route(xt, token_mask=token_mask, train=train, axis_name=axis_name)
         out = self.apply_experts(xt, r.expert_ids, r.weights, r.mask)
-        aux = product_router_statistics(r, self.cfg.num_experts, token_mask=tm)
+        aux = product_router_statistics(r, self.cfg.num_experts, token_mask=token_mask)
         aux["dropped"] = jnp.int32(0)
         aux["capacity_used"] = jnp.int32(0)
         if train:
             aux["norm_stats"] = jnp.stack([jnp.stack([n.mean[...], n.var[...]])
                                            for n in (self.router.norm1, self.router.norm2)])
-        return out.reshape(shape).astype(x.dtype), aux
+        return out, aux
 
     def apply_experts(self, xt, expert_ids, weights, mask, *, method: str | None = None, **unused):
         """Atomic experts on given routing (``[T, K]`` each) plus the dense branch; ``[T, D]``."""

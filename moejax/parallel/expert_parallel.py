@@ -128,6 +128,12 @@ def ep_moe(moe, xt: jax.Array, ctx: EPContext, *, token_mask=None, token_index=N
     cfg = moe.cfg
     E = cfg.num_experts
     n = jax.lax.psum(1, ctx.axis)
+    if cfg.expert_type == "atomic":  # OmniMoE: replicated U/V tables, data parallel only
+        if n > 1:
+            raise NotImplementedError(f"atomic experts (OmniMoE) over an expert axis of {n} devices: an atomic "
+                                      f"expert is one row of U/V read per token pair; sharding the tables "
+                                      f"needs a row exchange that is not built (use a data-only mesh)")
+        return moe.local(xt, token_mask=token_mask, train=train, axis_name=ctx.batch_axes)
     wg, wu, wd = moe.experts.weights()  # local shards [E/n, D, F]
     if wg.shape[0] * n != E:
         raise ValueError(f"expert weights are not sharded over '{ctx.axis}': local {wg.shape[0]} x {n} devices "

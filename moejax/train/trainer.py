@@ -79,9 +79,11 @@ class Trainer:
         if cfg.vocab_size < data_lib.BYTE_VOCAB:
             raise ValueError(f"ModelConfig.vocab_size={cfg.vocab_size} is too small for byte-level data "
                              f"(needs >= {data_lib.BYTE_VOCAB})")
-        if mesh_cfg is not None and cfg.moe is not None and cfg.moe.expert_type == "atomic":
-            raise ValueError("MoEConfig.expert_type='atomic' (OmniMoE) trains on one device for now: its "
-                             "router's batch statistics are not yet reduced over a mesh; drop the mesh")
+        if (mesh_cfg is not None and cfg.moe is not None and cfg.moe.expert_type == "atomic"
+                and (mesh_cfg.expert > 1 or mesh_cfg.node > 1 or mesh_cfg.tensor > 1)):
+            raise ValueError(f"MoEConfig.expert_type='atomic' (OmniMoE) trains data parallel only: the mesh "
+                             f"{mesh_cfg} shards experts or tensors (atomic U/V tables are replicated); use "
+                             f"e.g. data={mesh_cfg.expert * mesh_cfg.node * mesh_cfg.data}")
         self.cfg, self.tc = cfg, tc
         model = Transformer(cfg, rngs=nnx.Rngs(tc.seed))
         self.n_params = count_params(model)
@@ -273,6 +275,9 @@ class Trainer:
         if self.cfg.moe is not None:
             n_moe = sum(k == "moe" for k in self.cfg.layer_kinds())
             m.update(aux_loss=0.0, z_loss=0.0, expert_load=jnp.zeros((n_moe, self.cfg.moe.num_experts)), dropped=0)
+            if self.cfg.moe.expert_type == "atomic":
+                n = math.isqrt(self.cfg.moe.num_experts)
+                m["norm_stats"] = jnp.zeros((n_moe, 2, 2, n))
         return m
 
     def _step_impl(self, params, rest, opt_state, batch, step):
@@ -292,8 +297,8 @@ class Trainer:
             params, opt_state = self._constrain(params), self._constrain(opt_state)
         if "expert_load" in m:
             rest = self._update_router_bias(params, rest, m["expert_load"])
-        if "norm_stats" in m:
-            rest = self._update_norm_stats(params, rest, m.pop("norm_stats"))
+        if "norm_stats" in m:  # the same global statistics on every shard: the psum over shards counted each
+            rest = self._update_norm_stats(params, rest, m.pop("norm_stats") / (self.n_shards if self.mesh else 1))
         m["loss"] = loss
         m["grad_norm"] = optax.global_norm(g)
         return params, rest, opt_state, m
