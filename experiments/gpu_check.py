@@ -49,9 +49,9 @@ rewritten after every step, so a timeout still leaves the finished steps on disk
    of a BDWP step with a dense and a 2:4-masked (densely stored) weight; the cost of recomputing BDWP's two
    masks of one weight.
 
-11. ``omnimoe``: OmniMoE's atomic experts (issue 20), XLA paths (no Pallas kernel yet): expert-centric
-   against token-centric forward in bfloat16 at 4096 tokens, d 1024, N = 2^16, K 16 and 64, checked against each
-   other, and the Cartesian product router against a flat router over all N.
+11. ``omnimoe``: OmniMoE's atomic experts (issue 20): the expert-centric XLA path and the Pallas kernel
+   (``pallas_kernels.atomic_experts``, Triton) against token-centric, forward in bfloat16 at 4096 tokens, d 1024,
+   N = 2^16, K 16 and 64, checked against each other, and the Cartesian product router against a flat router.
 
 Each step is a function of the run's :class:`Context` returning its record; ``STEPS`` lists them in run order.
 ``--only a,b`` runs only the steps whose names start with those prefixes, ``--skip`` the others; ``--out``
@@ -896,17 +896,21 @@ def nm_sparse(ctx):
 
 
 def omnimoe(ctx):
-    """Issue 20: OmniMoE's atomic experts on this device (XLA paths; there is no Pallas kernel for them yet):
-    expert-centric against token-centric forward at 4096 tokens, d 1024, N 2^16, K 16 and 64 (bf16), checked
-    against each other, and the Cartesian product router against a flat router over all N (the paper: 6.7 ms
-    against PEER's 73 ms on its GPU)."""
+    """Issue 20: OmniMoE's atomic experts on this device: the expert-centric XLA path and the Pallas kernel
+    (:mod:`pallas_kernels.atomic_experts`) against token-centric, forward at 4096 tokens, d 1024, N 2^16, K 16
+    and 64 (bf16), checked against each other, and the Cartesian product router against a flat router over all
+    N (the paper: 6.7 ms against PEER's 73 ms on its GPU)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
     from experiments.omnimoe import flat_router
-    from moejax.nn.experts import atomic_expert_centric, atomic_token_centric
+    from moejax.nn.experts import (
+        atomic_expert_centric,
+        atomic_pallas,
+        atomic_token_centric,
+    )
     from moejax.nn.routers import CartesianRouter
 
     T, d, lg, Ks = (256, 64, 10, (16,)) if ctx.smoke else (4096, 1024, 16, (16, 64))
@@ -925,6 +929,10 @@ def omnimoe(ctx):
         ok = ok and err <= 2e-2
         t_ec = bench(ec, x, u, v, ids, g, **ctx.it)["median_s"]
         t_tc = bench(tc, x, u, v, ids, g, **ctx.it)["median_s"]
+        pk = jax.jit(lambda *a: atomic_pallas(*a, interpret=ctx.interpret))
+        err_k = rel_err(pk(x, u, v, ids, g).astype(jnp.float32), tc(x, u, v, ids, g).astype(jnp.float32))
+        ok = ok and err_k <= 2e-2
+        t_k = bench(pk, x, u, v, ids, g, **ctx.it)["median_s"]
         router = CartesianRouter(d, N, K, rngs=nnx.Rngs(0))
         gdef, state = nnx.split(router)
         cart = jax.jit(lambda st, x, gdef=gdef: nnx.merge(gdef, st)(x).weights)
@@ -934,12 +942,14 @@ def omnimoe(ctx):
         t_flat = bench(fl, x.astype(jnp.float32), w, **ctx.it)["median_s"]
         rows.append({"T": T, "d": d, "N": N, "K": K, "reuse": T * K / N, "ec_vs_tc_rel_err": err,
                      "expert_centric_ms": t_ec * 1e3, "token_centric_ms": t_tc * 1e3, "ec_speedup": t_tc / t_ec,
+                     "kernel_vs_tc_rel_err": err_k, "kernel_ms": t_k * 1e3, "kernel_speedup": t_tc / t_k,
                      "cartesian_router_ms": t_cart * 1e3, "flat_router_ms": t_flat * 1e3,
                      "router_speedup": t_flat / t_cart})
-        print(f"   K={K}: EC {t_ec * 1e3:.2f} ms, TC {t_tc * 1e3:.2f} ms (err {err:.1e}); router cartesian "
+        print(f"   K={K}: EC {t_ec * 1e3:.2f} ms, TC {t_tc * 1e3:.2f} ms (err {err:.1e}), kernel {t_k * 1e3:.2f} ms "
+              f"(err {err_k:.1e}); router cartesian "
               f"{t_cart * 1e3:.2f} ms, flat {t_flat * 1e3:.2f} ms", flush=True)
-    return {"rows": rows, "all_ok": ok, "kernel": None,
-            "note": "XLA paths only: moejax has no Pallas kernel for atomic experts yet"}
+    return {"rows": rows, "all_ok": ok, "kernel": "pallas_kernels.atomic_experts (Triton)",
+            "interpret": ctx.interpret}
 
 
 # -- the table of steps, in run order; ``--only``/``--skip`` match name prefixes -----------------------------

@@ -22,7 +22,7 @@ ROUTER_TYPES = ("topk", "switch", "gshard", "sigmoid", "xmoe", "expert_choice") 
 PRODUCT_ROUTER_TYPES = ("cartesian",)  # routers of atomic experts (OmniMoE): N = n^2, O(sqrt(N)) per token
 ALL_ROUTER_TYPES = ROUTER_TYPES + PRODUCT_ROUTER_TYPES
 EXPERT_TYPES = ("swiglu", "atomic")
-ATOMIC_IMPLS = ("auto", "expert_centric", "token_centric")
+ATOMIC_IMPLS = ("auto", "expert_centric", "token_centric", "pallas")
 DISPATCH_TYPES = ("dropless", "capacity")
 GSHARD_SECOND_POLICIES = ("random", "all", "sampling")
 GROUPED_IMPLS = ("auto", "tiles", "ragged_dot", "dense", "gather", "pallas")
@@ -189,7 +189,9 @@ class MoEConfig:
         one row of ``U`` and of ``V`` ``[N, D]``, ``y = sum_k g_k silu(x . U[e_k]) V[e_k]``, with the
         ``cartesian`` router, dropless; ``d_ff`` is unused; the dense branch is the shared expert).
       atomic_impl: atomic experts' compute (:data:`moejax.nn.experts.ATOMIC_IMPLS`): ``expert_centric``
-        (pairs sorted by expert), ``token_centric`` (per-token gathers), ``auto`` (expert-centric).
+        (pairs sorted by expert), ``token_centric`` (per-token gathers), ``pallas`` (the expert-centric Pallas
+        kernel, :mod:`pallas_kernels.atomic_experts`; interpreted on CPU, so for tests there), ``auto``
+        (expert-centric).
     """
 
     num_experts: int = 8

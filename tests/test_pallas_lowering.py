@@ -87,3 +87,20 @@ def test_paged_attention_lowers(variant, shape, verify_triton_modules):
         assert ("triton" in text.lower()) if variant == "gpu" else ("tpu_custom_call" in text)
     if variant == "gpu" and verify_triton_modules is not None:
         assert len(verify_triton_modules) == len(configs)
+
+
+def test_atomic_experts_lower_to_triton(verify_triton_modules):
+    from pallas_kernels.atomic_experts import atomic_experts
+
+    T, K, N, d = 256, 16, 1024, 64
+    x, u = jnp.zeros((T, d), jnp.bfloat16), jnp.zeros((N, d), jnp.bfloat16)
+    ids, w = jnp.zeros((T, K), jnp.int32), jnp.zeros((T, K), jnp.float32)
+
+    def f(x, u, v, w):
+        return atomic_experts(x, u, v, ids, w, interpret=False)
+
+    grad = jax.grad(lambda x, u, v, w: jnp.sum(f(x, u, v, w).astype(jnp.float32)), (0, 1, 2, 3))
+    for fn in (f, grad):
+        assert "triton" in lower(fn, (x, u, u, w), "cuda").lower()
+    if verify_triton_modules is not None:
+        assert len(verify_triton_modules) >= 2  # the forward and the backward kernel were verified

@@ -23,7 +23,8 @@ one end to end); the capacity path has its own buffers:
 
 Atomic experts (OmniMoE: each expert one row of ``U`` and of ``V``, ``N`` up to 2^20) have their own table,
 :data:`ATOMIC_IMPLS`: :func:`atomic_token_centric` (PEER-style gathers, the baseline) and
-:func:`atomic_expert_centric` (pairs sorted by expert, custom VJP, temporaries independent of ``N``).
+:func:`atomic_expert_centric` (pairs sorted by expert, custom VJP, temporaries independent of ``N``) and
+:func:`atomic_pallas` (the same schedule as a Pallas kernel).
 """
 
 from __future__ import annotations
@@ -546,7 +547,7 @@ def _ec_rows(table, et):
 
 
 def _atomic_ec_fwd(x, u, v, expert_ids, weights):
-    T, K = expert_ids.shape
+    K = expert_ids.shape[1]
     order, e, tok, g = _atomic_ec_pairs(expert_ids, weights, K)
 
     def body(i, y):
@@ -596,4 +597,15 @@ def _atomic_ec_bwd(res, dy):
 _atomic_ec.defvjp(_atomic_ec_fwd, _atomic_ec_bwd)
 
 
-ATOMIC_IMPLS = {"token_centric": atomic_token_centric, "expert_centric": atomic_expert_centric}
+def atomic_pallas(x: jax.Array, u: jax.Array, v: jax.Array, expert_ids: jax.Array, weights: jax.Array,
+                  *, interpret: bool | None = None) -> jax.Array:
+    """Atomic experts by the expert-centric Pallas kernel (:mod:`pallas_kernels.atomic_experts`; Triton
+    backend, interpret mode on CPU)."""
+    from pallas_kernels.atomic_experts import atomic_experts
+
+    _atomic_check(x, u, v, expert_ids, weights)
+    return atomic_experts(x, u, v, expert_ids, weights, interpret=interpret)
+
+
+ATOMIC_IMPLS = {"token_centric": atomic_token_centric, "expert_centric": atomic_expert_centric,
+                "pallas": atomic_pallas}
