@@ -17,7 +17,8 @@ equal N:M is reported beside the dense seeds' spread. Each finished arm is kept 
 ``experiments/results/nm_sparsity.partial.json`` so an interrupted run continues with ``--resume``; the final
 JSON, markdown and plot are written at the end.
 
-    python experiments/nm_sparsity.py [--steps 600] [--resume]
+    python experiments/nm_sparsity.py [--steps 300] [--resume]
+    python experiments/nm_sparsity.py --probe          # then: step times side by side, added to the results
 """
 
 from __future__ import annotations
@@ -131,14 +132,19 @@ def plot(rows, summary, path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=600, help="optimizer steps per arm (the same for every arm)")
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps per arm (the same for every arm)")
     ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--arms", default="all", help="comma-separated arm names to run (default: all)")
     ap.add_argument("--resume", action="store_true", help=f"keep the arms already in {PARTIAL} (same --steps)")
     ap.add_argument("--progress", action="store_true", help="a progress bar per arm")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default="nm_sparsity", help="results name (experiments/results/<out>.{json,md,png})")
+    ap.add_argument("--probe", action="store_true",
+                    help="only add the side-by-side step-time probe to the existing results file")
+    ap.add_argument("--probe-steps", type=int, default=8, help="timed steps per method and round of the probe")
     args = ap.parse_args(argv)
+    if args.probe:
+        return probe_only(args)
 
     from moejax.config import get_preset
 
@@ -169,6 +175,47 @@ def main(argv=None):
             json.dump({"steps": args.steps, "rows": rows}, f)
         os.replace(PARTIAL + ".tmp", PARTIAL)
     summary = summarize(rows)
+    report(args, rows, summary, None)
+    if os.path.exists(PARTIAL) and len(rows) == len(ARMS):
+        os.remove(PARTIAL)
+
+
+def timing_probe(cfg, steps: int, rounds: int = 2) -> dict:
+    """Step time of every method side by side in one process: one :class:`Trainer` per distinct (method, n, m)
+    (compiled once, two warm-up steps), then ``rounds`` rounds, the order reversed each round, of ``steps``
+    timed steps on a fixed random batch. Returns ``{(method, n, m): median ms}``. The long arms' own step times
+    are medians over their run, which other work on this shared machine can inflate; this probe compares the
+    methods within a few minutes of each other."""
+    import jax
+    import numpy as np
+
+    from moejax.config import SparsityConfig, TrainConfig
+    from moejax.train.trainer import Trainer
+
+    keys = list(dict.fromkeys((m, n if m != "dense" else None, mm if m != "dense" else None)
+                              for _, m, n, mm, _ in ARMS))
+    rng = np.random.default_rng(0)
+    tok = rng.integers(0, 256, (16, 257)).astype(np.int32)
+    batch = {"tokens": tok, "segment_ids": np.ones_like(tok),
+             "positions": np.tile(np.arange(257, dtype=np.int32), (16, 1))}
+    trainers = {}
+    for k in keys:
+        sc = None if k[0] == "dense" else SparsityConfig(n=k[1], m=k[2], method=k[0])
+        tr = Trainer(cfg, TrainConfig(steps=1000, seq_len=256, global_batch=16, warmup_steps=10, sparsity=sc))
+        for _ in range(2):
+            jax.block_until_ready(tr.train_step(batch)["loss"])
+        trainers[k] = tr
+    times = {k: [] for k in keys}
+    for r in range(rounds):
+        for k in (keys if r % 2 == 0 else keys[::-1]):
+            for _ in range(steps):
+                t = time.perf_counter()
+                jax.block_until_ready(trainers[k].train_step(batch)["loss"])
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def report(args, rows, summary, probe) -> None:
     env = environment()
     isa = cpu_isa()
     dense_ms = statistics.mean(r["step_ms"] for r in rows if r["method"] == "dense") if any(
@@ -177,25 +224,49 @@ def main(argv=None):
         r["measured_speedup"] = dense_ms / r["step_ms"] if dense_ms else None
     cols = ["arm", "val_bits_per_byte", "rel_to_dense", "loaded_val_bits_per_byte", "implied_speedup",
             "step_ms", "measured_speedup", "mean_mask_flip_rate"]
+    probe_md = ""
+    if probe:
+        base = probe[("dense", None, None)]
+        for r in rows:
+            k = (r["method"], r["n"], r["m"])
+            r["probe_step_ms"] = probe[k]
+            r["probe_speedup"] = base / probe[k]
+        cols += ["probe_step_ms", "probe_speedup"]
+        probe_md = (f" `probe_step_ms`/`probe_speedup`: every method's step timed side by side in one process "
+                    f"after the runs ({args.probe_steps} steps x 2 rounds, order reversed per round, median), the "
+                    "fair comparison of step time; `step_ms` is each long run's own median, which other work on "
+                    "this shared machine inflated for some arms.")
     md = (f"# N:M sparse training: BDWP vs SR-STE vs transposable vs dense (tiny preset, {args.steps} steps)\n\n"
           f"Each arm trains `tiny` (8 experts top-2) for {args.steps} steps of 16 x 256 tokens on the stdlib corpus "
           f"on this machine ({env['cpu_count']} CPUs, {isa}, jax {env['jax']}). Sparse: attention q/k/v/o, MLPs and "
           "experts; router and embeddings dense. `implied_speedup`: MAC accounting with N:M GEMMs at n/m of their "
           "dense time (BDWP and transposable save in the forward and activation-gradient GEMMs, SR-STE in the "
           "forward only; weight gradients dense) -- modelled, not measured. `step_ms`/`measured_speedup`: this "
-          "CPU, which runs the masked weights densely (no gain expected; the masks cost extra work).\n\n"
+          "CPU, which runs the masked weights densely (no gain expected; the masks cost extra work)."
+          + probe_md + "\n\n"
           + markdown_table(rows, cols, floatfmt="{:.4g}")
           + "\n" + "\n".join(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
                               for k, v in summary.items()) + "\n")
     print(md)
     payload = {"environment": env, "isa": isa, "steps": args.steps, "summary": summary,
+               "probe_steps": args.probe_steps if probe else None,
                "rows": [{k: v for k, v in r.items()} for r in rows]}
     paths = write_results(args.out, payload, md)
     png = os.path.join(RESULTS, args.out + ".png")
     plot(rows, summary, png)
-    if os.path.exists(PARTIAL) and len(rows) == len(ARMS):
-        os.remove(PARTIAL)
     print("wrote", *paths, png)
+
+
+def probe_only(args) -> None:
+    """``--probe``: add the side-by-side step-time probe to an existing results file and rewrite it."""
+    from moejax.config import get_preset
+
+    path = os.path.join(RESULTS, args.out + ".json")
+    with open(path) as f:
+        saved = json.load(f)
+    args.steps = saved["steps"]
+    probe = timing_probe(get_preset("tiny"), args.probe_steps)
+    report(args, saved["rows"], saved["summary"], probe)
 
 
 if __name__ == "__main__":
