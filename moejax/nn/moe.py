@@ -220,8 +220,15 @@ class AtomicMoE(nnx.Module):
                                            for n in (self.router.norm1, self.router.norm2)])
         return out, aux
 
-    def apply_experts(self, xt, expert_ids, weights, mask, *, method: str | None = None, **unused):
-        """Atomic experts on given routing (``[T, K]`` each) plus the dense branch; ``[T, D]``."""
+    def apply_experts(self, xt, expert_ids, weights, mask, *, method: str | None = None, expert_weights=None,
+                      block_rows=None):
+        """Atomic experts on given routing (``[T, K]`` each) plus the dense branch; ``[T, D]``. ``method``: an
+        :data:`~moejax.nn.experts.ATOMIC_IMPLS` name (default ``MoEConfig.atomic_impl``). ``expert_weights``
+        (a runner's own copy of the experts, as offloading passes to :meth:`MoE.apply_experts`) is not
+        supported; ``block_rows`` does not apply."""
+        if expert_weights is not None:
+            raise NotImplementedError("AtomicMoE.apply_experts: expert_weights (experts held outside the layer, "
+                                      "e.g. offloaded) -- atomic experts stay in the layer's U/V tables")
         method = method or self.cfg.atomic_impl
         method = "expert_centric" if method == "auto" else method
         if method not in ATOMIC_IMPLS:
