@@ -17,6 +17,9 @@ equal N:M is reported beside the dense seeds' spread. Each finished arm is kept 
 ``experiments/results/nm_sparsity.partial.json`` so an interrupted run continues with ``--resume``; the final
 JSON, markdown and plot are written at the end.
 
+``--steps 300`` (the default) is what fits the ~100-minute budget here: the seven arms took 85 minutes on a
+2-core AVX-512 machine (10-13 minutes each); an AVX2 machine takes longer.
+
     python experiments/nm_sparsity.py [--steps 300] [--resume]
     python experiments/nm_sparsity.py --probe          # then: step times side by side, added to the results
 """
