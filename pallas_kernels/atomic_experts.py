@@ -67,7 +67,10 @@ def _bwd_kernel(e_ref, t_ref, g_ref, x_ref, u_ref, v_ref, dy_ref, dx_ref, du_ref
     dg_ref[...] = da * sh
 
 
-def _pairs(expert_ids, weights, tile):
+def sort_pairs(expert_ids, weights, tile):
+    """``(order, e, tok, g)``: the ``(token, expert)`` pairs stably sorted by expert, padded to whole tiles of
+    ``tile`` pairs with expert 0, token 0, weight 0 (pairs that add nothing). Shared with
+    :func:`moejax.nn.experts.atomic_expert_centric`."""
     K = expert_ids.shape[1]
     flat = expert_ids.reshape(-1).astype(jnp.int32)
     order = jnp.argsort(flat, stable=True)
@@ -99,7 +102,7 @@ def _atomic(x, u, v, expert_ids, weights, tile, interpret):
 
 def _atomic_fwd(x, u, v, expert_ids, weights, tile, interpret):
     T = expert_ids.shape[0]
-    order, e, tok, g = _pairs(expert_ids, weights, tile)
+    order, e, tok, g = sort_pairs(expert_ids, weights, tile)
     n = e.shape[0] // tile
     rows = _call(_fwd_kernel, n, tile, (x, u, v), [jax.ShapeDtypeStruct((e.shape[0], x.shape[1]), _F32)],
                  interpret)(e, tok, g, x, u, v)

@@ -78,11 +78,11 @@ def test_tiny_omni_preset_matches_tiny_active_parameters():
 def test_training_updates_router_statistics_and_checkpoints_serve(tmp_path):
     """Two training steps move the routers' running statistics (stored by the trainer, checkpointed); the
     checkpoint's model evaluates on them, generate and the engine agree on it, a mesh is refused."""
-    from moejax.models.generate import generate
     from moejax.parallel.mesh import MeshConfig
     from moejax.serve.engine import Engine, EngineConfig, SamplingParams
     from moejax.train.checkpoint import load_model
     from moejax.train.trainer import Trainer, train
+    from tests.test_serve_engine import check_against_generate
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -103,13 +103,7 @@ def test_training_updates_router_statistics_and_checkpoints_serve(tmp_path):
     prompts = [rng.integers(0, 256, n).tolist() for n in (5, 9)]
     res = Engine(model, EngineConfig(record_logits=True, block_size=8)).generate(
         prompts, SamplingParams(max_tokens=6, temperature=0))
-    for p, r in zip(prompts, res, strict=True):
-        ref = generate(model, [p], 6, return_logits=True)
-        top2 = np.sort(ref.logits[0], axis=-1)[:, -2:]
-        ties = np.flatnonzero(top2[:, 1] - top2[:, 0] < 1e-3)
-        n = int(ties[0]) + 1 if ties.size else 6
-        assert r.tokens[:n] == ref.tokens[0][:n].tolist()
-        assert np.abs(r.logits[:n] - ref.logits[0][:n]).max() <= 1e-4 * max(1.0, np.abs(ref.logits[0]).max())
+    check_against_generate(model, prompts, res, 6)
     with pytest.raises(ValueError, match="trains data parallel only"):
         Trainer(CFG, tc, MeshConfig.parse("data=2,expert=2"))
 

@@ -331,10 +331,10 @@ def test_trainer_logs_the_mask_flip_rate_and_the_config_round_trips(tmp_path):
 def test_a_sparse_checkpoint_loads_and_serves_as_the_sparse_model(tmp_path):
     """Train 2 BDWP 2:4 steps; the checkpoint loads N:M-sparse, its logits equal the training forward (forward
     masks on the dense weights), and the engine serves it as ``generate`` runs it."""
-    from moejax.models.generate import generate
     from moejax.serve.engine import Engine, EngineConfig, SamplingParams
     from moejax.train.checkpoint import load_model
     from moejax.train.trainer import train
+    from tests.test_serve_engine import check_against_generate
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -356,13 +356,7 @@ def test_a_sparse_checkpoint_loads_and_serves_as_the_sparse_model(tmp_path):
     prompts = [rng.integers(0, 256, n).tolist() for n in (5, 9)]
     res = Engine(model, EngineConfig(record_logits=True, block_size=8)).generate(
         prompts, SamplingParams(max_tokens=6, temperature=0))
-    for p, r in zip(prompts, res, strict=True):
-        ref = generate(model, [p], 6, return_logits=True)
-        top2 = np.sort(ref.logits[0], axis=-1)[:, -2:]
-        ties = np.flatnonzero(top2[:, 1] - top2[:, 0] < 1e-3)
-        n = int(ties[0]) + 1 if ties.size else 6
-        assert r.tokens[:n] == ref.tokens[0][:n].tolist()
-        assert np.abs(r.logits[:n] - ref.logits[0][:n]).max() <= 1e-4 * max(1.0, np.abs(ref.logits[0]).max())
+    check_against_generate(model, prompts, res, 6)
 
 
 def test_sparse_expert_parallel_step_equals_one_device():

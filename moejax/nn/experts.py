@@ -526,17 +526,6 @@ def atomic_expert_centric(x: jax.Array, u: jax.Array, v: jax.Array, expert_ids: 
 ATOMIC_TILE = 128  # (token, expert) pairs per tile of the expert-centric loop: [tile, d] buffers stay in cache
 
 
-def _atomic_ec_pairs(expert_ids, weights, K):
-    """Pairs sorted by expert, padded to whole tiles (padding: expert 0, token 0, weight 0 -- adds nothing)."""
-    flat = expert_ids.reshape(-1)
-    order = jnp.argsort(flat, stable=True)
-    pad = -flat.shape[0] % ATOMIC_TILE
-    e = jnp.pad(flat[order], (0, pad))
-    tok = jnp.pad((order // K).astype(jnp.int32), (0, pad))
-    g = jnp.pad(weights.reshape(-1)[order].astype(_F32), (0, pad))
-    return order, e, tok, g
-
-
 def _ec_tile(i, e, tok, g):
     sl = partial(jax.lax.dynamic_slice_in_dim, start_index=i * ATOMIC_TILE, slice_size=ATOMIC_TILE)
     return sl(e), sl(tok), sl(g)
@@ -547,8 +536,9 @@ def _ec_rows(table, et):
 
 
 def _atomic_ec_fwd(x, u, v, expert_ids, weights):
-    K = expert_ids.shape[1]
-    order, e, tok, g = _atomic_ec_pairs(expert_ids, weights, K)
+    from pallas_kernels.atomic_experts import sort_pairs  # lazily: it imports Pallas
+
+    order, e, tok, g = sort_pairs(expert_ids, weights, ATOMIC_TILE)
 
     def body(i, y):
         et, tt, gt = _ec_tile(i, e, tok, g)
