@@ -26,6 +26,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
+from pallas_kernels.common import silu_grad
 
 DEFAULT_TILE = 128
 _F32 = jnp.float32
@@ -36,11 +37,6 @@ def atomic_experts_reference(x, u, v, expert_ids, weights):
     h = jnp.einsum("td,tkd->tk", x.astype(_F32), jnp.take(u, expert_ids, axis=0).astype(_F32))
     a = jax.nn.silu(h) * weights.astype(_F32)
     return jnp.einsum("tk,tkd->td", a, jnp.take(v, expert_ids, axis=0).astype(_F32)).astype(x.dtype)
-
-
-def _silu_grad(h):
-    s = jax.nn.sigmoid(h)
-    return s * (1.0 + h * (1.0 - s))
 
 
 def _fwd_kernel(e_ref, t_ref, g_ref, x_ref, u_ref, v_ref, o_ref):
@@ -60,7 +56,7 @@ def _bwd_kernel(e_ref, t_ref, g_ref, x_ref, u_ref, v_ref, dy_ref, dx_ref, du_ref
     h = jnp.sum(xr * ur, axis=-1)
     sh = jax.nn.silu(h)
     da = jnp.sum(dyr * vr, axis=-1)
-    dh = da * g * _silu_grad(h)
+    dh = da * g * silu_grad(h)
     dx_ref[...] = dh[:, None] * ur
     du_ref[...] = dh[:, None] * xr
     dv_ref[...] = (sh * g)[:, None] * dyr
@@ -79,6 +75,14 @@ def sort_pairs(expert_ids, weights, tile):
     tok = jnp.pad((order // K).astype(jnp.int32), (0, pad))
     g = jnp.pad(weights.reshape(-1)[order].astype(_F32), (0, pad))
     return order, e, tok, g
+
+
+def unsort_pair_grads(dg, order, expert_ids, weights_dtype):
+    """``(d_expert_ids, d_weights)`` for a custom VJP over :func:`sort_pairs`: the per-pair weight gradients
+    ``dg`` (in sorted order, padded) put back in ``[T, K]`` token order, and the float0 zeros of the ids."""
+    T, K = expert_ids.shape
+    dw = jnp.zeros((T * K,), _F32).at[order].set(dg[:T * K], unique_indices=True).reshape(T, K)
+    return np.zeros(expert_ids.shape, jax.dtypes.float0), dw.astype(weights_dtype)
 
 
 def _call(kernel, n_tiles, tile, ins_full, outs, interpret):
@@ -112,7 +116,7 @@ def _atomic_fwd(x, u, v, expert_ids, weights, tile, interpret):
 
 def _atomic_bwd(tile, interpret, res, dy):
     x, u, v, expert_ids, order, e, tok, g, w_dtype = res
-    T, K = expert_ids.shape
+    T = expert_ids.shape[0]
     P, d = e.shape[0], x.shape[1]
     row = jax.ShapeDtypeStruct((P, d), _F32)
     dxr, dur, dvr, dg = _call(_bwd_kernel, P // tile, tile, (x, u, v, dy),
@@ -120,9 +124,7 @@ def _atomic_bwd(tile, interpret, res, dy):
     dx = jax.ops.segment_sum(dxr, tok, num_segments=T).astype(x.dtype)
     du = jax.ops.segment_sum(dur, e, num_segments=u.shape[0], indices_are_sorted=True).astype(u.dtype)
     dv = jax.ops.segment_sum(dvr, e, num_segments=v.shape[0], indices_are_sorted=True).astype(v.dtype)
-    dw = jnp.zeros((T * K,), _F32).at[order].set(dg[:T * K], unique_indices=True).reshape(T, K)
-    d_ids = np.zeros(expert_ids.shape, jax.dtypes.float0)
-    return dx, du, dv, d_ids, dw.astype(w_dtype.dtype)
+    return (dx, du, dv, *unsort_pair_grads(dg, order, expert_ids, w_dtype.dtype))
 
 
 _atomic.defvjp(_atomic_fwd, _atomic_bwd)

@@ -1,4 +1,5 @@
-"""Shape arithmetic and numeric constants shared by the kernels and by moejax (no jax import: cheap to load).
+"""Shape arithmetic, numeric constants and small formulas shared by the kernels and by moejax (jax is imported
+inside the functions that use it, not at module level: cheap to load).
 
 moejax imports these from here rather than keeping its own copies (``pallas_kernels`` imports nothing from
 moejax, so the shared pieces live at this, the lower, level).
@@ -22,3 +23,11 @@ def is_pow2(n: int) -> bool:
 
 def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def silu_grad(a):
+    """d silu(a) / da = sigmoid(a) * (1 + a * (1 - sigmoid(a))), elementwise (used by hand-written backwards)."""
+    import jax
+
+    s = jax.nn.sigmoid(a)
+    return s * (1.0 + a * (1.0 - s))

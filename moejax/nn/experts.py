@@ -36,7 +36,6 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from moejax.nn import dispatch as dsp
@@ -44,17 +43,13 @@ from moejax.nn import sparse
 from moejax.nn.dispatch import Layout
 from moejax.nn.sharding import tensor_input, tensor_output
 from moejax.nn.sparse import Dual
+from pallas_kernels.common import silu_grad
 
 _F32 = jnp.float32
 
 
 def _dot(a, b, spec):
     return jnp.einsum(spec, a, b, preferred_element_type=_F32)
-
-
-def _silu_grad(a):
-    s = jax.nn.sigmoid(a)
-    return s * (1.0 + a * (1.0 - s))
 
 
 # ------------------------------------------------------------------------------------------ tile loop
@@ -121,7 +116,7 @@ def _tiles_backward(x, wg, wu, wd, row_weight, row_token, expert_tiles, bt, a_al
             gd = gd + _dot(h.astype(x.dtype), (do * wr).astype(x.dtype), "rf,rd->fd")
             dh = g * wr
             db = (dh * sa).astype(x.dtype)
-            da = (dh * b * _silu_grad(a)).astype(x.dtype)
+            da = (dh * b * silu_grad(a)).astype(x.dtype)
             dxs = _dot(da, wg_e, "rf,df->rd") + _dot(db, wu_e, "rf,df->rd")
             gg = gg + _dot(xs, da, "rd,rf->df")
             gu = gu + _dot(xs, db, "rd,rf->df")
@@ -555,8 +550,9 @@ def _atomic_ec(x, u, v, expert_ids, weights):
 
 
 def _atomic_ec_bwd(res, dy):
+    from pallas_kernels.atomic_experts import unsort_pair_grads  # lazily: it imports Pallas
+
     x, u, v, expert_ids, order, e, tok, g, w_dtype = res
-    T, K = expert_ids.shape
     P = ATOMIC_TILE
 
     def body(i, carry):
@@ -568,7 +564,7 @@ def _atomic_ec_bwd(res, dy):
         h = jnp.sum(xt * ut, axis=-1)
         sh = jax.nn.silu(h)
         da = jnp.sum(dyt * vt, axis=-1)
-        dh = da * gt * _silu_grad(h)
+        dh = da * gt * silu_grad(h)
         dx = dx.at[tt].add(dh[:, None] * ut, mode="drop")
         du = du.at[et].add(dh[:, None] * xt, indices_are_sorted=True, mode="drop")
         dv = dv.at[et].add((sh * gt)[:, None] * dyt, indices_are_sorted=True, mode="drop")
@@ -579,9 +575,8 @@ def _atomic_ec_bwd(res, dy):
     init = (jnp.zeros(x.shape, _F32), jnp.zeros(u.shape, _F32), jnp.full(v.shape, -0.0, _F32),
             jnp.zeros(e.shape, _F32))
     dx, du, dv, dg = jax.lax.fori_loop(0, e.shape[0] // P, body, init)
-    dw = jnp.zeros((T * K,), _F32).at[order].set(dg[:T * K], unique_indices=True).reshape(T, K)
-    d_ids = np.zeros(expert_ids.shape, jax.dtypes.float0)
-    return dx.astype(x.dtype), du.astype(u.dtype), dv.astype(v.dtype), d_ids, dw.astype(w_dtype.dtype)
+    return (dx.astype(x.dtype), du.astype(u.dtype), dv.astype(v.dtype),
+            *unsort_pair_grads(dg, order, expert_ids, w_dtype.dtype))
 
 
 _atomic_ec.defvjp(_atomic_ec_fwd, _atomic_ec_bwd)
