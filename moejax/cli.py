@@ -368,6 +368,16 @@ def cmd_serve(args) -> int:
         from moejax.offload.runtime import OffloadRunner
 
         runner = OffloadRunner(model, ecfg, offload)
+    elif args.mesh:
+        from moejax.serve.ep_runner import ExpertParallelRunner
+
+        try:
+            runner = ExpertParallelRunner(model, ecfg, args.mesh, capacity_factor=args.ep_capacity_factor)
+        except (ValueError, NotImplementedError) as e:
+            raise SystemExit(f"--mesh {args.mesh}: {e}") from None
+        print(f"expert parallel over {runner.mesh_cfg.expert_parallel} devices ("
+              + ("dropless" if not args.ep_capacity_factor else f"capacity factor {args.ep_capacity_factor}") + ")",
+              file=sys.stderr)
     engine = Engine(model, ecfg, runner=runner, model_name=name)
     if offload is None and args.warmup == "blocking":
         import time
@@ -396,6 +406,10 @@ OFFLOAD_FLAGS = ("expert_memory_budget", "offload_policy", "offload_io", "offloa
 
 def _check_serve(parser, args) -> None:
     """Flag combinations ``serve`` cannot honour: an argparse error (exit 2) naming the flag they need."""
+    if args.ep_capacity_factor and not args.mesh:
+        parser.error("--ep-capacity-factor needs --mesh (it caps the expert-parallel buffers)")
+    if args.offload and args.mesh:
+        parser.error("--mesh does not combine with --offload (offloaded experts are served on one device)")
     if not args.offload:
         given = [_flag(d) for d in OFFLOAD_FLAGS if getattr(args, d) is not None]
         if given:
@@ -662,6 +676,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "shows the progress); blocking (also plain --warmup): compile every shape before listening "
                         "(no compile pause while serving, but no /health for a minute or more on a small CPU); "
                         "none: compile each shape on first use")
+    s.add_argument("--mesh", help="expert-parallel serving: a device mesh with only expert (and node) axes, e.g. "
+                                  "expert=8: routed experts sharded, attention and KV cache replicated (CPU: set "
+                                  "XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    s.add_argument("--ep-capacity-factor", type=float_range(0, 1e6), default=0.0,
+                   help="with --mesh: per-expert buffer rows per device as a multiple of the balanced share "
+                        "(default 0: dropless, every buffer holds all of a device's rows)")
     s.add_argument("--seed", type=seed32, default=0)
     _add_dtype(s, DTYPES)
     s.add_argument("--offload", help="serve from an offload store (`moejax offload prepare`): experts on disk")

@@ -156,12 +156,12 @@ class Block(nnx.Module):
 
     def ffn_sublayer(self, parts):
         """The FFN sublayer of several row groups in one FFN call (one MoE call: each expert's weights are read
-        once for all of them). ``parts`` as in :meth:`ffn_input`; returns the groups' ``x + ffn`` and the number of
-        distinct experts routed to (0 for a dense layer)."""
+        once for all of them). ``parts`` as in :meth:`ffn_input`; returns the groups' ``x + ffn`` and the layer's
+        serving statistics ``int32 [2]``: distinct experts routed to and (token, slot) rows the dispatch dropped
+        (both 0 for a dense layer)."""
         y, mask, ids = self.ffn_input(parts)
         f, aux = self.ffn(y, token_mask=mask, expert_ids=ids)
-        touched = jnp.sum(aux["expert_load"] > 0).astype(jnp.int32) if self.kind == "moe" else jnp.int32(0)
-        return add_residual([x for x, _, _ in parts], f), touched
+        return add_residual([x for x, _, _ in parts], f), layer_stats(aux if self.kind == "moe" else None)
 
     def route(self, y, *, token_mask=None, expert_ids=None):
         """The router's choice for normalized tokens ``y [T, D]`` as flat ``(expert_ids, weights, mask)``, each
@@ -179,7 +179,8 @@ class Block(nnx.Module):
     def paged_layer(self, kp, vp, li, dec: PagedPart | None, pf: PagedPart | None, active=None, *,
                     dec_spec: PagedSpec, pf_spec: PagedSpec | None = None):
         """One layer of a serving step: decode rows ``dec`` and prefill rows ``pf`` (either may be None) over
-        layer ``li`` of the KV pool ``kp``/``vp``. Returns ``(x_dec, x_pf, kp, vp, experts_touched)``.
+        layer ``li`` of the KV pool ``kp``/``vp``. Returns ``(x_dec, x_pf, kp, vp, stats)``, ``stats`` as in
+        :meth:`ffn_sublayer` (experts touched, rows dropped).
 
         Without prefill rows: attention, then the FFN. With them, ``active`` (a traced bool: the layer-group
         mask of layered prefill) says whether the prefill rows pass this layer: decode rows always pass;
@@ -193,8 +194,8 @@ class Block(nnx.Module):
         prefill attention and the shared MoE call (or the decode rows' MoE call alone)."""
         if pf is None:
             xd, kp, vp = self.paged_attention(dec.x, dec.rows, kp, vp, li, dec_spec)
-            (xd,), touched = self.ffn_sublayer([(xd, dec.rows.valid, dec.expert_ids)])
-            return xd, None, kp, vp, touched
+            (xd,), stats = self.ffn_sublayer([(xd, dec.rows.valid, dec.expert_ids)])
+            return xd, None, kp, vp, stats
         pf_spec = pf_spec or dec_spec
         prows = pf.rows
 
@@ -215,17 +216,25 @@ class Block(nnx.Module):
         def with_prefill(xd, xp, qp, kp, vp):
             xp = self.paged_read(xp, qp, prows, kp, vp, li, pf_spec)
             parts = [] if dec is None else [(xd, dec.rows.valid, dec.expert_ids)]
-            xs, touched = self.ffn_sublayer(parts + [(xp, prows.valid, pf.expert_ids)])
-            return (None if dec is None else xs[0]), xs[-1], touched
+            xs, stats = self.ffn_sublayer(parts + [(xp, prows.valid, pf.expert_ids)])
+            return (None if dec is None else xs[0]), xs[-1], stats
 
         def decode_only(xd, xp, qp, kp, vp):
             if dec is None:
-                return xd, xp, jnp.int32(0)
-            (xd,), touched = self.ffn_sublayer([(xd, dec.rows.valid, dec.expert_ids)])
-            return xd, xp, touched
+                return xd, xp, layer_stats(None)
+            (xd,), stats = self.ffn_sublayer([(xd, dec.rows.valid, dec.expert_ids)])
+            return xd, xp, stats
 
-        xd, xp, touched = jax.lax.cond(active, with_prefill, decode_only, xd, pf.x, qp, kp, vp)
-        return xd, xp, kp, vp, touched
+        xd, xp, stats = jax.lax.cond(active, with_prefill, decode_only, xd, pf.x, qp, kp, vp)
+        return xd, xp, kp, vp, stats
+
+
+def layer_stats(aux: dict | None) -> jax.Array:
+    """A MoE call's serving statistics ``int32 [2]``: (distinct experts routed to, rows dropped); zeros for
+    ``None`` (a dense layer, or no FFN call)."""
+    if aux is None:
+        return jnp.zeros((2,), jnp.int32)
+    return jnp.stack([jnp.sum(aux["expert_load"] > 0), jnp.sum(aux.get("dropped", 0))]).astype(jnp.int32)
 
 
 def add_residual(xs, f):

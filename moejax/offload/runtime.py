@@ -457,7 +457,7 @@ class OffloadRunner(ModelRunner):
         out = _finish(self.gdef, self.state, xd, xp, dec, pf, jnp.asarray(touched), return_logits=return_logits)
         self.stats.step_s += time.perf_counter() - t0
         self.stats.peak_anon_rss = max(self.stats.peak_anon_rss, anon_rss_bytes())
-        return StepOutput(*out[:-1], KVPool(tuple(ks), tuple(vs)))
+        return out._replace(pool=KVPool(tuple(ks), tuple(vs)))
 
     def _moe_layer(self, layer, gd, st, y, routing, touched):
         """Make the routed experts of ``layer`` resident (cache decisions, reads, decoding) and run them."""

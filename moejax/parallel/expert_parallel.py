@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +107,57 @@ def current() -> EPContext | None:
     """The :class:`EPContext` of the enclosing :func:`expert_parallel` block (None: not expert parallel)."""
     ex = stages.current_executor()
     return ex if isinstance(ex, EPContext) else None
+
+
+@dataclass(frozen=True)
+class ReplicatedEPContext(EPContext):
+    """Serving's expert parallelism: every device holds the whole token batch (attention and the KV cache are
+    replicated), so each MoE layer takes this device's ``1 / n`` of the rows (padded to a multiple of ``n``),
+    runs :func:`ep_moe` on them (the training path: gate, order, ``all_to_all``, local experts,
+    ``all_to_all``, inverse order) and ``all_gather``-s the outputs back to every device
+    (:func:`ep_moe_replicated`). ``expert_load`` and ``dropped`` come back summed over the devices, the
+    other statistics averaged. ``capacity_factor=0`` (serving's default) makes every expert's buffer hold all
+    of a device's rows: nothing is dropped."""
+
+    def run_moe(self, layer, xt, **kwargs):
+        return ep_moe_replicated(layer, xt, self, **kwargs)
+
+
+@contextlib.contextmanager
+def expert_parallel_serving(axis=("node", "expert"), capacity_factor: float | None = 0.0, a2a: str = "fixed",
+                            ragged_bound: float | None = None):
+    """Trace-time context for a step whose tokens are replicated over ``axis`` (a serving step inside
+    ``shard_map``): MoE layers run :func:`ep_moe_replicated`. ``capacity_factor`` 0 (default): dropless."""
+    ctx = ReplicatedEPContext(axis, (), capacity_factor, a2a, ragged_bound)
+    with stages.moe_executor(ctx):
+        yield
+
+
+def ep_moe_replicated(moe, xt: jax.Array, ctx: EPContext, *, token_mask=None, token_index=None, rng=None,
+                      train=False):
+    """The expert-parallel MoE forward of tokens ``xt [T, D]`` held whole by every device of ``ctx.axis`` (see
+    :class:`ReplicatedEPContext`); ``(out [T, D], aux)``, the same on every device."""
+    T = xt.shape[0]
+    n = jax.lax.psum(1, ctx.axis)
+    i = jax.lax.axis_index(ctx.axis)
+    Tl = -(-T // n)
+    pad = Tl * n - T
+    mask = jnp.ones((T,), bool) if token_mask is None else token_mask.reshape(T).astype(bool)
+    index = jnp.arange(T, dtype=jnp.int32) if token_index is None else token_index.reshape(T).astype(jnp.int32)
+    xp = jnp.pad(xt, ((0, pad), (0, 0)))
+    mp, ip = jnp.pad(mask, (0, pad)), jnp.pad(index, (0, pad))
+    local = partial(jax.lax.dynamic_slice_in_dim, start_index=i * Tl, slice_size=Tl)
+    out, aux = ep_moe(moe, local(xp), ctx, token_mask=local(mp), token_index=local(ip), rng=rng, train=train)
+    out = jax.lax.all_gather(out, ctx.axis, axis=0, tiled=True)[:T]
+
+    def reduce(k, v):
+        if k in ("expert_load", "dropped"):
+            return jax.lax.psum(v, ctx.axis)
+        if k == "capacity_used":
+            return jax.lax.pmax(v, ctx.axis)
+        return jax.lax.pmean(v, ctx.axis) if jnp.issubdtype(v.dtype, jnp.floating) else v
+
+    return out, {k: reduce(k, v) for k, v in aux.items()}
 
 
 def ep_capacity_factor(moe_cfg, ctx: EPContext) -> float:

@@ -60,6 +60,7 @@ class IterationStats:
     decode_context: int = 0         # cached tokens the decode rows attend over (summed over rows)
     prefill_context: int = 0        # cached + new tokens the prefill rows attend over
     prefill_pairs: int = 0          # causal (query, key) pairs of the prefill rows
+    dropped: int = 0                # (token, slot) rows the MoE dispatch dropped (capacity), all layers
 
 
 def _pct(xs, q):
@@ -104,6 +105,7 @@ def summarize(requests: list[RequestMetrics], iterations: list[IterationStats], 
         "expert_bytes_per_output_token": ebytes / max(out_tok, 1),
         "expert_bytes_per_prompt_token": ebytes / max(in_tok, 1),
         "prefill_tokens_run": pf_tok, "decode_tokens_run": dec_tok,
+        "dropped_rows_total": sum(i.dropped for i in iterations),
     }
     for name, xs in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e)):
         res[f"{name}_mean_s"] = _mean(xs)
@@ -129,6 +131,8 @@ class PrometheusMetrics:
         self.iterations = Counter("moejax_iterations", "engine iterations", **kw)
         self.expert_bytes = Counter("moejax_expert_weight_bytes", "expert-weight bytes touched", **kw)
         self.preemptions = Counter("moejax_preemptions", "requests preempted (recompute)", **kw)
+        self.dropped = Counter("moejax_moe_dropped_rows", "(token, expert) rows the MoE dispatch dropped "
+                               "(capacity; 0 when dropless)", **kw)
         self.running = Gauge("moejax_num_requests_running", "requests decoding", **kw)
         self.waiting = Gauge("moejax_num_requests_waiting", "requests waiting", **kw)
         self.kv_usage = Gauge("moejax_kv_cache_usage", "fraction of KV blocks in use", **kw)
@@ -142,6 +146,7 @@ class PrometheusMetrics:
         self.iterations.labels(m).inc()
         self.expert_bytes.labels(m).inc(it.expert_bytes)
         self.preemptions.labels(m).inc(it.preempted)
+        self.dropped.labels(m).inc(it.dropped)
         self.step.labels(m).observe(it.end - it.start)
         self.running.labels(m).set(running)
         self.waiting.labels(m).set(waiting)

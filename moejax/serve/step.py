@@ -77,6 +77,7 @@ class StepOutput(NamedTuple):
     dec_logits: jax.Array | None  # [Bd, V] float32 (only with return_logits)
     pf_logits: jax.Array | None   # [Bp, V]
     pool: KVPool
+    dropped: jax.Array | None = None  # [n_layers] (token, slot) rows the MoE dispatch dropped (capacity)
 
 
 def _sample(model, h, keys, temperature, top_p, return_logits):
@@ -154,7 +155,7 @@ def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: Prefill
                                    pf.tokens.shape[1] if has_p else None)
     xd = dpart.x if has_d else jnp.zeros((0,), dt)
     xp = ppart.x if has_p else jnp.zeros((0,), dt)
-    ks, vs, touched = list(pool.k), list(pool.v), []
+    ks, vs, stats = list(pool.k), list(pool.v), []
     for r, (_kind, first, n) in enumerate(model.runs):
         gd, st = nnx.split(model.stacks[r])
 
@@ -178,9 +179,10 @@ def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: Prefill
                 cnts.append(c)
             cnt = jnp.stack(cnts)
         xd, xp, ks[r], vs[r] = carry
-        touched.append(cnt)
-    return finish_step(model, xd, xp, dec, pf, jnp.concatenate(touched), KVPool(tuple(ks), tuple(vs)),
-                       return_logits)
+        stats.append(cnt)
+    stats = jnp.concatenate(stats)  # [n_layers, 2]: experts touched, rows dropped
+    o = finish_step(model, xd, xp, dec, pf, stats[:, 0], KVPool(tuple(ks), tuple(vs)), return_logits)
+    return o._replace(dropped=stats[:, 1])
 
 
 _STATIC = ("gdef", "block_size", "return_logits", "attn_impl", "kv_block")
@@ -197,6 +199,7 @@ class MultiStepOutput(NamedTuple):
     experts_touched: jax.Array  # [steps, n_layers]
     logits: jax.Array | None   # [steps, Bd, V] (only with return_logits)
     pool: KVPool
+    dropped: jax.Array | None = None  # [steps, n_layers]
 
 
 @partial(jax.jit, static_argnames=(*_STATIC, "steps"), donate_argnames=("pool",))
@@ -215,23 +218,23 @@ def engine_decode_steps(gdef, state, pool: KVPool, dec: DecodeBatch, layer_state
     kw = {"block_size": block_size, "return_logits": return_logits, "attn_impl": attn_impl, "kv_block": kv_block}
 
     def body(j, carry):
-        tok, pool, toks, lps, tids, tlps, touched, logits = carry
+        tok, pool, toks, lps, tids, tlps, touched, dropped, logits = carry
         step_key = jnp.asarray([0, 1], jnp.uint32) * j.astype(jnp.uint32)  # (seed, output index + j)
         d = dec._replace(tokens=tok, pos=dec.pos + j, keys=dec.keys + step_key)
         o = _engine_step(gdef, state, pool, d, None, None, group, layer_states=layer_states, **kw)
         toks, lps = toks.at[j].set(o.dec_next), lps.at[j].set(o.dec_logprob)
         tids, tlps = tids.at[j].set(o.dec_top[0]), tlps.at[j].set(o.dec_top[1])
-        touched = touched.at[j].set(o.experts_touched)
+        touched, dropped = touched.at[j].set(o.experts_touched), dropped.at[j].set(o.dropped)
         if return_logits:
             logits = logits.at[j].set(o.dec_logits)
-        return o.dec_next, o.pool, toks, lps, tids, tlps, touched, logits
+        return o.dec_next, o.pool, toks, lps, tids, tlps, touched, dropped, logits
 
     init = (dec.tokens, pool, jnp.zeros((steps, Bd), jnp.int32), jnp.zeros((steps, Bd), jnp.float32),
             jnp.zeros((steps, Bd, TOP_LOGPROBS), jnp.int32), jnp.zeros((steps, Bd, TOP_LOGPROBS), jnp.float32),
-            jnp.zeros((steps, L), jnp.int32),
+            jnp.zeros((steps, L), jnp.int32), jnp.zeros((steps, L), jnp.int32),
             jnp.zeros((steps, Bd, V) if return_logits else (0,), jnp.float32))
-    _, pool, toks, lps, tids, tlps, touched, logits = jax.lax.fori_loop(0, steps, body, init)
-    return MultiStepOutput(toks, lps, (tids, tlps), touched, logits if return_logits else None, pool)
+    _, pool, toks, lps, tids, tlps, touched, dropped, logits = jax.lax.fori_loop(0, steps, body, init)
+    return MultiStepOutput(toks, lps, (tids, tlps), touched, logits if return_logits else None, pool, dropped)
 
 
 def finish_step(model, xd, xp, dec, pf, touched, pool, return_logits) -> StepOutput:
