@@ -146,3 +146,12 @@ def test_train_sparsity_flags_build_the_config():
                                       "srste", "--sparsity-layers", "experts,mlp"])
     assert _train_configs(args)[1].sparsity == SparsityConfig(n=1, m=4, method="srste", layers=("experts", "mlp"))
     assert _train_configs(build_parser().parse_args(["train", "--preset", "tiny"]))[1].sparsity is None
+
+
+@pytest.mark.parametrize("argv, needed", [
+    (["serve", "--preset", "tiny", "--ep-capacity-factor", "1"], "--ep-capacity-factor needs --mesh"),
+    (["serve", "--offload", "store", "--mesh", "expert=8"], "--mesh does not combine with --offload"),
+    (["serve", "--preset", "tiny", "--mesh", "expert=8", "--ep-capacity-factor", "-1"], "--ep-capacity-factor"),
+])
+def test_serve_mesh_flags(capsys, argv, needed):
+    assert needed in _exit_message(capsys, argv)
