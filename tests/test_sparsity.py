@@ -240,7 +240,7 @@ def _loss_grads(model, tokens, sc):
             out = nnx.merge(gdef, params, rest)(tokens)
         return jnp.mean(jax.nn.logsumexp(out.logits, -1) - out.logits[..., 0])
 
-    return jax.value_and_grad(loss)(params)
+    return jax.jit(jax.value_and_grad(loss))(params)
 
 
 def test_dense_method_is_the_plain_step_bit_for_bit(model_case):
