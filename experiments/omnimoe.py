@@ -137,17 +137,75 @@ def train_arm(name, args, *, steps=None, minutes=None):
 
 def part_b(args) -> list[dict]:
     rows = []
-    for budget in ({"steps": args.steps}, {"minutes": args.minutes}):
+    budgets = {"steps": {"steps": args.steps}, "minutes": {"minutes": args.minutes}}
+    partial = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.out + ".b-partial.jsonl")
+    for key in args.b_order.split(","):
+        budget = budgets[key]
         for name in ("tiny", "tiny-dense", "tiny-omni"):
             print(f"[b] {name} {budget} ...", flush=True)
             r = train_arm(name, args, **budget)
             print(f"    {r['val_bits_per_byte']:.4f} bits/byte after {r['steps']} steps, "
                   f"{r['tokens_per_s']} tok/s", flush=True)
             rows.append(r)
+            with open(partial, "a") as f:  # each arm as it ends (a crash later does not lose it)
+                f.write(json.dumps(r) + "\n")
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ (c)
+
+_REF_TRITON_OPS = {"omni_mlp": "triton_omni_mlp_func", "omni_router": "triton_omni_router_func",
+                   "omni_expert": "triton_omni_expert_func"}
+
+
+def _load_reference():
+    """``(OmniMoE_Pytorch, OmniMoEConfig, stubbed)`` from the clone on ``sys.path``.
+
+    ``omni_moe/modules/omni_moe.py`` imports its three Triton ops at module level (for the ``OmniMoE`` class
+    beside the pure-PyTorch ``OmniMoE_Pytorch``). Where Triton is absent (a CPU machine), those three op
+    modules are replaced by stubs whose functions raise when called, so that the module imports; only
+    ``OmniMoE_Pytorch``, which calls none of them, is used. ``stubbed`` says whether that was done."""
+    import importlib
+    import types
+
+    try:
+        mod = importlib.import_module("omni_moe.modules.omni_moe")
+        return mod.OmniMoE_Pytorch, mod.OmniMoEConfig, False
+    except ModuleNotFoundError as e:
+        if e.name != "triton" and not (e.name or "").startswith("triton."):
+            raise
+    for sub, fn in _REF_TRITON_OPS.items():
+        name = f"omni_moe.ops.triton.{sub}"
+        stub = types.ModuleType(name)
+
+        def unavailable(*a, _fn=fn, **k):
+            raise RuntimeError(f"{_fn}: Triton is not installed (stubbed by experiments/omnimoe.py)")
+
+        setattr(stub, fn, unavailable)
+        sys.modules[name] = stub
+    sys.modules.pop("omni_moe.modules.omni_moe", None)
+    mod = importlib.import_module("omni_moe.modules.omni_moe")
+    return mod.OmniMoE_Pytorch, mod.OmniMoEConfig, True
+
+
+def _copy_reference_weights(ref, layer):
+    """Copy an ``OmniMoE_Pytorch``'s weights and batch-norm running statistics into an ``AtomicMoE`` (same
+    expert numbering: ``i * sqrt(N) + j``; torch Linear weights are ``[out, in]``)."""
+    import jax.numpy as jnp
+
+    def t(p):
+        return jnp.asarray(p.detach().numpy())
+
+    layer.router.w1[...] = t(ref.router_gate_x.weight).T
+    layer.router.w2[...] = t(ref.router_gate_y.weight).T
+    for norm, bn in ((layer.router.norm1, ref.router_norm_x), (layer.router.norm2, ref.router_norm_y)):
+        norm.mean[...], norm.var[...] = t(bn.running_mean), t(bn.running_var)
+        norm.epsilon = bn.eps
+    layer.u[...], layer.v[...] = t(ref.up_embed.weight), t(ref.down_embed.weight)
+    layer.shared.w_gate[...] = t(ref.gate_proj.weight).T
+    layer.shared.w_up[...] = t(ref.up_proj.weight).T
+    layer.shared.w_down[...] = t(ref.down_proj.weight).T
+
 
 def part_c(args) -> dict:
     path = args.omni_ref
@@ -159,8 +217,8 @@ def part_c(args) -> dict:
         return {"skipped": "torch is not installed"}
     sys.path.insert(0, path)
     try:
-        from omni_moe.modules.omni_moe import OmniMoE_Pytorch, OmniMoEConfig
-    except Exception as e:  # noqa: BLE001 -- the reference imports its Triton kernels at module level
+        OmniMoE_Pytorch, OmniMoEConfig, stubbed = _load_reference()
+    except Exception as e:  # noqa: BLE001 -- report why the peer cannot run, do not fail the other parts
         return {"skipped": f"the reference does not import here: {type(e).__name__}: {e}"}
     import jax
     import numpy as np
@@ -169,31 +227,51 @@ def part_c(args) -> dict:
     from moejax.config import MoEConfig, RouterConfig
     from moejax.nn.moe import AtomicMoE
 
-    T, d, K = args.tokens, args.d, 16
+    T, d = args.tokens, args.d
+    torch.manual_seed(0)
     rows = []
     for lg in [n for n in args.log2n if n <= 16]:
         N = 2**lg
-        conf = OmniMoEConfig(hidden_size=d, intermediate_size=4 * d, hidden_act="silu", num_experts=N,
-                             num_experts_per_token=K)
-        ref = OmniMoE_Pytorch(conf).eval()
-        xt = torch.randn(1, T, d)
-        with torch.no_grad():
-            ref(xt)
-            ts = []
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                ref(xt)
-                ts.append(time.perf_counter() - t)
-        mc = MoEConfig(num_experts=N, d_ff=4 * d, num_shared_experts=1, shared_d_ff=4 * d, expert_type="atomic",
-                       router=RouterConfig(type="cartesian", top_k=K))
-        layer = AtomicMoE(d, mc, rngs=nnx.Rngs(0))
-        gdef, state = nnx.split(layer)
-        f = jax.jit(lambda st, x, gdef=gdef: nnx.merge(gdef, st)(x)[0])
-        xj = np.asarray(xt[0].numpy())
-        ours = time_fn(f, state, xj, repeats=args.repeats)["median_s"]
-        rows.append({"N": N, "K": K, "reference ms": statistics.median(ts) * 1e3, "moejax ms": ours * 1e3,
-                     "ratio": statistics.median(ts) / ours})
-    return {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads()}
+        for K in args.ks:
+            conf = OmniMoEConfig(hidden_size=d, intermediate_size=4 * d, hidden_act="silu", num_experts=N,
+                                 num_experts_per_token=K)
+            ref = OmniMoE_Pytorch(conf).eval()  # eval: the batch norms use their running statistics
+            with torch.no_grad():  # a trained-looking router: its BN running statistics away from (0, 1)
+                for bn in (ref.router_norm_x, ref.router_norm_y):
+                    bn.running_mean.normal_(0.0, 0.05)
+                    bn.running_var.uniform_(0.5, 2.0)
+            xt = torch.randn(1, T, d)
+            with torch.no_grad():
+                y_ref = ref(xt)[0].numpy()
+                ts = []
+                for _ in range(args.repeats):
+                    t = time.perf_counter()
+                    ref(xt)
+                    ts.append(time.perf_counter() - t)
+            mc = MoEConfig(num_experts=N, d_ff=4 * d, num_shared_experts=1, shared_d_ff=4 * d,
+                           expert_type="atomic", router=RouterConfig(type="cartesian", top_k=K))
+            layer = AtomicMoE(d, mc, rngs=nnx.Rngs(0))
+            _copy_reference_weights(ref, layer)
+            xj = np.asarray(xt[0].numpy())
+            row = {"N": N, "K": K, "reference ms": statistics.median(ts) * 1e3}
+            for method in ("expert_centric", "token_centric"):
+                gdef, state = nnx.split(layer)
+
+                def fwd(st, x, gdef=gdef, method=method):
+                    m = nnx.merge(gdef, st)
+                    r, _ = m.route(x)
+                    return m.apply_experts(x, r.expert_ids, r.weights, r.mask, method=method)
+
+                f = jax.jit(fwd)
+                y = np.asarray(f(state, xj))
+                row[f"moejax {method} ms"] = time_fn(f, state, xj, repeats=args.repeats)["median_s"] * 1e3
+                row[f"rel. diff {method}"] = float(np.max(np.abs(y - y_ref)) / np.max(np.abs(y_ref)))
+            row["ratio ref / EC"] = row["reference ms"] / row["moejax expert_centric ms"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del ref, layer
+    return {"rows": rows, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "triton_ops_stubbed": stubbed}
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -260,8 +338,16 @@ def report(args, a, dense_gflops, b, c) -> str:
                       f"bits/byte (target <= +2%: **{summary['quality_target_met']}**).\n")
     if c is not None:
         md.append("## (c) Reference OmniMoE_Pytorch as a peer\n")
-        md.append(c["skipped"] + "\n" if "skipped" in c else
-                  markdown_table(c["rows"], ["N", "K", "reference ms", "moejax ms", "ratio"]))
+        if "skipped" in c:
+            md.append(c["skipped"] + "\n")
+        else:
+            md.append(f"The reference's pure-PyTorch class (torch {c['torch']}, {c['threads']} threads, eval mode: "
+                      f"running batch-norm statistics; its router scores all N pairs per token, its experts are "
+                      f"token-centric) and moejax's AtomicMoE (router + experts + dense branch, jitted) with the "
+                      f"same weights copied in, on the same {args.tokens} tokens of width {args.d}"
+                      + (" (the reference's Triton op modules stubbed: never called by OmniMoE_Pytorch)"
+                         if c.get("triton_ops_stubbed") else "") + ". rel. diff: max abs difference of the outputs over the reference's max abs output.\n")
+            md.append(markdown_table(c["rows"], list(c["rows"][0])))
     md.append(f"\nEnvironment: jax {environment()['jax']}, {os.cpu_count()} CPUs, {isa}.\n")
     return "\n".join(md), summary
 
@@ -279,6 +365,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300, help="(b) the equal-steps budget")
     ap.add_argument("--minutes", type=float, default=10.0, help="(b) the equal-wall-time budget, per model")
+    ap.add_argument("--b-order", default="minutes,steps",
+                    help="(b) the order of the two budgets (the equal-wall-time arms first: they need a quiet machine)")
     ap.add_argument("--eval-batches", type=int, default=16)
     ap.add_argument("--omni-ref", default=os.environ.get("OMNIMOE_REF"), help="(c) a clone of flash-algo/omni-moe")
     ap.add_argument("--progress", action="store_true")
@@ -291,6 +379,8 @@ def main(argv=None) -> int:
         ap.error(f"--parts: unknown {sorted(bad)}; allowed a, b, c")
     args.log2n = [int(v) for v in args.log2n.split(",")]
     args.ks = [int(v) for v in args.ks.split(",")]
+    if sorted(args.b_order.split(",")) != ["minutes", "steps"]:
+        ap.error(f"--b-order {args.b_order!r}: give both budgets, 'minutes,steps' or 'steps,minutes'")
     if args.tokens % args.flat_chunk:
         ap.error(f"--flat-chunk {args.flat_chunk} must divide --tokens {args.tokens}")
     a, dense_gflops = part_a(args) if "a" in parts else ([], None)

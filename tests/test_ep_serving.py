@@ -71,3 +71,28 @@ def test_expert_parallel_runner_rejects_bad_settings(model):
     dense = Transformer(small_cfg(moe=None, dense_layers=()), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="no MoE layers"):
         ExpertParallelRunner(dense, cfg, "expert=8")
+
+
+def test_eplb_rebalances_mid_stream_without_changing_tokens(model):
+    """EPLB with one redundant slot per device (16 slots for 8 experts): the dynamic tracker set to rebalance
+    whenever the loads move at all, so placements change between iterations while requests decode; tokens and
+    logits stay one device's, every placement fills every slot and places every expert, no recompilation."""
+    from moejax.serve.ep_runner import EPLBConfig
+
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 97, n).tolist() for n in (5, 21, 12)]
+    cfg = EngineConfig(scheduler="chunked", record_logits=True, block_size=8, kv_block=16, layer_loop="scan",
+                       sched=sched_cfg(max_num_batched_tokens=16, max_prefill_seqs=1))
+    ec = EPLBConfig(redundant_slots=1, policy="dynamic", threshold=1.0, check_every=1, min_steps=1, decay=0.5)
+    runner = ExpertParallelRunner(model, cfg, "expert=8", eplb=ec)
+    assert runner.placement.slots.shape == (3, 16)  # 3 MoE layers x (8 devices x 2 slots)
+    eng = Engine(model, runner=runner)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    res = eng.generate(prompts, params)
+    assert len(runner.rebalances) >= 3 and sum(r["moved_slots"] for r in runner.rebalances) > 0
+    runner.placement.validate()
+    assert (runner.placement.replica_counts() >= 1).all()
+    check_same_serving(res, Engine(model, cfg).generate(prompts, params))
+    assert runner._jit._cache_size() == len(runner.compiled_shapes)  # a placement change compiled nothing
+    moe = model.stacks[1].moe  # the served model itself is untouched (the runner placed a copy)
+    assert moe.experts.w_gate[...].shape[1] == 8 and not hasattr(moe, "eplb_log2phy")

@@ -81,6 +81,15 @@ class PagedPart(NamedTuple):
     expert_ids: jax.Array | None = None
 
 
+class LayerStats(NamedTuple):
+    """A layer's serving statistics for one step (:meth:`Block.ffn_sublayer`, :meth:`Block.paged_layer`)."""
+
+    touched: jax.Array  # int32: distinct experts routed to (0 for a dense layer)
+    dropped: jax.Array  # int32: (token, slot) rows the MoE dispatch dropped (capacity; 0 when dropless)
+    load: jax.Array     # float32 [E]: routed slots per expert, before drops (E: the model's routed experts,
+                        # zeros for a dense layer; empty for atomic experts, whose N is too large to report)
+
+
 class Block(nnx.Module):
     """Pre-norm decoder block: attention then a dense or MoE SwiGLU FFN.
 
@@ -96,6 +105,8 @@ class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, kind: str, *, rngs: nnx.Rngs):
         dt, pdt = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
         self.kind = kind
+        # experts in LayerStats.load: the model's routed-expert count, the same for every layer (atomic: 0)
+        self.load_size = 0 if cfg.moe is None or cfg.moe.expert_type == "atomic" else cfg.moe.num_experts
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim,
                               rope_theta=cfg.rope_theta, qk_norm=cfg.qk_norm, qkv_bias=cfg.qkv_bias,
@@ -157,11 +168,18 @@ class Block(nnx.Module):
     def ffn_sublayer(self, parts):
         """The FFN sublayer of several row groups in one FFN call (one MoE call: each expert's weights are read
         once for all of them). ``parts`` as in :meth:`ffn_input`; returns the groups' ``x + ffn`` and the layer's
-        serving statistics ``int32 [2]``: distinct experts routed to and (token, slot) rows the dispatch dropped
-        (both 0 for a dense layer)."""
+        :class:`LayerStats` (zeros for a dense layer)."""
         y, mask, ids = self.ffn_input(parts)
         f, aux = self.ffn(y, token_mask=mask, expert_ids=ids)
-        return add_residual([x for x, _, _ in parts], f), layer_stats(aux if self.kind == "moe" else None)
+        return add_residual([x for x, _, _ in parts], f), self.stats(aux if self.kind == "moe" else None)
+
+    def stats(self, aux: dict | None) -> LayerStats:
+        """A MoE call's :class:`LayerStats` from its ``aux``; zeros for ``None`` (a dense layer, no FFN call)."""
+        if aux is None:
+            return LayerStats(jnp.int32(0), jnp.int32(0), jnp.zeros((self.load_size,), jnp.float32))
+        load = aux["expert_load"].astype(jnp.float32)
+        return LayerStats(jnp.sum(load > 0).astype(jnp.int32), jnp.sum(aux.get("dropped", 0)).astype(jnp.int32),
+                          load if load.shape[0] == self.load_size else jnp.zeros((self.load_size,), jnp.float32))
 
     def route(self, y, *, token_mask=None, expert_ids=None):
         """The router's choice for normalized tokens ``y [T, D]`` as flat ``(expert_ids, weights, mask)``, each
@@ -179,8 +197,8 @@ class Block(nnx.Module):
     def paged_layer(self, kp, vp, li, dec: PagedPart | None, pf: PagedPart | None, active=None, *,
                     dec_spec: PagedSpec, pf_spec: PagedSpec | None = None):
         """One layer of a serving step: decode rows ``dec`` and prefill rows ``pf`` (either may be None) over
-        layer ``li`` of the KV pool ``kp``/``vp``. Returns ``(x_dec, x_pf, kp, vp, stats)``, ``stats`` as in
-        :meth:`ffn_sublayer` (experts touched, rows dropped).
+        layer ``li`` of the KV pool ``kp``/``vp``. Returns ``(x_dec, x_pf, kp, vp, stats)`` (the layer's
+        :class:`LayerStats`).
 
         Without prefill rows: attention, then the FFN. With them, ``active`` (a traced bool: the layer-group
         mask of layered prefill) says whether the prefill rows pass this layer: decode rows always pass;
@@ -221,20 +239,12 @@ class Block(nnx.Module):
 
         def decode_only(xd, xp, qp, kp, vp):
             if dec is None:
-                return xd, xp, layer_stats(None)
+                return xd, xp, self.stats(None)
             (xd,), stats = self.ffn_sublayer([(xd, dec.rows.valid, dec.expert_ids)])
             return xd, xp, stats
 
         xd, xp, stats = jax.lax.cond(active, with_prefill, decode_only, xd, pf.x, qp, kp, vp)
         return xd, xp, kp, vp, stats
-
-
-def layer_stats(aux: dict | None) -> jax.Array:
-    """A MoE call's serving statistics ``int32 [2]``: (distinct experts routed to, rows dropped); zeros for
-    ``None`` (a dense layer, or no FFN call)."""
-    if aux is None:
-        return jnp.zeros((2,), jnp.int32)
-    return jnp.stack([jnp.sum(aux["expert_load"] > 0), jnp.sum(aux.get("dropped", 0))]).astype(jnp.int32)
 
 
 def add_residual(xs, f):

@@ -28,6 +28,7 @@ import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 ALGORITHMS = ("contiguous", "greedy", "hierarchical")
 """:func:`place`'s ``algorithm`` names."""
@@ -221,6 +222,12 @@ def place(loads: np.ndarray, num_devices: int, slots_per_device: int, *, algorit
     fn = {"contiguous": contiguous, "greedy": greedy, "hierarchical": hierarchical}[algorithm]
     rows = [fn(row, num_devices, slots_per_device, **kwargs) for row in w]
     return Placement(np.stack(rows).astype(np.int32), w.shape[1], num_devices).validate()
+
+
+class ExpertSlots(nnx.Variable):
+    """EPLB serving state of a MoE layer (not a parameter): ``eplb_log2phy [E, R]`` and ``eplb_counts [E]``
+    (int32, :meth:`Placement.tables`), attached by the expert-parallel runner; their presence makes the
+    expert-parallel path map logical ids to physical slots (``moejax.parallel.expert_parallel.physical_order``)."""
 
 
 def to_physical(expert_ids: jnp.ndarray, log2phy: jnp.ndarray, counts: jnp.ndarray,

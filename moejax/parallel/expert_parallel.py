@@ -53,7 +53,7 @@ from moejax.nn import dispatch as dsp
 from moejax.nn import stages
 from moejax.nn.experts import grouped_experts, resolve_grouped_impl
 from moejax.nn.sharding import tensor_output
-from moejax.parallel import ragged_a2a
+from moejax.parallel import eplb, ragged_a2a
 
 DEFAULT_EP_CAPACITY_FACTOR = 2.0
 
@@ -186,16 +186,37 @@ def ep_moe(moe, xt: jax.Array, ctx: EPContext, *, token_mask=None, token_index=N
                                       f"expert is one row of U/V read per token pair; sharding the tables "
                                       f"needs a row exchange that is not built (use a data-only mesh)")
         return moe.local(xt, token_mask=token_mask, train=train, axis_name=ctx.batch_axes)
-    wg, wu, wd = moe.experts.weights()  # local shards [E/n, D, F]
-    if wg.shape[0] * n != E:
+    wg, wu, wd = moe.experts.weights()  # local shards [E/n, D, F] (EPLB: [P/n, D, F] physical slots)
+    placed = getattr(moe, "eplb_log2phy", None) is not None
+    if wg.shape[0] * n != E and not placed:
         raise ValueError(f"expert weights are not sharded over '{ctx.axis}': local {wg.shape[0]} x {n} devices "
                          f"!= {E} experts")
     a2a = ctx.resolved_a2a()
     fixed = a2a == "fixed"
+    defaults = FIXED_STAGES if fixed else RAGGED_STAGES
+    if placed:
+        defaults = {**defaults, "order": partial(physical_order, base=defaults["order"])}
     return stages.run_stages(moe, xt, path="expert_parallel" if fixed else "expert_parallel_ragged",
                              ep=dataclasses.replace(ctx, a2a=a2a), capacity_factor=ep_capacity_factor(cfg, ctx),
                              expert_weights=(wg, wu, wd), token_mask=token_mask, token_index=token_index, rng=rng,
-                             train=train, defaults=FIXED_STAGES if fixed else RAGGED_STAGES)
+                             train=train, defaults=defaults)
+
+
+def physical_order(ctx: stages.StageContext, x, *, base):
+    """``order`` under EPLB (a layer carrying :class:`~moejax.parallel.eplb.ExpertSlots`): the routing's
+    logical expert ids become physical slots (:func:`~moejax.parallel.eplb.to_physical`: a token's ``k``-th
+    expert to replica ``(token index + k) mod count``), ``ctx.cfg.num_experts`` becomes the slot count ``P``,
+    then the path's own ``order`` (``base``) runs over the ``P`` slots; the local weights are the device's
+    ``P / n`` slots. The router's statistics (``aux``, computed after ``gate``) stay per logical expert."""
+    r = ctx.routing
+    G, S, K = r.expert_ids.shape
+    T = G * S
+    index = jnp.arange(T, dtype=jnp.int32) if ctx.token_index is None else ctx.token_index.reshape(T)
+    phys = eplb.to_physical(r.expert_ids.reshape(T, K), ctx.layer.eplb_log2phy[...], ctx.layer.eplb_counts[...],
+                            index)
+    ctx.routing = r._replace(expert_ids=phys.reshape(G, S, K))
+    ctx.cfg = dataclasses.replace(ctx.cfg, num_experts=ctx.expert_weights[0].shape[0] * jax.lax.psum(1, ctx.ep.axis))
+    return base(ctx, x)
 
 
 # ------------------------------------------------------------------------------------------ the EP stages

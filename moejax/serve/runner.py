@@ -62,6 +62,7 @@ class StepResult(NamedTuple):
     dec_logits: np.ndarray | None
     pf_logits: np.ndarray | None
     dropped: np.ndarray | None = None  # [n_layers] (or [steps, n_layers]) rows the MoE dispatch dropped
+    expert_load: np.ndarray | None = None  # [n_layers, E] (or [steps, n_layers, E]) routed slots per expert
 
 
 class ModelRunner:
@@ -179,7 +180,7 @@ class ModelRunner:
         self.pool = o.pool
         self._pf_hidden = o.pf_hidden if (plan.prefill and not plan.prefill[0].last) else None
         host = jax.device_get((o.dec_next, o.dec_logprob, o.dec_top, o.pf_next, o.pf_logprob, o.pf_top,
-                               o.experts_touched, o.dec_logits, o.pf_logits, o.dropped))
+                               o.experts_touched, o.dec_logits, o.pf_logits, o.dropped, o.expert_load))
         return StepResult(*host)
 
     def run_step(self, dec, pf, hidden, group, use_hidden: bool, dec_ids=None, pf_ids=None) -> StepOutput:
@@ -195,9 +196,9 @@ class ModelRunner:
         o = engine_decode_steps(self.gdef, self.state, self.pool, dec, self.layer_states,
                                 **self._multi_kw(steps))
         self.pool = o.pool
-        toks, lps, top, touched, logits, dropped = jax.device_get((o.tokens, o.logprob, o.top, o.experts_touched,
-                                                                   o.logits, o.dropped))
-        return StepResult(toks, lps, top, None, None, None, touched, logits, None, dropped)
+        toks, lps, top, touched, logits, dropped, load = jax.device_get(
+            (o.tokens, o.logprob, o.top, o.experts_touched, o.logits, o.dropped, o.expert_load))
+        return StepResult(toks, lps, top, None, None, None, touched, logits, None, dropped, load)
 
     def _static_kw(self) -> dict:
         """Static arguments shared by :func:`engine_step` and :func:`engine_decode_steps`."""

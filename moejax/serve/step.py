@@ -78,6 +78,7 @@ class StepOutput(NamedTuple):
     pf_logits: jax.Array | None   # [Bp, V]
     pool: KVPool
     dropped: jax.Array | None = None  # [n_layers] (token, slot) rows the MoE dispatch dropped (capacity)
+    expert_load: jax.Array | None = None  # [n_layers, E] float32 routed slots per expert (zeros: dense layers)
 
 
 def _sample(model, h, keys, temperature, top_p, return_logits):
@@ -177,12 +178,12 @@ def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: Prefill
             for i in range(n):
                 carry, c = body(carry, (layer_states[r][i], i))
                 cnts.append(c)
-            cnt = jnp.stack(cnts)
+            cnt = jax.tree.map(lambda *a: jnp.stack(a), *cnts)
         xd, xp, ks[r], vs[r] = carry
         stats.append(cnt)
-    stats = jnp.concatenate(stats)  # [n_layers, 2]: experts touched, rows dropped
-    o = finish_step(model, xd, xp, dec, pf, stats[:, 0], KVPool(tuple(ks), tuple(vs)), return_logits)
-    return o._replace(dropped=stats[:, 1])
+    stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats)  # LayerStats, [n_layers, ...] each
+    o = finish_step(model, xd, xp, dec, pf, stats.touched, KVPool(tuple(ks), tuple(vs)), return_logits)
+    return o._replace(dropped=stats.dropped, expert_load=stats.load)
 
 
 _STATIC = ("gdef", "block_size", "return_logits", "attn_impl", "kv_block")
@@ -200,6 +201,7 @@ class MultiStepOutput(NamedTuple):
     logits: jax.Array | None   # [steps, Bd, V] (only with return_logits)
     pool: KVPool
     dropped: jax.Array | None = None  # [steps, n_layers]
+    expert_load: jax.Array | None = None  # [steps, n_layers, E]
 
 
 @partial(jax.jit, static_argnames=(*_STATIC, "steps"), donate_argnames=("pool",))
@@ -212,29 +214,33 @@ def engine_decode_steps(gdef, state, pool: KVPool, dec: DecodeBatch, layer_state
     :func:`engine_step` on decode-only batches would. The rows' block tables must already cover positions
     ``< dec.pos + steps``. A row that finishes early (stop token, ``max_tokens``) keeps decoding to the end of
     the call; the host drops its extra tokens (their K/V lie beyond the row's end, never visible)."""
-    mcfg = nnx.merge(gdef, state).cfg
+    model = nnx.merge(gdef, state)
+    mcfg = model.cfg
     L, V, Bd = mcfg.n_layers, mcfg.vocab_size, dec.tokens.shape[0]
+    E = model.stacks[0].load_size
     group = jnp.asarray([0, L, 0], jnp.int32)
     kw = {"block_size": block_size, "return_logits": return_logits, "attn_impl": attn_impl, "kv_block": kv_block}
 
     def body(j, carry):
-        tok, pool, toks, lps, tids, tlps, touched, dropped, logits = carry
+        tok, pool, toks, lps, tids, tlps, touched, dropped, load, logits = carry
         step_key = jnp.asarray([0, 1], jnp.uint32) * j.astype(jnp.uint32)  # (seed, output index + j)
         d = dec._replace(tokens=tok, pos=dec.pos + j, keys=dec.keys + step_key)
         o = _engine_step(gdef, state, pool, d, None, None, group, layer_states=layer_states, **kw)
         toks, lps = toks.at[j].set(o.dec_next), lps.at[j].set(o.dec_logprob)
         tids, tlps = tids.at[j].set(o.dec_top[0]), tlps.at[j].set(o.dec_top[1])
         touched, dropped = touched.at[j].set(o.experts_touched), dropped.at[j].set(o.dropped)
+        load = load.at[j].set(o.expert_load)
         if return_logits:
             logits = logits.at[j].set(o.dec_logits)
-        return o.dec_next, o.pool, toks, lps, tids, tlps, touched, dropped, logits
+        return o.dec_next, o.pool, toks, lps, tids, tlps, touched, dropped, load, logits
 
     init = (dec.tokens, pool, jnp.zeros((steps, Bd), jnp.int32), jnp.zeros((steps, Bd), jnp.float32),
             jnp.zeros((steps, Bd, TOP_LOGPROBS), jnp.int32), jnp.zeros((steps, Bd, TOP_LOGPROBS), jnp.float32),
-            jnp.zeros((steps, L), jnp.int32), jnp.zeros((steps, L), jnp.int32),
+            jnp.zeros((steps, L), jnp.int32), jnp.zeros((steps, L), jnp.int32), jnp.zeros((steps, L, E), jnp.float32),
             jnp.zeros((steps, Bd, V) if return_logits else (0,), jnp.float32))
-    _, pool, toks, lps, tids, tlps, touched, dropped, logits = jax.lax.fori_loop(0, steps, body, init)
-    return MultiStepOutput(toks, lps, (tids, tlps), touched, logits if return_logits else None, pool, dropped)
+    _, pool, toks, lps, tids, tlps, touched, dropped, load, logits = jax.lax.fori_loop(0, steps, body, init)
+    return MultiStepOutput(toks, lps, (tids, tlps), touched, logits if return_logits else None, pool, dropped,
+                           load)
 
 
 def finish_step(model, xd, xp, dec, pf, touched, pool, return_logits) -> StepOutput:
