@@ -482,6 +482,10 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny-omni": dataclasses.replace(_tiny(), moe=MoEConfig(
         num_experts=2**16, d_ff=768, num_shared_experts=1, shared_d_ff=768, expert_type="atomic",
         router=RouterConfig(type="cartesian", top_k=128))),
+    # Fine-grained experts for expert-parallel serving and EPLB (issue 22): 64 experts top-4 of width 256 on
+    # tiny's shapes: the same active FFN parameters as tiny (4 x 3 x 256 x 256 = 8 experts' 2 x 3 x 256 x 512).
+    "tiny-e64": dataclasses.replace(_tiny(), moe=MoEConfig(
+        num_experts=64, d_ff=256, router=RouterConfig(type="topk", top_k=4))),
     # Shapes only (nothing downloads); for cost models, memory planning and shape tests.
     "mixtral-8x7b": ModelConfig(
         vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,

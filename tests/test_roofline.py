@@ -8,6 +8,7 @@ import types
 
 import pytest
 
+from moejax.schedule import roofline as rl
 from moejax.schedule.roofline import (
     GPUS,
     MODELS,
@@ -46,7 +47,7 @@ def test_spec_numbers_are_the_experiments():
         "name": "Qwen3-30B-A3B", "layers": 48, "d_model": 2048, "experts": 128, "top_k": 8, "expert_ff": 768,
         "heads": 32, "kv_heads": 4, "head_dim": 128, "vocab": 151936, "bytes": 2}
     assert dataclasses.asdict(GPUS["h100"]) == {"name": "H100 SXM (modelled)", "hbm_bytes_per_s": 3.35e12,
-                                                "bf16_flops": 989e12}
+                                                "bf16_flops": 989e12, "link_bytes_per_s": 450e9}
     with pytest.raises(dataclasses.FrozenInstanceError):
         MODELS["qwen3-30b-a3b"].layers = 1
 
@@ -116,3 +117,19 @@ def test_layered_prefill_experiment_uses_the_library():
     assert lib[1] == pytest.approx(reference(4, 1024, 24, 3000, 1024, 1024 * 1025 // 2), rel=1e-12)
     assert lib[2] == pytest.approx(reference(3, 2100, 6, 900, 2100, 2100 * 2101 // 2), rel=1e-12)
     assert lp.H100 == dataclasses.asdict(GPUS["h100"]) and lp.QWEN3 == dataclasses.asdict(MODELS["qwen3-30b-a3b"])
+
+
+def test_ep_moe_layer_time_is_set_by_the_most_loaded_gpu():
+    q, hw = rl.get_model("qwen3-30b-a3b"), rl.get_gpu("h100")
+    even = [1 / 8] * 8
+    skew = [0.3] + [0.1] * 7
+    t_even = rl.ep_moe_layer_time(even, 4096, model=q, gpu=hw)
+    t_skew = rl.ep_moe_layer_time(skew, 4096, model=q, gpu=hw)
+    rows = 4096 * q.top_k * 0.3  # compute-bound at 4096 tokens: the hand formula for the heaviest GPU
+    want = max(2 * rows * q.expert_weights / hw.bf16_flops, 16 * q.expert_weights * 2 / hw.hbm_bytes_per_s) \
+        + 2 * rows * q.d_model * 2 / hw.link_bytes_per_s
+    assert t_skew == pytest.approx(want, rel=1e-12)
+    assert t_skew > 2 * t_even
+    # a single token is memory-bound: the slots held (redundancy adds weight reads) decide
+    assert rl.ep_moe_layer_time(even, 1, model=q, gpu=hw, slots_per_device=18) > rl.ep_moe_layer_time(
+        even, 1, model=q, gpu=hw)

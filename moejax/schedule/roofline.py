@@ -26,8 +26,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-__all__ = ["GPUS", "MODELS", "GPUSpec", "ModelSpec", "expected_distinct", "get_gpu", "get_model",
-           "iteration_time", "iteration_times"]
+__all__ = ["GPUS", "MODELS", "GPUSpec", "ModelSpec", "ep_moe_layer_time", "expected_distinct", "get_gpu",
+           "get_model", "iteration_time", "iteration_times"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +102,7 @@ class GPUSpec:
     name: str
     hbm_bytes_per_s: float
     bf16_flops: float
+    link_bytes_per_s: float = 450e9  # GPU-to-GPU (NVLink) bandwidth per direction, for all-to-all
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -113,8 +114,9 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 GPUS: dict[str, GPUSpec] = {
-    # NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 (1,979 with 2:4 sparsity).
-    "h100": GPUSpec(name="H100 SXM (modelled)", hbm_bytes_per_s=3.35e12, bf16_flops=989e12),
+    # NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 (1,979 with 2:4 sparsity), NVLink 4
+    # 900 GB/s bidirectional (450 GB/s per direction).
+    "h100": GPUSpec(name="H100 SXM (modelled)", hbm_bytes_per_s=3.35e12, bf16_flops=989e12, link_bytes_per_s=450e9),
 }
 
 
@@ -138,6 +140,28 @@ def _lookup(name, cls, registry: dict, what: str):
     if name not in registry:
         raise ValueError(f"unknown roofline {what} {name!r}; allowed: {', '.join(sorted(registry))}")
     return registry[name]
+
+
+def ep_moe_layer_time(device_shares, tokens, *, model: str | ModelSpec, gpu: str | GPUSpec,
+                      slots_per_device: int | None = None) -> float:
+    """Modelled seconds of one expert-parallel MoE layer of ``model`` over ``len(device_shares)`` GPUs when
+    ``tokens`` tokens (``tokens * top_k`` routed rows) are split over the GPUs in the proportions
+    ``device_shares`` (summing to 1). The slowest GPU sets the time: its expert GEMMs at
+    ``max(rows x 2 x expert parameters / peak, its slots' expert weights / HBM bandwidth)`` plus the all-to-all
+    of its rows there and back (``2 x rows x d_model x bytes / link bandwidth``). ``slots_per_device``: expert
+    slots each GPU holds (default ``experts / GPUs``: no redundancy). Shares from a measured load vector make
+    this the modelled cost of a placement's imbalance."""
+    q, hw = get_model(model), get_gpu(gpu)
+    n = len(device_shares)
+    slots = q.experts // n if slots_per_device is None else slots_per_device
+    memory = slots * q.expert_weights * q.bytes / hw.hbm_bytes_per_s
+    worst = 0.0
+    for share in device_shares:
+        rows = tokens * q.top_k * share
+        compute = 2 * rows * q.expert_weights / hw.bf16_flops
+        a2a = 2 * rows * q.d_model * q.bytes / hw.link_bytes_per_s
+        worst = max(worst, max(compute, memory) + a2a)
+    return worst
 
 
 def expected_distinct(n_tokens, experts, k) -> float:

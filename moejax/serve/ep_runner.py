@@ -121,6 +121,7 @@ class ExpertParallelRunner(ModelRunner):
         self.capacity_factor, self.a2a = float(capacity_factor), a2a
         self.eplb = None if eplb is None else eplb.validate()
         self.tracker, self.placement, self.rebalances = None, None, []
+        self.moe_rows = np.concatenate([np.arange(first, first + c) for _, first, c in self._moe_layers()])
         if self.eplb is not None:
             self._init_eplb()
         self._specs = mesh_lib.state_specs(self.state)
@@ -140,7 +141,6 @@ class ExpertParallelRunner(ModelRunner):
         self.slots_per_device = E // n + ec.redundant_slots
         stacks = self._moe_layers()
         L = sum(c for _, _, c in stacks)
-        self.moe_rows = np.concatenate([np.arange(first, first + c) for _, first, c in stacks])
         self.tracker = eplb_lib.LoadTracker(L, E, policy=ec.policy, decay=ec.decay, threshold=ec.threshold,
                                             check_every=ec.check_every, min_steps=ec.min_steps, period=ec.period)
         # the logical weights, on the host: the source every placement gathers its slots from
