@@ -36,6 +36,7 @@ def test_expert_parallel_engine_matches_one_device(model):
     wg = runner.state["stacks"][1]["moe"]["experts"]["w_gate"][...]
     assert tuple(wg.sharding.spec)[:2] == (None, ("node", "expert")) and len(wg.sharding.device_set) == 8
     eng = Engine(model, runner=runner)
+    assert runner.warmup([(runner.decode_rows(1, False), None)]) == 1  # ahead-of-time compile of the EP step
     params = SamplingParams(max_tokens=6, temperature=0)
     res = eng.generate(prompts, params)
     assert any(it.prefill_tokens and it.decode_tokens for it in eng.iterations)  # mixed iterations happened
