@@ -101,9 +101,10 @@ def test_training_updates_router_statistics_and_checkpoints_serve(tmp_path):
             assert not np.allclose(norm.mean[...], norm0.mean[...])  # moved from the initial zeros
             assert np.all(np.asarray(norm.var[...]) > 0)
     prompts = [rng.integers(0, 256, n).tolist() for n in (5, 9)]
-    res = Engine(model, EngineConfig(record_logits=True, block_size=8)).generate(
-        prompts, SamplingParams(max_tokens=6, temperature=0))
+    eng = Engine(model, EngineConfig(record_logits=True, block_size=8))
+    res = eng.generate(prompts, SamplingParams(max_tokens=6, temperature=0))
     check_against_generate(model, prompts, res, 6)
+    assert eng.runner.expert_bytes == 2 * CFG.d_model * 4  # an atomic expert is a U row and a V row (float32)
     with pytest.raises(ValueError, match="trains data parallel only"):
         Trainer(CFG, tc, MeshConfig.parse("data=2,expert=2"))
 

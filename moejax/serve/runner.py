@@ -94,7 +94,10 @@ class ModelRunner:
         # (no sharding given: like the pool itself, uncommitted, so the steps later find the compiled programs)
         self._pool_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.pool)
         m = mcfg.moe
-        self.expert_bytes = 0 if m is None else 3 * mcfg.d_model * m.d_ff * jnp.dtype(dtype_of(mcfg.param_dtype)).itemsize
+        itemsize = jnp.dtype(dtype_of(mcfg.param_dtype)).itemsize
+        # bytes of one routed expert's weights (an atomic expert: its U and V rows)
+        self.expert_bytes = (0 if m is None else 2 * mcfg.d_model * itemsize if m.expert_type == "atomic"
+                             else 3 * mcfg.d_model * m.d_ff * itemsize)
         self.compiled_shapes: set[tuple] = set()  # step shapes compiled so far (by warmup or by a step)
         self._pf_hidden = None  # layered prefill: the prefill rows' hidden states after the last layer group
         self._zeros = None
