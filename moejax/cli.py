@@ -369,15 +369,20 @@ def cmd_serve(args) -> int:
 
         runner = OffloadRunner(model, ecfg, offload)
     elif args.mesh:
-        from moejax.serve.ep_runner import ExpertParallelRunner
+        from moejax.serve.ep_runner import EPLBConfig, ExpertParallelRunner
 
+        eplb = None
+        if args.eplb is not None:
+            eplb = EPLBConfig(redundant_slots=args.eplb_redundant_slots, policy=args.eplb,
+                              period=SERVE_EPLB_STATIC_PERIOD if args.eplb == "static" else 0)
         try:
-            runner = ExpertParallelRunner(model, ecfg, args.mesh, capacity_factor=args.ep_capacity_factor)
+            runner = ExpertParallelRunner(model, ecfg, args.mesh, capacity_factor=args.ep_capacity_factor, eplb=eplb)
         except (ValueError, NotImplementedError) as e:
             raise SystemExit(f"--mesh {args.mesh}: {e}") from None
         print(f"expert parallel over {runner.mesh_cfg.expert_parallel} devices ("
-              + ("dropless" if not args.ep_capacity_factor else f"capacity factor {args.ep_capacity_factor}") + ")",
-              file=sys.stderr)
+              + ("dropless" if not args.ep_capacity_factor else f"capacity factor {args.ep_capacity_factor}")
+              + ("" if eplb is None else f"; EPLB {eplb.policy}, {eplb.redundant_slots} redundant slots per device")
+              + ")", file=sys.stderr)
     engine = Engine(model, ecfg, runner=runner, model_name=name)
     if offload is None and args.warmup == "blocking":
         import time
@@ -398,6 +403,10 @@ def cmd_serve(args) -> int:
 
 WARMUP_MODES = ("background", "blocking", "none")
 
+# serve --eplb static: DeepSeek's placement rerun every this many iterations on the decayed loads (vLLM's
+# --enable-eplb reruns its rebalancing on a fixed step interval)
+SERVE_EPLB_STATIC_PERIOD = 1000
+
 # serve's --offload-* flags: None when not given (so a flag given without --offload is an error); these defaults
 # apply with --offload
 OFFLOAD_DEFAULTS = {"expert_memory_budget": "100%", "offload_policy": "lru", "offload_io": "direct"}
@@ -408,6 +417,12 @@ def _check_serve(parser, args) -> None:
     """Flag combinations ``serve`` cannot honour: an argparse error (exit 2) naming the flag they need."""
     if args.ep_capacity_factor and not args.mesh:
         parser.error("--ep-capacity-factor needs --mesh (it caps the expert-parallel buffers)")
+    if (args.eplb is not None or args.eplb_redundant_slots is not None) and not args.mesh:
+        parser.error("--eplb/--eplb-redundant-slots need --mesh (expert placement balances an expert-parallel mesh)")
+    if args.eplb_redundant_slots is not None and args.eplb is None:
+        parser.error("--eplb-redundant-slots needs --eplb POLICY")
+    if args.eplb is not None and args.eplb_redundant_slots is None:
+        args.eplb_redundant_slots = 1
     if args.offload and args.mesh:
         parser.error("--mesh does not combine with --offload (offloaded experts are served on one device)")
     if not args.offload:
@@ -682,6 +697,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ep-capacity-factor", type=float_range(0, 1e6), default=0.0,
                    help="with --mesh: per-expert buffer rows per device as a multiple of the balanced share "
                         "(default 0: dropless, every buffer holds all of a device's rows)")
+    _add_lazy_choices(s, "--eplb", "moejax.parallel.eplb", lambda m: m.POLICIES, default=None,
+                      help="with --mesh: expert-placement load balancing (xLLM): dynamic (rebalance when the "
+                           "decayed expert loads drift: cosine similarity below 0.9), static (DeepSeek's placement, "
+                           "rerun every 1000 iterations as vLLM's --enable-eplb), none (redundant slots, never "
+                           "rebalanced)")
+    s.add_argument("--eplb-redundant-slots", type=int_range(0), default=None,
+                   help="with --eplb: extra expert slots per device for replicas of the heaviest experts (default 1)")
     s.add_argument("--seed", type=seed32, default=0)
     _add_dtype(s, DTYPES)
     s.add_argument("--offload", help="serve from an offload store (`moejax offload prepare`): experts on disk")

@@ -155,3 +155,34 @@ def test_train_sparsity_flags_build_the_config():
 ])
 def test_serve_mesh_flags(capsys, argv, needed):
     assert needed in _exit_message(capsys, argv)
+
+
+@pytest.mark.parametrize("argv, needed", [
+    (["serve", "--preset", "tiny", "--eplb", "dynamic"], "--eplb/--eplb-redundant-slots need --mesh"),
+    (["serve", "--preset", "tiny", "--mesh", "expert=8", "--eplb-redundant-slots", "2"],
+     "--eplb-redundant-slots needs --eplb"),
+    (["serve", "--preset", "tiny", "--mesh", "expert=8", "--eplb", "sometimes"], "--eplb"),
+])
+def test_serve_eplb_flags(capsys, argv, needed):
+    assert needed in _exit_message(capsys, argv)
+
+
+def test_serve_mesh_builds_the_expert_parallel_runner(monkeypatch, capsys, tmp_path):
+    """`moejax serve --mesh expert=8 --eplb dynamic` builds the engine on an ExpertParallelRunner with EPLB (the
+    HTTP server itself replaced: the test stops where it would listen)."""
+    import json
+
+    from moejax.serve import server
+    from moejax.serve.ep_runner import ExpertParallelRunner
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda engine, *a, **k: seen.setdefault("engine", engine))
+    cfg = {"vocab_size": 64, "d_model": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_ff": 32,
+           "max_seq_len": 64, "moe": {"num_experts": 8, "d_ff": 16, "router": {"type": "topk", "top_k": 2}}}
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["serve", "--config", str(path), "--mesh", "expert=8", "--eplb", "dynamic", "--warmup", "none"]) == 0
+    runner = seen["engine"].runner
+    assert isinstance(runner, ExpertParallelRunner) and runner.eplb.policy == "dynamic"
+    assert runner.eplb.redundant_slots == 1 and runner.placement.slots.shape[1] == 16
+    assert "EPLB dynamic, 1 redundant slots per device" in capsys.readouterr().err
