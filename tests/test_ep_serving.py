@@ -95,5 +95,8 @@ def test_eplb_rebalances_mid_stream_without_changing_tokens(model):
     assert (runner.placement.replica_counts() >= 1).all()
     check_same_serving(res, Engine(model, cfg).generate(prompts, params))
     assert runner._jit._cache_size() == len(runner.compiled_shapes)  # a placement change compiled nothing
+    ids = prompts[1]
+    for a, b in zip(runner.score_prompt(ids), Engine(model, cfg).runner.score_prompt(ids), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)  # echo/logprobs scoring sees the logical experts
     moe = model.stacks[1].moe  # the served model itself is untouched (the runner placed a copy)
     assert moe.experts.w_gate[...].shape[1] == 8 and not hasattr(moe, "eplb_log2phy")

@@ -121,6 +121,7 @@ class ExpertParallelRunner(ModelRunner):
         self.capacity_factor, self.a2a = float(capacity_factor), a2a
         self.eplb = None if eplb is None else eplb.validate()
         self.tracker, self.placement, self.rebalances = None, None, []
+        self._logical_graph = None
         self.moe_rows = np.concatenate([np.arange(first, first + c) for _, first, c in self._moe_layers()])
         if self.eplb is not None:
             self._init_eplb()
@@ -200,6 +201,15 @@ class ExpertParallelRunner(ModelRunner):
             i += c
         self.placement = placement
         return moved
+
+    def score_graph(self):
+        """Prompt scoring runs the dense forward: under EPLB on the served model's logical experts (the runner's
+        own graph holds physical slots that only the expert-parallel path reads)."""
+        if self.eplb is None:
+            return super().score_graph()
+        if self._logical_graph is None:
+            self._logical_graph = nnx.split(self.model)
+        return self._logical_graph
 
     def rebalance(self) -> dict:
         """Place by the tracker's current loads and install it now (between iterations)."""

@@ -316,10 +316,15 @@ class ModelRunner:
         T = pow2_bucket(len(ids), 16)
         toks = np.zeros((1, T), np.int32)
         toks[0, :len(ids)] = ids
+        gdef, state = self.score_graph()
         with self._score_lock:
-            nxt, top_id, top_lp = jax.device_get(self._score_jit(self.gdef, self.state, toks, len(ids)))
+            nxt, top_id, top_lp = jax.device_get(self._score_jit(gdef, state, toks, len(ids)))
         n = len(ids) - 1
         return nxt[:n], top_id[:n], top_lp[:n]
+
+    def score_graph(self):
+        """``(graphdef, state)`` of the dense forward :meth:`score_prompt` runs (the runner's own model)."""
+        return self.gdef, self.state
 
     def close(self) -> None:
         """Release what the runner holds beyond memory (threads, files); the base runner holds nothing."""
