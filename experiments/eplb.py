@@ -126,18 +126,16 @@ def serve_policy(model, policy, args, prompts, calib_loads, iterations, *, recor
 
     class Recording(ExpertParallelRunner):
         def execute(self, plan):
-            placement = self.placement
+            placement = self.placement or plain  # the placement this step ran with (a rebalance follows it)
             res = super().execute(plan)
-            if placement is None:  # the plain layout
-                placement = eplb.place(np.ones((len(self.moe_rows), self.mcfg.moe.num_experts)),
-                                       self.mesh_cfg.expert_parallel, self.mcfg.moe.num_experts
-                                       // self.mesh_cfg.expert_parallel, algorithm="contiguous")
             load = res.expert_load[self.moe_rows]
             log.append({"load": load, "device": placement.device_loads(load), "dropped": int(res.dropped.sum()),
                         "routed": float(load.sum())})
             return res
 
     runner = Recording(model, cfg, "expert=8", capacity_factor=args.capacity_factor, eplb=ec)
+    E, n = model.cfg.moe.num_experts, runner.mesh_cfg.expert_parallel
+    plain = eplb.place(np.ones((len(runner.moe_rows), E)), n, E // n, algorithm="contiguous")  # policy none
     eng = Engine(model, runner=runner)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0)  # no stop ids: every request runs max_tokens
     doms = list(prompts)

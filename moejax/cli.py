@@ -373,7 +373,8 @@ def cmd_serve(args) -> int:
 
         eplb = None
         if args.eplb is not None:
-            eplb = EPLBConfig(redundant_slots=args.eplb_redundant_slots, policy=args.eplb,
+            slots = 1 if args.eplb_redundant_slots is None else args.eplb_redundant_slots
+            eplb = EPLBConfig(redundant_slots=slots, policy=args.eplb,
                               period=SERVE_EPLB_STATIC_PERIOD if args.eplb == "static" else 0)
         try:
             runner = ExpertParallelRunner(model, ecfg, args.mesh, capacity_factor=args.ep_capacity_factor, eplb=eplb)
@@ -421,8 +422,6 @@ def _check_serve(parser, args) -> None:
         parser.error("--eplb/--eplb-redundant-slots need --mesh (expert placement balances an expert-parallel mesh)")
     if args.eplb_redundant_slots is not None and args.eplb is None:
         parser.error("--eplb-redundant-slots needs --eplb POLICY")
-    if args.eplb is not None and args.eplb_redundant_slots is None:
-        args.eplb_redundant_slots = 1
     if args.offload and args.mesh:
         parser.error("--mesh does not combine with --offload (offloaded experts are served on one device)")
     if not args.offload:

@@ -336,7 +336,7 @@ class Engine:
                             sum(em.num_tokens for em in emitted if em.part == "decode"),
                             sum(c.start + c.length for c in plan.prefill),
                             sum(c.length * c.start + c.length * (c.length + 1) // 2 for c in plan.prefill),
-                            0 if res.dropped is None else int(res.dropped.sum()))
+                            dropped=0 if res.dropped is None else int(res.dropped.sum()))
         self._record(it)
         return outputs
 
@@ -406,8 +406,8 @@ class Engine:
             touched = res.experts_touched[j]
             self._record(IterationStats(t0 + j * dt, t0 + (j + 1) * dt, len(live), 0, (0, self.mcfg.n_layers),
                                         [int(x) for x in touched], int(touched.sum()) * self.runner.expert_bytes,
-                                        0, sum(em.num_tokens for em in live), 0, 0,
-                                        0 if res.dropped is None else int(res.dropped[j].sum())))
+                                        0, sum(em.num_tokens for em in live),
+                                        dropped=0 if res.dropped is None else int(res.dropped[j].sum())))
         for e, outs in group.values():  # one output per request and call: the tokens it produced, in order
             self._emit(e, merge_outputs(outs), outputs)
         return outputs

@@ -43,7 +43,10 @@ from moejax.parallel import eplb as eplb_lib
 from moejax.parallel import mesh as mesh_lib
 from moejax.parallel.expert_parallel import EP_A2A_MODES, expert_parallel_serving
 from moejax.serve.runner import ModelRunner
-from moejax.serve.step import StepOutput, _engine_step
+from moejax.serve.step import _STATIC, _engine_step
+
+_WEIGHTS = ("w_gate", "w_up", "w_down")  # a MoE layer's expert weight stacks (physical slots under EPLB)
+_TABLES = ("eplb_log2phy", "eplb_counts")  # the placement tables a MoE layer carries under EPLB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +133,7 @@ class ExpertParallelRunner(ModelRunner):
         rep = NamedSharding(self.mesh, P())
         self.pool = jax.device_put(self.pool, rep)
         self._pool_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), self.pool)
-        self._jit = jax.jit(self._step, static_argnames=("kw",), donate_argnames=("pool",))
+        self._jit = jax.jit(self._step, static_argnames=(*_STATIC, "prefill_kv_block"), donate_argnames=("pool",))
 
     # ------------------------------------------------------------------------------------------ EPLB
     def _moe_layers(self):
@@ -145,23 +148,19 @@ class ExpertParallelRunner(ModelRunner):
         self.tracker = eplb_lib.LoadTracker(L, E, policy=ec.policy, decay=ec.decay, threshold=ec.threshold,
                                             check_every=ec.check_every, min_steps=ec.min_steps, period=ec.period)
         # the logical weights, on the host: the source every placement gathers its slots from
-        self._logical = {r: {k: np.asarray(v) for k, v in zip(("w_gate", "w_up", "w_down"),
-                                                               self.model.stacks[r].moe.experts.weights(),
-                                                               strict=True)} for r, _, _ in stacks}
+        self._logical = {r: dict(zip(_WEIGHTS, map(np.asarray, self.model.stacks[r].moe.experts.weights()),
+                                     strict=True)) for r, _, _ in stacks}
         loads = np.ones((L, E)) if ec.initial_loads is None else np.broadcast_to(
             np.asarray(ec.initial_loads, np.float64), (L, E))
         placement = self._place(loads)
         # a model copy whose MoE layers hold physical slots and carry the tables (the runner's own graph)
         clone = nnx.merge(self.gdef, self.state, copy=True)  # new Variables: the served model is not touched
-        log2phy, counts = self._tables(placement)
-        i = 0
-        for r, _, c in stacks:
+        for r, values in self._slot_values(placement).items():
             moe = clone.stacks[r].moe
-            for k, w in zip(("w_gate", "w_up", "w_down"), self._physical(r, placement.slots[i:i + c]), strict=True):
-                getattr(moe.experts, k).set_value(w)
-            moe.eplb_log2phy = eplb_lib.ExpertSlots(log2phy[i:i + c])
-            moe.eplb_counts = eplb_lib.ExpertSlots(counts[i:i + c])
-            i += c
+            for k in _WEIGHTS:
+                getattr(moe.experts, k).set_value(values[k])
+            for k in _TABLES:
+                setattr(moe, k, eplb_lib.ExpertSlots(values[k]))
         self.gdef, self.state = nnx.split(clone)
         self.placement = placement
         if self.tracker.policy != "none" and ec.initial_loads is not None:
@@ -173,32 +172,28 @@ class ExpertParallelRunner(ModelRunner):
             else self.eplb.resolved_algorithm()
         return eplb_lib.place(loads, self.mesh_cfg.expert_parallel, self.slots_per_device, algorithm=algorithm)
 
-    def _tables(self, placement):
-        """``(log2phy [L, E, R], counts [L, E])`` padded to the most replicas any placement can give
-        (``P - E + 1``), so a new placement never changes the shapes."""
+    def _slot_values(self, placement) -> dict:
+        """Per MoE stack index: its layers' slot weights (``_WEIGHTS``, ``[count, P, ...]``, gathered from the
+        host's logical weights) and tables (``_TABLES``: ``log2phy [count, E, R]`` padded to the most replicas
+        any placement can give, ``P - E + 1``, so a new placement never changes the shapes; ``counts [count, E]``)."""
         log2phy, counts = placement.tables()
         R = placement.slots.shape[1] - placement.num_experts + 1
-        log2phy = np.pad(log2phy, ((0, 0), (0, 0), (0, R - log2phy.shape[2])), constant_values=0)
-        return log2phy.astype(np.int32), counts
-
-    def _physical(self, r, slots):
-        """The slot weights ``[count, P, ...]`` of MoE stack ``r`` for its layers' rows of ``slots``."""
-        src = self._logical[r]
-        return [np.stack([src[k][i][row] for i, row in enumerate(slots)]) for k in ("w_gate", "w_up", "w_down")]
+        log2phy = np.pad(log2phy, ((0, 0), (0, 0), (0, R - log2phy.shape[2]))).astype(np.int32)
+        out, i = {}, 0
+        for r, _, c in self._moe_layers():
+            rows = placement.slots[i:i + c]
+            out[r] = {k: np.stack([self._logical[r][k][j][row] for j, row in enumerate(rows)]) for k in _WEIGHTS}
+            out[r].update(eplb_log2phy=log2phy[i:i + c], eplb_counts=counts[i:i + c])
+            i += c
+        return out
 
     def _install(self, placement) -> int:
         """Copy ``placement``'s slot weights and tables into the (sharded) state; returns the slots moved."""
         moved = self.placement.moves(placement)
-        log2phy, counts = self._tables(placement)
-        i = 0
-        for r, _, c in self._moe_layers():
+        for r, values in self._slot_values(placement).items():
             moe = self.state["stacks"][r]["moe"]
-            for k, w in zip(("w_gate", "w_up", "w_down"), self._physical(r, placement.slots[i:i + c]), strict=True):
-                v = moe["experts"][k]
-                v.set_value(jax.device_put(w.astype(v.get_value().dtype), v.get_value().sharding))
-            for name, t in (("eplb_log2phy", log2phy[i:i + c]), ("eplb_counts", counts[i:i + c])):
-                moe[name].set_value(jax.device_put(t, moe[name].get_value().sharding))
-            i += c
+            for v, new in [(moe["experts"][k], values[k]) for k in _WEIGHTS] + [(moe[k], values[k]) for k in _TABLES]:
+                v.set_value(jax.device_put(new.astype(v.get_value().dtype), v.get_value().sharding))
         self.placement = placement
         return moved
 
@@ -234,28 +229,22 @@ class ExpertParallelRunner(ModelRunner):
         return None  # the scanned stack: its expert weights are sharded along the expert axis
 
     # ------------------------------------------------------------------------------------------ the step
-    def _step(self, state, pool, dec, pf, hidden, group, dec_ids, pf_ids, *, kw):
-        kw = dict(kw)
+    def step_fn(self):
+        return self._jit
+
+    def _step(self, gdef, state, pool, dec, pf, hidden, group, dec_ids=None, pf_ids=None, layer_states=None, *,
+              block_size: int, return_logits: bool = False, attn_impl: str = "xla", kv_block: int | None = None,
+              prefill_kv_block: int | None = None):
+        """:func:`~moejax.serve.step.engine_step` inside ``shard_map`` over the mesh (the same signature;
+        ``layer_states`` is always None here: the scanned stack)."""
+        kw = {"block_size": block_size, "return_logits": return_logits, "attn_impl": attn_impl,
+              "kv_block": kv_block, "prefill_kv_block": prefill_kv_block}
 
         def local(state, pool, dec, pf, hidden, group, dec_ids, pf_ids):
             with expert_parallel_serving(mesh_lib.EXPERT_AXES, self.capacity_factor, self.a2a):
-                return _engine_step(self.gdef, state, pool, dec, pf, hidden, group, dec_ids, pf_ids, None, **kw)
+                return _engine_step(gdef, state, pool, dec, pf, hidden, group, dec_ids, pf_ids, None, **kw)
 
         rep = P()
         f = jax.shard_map(local, mesh=self.mesh, in_specs=(self._specs, rep, rep, rep, rep, rep, rep, rep),
                           out_specs=rep, check_vma=False)
         return f(state, pool, dec, pf, hidden, group, dec_ids, pf_ids)
-
-    def run_step(self, dec, pf, hidden, group, use_hidden: bool, dec_ids=None, pf_ids=None) -> StepOutput:
-        args, kw = self._step_args(dec, pf, hidden, group, use_hidden, dec_ids, pf_ids)
-        _, state, pool, dec, pf, hidden, g, dec_ids, pf_ids, _ = args
-        return self._jit(state, pool, dec, pf, hidden, g, dec_ids, pf_ids, kw=tuple(sorted(kw.items())))
-
-    def _lower(self, key: tuple):
-        bd, pfs = key[:2]
-        dec = None if bd is None else self.blank_decode(bd)
-        pf = None if pfs is None else self.blank_prefill(*pfs)
-        args, kw = self._step_args(dec, pf, None, (0, self.mcfg.n_layers), False, None, None)
-        _, state, _, dec, pf, hidden, g, dec_ids, pf_ids, _ = args
-        return self._jit.lower(state, self._pool_spec, dec, pf, hidden, g, dec_ids, pf_ids,
-                               kw=tuple(sorted(kw.items())))

@@ -186,10 +186,16 @@ class ModelRunner:
                                o.experts_touched, o.dec_logits, o.pf_logits, o.dropped, o.expert_load))
         return StepResult(*host)
 
+    def step_fn(self):
+        """The jitted step :meth:`run_step` calls and :meth:`warmup` lowers, with
+        :func:`~moejax.serve.step.engine_step`'s signature (a runner that runs the same step differently, e.g.
+        on a mesh, returns its own)."""
+        return engine_step
+
     def run_step(self, dec, pf, hidden, group, use_hidden: bool, dec_ids=None, pf_ids=None) -> StepOutput:
-        """One :func:`~moejax.serve.step.engine_step` on packed parts over the runner's pool (donated)."""
+        """One :meth:`step_fn` call on packed parts over the runner's pool (donated)."""
         args, kw = self._step_args(dec, pf, hidden, group, use_hidden, dec_ids, pf_ids)
-        return engine_step(*args, **kw)
+        return self.step_fn()(*args, **kw)
 
     def execute_decode_steps(self, plan: Plan, steps: int) -> StepResult:
         """``steps`` decode iterations of a decode-only plan in one call (multi-step decoding); the rows'
@@ -304,7 +310,7 @@ class ModelRunner:
         pf = None if pfs is None else self.blank_prefill(*pfs)
         dec_ids, pf_ids = self.blank_expert_ids(dec, pf)
         args, kw = self._step_args(dec, pf, None, (0, self.mcfg.n_layers), False, dec_ids, pf_ids)
-        return engine_step.lower(*args[:2], self._pool_spec, *args[3:], **kw)
+        return self.step_fn().lower(*args[:2], self._pool_spec, *args[3:], **kw)
 
     # ----------------------------------------------------------------------------------------- scoring
     def score_prompt(self, ids: Sequence[int]):
