@@ -130,7 +130,9 @@ def serve_policy(model, policy, args, prompts, calib_loads, iterations, *, recor
             res = super().execute(plan)
             load = res.expert_load[self.moe_rows]
             log.append({"load": load, "device": placement.device_loads(load), "dropped": int(res.dropped.sum()),
-                        "routed": float(load.sum())})
+                        "routed": float(load.sum()),
+                        # the dynamic trigger's input: lowest per-layer cosine of the decayed and placed loads
+                        "similarity": None if self.tracker is None else self.tracker.similarity()})
             return res
 
     runner = Recording(model, cfg, "expert=8", capacity_factor=args.capacity_factor, eplb=ec)
@@ -188,11 +190,13 @@ def summarize(policy, log, steps, rebalances, args):
     model_ms = [statistics.mean(modelled_layer_ms(s, args, policy != "none") for s in pls)
                 for pls in per_layer_shares]
     routed = sum(r["routed"] for r in log)
+    sims = [r["similarity"] for r in log if r.get("similarity") is not None]
     return {"policy": policy, "iterations": len(log), "windows": len(ws),
             "max/mean mean": float(ratio.mean()), "max/mean worst": float(ratio.max()),
             "dropped %": 100.0 * sum(r["dropped"] for r in log) / max(routed, 1.0),
             "step ms (median)": 1e3 * statistics.median(steps),
             "rebalances": len(rebalances), "slots moved": sum(r["moved_slots"] for r in rebalances),
+            "similarity (min)": min(sims) if sims else None,
             "modelled Qwen3 MoE layer ms": statistics.mean(model_ms) if model_ms else None,
             "_ratio_by_window": ratio.mean(-1).tolist(), "_shares": [s.tolist() for s in shares]}
 
@@ -277,13 +281,16 @@ def main(argv=None) -> int:
     if "static" in by and "dynamic" in by:
         summary["dynamic_at_least_static"] = bool(by["dynamic"]["max/mean mean"] <= by["static"]["max/mean mean"])
     cols = ["policy", "max/mean mean", "max/mean worst", "dropped %", "step ms (median)", "rebalances",
-            "slots moved", "modelled Qwen3 MoE layer ms"]
+            "slots moved", "similarity (min)", "modelled Qwen3 MoE layer ms"]
     md = [f"# EPLB: expert-parallel serving on 8 CPU devices under domain drift ({cpu_isa()})\n",
           (f"Model {run} ({cfg.moe.num_experts} experts top-{cfg.moe.router.top_k}); domains {', '.join(doms)}, "
            f"{args.phase_iterations} iterations each; {args.concurrency} requests in flight, "
            f"{args.prompt_tokens}-token prompts, {args.max_tokens} greedy tokens; capacity factor "
            f"{args.capacity_factor}; {args.redundant_slots} redundant slots per device (static, periodic, "
-           f"dynamic); windows of {args.window} iterations. The last column is **modelled** (Qwen3-30B-A3B on 8 "
+           f"dynamic); dynamic rebalances when the lowest per-layer cosine similarity of the decayed "
+           f"(decay {args.decay}) and the placed loads, checked every {args.check_every} iterations, is below "
+           f"{args.threshold} (`similarity (min)`: its lowest value in the run); windows of {args.window} "
+           f"iterations. The last column is **modelled** (Qwen3-30B-A3B on 8 "
            f"H100s, {args.model_tokens} tokens per iteration, the windows' measured device-load shares).\n"),
           markdown_table(rows, cols)]
     if "target_met" in summary:

@@ -53,6 +53,10 @@ rewritten after every step, so a timeout still leaves the finished steps on disk
    (``pallas_kernels.atomic_experts``, Triton) against token-centric, forward in bfloat16 at 4096 tokens, d 1024,
    N = 2^16, K 16 and 64, checked against each other, and the Cartesian product router against a flat router.
 
+12. ``speculative``: MTP speculative decoding (issue 22): a speculative step (verify 1 + K positions, the MTP
+   blocks, drafting) against a plain decode step on the tiny preset with 2 MTP heads, batch 1 and 16, K 1 and 2,
+   and the TPOT ratio at the acceptance ``experiments/speculative.py`` measured on CPU.
+
 Each step is a function of the run's :class:`Context` returning its record; ``STEPS`` lists them in run order.
 ``--only a,b`` runs only the steps whose names start with those prefixes, ``--skip`` the others; ``--out``
 names the results file (so a partial run does not overwrite the full one).
@@ -952,6 +956,70 @@ def omnimoe(ctx):
             "interpret": ctx.interpret}
 
 
+# 12. MTP speculative decoding ----------------------------------------------------------------------------------
+def speculative(ctx):
+    """Issue 22 item 4: the cost of a speculative step against a plain decode step on the device, on the tiny
+    preset with 2 MTP heads (random weights: the acceptance comes from ``experiments/speculative.py``'s CPU run
+    when its results exist, else 0.5, labelled assumed). Per batch (1, 16) and K (1, 2): plain decode step ms,
+    speculative step ms (verify 1 + K positions, K MTP blocks, drafting), and TPOT / plain =
+    ``spec / (plain x (1 + accepted))`` with accepted = sum of acceptance^j, j = 1..K."""
+    import dataclasses
+    import json
+    import os
+
+    import numpy as np
+    from flax import nnx
+
+    from moejax.config import get_preset
+    from moejax.models.transformer import Transformer
+    from moejax.serve.engine import EngineConfig
+    from moejax.serve.runner import ModelRunner
+    from moejax.serve.scheduler import SchedulerConfig
+    from moejax.serve.speculative import SpecPrefill, spec_step
+
+    cfg = dataclasses.replace(get_preset("tiny"), mtp_depth=2, max_seq_len=512)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    acc, src = 0.5, "assumed"
+    res = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "speculative.json")
+    if os.path.exists(res):
+        with open(res) as f:
+            rows = [r for r in json.load(f)["batch1"] if r.get("acceptance per draft") is not None]
+        if rows:
+            acc, src = rows[0]["acceptance per draft"], "measured on CPU (experiments/results/speculative.json)"
+    out = []
+    for B in (1, 16):
+        runner = ModelRunner(model, EngineConfig(speculative="mtp", num_speculative_tokens=2, max_model_len=512,
+                                                 sched=SchedulerConfig(max_num_seqs=16)))
+        dec = runner.blank_decode(B)
+        for i in range(B):
+            dec.valid[i], dec.pos[i], dec.tokens[i] = True, 200, 5
+            dec.tables[i, :16] = np.arange(1 + 16 * i, 17 + 16 * i)
+
+        def plain(dec=dec, runner=runner):
+            o = runner.run_step(dec, None, None, (0, cfg.n_layers), False)
+            runner.pool = o.pool
+            return o.dec_next
+
+        t_plain = bench(plain, **ctx.it)["median_s"]
+        for k in (1, 2):
+            sd = dec._replace(tokens=np.full((B, 1 + k), 5, np.int32))
+
+            def spec(sd=sd, runner=runner, k=k):
+                o = spec_step(runner.gdef, runner.state, runner.pool, sd, None, SpecPrefill(
+                    np.zeros((0, k), np.int32), np.zeros(0, bool)), runner.layer_states, **runner._static_kw(),
+                    prefill_kv_block=runner.prefill_kv_block)
+                runner.pool = o.pool
+                return o.tokens
+
+            t_spec = bench(spec, **ctx.it)["median_s"]
+            accepted = sum(acc ** j for j in range(1, k + 1))
+            out.append({"batch": B, "K": k, "plain_step_ms": t_plain * 1e3, "spec_step_ms": t_spec * 1e3,
+                        "step_ratio": t_spec / t_plain, "tpot_ratio": t_spec / (t_plain * (1 + accepted))})
+            print(f"   batch {B} K={k}: plain {t_plain * 1e3:.2f} ms, speculative {t_spec * 1e3:.2f} ms, "
+                  f"TPOT ratio {out[-1]['tpot_ratio']:.2f} at acceptance {acc:.2f}", flush=True)
+    return {"rows": out, "acceptance": acc, "acceptance_source": src}
+
+
 # -- the table of steps, in run order; ``--only``/``--skip`` match name prefixes -----------------------------
 assert SMOKE["gmm"].keys() == FULL["gmm"].keys(), "the gmm timing steps are named after FULL's shapes"
 
@@ -973,6 +1041,7 @@ STEPS = [
     ("serve_step", serve_step),
     ("nm_sparse", nm_sparse),
     ("omnimoe", omnimoe),
+    ("speculative", speculative),
 ]
 
 

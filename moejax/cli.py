@@ -218,6 +218,17 @@ def _train_configs(args):
                                   "global_batch": args.batch, "lr": args.lr, "seed": args.seed}.items() if v is not None}
     if args.preset == "tiny" and args.steps is None and args.minutes is None and not args.train_config:
         over["steps"] = 200  # the quick default run: ~6 min on 2 AVX-512 cores, ~10 min on 2 AVX2 cores
+    if args.mtp:
+        cfg = dataclasses.replace(cfg, mtp_depth=args.mtp)
+        over["objective"] = "mtp"
+        if args.mtp_weight is not None:
+            over["mtp_weight"] = args.mtp_weight
+        if args.train_only:
+            over["train_only"] = args.train_only
+    elif args.mtp_weight is not None or args.train_only:
+        raise SystemExit("error: --mtp-weight and --train-only need --mtp K")
+    if args.train_only and not args.init_from:
+        raise SystemExit("error: --train-only mtp trains MTP heads on a frozen trained model: give --init-from RUN")
     if args.sparsity is not None:
         from moejax.config import SPARSITY_SITES, SparsityConfig
 
@@ -241,7 +252,7 @@ def cmd_train(args) -> int:
         mesh = MeshConfig.parse(args.mesh)
     schedule = _train_schedule(args, cfg, tc, mesh)
     summary = train(cfg, tc, out, corpus=args.corpus, resume=args.resume, progress=not args.no_progress, mesh=mesh,
-                    schedule=schedule)
+                    schedule=schedule, init_from=args.init_from)
     import jax
     if jax.process_index() != 0:
         return 0
@@ -362,7 +373,9 @@ def cmd_serve(args) -> int:
     name = args.model_name or os.path.basename(os.path.normpath(src))
     ecfg = EngineConfig(scheduler=args.scheduler, sched=sched, block_size=args.block_size, num_blocks=args.num_blocks,
                         max_model_len=args.max_model_len, enable_prefix_cache=not args.no_prefix_cache,
-                        decode_steps=args.decode_steps)
+                        decode_steps=args.decode_steps or (1 if args.speculative else 4),
+                        speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens or 1,
+                        speculative_max_batch=args.speculative_max_batch)
     runner = None
     if offload is not None:
         from moejax.offload.runtime import OffloadRunner
@@ -424,6 +437,15 @@ def _check_serve(parser, args) -> None:
         parser.error("--eplb-redundant-slots needs --eplb POLICY")
     if args.offload and args.mesh:
         parser.error("--mesh does not combine with --offload (offloaded experts are served on one device)")
+    if args.speculative is None and (args.num_speculative_tokens is not None or args.speculative_max_batch is not None):
+        parser.error("--num-speculative-tokens/--speculative-max-batch need --speculative mtp")
+    if args.speculative is not None:
+        if args.mesh or args.offload:
+            parser.error("--speculative runs on the in-memory single-device engine: not with --mesh or --offload")
+        if args.decode_steps not in (None, 1):
+            parser.error("--speculative with --decode-steps > 1: choose one (both emit several tokens per step)")
+        if args.scheduler != "chunked":
+            parser.error("--speculative needs --scheduler chunked (the MTP heads draft from whole prompt chunks)")
     if not args.offload:
         given = [_flag(d) for d in OFFLOAD_FLAGS if getattr(args, d) is not None]
         if given:
@@ -575,8 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
         ALL_ROUTER_TYPES,
         DISPATCH_TYPES,
         DTYPES,
+        MAX_MTP_DEPTH,
         SPARSITY_METHODS,
         SPARSITY_SITES,
+        TRAIN_ONLY,
     )
 
     ap = argparse.ArgumentParser(prog="moejax", description="Mixture-of-Experts training and serving in JAX")
@@ -616,6 +640,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "GEMM sparse too), transposable (m <= 4), dense")
     t.add_argument("--sparsity-layers", type=sparsity_sites, metavar="SITES",
                    help=f"comma-separated sites made sparse, of {','.join(SPARSITY_SITES)} (default: all)")
+    t.add_argument("--mtp", type=int_range(1, MAX_MTP_DEPTH), metavar="K",
+                   help=f"add K (1..{MAX_MTP_DEPTH}) DeepSeek-V3 multi-token-prediction heads, trained with a weighted "
+                        "extra loss (they draft tokens for serve --speculative mtp)")
+    t.add_argument("--mtp-weight", type=positive_float, help="weight of the MTP losses (default 0.3, split over K)")
+    t.add_argument("--train-only", choices=TRAIN_ONLY,
+                   help="train only these parameters on a frozen model (mtp: the heads; needs --init-from)")
+    t.add_argument("--init-from", metavar="RUN", help="start from a trained run's weights (same model apart from --mtp)")
     t.add_argument("--corpus", help="text file or directory (default: the stdlib's .py files)")
     t.add_argument("--out", help="output directory (default runs/<preset>)")
     t.add_argument("--mesh", help="device mesh, e.g. expert=8 or data=2,expert=4 (CPU: set XLA_FLAGS="
@@ -677,10 +708,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an idle engine's first step waits until no request has arrived for this long (at most 10x), "
                         "so a burst of concurrent requests is prefilled together; 0: no wait")
     s.add_argument("--no-prefix-cache", action="store_true")
-    s.add_argument("--decode-steps", type=positive_int, default=4,
+    s.add_argument("--decode-steps", type=positive_int, default=None,
                    help="multi-step decoding: decode iterations per compiled call when every request is decoding "
-                        "and nothing waits to be admitted (default 4: the host's scheduling and dispatch paid once "
-                        "per 4 tokens). Cost: streams receive tokens in groups of up to this many, a request that "
+                        "and nothing waits to be admitted (default 4, 1 with --speculative: the host's scheduling "
+                        "and dispatch paid once per 4 tokens). Cost: streams receive tokens in groups of up to this many, a request that "
                         "arrives meanwhile waits for the group to end, and a request finishing inside a group costs "
                         "its row the rest of the group; 1 turns it off")
     s.add_argument("--warmup", nargs="?", const="blocking", choices=WARMUP_MODES, default="background",
@@ -703,6 +734,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "rebalanced)")
     s.add_argument("--eplb-redundant-slots", type=int_range(0), default=None,
                    help="with --eplb: extra expert slots per device for replicas of the heaviest experts (default 1)")
+    _add_lazy_choices(s, "--speculative", "moejax.serve.speculative", lambda m: m.SPECULATIVE_METHODS, default=None,
+                      help="speculative decoding: mtp (the checkpoint's MTP heads, `moejax train --mtp K`, draft "
+                           "tokens; one forward verifies them; greedy output unchanged, sampled output has the same "
+                           "distribution)")
+    s.add_argument("--num-speculative-tokens", type=int_range(1, MAX_MTP_DEPTH), default=None,
+                   help="with --speculative: drafts per request and step (default 1; at most the model's MTP heads)")
+    s.add_argument("--speculative-max-batch", type=positive_int, default=None,
+                   help="with --speculative: plain steps while more requests than this decode (default: always "
+                        "speculate)")
     s.add_argument("--seed", type=seed32, default=0)
     _add_dtype(s, DTYPES)
     s.add_argument("--offload", help="serve from an offload store (`moejax offload prepare`): experts on disk")

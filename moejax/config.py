@@ -244,6 +244,10 @@ class MoEConfig:
         return self
 
 
+MAX_MTP_DEPTH = 4
+"""The most multi-token-prediction modules a model may have (``ModelConfig.mtp_depth``)."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only language model with dense or MoE FFNs.
@@ -270,6 +274,11 @@ class ModelConfig:
         matmul outputs without batch dimensions, ``dots_with_no_batch_dims_saveable``: the weight-stationary
         projections, not attention scores or batched expert GEMMs), ``save_dots`` (older name of
         ``dots_no_batch``). Results are identical; only memory and recompute change.
+      mtp_depth: multi-token-prediction modules (DeepSeek-V3 style, :class:`moejax.models.transformer.MTPHead`):
+        module ``k`` (1-based) predicts the token ``k + 1`` positions ahead from module ``k - 1``'s hidden
+        state and the embedding of the token ``k`` ahead. 0 (default): none. Trained with
+        ``TrainConfig.objective="mtp"``; they draft tokens for speculative decoding
+        (``EngineConfig.speculative="mtp"``). At most :data:`MAX_MTP_DEPTH`.
     """
 
     vocab_size: int = 512
@@ -292,6 +301,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     init_std: float = 0.02
     remat: str = "none"
+    mtp_depth: int = 0
 
     @property
     def resolved_head_dim(self) -> int:
@@ -323,6 +333,9 @@ class ModelConfig:
         _check_choice(c, "dtype", self.dtype, DTYPES)
         _check_choice(c, "param_dtype", self.param_dtype, DTYPES)
         _check_choice(c, "remat", self.remat, REMAT_POLICIES)
+        _check_int(c, "mtp_depth", self.mtp_depth, 0)
+        if self.mtp_depth > MAX_MTP_DEPTH:
+            raise _err(c, "mtp_depth", self.mtp_depth, f"must be in [0, {MAX_MTP_DEPTH}]")
         bad = [i for i in self.dense_layers if not (isinstance(i, int) and 0 <= i < self.n_layers)]
         if bad:
             raise _err(c, "dense_layers", tuple(self.dense_layers), f"indices must be in [0, {self.n_layers})")
@@ -378,6 +391,12 @@ class SparsityConfig:
         return self
 
 
+OBJECTIVES = ("next_token", "mtp")
+"""Training objectives (``TrainConfig.objective``; :mod:`moejax.train.objectives`)."""
+TRAIN_ONLY = ("mtp",)
+"""Parameter subsets that can train alone on a frozen model (``TrainConfig.train_only``)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A training run.
@@ -404,6 +423,11 @@ class TrainConfig:
         ``ragged_emulated`` (the ragged path with a CPU emulation of the primitive, for tests); see
         :mod:`moejax.parallel.expert_parallel`.
       sparsity: N:M sparse training (:class:`SparsityConfig`; ``None`` or method ``dense``: off).
+      objective: what is minimized, one of :data:`OBJECTIVES` (:mod:`moejax.train.objectives`): ``next_token``,
+        or ``mtp`` (next token plus the ``ModelConfig.mtp_depth`` multi-token-prediction losses).
+      mtp_weight: DeepSeek-V3's lambda: the MTP losses are added with weight ``mtp_weight / mtp_depth`` each.
+      train_only: ``None`` (every parameter) or ``"mtp"``: only the MTP modules train, on a frozen model (start
+        from a trained run with ``train(..., init_from=RUN)`` / ``moejax train --init-from RUN``).
     """
 
     steps: int = 1000
@@ -429,6 +453,9 @@ class TrainConfig:
     val_percent: float = 5.0
     ep_a2a: str = "fixed"
     sparsity: SparsityConfig | None = None
+    objective: str = "next_token"
+    mtp_weight: float = 0.3
+    train_only: str | None = None
 
     def validate(self) -> TrainConfig:
         c = "TrainConfig"
@@ -458,6 +485,10 @@ class TrainConfig:
         if self.val_percent >= 100:
             raise _err(c, "val_percent", self.val_percent, "must be in (0, 100)")
         _check_choice(c, "ep_a2a", self.ep_a2a, EP_A2A_MODES)
+        _check_choice(c, "objective", self.objective, OBJECTIVES)
+        _check_float(c, "mtp_weight", self.mtp_weight, 0.0)
+        if self.train_only is not None:
+            _check_choice(c, "train_only", self.train_only, TRAIN_ONLY)
         if self.sparsity is not None:
             if not isinstance(self.sparsity, SparsityConfig):
                 raise _err(c, "sparsity", self.sparsity, "must be a SparsityConfig or None")

@@ -186,3 +186,42 @@ def test_serve_mesh_builds_the_expert_parallel_runner(monkeypatch, capsys, tmp_p
     assert isinstance(runner, ExpertParallelRunner) and runner.eplb.policy == "dynamic"
     assert runner.eplb.redundant_slots == 1 and runner.placement.slots.shape[1] == 16
     assert "EPLB dynamic, 1 redundant slots per device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needed", [
+    (["serve", "--preset", "tiny", "--num-speculative-tokens", "2"], "need --speculative mtp"),
+    (["serve", "--preset", "tiny", "--speculative", "mtp", "--mesh", "expert=8"], "not with --mesh"),
+    (["serve", "--preset", "tiny", "--speculative", "mtp", "--decode-steps", "4"], "choose one"),
+    (["serve", "--preset", "tiny", "--speculative", "mtp", "--scheduler", "layered"], "--scheduler chunked"),
+    (["serve", "--preset", "tiny", "--speculative", "eagle"], "--speculative"),
+    (["serve", "--preset", "tiny", "--speculative", "mtp", "--num-speculative-tokens", "9"],
+     "--num-speculative-tokens"),
+    (["train", "--preset", "tiny", "--mtp", "0"], "--mtp"),
+    (["train", "--preset", "tiny", "--train-only", "mtp"], "need --mtp K"),
+    (["train", "--preset", "tiny", "--mtp", "1", "--train-only", "mtp"], "give --init-from RUN"),
+])
+def test_speculative_and_mtp_flags(capsys, argv, needed):
+    assert needed in _exit_message(capsys, argv)
+
+
+def test_train_mtp_and_serve_speculative_configs(monkeypatch, tmp_path):
+    """`train --mtp 2` sets mtp_depth and the mtp objective; `serve --speculative mtp` builds a speculative engine
+    with decode_steps 1 (server replaced)."""
+    import json
+
+    from moejax.cli import _train_configs
+    from moejax.serve import server
+
+    cfg, tc = _train_configs(build_parser().parse_args(["train", "--preset", "tiny", "--mtp", "2", "--mtp-weight",
+                                                        "0.5"]))
+    assert cfg.mtp_depth == 2 and tc.objective == "mtp" and tc.mtp_weight == 0.5
+    mcfg = {"vocab_size": 64, "d_model": 16, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_ff": 32,
+            "max_seq_len": 64, "mtp_depth": 2, "moe": None}
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(mcfg))
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda engine, *a, **k: seen.setdefault("engine", engine))
+    assert main(["serve", "--config", str(path), "--speculative", "mtp", "--num-speculative-tokens", "2",
+                 "--speculative-max-batch", "8", "--warmup", "none"]) == 0
+    ec = seen["engine"].cfg
+    assert (ec.speculative, ec.num_speculative_tokens, ec.speculative_max_batch, ec.decode_steps) == ("mtp", 2, 8, 1)

@@ -31,6 +31,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -606,9 +607,14 @@ def save_hf(model: Transformer, cfg: ModelConfig, path: str | os.PathLike, *, la
     path = os.path.abspath(os.fspath(path))
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    if cfg.mtp_depth:
+        warnings.warn(f"save_hf: the model's {cfg.mtp_depth} MTP head(s) are not exported (the {model_type or 'HF'} "
+                      f"architecture has no place for them); keep the moejax checkpoint to serve them",
+                      stacklevel=2)
+        cfg = dataclasses.replace(cfg, mtp_depth=0)
     hf_cfg = config_to_hf(cfg, model_type, dtype)
     mt = hf_cfg["model_type"]
-    flat = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    flat = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if p[0] != "mtp"}
     np_dt = None if dtype is None else np.dtype(jnp.dtype(dtype))
     tensors: dict[str, np.ndarray] = {}
 

@@ -247,6 +247,29 @@ class Block(nnx.Module):
         return xd, xp, kp, vp, stats
 
 
+class MTPHead(nnx.Module):
+    """One multi-token-prediction module (DeepSeek-V3): module ``k`` at position ``i`` combines module ``k - 1``'s
+    hidden state ``h^{k-1}_i`` (the main model's last hidden state for ``k = 1``) with the embedding of token
+    ``t_{i+k}``: ``h^k_i = Block(W [norm(h^{k-1}_i); norm(emb(t_{i+k}))])``, and predicts ``t_{i+k+1}`` through
+    its own output norm and the model's shared LM head (:meth:`Transformer.mtp_logits`). The block is a decoder
+    block of the kind of the model's last layer, with its own attention (its own KV pages when serving)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pdt = dtype_of(cfg.param_dtype)
+        D = cfg.d_model
+        self.h_norm = RMSNorm(D, eps=cfg.norm_eps, param_dtype=pdt)
+        self.e_norm = RMSNorm(D, eps=cfg.norm_eps, param_dtype=pdt)
+        init = nnx.initializers.normal(stddev=cfg.init_std)
+        self.proj = nnx.Param(init(rngs.params(), (2 * D, D), pdt), logical_axes=(None, "embed"))
+        self.block = Block(cfg, cfg.layer_kinds()[-1], rngs=rngs)
+        self.out_norm = RMSNorm(D, eps=cfg.norm_eps, param_dtype=pdt)
+
+    def combine(self, h, e):
+        """The block's input from the previous hidden states ``h [..., D]`` and the token embeddings ``e``."""
+        z = jnp.concatenate([self.h_norm(h), self.e_norm(e).astype(h.dtype)], axis=-1)
+        return jnp.einsum("...d,de->...e", z, self.proj[...].astype(z.dtype))
+
+
 def add_residual(xs, f):
     """Split the FFN output ``f [T, D]`` of one call over several row groups ``xs`` (``[B, S, D]`` each, in the
     order they were concatenated) and add each group's residual."""
@@ -292,6 +315,8 @@ class Transformer(nnx.Module):
         if not cfg.tie_embeddings:
             self.lm_head = nnx.Param(init(rngs.params(), (cfg.d_model, cfg.vocab_size), pdt),
                                      logical_axes=("embed", "vocab"))
+        if cfg.mtp_depth:  # initialized last: the main model's weights do not depend on mtp_depth
+            self.mtp = nnx.List([MTPHead(cfg, rngs=rngs) for _ in range(cfg.mtp_depth)])
 
     # -------------------------------------------------------------------------------------------- cache
     def init_cache(self, batch: int, max_len: int, dtype=None, *, per_layer: bool = False) -> KVCache:
@@ -315,11 +340,44 @@ class Transformer(nnx.Module):
         """Token embeddings ``[..., D]`` of ``tokens [...]`` in the compute dtype."""
         return jnp.take(self.embed[...], tokens, axis=0).astype(dtype_of(self.cfg.dtype))
 
-    def head(self, h):
-        """Final norm + LM head: hidden ``[..., D]`` -> float32 logits ``[..., V]``."""
-        h = self.final_norm(h)
+    def head(self, h, norm=None):
+        """Final norm (or ``norm``) + LM head: hidden ``[..., D]`` -> float32 logits ``[..., V]``."""
+        h = (norm or self.final_norm)(h)
         w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
         return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+    def mtp_logits(self, k: int, h):
+        """Logits ``[..., V]`` of MTP module ``k`` (0-based here) from its hidden states: its own output norm and
+        the shared LM head."""
+        return self.head(h, self.mtp[k].out_norm)
+
+    def mtp_forward(self, h, tokens, positions, *, segment_ids=None, attention_mask=None, rng=None,
+                    train: bool = False):
+        """The MTP modules over a whole sequence (training, the dense reference of the serving drafts).
+
+        ``h [B, S, D]``: the main model's last hidden states (``return_hidden=True``) at the positions of
+        ``tokens [B, S]``. Module ``k`` (1-based) takes, at position ``i``, the embedding of ``tokens[:, i + k]``
+        (past the end: token 0, and the target there is not used). Returns a list of ``(hidden [B, S, D],
+        aux)`` per module; module ``k``'s hidden state at ``i`` predicts ``tokens[:, i + k + 1]``."""
+        cfg = self.cfg
+        B, S = tokens.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((B, S), jnp.int32) if segment_ids is None else (segment_ids != 0)
+        if segment_ids is None:
+            segment_ids = attention_mask.astype(jnp.int32)
+        rope = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
+        mask = make_attention_mask(B, S, segment_ids=segment_ids)
+        tidx = jnp.arange(B * S, dtype=jnp.int32).reshape(B, S)
+        out = []
+        for k, mod in enumerate(self.mtp, start=1):
+            ahead = jnp.pad(tokens[:, k:], ((0, 0), (0, min(k, S))))[:, :S]
+            x = mod.combine(h, self.embed_tokens(ahead))
+            lrng = None if rng is None else jax.random.fold_in(rng, 10_000 + k)
+            x, _, aux = mod.block(x, positions, segment_ids=segment_ids, token_mask=attention_mask.astype(bool),
+                                  token_index=tidx, rng=lrng, train=train, rope=rope, mask=mask)
+            out.append((x, aux))
+            h = x
+        return out
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, attention_mask=None, cache: KVCache | None = None,
                  cache_index=None, token_index=None, rng=None, train: bool = False, return_hidden: bool = False,

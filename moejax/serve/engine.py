@@ -130,6 +130,15 @@ class EngineConfig:
         :class:`RequestOutput` per request and call), and a request that finishes
         inside a group costs the rest of the group's compute for its row. New requests wait at most one
         group. 1 (default) disables it.
+      speculative: ``None`` (off) or ``"mtp"``: speculative decoding with the model's MTP heads as the drafter
+        (:mod:`moejax.serve.speculative`): each iteration verifies ``num_speculative_tokens`` drafts per running
+        request in one forward and emits the accepted ones plus one; greedy output is the plain output, sampled
+        output has the plain distribution. Needs ``scheduler="chunked"`` and ``decode_steps=1``.
+      num_speculative_tokens: drafts per request and iteration (1..``ModelConfig.mtp_depth``: MTP head ``k``
+        drafts the ``k``-th).
+      speculative_max_batch: run plain iterations while more than this many requests decode (verifying drafts
+        costs compute a large batch no longer has to spare; vLLM's ``speculative_disable_by_batch_size``);
+        ``None``: always speculate.
     """
 
     scheduler: str = "chunked"
@@ -147,6 +156,9 @@ class EngineConfig:
     attn_impl: str = "xla"
     layer_loop: str = "auto"
     decode_steps: int = 1
+    speculative: str | None = None
+    num_speculative_tokens: int = 1
+    speculative_max_batch: int | None = None
 
 
 @dataclass
@@ -207,6 +219,9 @@ class Engine:
                  model_name: str = "moejax"):
         if runner is None:
             runner = ModelRunner(model, cfg or EngineConfig())
+        if runner.cfg.speculative is not None and not runner.supports_speculative:
+            raise ValueError(f"EngineConfig.speculative={runner.cfg.speculative!r}: {type(runner).__name__} does "
+                             f"not run speculative steps (the in-memory ModelRunner does)")
         elif runner.model is not model:
             raise ValueError("Engine(model, runner=...): the runner was built for another model")
         elif cfg is not None and cfg != runner.cfg:
@@ -321,7 +336,9 @@ class Engine:
         plan = self.scheduler.schedule(t0)
         if plan.empty:
             return outputs
-        steps = self._decode_steps(plan)  # (reserves the rows' blocks first: the tables are packed next)
+        if self._speculate(plan):  # (reserves the rows' blocks first: the tables are packed next)
+            return self._step_speculative(plan, t0, outputs)
+        steps = self._decode_steps(plan)  # (likewise)
         if steps > 1:
             return self._step_multi(plan, steps, t0, outputs)
         res = self.runner.execute(plan)
@@ -410,6 +427,51 @@ class Engine:
                                         dropped=0 if res.dropped is None else int(res.dropped[j].sum())))
         for e, outs in group.values():  # one output per request and call: the tokens it produced, in order
             self._emit(e, merge_outputs(outs), outputs)
+        return outputs
+
+    def _speculate(self, plan: Plan) -> bool:
+        """Whether this iteration is a speculative step: speculation is configured, at most
+        ``speculative_max_batch`` requests decode, and every decode row's context and blocks have room for its
+        ``1 + K`` positions (reserved here)."""
+        cfg = self.cfg
+        if cfg.speculative is None:
+            return False
+        if cfg.speculative_max_batch is not None and len(plan.decode) > cfg.speculative_max_batch:
+            return False
+        k = cfg.num_speculative_tokens
+        if any(r.num_tokens + k > self.max_model_len for r in plan.decode):
+            return False
+        # positions num_tokens - 1 .. num_tokens - 1 + k get K/V written
+        return all(self.scheduler.reserve(r, r.num_tokens + k) for r in plan.decode)
+
+    def _step_speculative(self, plan: Plan, t0: float, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """One speculative step (:meth:`ModelRunner.execute_speculative`): each decode row emits its accepted
+        drafts and one more token, in order, as one output per request; the new drafts are kept on the
+        requests for the next step."""
+        res = self.runner.execute_speculative(plan)
+        t1 = time.perf_counter()
+        n, k = len(plan.decode), self.cfg.num_speculative_tokens
+        acc = res.accepted[:n]
+        emitted = self.scheduler.update_from_output(
+            plan, [list(res.dec_next[:int(acc[i]) + 1, i]) for i in range(n)], res.pf_next[:len(plan.prefill)])
+        for i, r in enumerate(plan.decode):
+            r.draft, r.draft_at = tuple(int(x) for x in res.drafts[i]), r.num_tokens
+        for i, c in enumerate(plan.prefill):
+            if c.last:
+                c.request.draft, c.request.draft_at = tuple(int(x) for x in res.pf_drafts[i]), c.request.num_tokens
+        group: dict = {}
+        for em in emitted:
+            self._record_token(em, res, t1, outputs, group)
+        for e, outs in group.values():  # one output per request and step: the tokens it produced, in order
+            self._emit(e, merge_outputs(outs), outputs)
+        self._record(IterationStats(
+            t0, t1, n * (1 + k), sum(c.length for c in plan.prefill), tuple(plan.group),
+            [int(x) for x in res.experts_touched], int(res.experts_touched.sum()) * self.runner.expert_bytes,
+            len(plan.preempted), sum(em.num_tokens for em in emitted if em.part == "decode"),
+            sum(c.start + c.length for c in plan.prefill),
+            sum(c.length * c.start + c.length * (c.length + 1) // 2 for c in plan.prefill),
+            dropped=0 if res.dropped is None else int(res.dropped.sum()),
+            spec_rows=n, spec_draft_tokens=n * k, spec_accepted_tokens=int(acc.sum())))
         return outputs
 
     # ----------------------------------------------------------------------------------------- compiling

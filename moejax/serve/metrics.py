@@ -61,6 +61,9 @@ class IterationStats:
     prefill_context: int = 0        # cached + new tokens the prefill rows attend over
     prefill_pairs: int = 0          # causal (query, key) pairs of the prefill rows
     dropped: int = 0                # (token, slot) rows the MoE dispatch dropped (capacity), all layers
+    spec_rows: int = 0              # speculative step: decode rows that verified drafts
+    spec_draft_tokens: int = 0      # drafts verified
+    spec_accepted_tokens: int = 0   # drafts accepted
 
 
 def _pct(xs, q):
@@ -107,6 +110,13 @@ def summarize(requests: list[RequestMetrics], iterations: list[IterationStats], 
         "prefill_tokens_run": pf_tok, "decode_tokens_run": dec_tok,
         "dropped_rows_total": sum(i.dropped for i in iterations),
     }
+    rows = sum(i.spec_rows for i in iterations)
+    if rows:  # speculative decoding: acceptance (vLLM's spec-decode metrics)
+        drafts = sum(i.spec_draft_tokens for i in iterations)
+        acc = sum(i.spec_accepted_tokens for i in iterations)
+        res.update(spec_steps=sum(1 for i in iterations if i.spec_rows), spec_draft_tokens=drafts,
+                   spec_accepted_tokens=acc, spec_acceptance_rate=acc / max(drafts, 1),
+                   spec_mean_accepted_length=1 + acc / rows)
     for name, xs in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e)):
         res[f"{name}_mean_s"] = _mean(xs)
         res[f"{name}_p50_s"] = _pct(xs, 50)
@@ -133,6 +143,10 @@ class PrometheusMetrics:
         self.preemptions = Counter("moejax_preemptions", "requests preempted (recompute)", **kw)
         self.dropped = Counter("moejax_moe_dropped_rows", "(token, expert) rows the MoE dispatch dropped "
                                "(capacity; 0 when dropless)", **kw)
+        self.spec_drafts = Counter("moejax_spec_decode_num_draft_tokens", "draft tokens verified (speculative "
+                                   "decoding)", **kw)
+        self.spec_accepted = Counter("moejax_spec_decode_num_accepted_tokens", "draft tokens accepted "
+                                     "(speculative decoding)", **kw)
         self.running = Gauge("moejax_num_requests_running", "requests decoding", **kw)
         self.waiting = Gauge("moejax_num_requests_waiting", "requests waiting", **kw)
         self.kv_usage = Gauge("moejax_kv_cache_usage", "fraction of KV blocks in use", **kw)
@@ -147,6 +161,8 @@ class PrometheusMetrics:
         self.expert_bytes.labels(m).inc(it.expert_bytes)
         self.preemptions.labels(m).inc(it.preempted)
         self.dropped.labels(m).inc(it.dropped)
+        self.spec_drafts.labels(m).inc(it.spec_draft_tokens)
+        self.spec_accepted.labels(m).inc(it.spec_accepted_tokens)
         self.step.labels(m).observe(it.end - it.start)
         self.running.labels(m).set(running)
         self.waiting.labels(m).set(waiting)

@@ -35,6 +35,7 @@ from moejax.models.transformer import dtype_of, resolve_layer_loop, unstack_laye
 from moejax.nn.shapes import bucket_edges, pow2_bucket, shape_bucket
 from moejax.serve.kv_cache import KVPool
 from moejax.serve.scheduler import Plan, Request
+from moejax.serve.speculative import SPECULATIVE_METHODS, SpecPrefill, mtp_pool_runs, spec_step
 from moejax.serve.step import (
     TOP_LOGPROBS,
     DecodeBatch,
@@ -63,6 +64,9 @@ class StepResult(NamedTuple):
     pf_logits: np.ndarray | None
     dropped: np.ndarray | None = None  # [n_layers] (or [steps, n_layers]) rows the MoE dispatch dropped
     expert_load: np.ndarray | None = None  # [n_layers, E] (or [steps, n_layers, E]) routed slots per expert
+    accepted: np.ndarray | None = None  # speculative step: [Bd] drafts accepted per decode row
+    drafts: np.ndarray | None = None    # speculative step: [Bd, K] the next drafts of each decode row
+    pf_drafts: np.ndarray | None = None  # speculative step: [Bp, K] drafts after each completed prompt
 
 
 class ModelRunner:
@@ -76,6 +80,8 @@ class ModelRunner:
     pad_decode_with_prefill = True
     #: multi-step decode calls (``EngineConfig.decode_steps``) are available
     supports_multi_step = True
+    #: speculative steps (``EngineConfig.speculative``, :mod:`moejax.serve.speculative`) are available
+    supports_speculative = True
 
     def __init__(self, model, cfg):
         mcfg = model.cfg
@@ -88,8 +94,9 @@ class ModelRunner:
         self.num_blocks = cfg.num_blocks or 1 + cfg.sched.max_num_seqs * math.ceil(self.max_model_len / cfg.block_size)
         self.gdef, self.state = nnx.split(model)
         self.layer_states = self._layer_states(model)
-        self.pool = KVPool.create(model.runs, self.num_blocks, cfg.block_size, mcfg.n_kv_heads,
-                                  mcfg.resolved_head_dim, dtype_of(mcfg.dtype))
+        # the MTP modules' layers (speculative decoding) are the pool's last entry
+        self.pool = KVPool.create(mtp_pool_runs(model, cfg.speculative is not None), self.num_blocks,
+                                  cfg.block_size, mcfg.n_kv_heads, mcfg.resolved_head_dim, dtype_of(mcfg.dtype))
         # what compiling needs of the pool (a background warm-up must not touch the live, donated buffers)
         # (no sharding given: like the pool itself, uncommitted, so the steps later find the compiled programs)
         self._pool_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.pool)
@@ -119,10 +126,13 @@ class ModelRunner:
         return pow2_bucket(rows, 1), shape_bucket(tokens, self.cfg.min_prefill_tokens, self.cfg.prefill_token_step)
 
     @staticmethod
-    def shape_key(dec, pf, steps: int = 1) -> tuple:
+    def shape_key(dec, pf, steps: int = 1, spec: int = 0) -> tuple:
         """What selects a compiled step: decode rows and prefill (rows, tokens); multi-step decode calls
-        (``EngineConfig.decode_steps``) are ``(rows, None, steps)``."""
+        (``EngineConfig.decode_steps``) are ``(rows, None, steps)``, speculative steps ``(rows, prefill,
+        ("spec", K))``."""
         key = (None if dec is None else int(dec.tokens.shape[0]), None if pf is None else tuple(pf.tokens.shape))
+        if spec:
+            return (*key, ("spec", spec))
         return key if steps == 1 else (*key, steps)
 
     # ----------------------------------------------------------------------------------------- packing
@@ -209,6 +219,41 @@ class ModelRunner:
             (o.tokens, o.logprob, o.top, o.experts_touched, o.logits, o.dropped, o.expert_load))
         return StepResult(toks, lps, top, None, None, None, touched, logits, None, dropped, load)
 
+    def pack_speculative(self, plan: Plan, k: int) -> tuple[DecodeBatch | None, PrefillBatch | None, SpecPrefill]:
+        """The plan packed for a speculative step of ``k`` drafts: each decode row holds its last token and its
+        drafts (``Request.draft``; a request without current drafts, e.g. after speculation was off, gets
+        copies of its last token: valid input, likely rejected), the prefill rows the prompt tokens after their
+        chunk."""
+        dec, pf = self.pack(plan)
+        if dec is not None:
+            toks = np.zeros((dec.tokens.shape[0], 1 + k), np.int32)
+            toks[:, 0] = dec.tokens
+            for i, r in enumerate(plan.decode):
+                cur = len(r.draft) >= k and r.draft_at == r.num_tokens
+                toks[i, 1:] = r.draft[:k] if cur else r.last_token
+            dec = dec._replace(tokens=toks)
+        rows = 0 if pf is None else pf.tokens.shape[0]
+        spf = SpecPrefill(np.zeros((rows, k), np.int32), np.zeros(rows, bool))
+        for i, c in enumerate(plan.prefill):
+            nxt = c.request.tokens[c.start + c.length:c.start + c.length + k]
+            spf.ahead[i, :len(nxt)] = nxt
+            spf.final[i] = c.last
+        return dec, pf, spf
+
+    def execute_speculative(self, plan: Plan) -> StepResult:
+        """One speculative step (:func:`~moejax.serve.speculative.spec_step`) of ``plan``: decode fields are
+        step-major ``[1 + K, Bd]``; ``accepted``, ``drafts`` and ``pf_drafts`` are set. The decode rows' blocks
+        must cover their ``1 + K`` positions."""
+        k = self.cfg.num_speculative_tokens
+        dec, pf, spf = self.pack_speculative(plan, k)
+        self.compiled_shapes.add(self.shape_key(dec, pf, spec=k))
+        o = spec_step(self.gdef, self.state, self.pool, dec, pf, spf, self.layer_states, **self._static_kw(),
+                      prefill_kv_block=self.prefill_kv_block)
+        self.pool = o.pool
+        h = jax.device_get((o.tokens, o.logprob, o.top, o.pf_next, o.pf_logprob, o.pf_top, o.experts_touched,
+                            o.logits, o.pf_logits, o.dropped, o.expert_load, o.accepted, o.drafts, o.pf_drafts))
+        return StepResult(*h)
+
     def _static_kw(self) -> dict:
         """Static arguments shared by :func:`engine_step` and :func:`engine_decode_steps`."""
         return {"block_size": self.cfg.block_size, "return_logits": self.cfg.record_logits,
@@ -251,9 +296,14 @@ class ModelRunner:
         if self.cfg.decode_steps > 1 and self.supports_multi_step:
             keys += [(b, None, self.cfg.decode_steps) for b in buckets]
         full = self.decode_rows(0, True) if self.pad_decode_with_prefill else None
+        pf_keys = []
         for bp in rows:
             lim = shape_bucket(scheduler.max_prefill_row(bp, longest), lo, step)
-            keys += [(full, (bp, tp)) for tp in tokens if bp == 1 or tp <= lim]
+            pf_keys += [(full, (bp, tp)) for tp in tokens if bp == 1 or tp <= lim]
+        keys += pf_keys
+        if self.cfg.speculative is not None:  # speculative steps: decode-only, prefill-only and mixed
+            spec = ("spec", self.cfg.num_speculative_tokens)
+            keys += [(b, None, spec) for b in buckets] + [(*kk, spec) for kk in pf_keys]
         return keys
 
     def warmup(self, shapes: Sequence[tuple], *, workers: int = 2, progress: bool = False,
@@ -304,6 +354,15 @@ class ModelRunner:
         """The lowered step of one shape key."""
         bd, pfs = key[:2]
         dec = None if bd is None else self.blank_decode(bd)
+        if len(key) > 2 and isinstance(key[2], tuple):  # a speculative step
+            k = key[2][1]
+            pf = None if pfs is None else self.blank_prefill(*pfs)
+            if dec is not None:
+                dec = dec._replace(tokens=np.zeros((bd, 1 + k), np.int32))
+            rows = 0 if pf is None else pfs[0]
+            spf = SpecPrefill(np.zeros((rows, k), np.int32), np.zeros(rows, bool))
+            return spec_step.lower(self.gdef, self.state, self._pool_spec, dec, pf, spf, self.layer_states,
+                                   **self._static_kw(), prefill_kv_block=self.prefill_kv_block)
         if len(key) > 2:  # a multi-step decode call
             return engine_decode_steps.lower(self.gdef, self.state, self._pool_spec, dec, self.layer_states,
                                              **self._multi_kw(key[2]))
@@ -370,4 +429,25 @@ def _validate(cfg, mcfg, max_model_len: int) -> int:
                          f"block_size={cfg.block_size}")
     if cfg.attn_impl not in ATTN_IMPLS:
         raise ValueError(f"EngineConfig.attn_impl={cfg.attn_impl!r}; allowed: {', '.join(map(repr, ATTN_IMPLS))}")
+    if cfg.speculative is not None:
+        if cfg.speculative not in SPECULATIVE_METHODS:
+            raise ValueError(f"EngineConfig.speculative={cfg.speculative!r}; allowed: None, "
+                             f"{', '.join(map(repr, SPECULATIVE_METHODS))}")
+        n = cfg.num_speculative_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max(mcfg.mtp_depth, 1):
+            raise ValueError(f"EngineConfig.num_speculative_tokens={n!r} must be an integer in [1, "
+                             f"{max(mcfg.mtp_depth, 1)}] (the model's MTP heads, ModelConfig.mtp_depth)")
+        if mcfg.mtp_depth < 1:
+            raise ValueError("EngineConfig.speculative='mtp' needs a model with MTP heads (ModelConfig.mtp_depth "
+                             ">= 1; moejax train --mtp K)")
+        if cfg.scheduler != "chunked":
+            raise ValueError(f"EngineConfig.speculative={cfg.speculative!r} needs scheduler='chunked' (got "
+                             f"{cfg.scheduler!r}): the MTP heads draft from the last layer's hidden states of whole "
+                             f"prompt chunks")
+        if cfg.decode_steps != 1:
+            raise ValueError(f"EngineConfig.speculative={cfg.speculative!r} with decode_steps={cfg.decode_steps}: "
+                             f"choose one (both emit several tokens per call)")
+        mb = cfg.speculative_max_batch
+        if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
+            raise ValueError(f"EngineConfig.speculative_max_batch={mb!r} must be None or an integer >= 1")
     return pkb

@@ -55,6 +55,8 @@ class Request:
     cached_tokens: int = 0              # prompt tokens served from the prefix cache (last admission)
     finish_reason: str | None = None
     aborted: bool = False
+    draft: tuple[int, ...] = ()         # speculative decoding: drafts for the tokens after the last one
+    draft_at: int = -1                  # num_tokens when they were drafted (stale once it changes)
 
     @property
     def tokens(self) -> list[int]:

@@ -46,8 +46,8 @@ TOP_LOGPROBS = 5
 
 
 class DecodeBatch(NamedTuple):
-    tokens: jax.Array       # [Bd] int32
-    pos: jax.Array          # [Bd] int32 position of the token (= tokens already cached)
+    tokens: jax.Array       # [Bd] int32 ([Bd, 1 + K] in a speculative step: the token, then K drafts)
+    pos: jax.Array          # [Bd] int32 position of the (first) token (= tokens already cached)
     tables: jax.Array       # [Bd, P] int32 block table
     valid: jax.Array        # [Bd] bool (False: padding row)
     keys: jax.Array         # [Bd, 2] uint32 sampling keys
@@ -103,9 +103,12 @@ def prepare_rows(model, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hid
     rows = partial(paged_rows, block_size=block_size, head_dim=cfg.resolved_head_dim, rope_theta=cfg.rope_theta)
     dpart = ppart = None
     if dec is not None:
-        pos = dec.pos[:, None]
-        drows = rows(dec.tables, pos, dec.valid[:, None], jnp.where(dec.valid, dec.pos + 1, 0))
-        dpart = PagedPart(model.embed_tokens(dec.tokens)[:, None], drows, None if dec_ids is None else dec_ids[:, None])
+        toks = dec.tokens if dec.tokens.ndim == 2 else dec.tokens[:, None]  # [Bd, S]: S > 1 verifies drafts
+        S = toks.shape[1]
+        pos = dec.pos[:, None] + jnp.arange(S, dtype=jnp.int32)
+        valid = jnp.broadcast_to(dec.valid[:, None], (toks.shape[0], S))
+        drows = rows(dec.tables, pos, valid, jnp.where(dec.valid, dec.pos + S, 0))
+        dpart = PagedPart(model.embed_tokens(toks), drows, None if dec_ids is None else dec_ids[:, None])
     if pf is not None:
         Tp = pf.tokens.shape[1]
         pad = Tp - pf.length  # left padding
@@ -146,14 +149,27 @@ def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: Prefill
     mask is then tested per layer the same way).
     """
     model = nnx.merge(gdef, state)
-    dt = jnp.dtype(model.cfg.dtype)
     lo, hi = group[0], group[1]
-    has_d, has_p = dec is not None, pf is not None
+    has_p = pf is not None
     use_hidden = False if pf_hidden is None else group[2] > 0
     dpart, ppart = prepare_rows(model, dec, pf, pf_hidden, block_size=block_size, use_hidden=use_hidden,
                                 dec_ids=dec_ids, pf_ids=pf_ids)
     dspec, pspec = attention_specs(block_size, attn_impl, kv_block, prefill_kv_block,
                                    pf.tokens.shape[1] if has_p else None)
+    xd, xp, pool, stats = run_layers(model, pool, dpart, ppart, lo, hi, layer_states, dspec, pspec)
+    o = finish_step(model, xd, xp, dec, pf, stats.touched, pool, return_logits)
+    return o._replace(dropped=stats.dropped, expert_load=stats.load)
+
+
+def run_layers(model, pool: KVPool, dpart: PagedPart | None, ppart: PagedPart | None, lo, hi, layer_states,
+               dspec: PagedSpec, pspec: PagedSpec):
+    """The model's layers over a step's decode part and prefill part (either may be None), the prefill rows
+    passing layers ``[lo, hi)`` only (:meth:`~moejax.models.transformer.Block.paged_layer`). Returns ``(xd, xp,
+    pool, stats)``: both parts' hidden states after the last layer (``jnp.zeros((0,))`` for an absent part), the
+    pool (entries past the model's runs, e.g. MTP layers, passed through) and the per-layer
+    :class:`~moejax.models.transformer.LayerStats` stacked ``[n_layers, ...]``."""
+    dt = jnp.dtype(model.cfg.dtype)
+    has_d, has_p = dpart is not None, ppart is not None
     xd = dpart.x if has_d else jnp.zeros((0,), dt)
     xp = ppart.x if has_p else jnp.zeros((0,), dt)
     ks, vs, stats = list(pool.k), list(pool.v), []
@@ -182,8 +198,7 @@ def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: Prefill
         xd, xp, ks[r], vs[r] = carry
         stats.append(cnt)
     stats = jax.tree.map(lambda *a: jnp.concatenate(a), *stats)  # LayerStats, [n_layers, ...] each
-    o = finish_step(model, xd, xp, dec, pf, stats.touched, KVPool(tuple(ks), tuple(vs)), return_logits)
-    return o._replace(dropped=stats.dropped, expert_load=stats.load)
+    return xd, xp, KVPool(tuple(ks), tuple(vs)), stats
 
 
 _STATIC = ("gdef", "block_size", "return_logits", "attn_impl", "kv_block")

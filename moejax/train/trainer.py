@@ -29,6 +29,7 @@ from moejax.models.transformer import Transformer, count_params
 from moejax.nn.routers import aux_free_bias_update
 from moejax.nn.sparse import mask_flip_rate, sparse_training
 from moejax.train import data as data_lib
+from moejax.train.objectives import get_objective, split_batch, token_ce
 
 LN2 = math.log(2.0)
 
@@ -40,28 +41,24 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     parts = [optax.clip_by_global_norm(tc.clip_norm)] if tc.clip_norm > 0 else []
     parts.append(optax.adamw(sched, b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, mask=decay_mask))
-    return optax.chain(*parts)
+    opt = optax.chain(*parts)
+    if tc.train_only is None:
+        return opt
 
+    def labels(params):  # TrainConfig.train_only: only the parameters under that attribute (``mtp``) move
+        def label(path, _):
+            return "train" if any(getattr(k, "key", getattr(k, "name", None)) == tc.train_only for k in path) \
+                else "freeze"
+        return jax.tree_util.tree_map_with_path(label, params)
 
-def lm_loss(logits, targets):
-    """Summed cross-entropy (nats) over non-pad targets, and their count."""
-    valid = targets != data_lib.PAD
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, targets, 0))
-    return jnp.sum(ce * valid), jnp.sum(valid)
+    return optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()}, labels)
 
 
 def eval_sums(model, batch):
     """Summed next-token cross-entropy (nats) over non-pad targets and the number of byte targets."""
     inp, tgt = split_batch(batch)
     out = model(inp["tokens"], segment_ids=inp["segment_ids"], positions=inp["positions"])
-    return lm_loss(out.logits, tgt)[0], jnp.sum(tgt < 256)
-
-
-def split_batch(batch):
-    """Next-token prediction: inputs are tokens[:, :-1], targets tokens[:, 1:]."""
-    inp = {"tokens": batch["tokens"][:, :-1], "segment_ids": batch["segment_ids"][:, :-1],
-           "positions": batch["positions"][:, :-1]}
-    return inp, batch["tokens"][:, 1:]
+    return token_ce(out.logits, tgt)[0], jnp.sum(tgt < 256)
 
 
 class Trainer:
@@ -88,6 +85,12 @@ class Trainer:
         model = Transformer(cfg, rngs=nnx.Rngs(tc.seed))
         self.n_params = count_params(model)
         self.gdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.objective = get_objective(tc.objective)
+        if tc.objective == "mtp" and cfg.mtp_depth < 1:
+            raise ValueError("TrainConfig.objective='mtp' needs ModelConfig.mtp_depth >= 1 (moejax train --mtp K)")
+        if tc.train_only == "mtp" and tc.objective != "mtp":
+            raise ValueError(f"TrainConfig.train_only='mtp' trains the MTP modules alone: it needs objective='mtp' "
+                             f"(got {tc.objective!r})")
         self.opt = make_optimizer(tc)
         self.opt_state = self.opt.init(self.params)
         self.step = 0
@@ -137,25 +140,28 @@ class Trainer:
     def _loss(self, params, rest, batch, key, axes=None, n_shards=1):
         """This shard's share of the loss: summed over shards (``axes``) it is the global mean objective."""
         cfg = self.cfg
-        inp, tgt = split_batch(batch)
-        B, S = inp["tokens"].shape
+        B, S = batch["tokens"].shape[0], batch["tokens"].shape[1] - 1
         tidx = None
         if axes:  # global token index for per-token router randomness
             row0 = jax.lax.axis_index(axes) * B
             tidx = ((row0 + jnp.arange(B, dtype=jnp.int32))[:, None] * S + jnp.arange(S, dtype=jnp.int32))
         with sparse_training(self.tc.sparsity):
-            out = nnx.merge(self.gdef, params, rest)(inp["tokens"], segment_ids=inp["segment_ids"],
-                                                     positions=inp["positions"], token_index=tidx, rng=key,
-                                                     train=True)
-        ce_sum, n = lm_loss(out.logits, tgt)
-        n_all = jax.lax.psum(n, axes) if axes else n
-        ce = ce_sum / jnp.maximum(n_all, 1)
-        loss = ce
-        metrics = {"ce": ce, "tokens": n}
+            res = self.objective(nnx.merge(self.gdef, params, rest), batch, rng=key, token_index=tidx, tc=self.tc)
+        out = res.out
+        loss, metrics = 0.0, {}
+        for name, (total, count, weight) in res.terms.items():
+            n_all = jax.lax.psum(count, axes) if axes else count
+            mean = total / jnp.maximum(n_all, 1)
+            loss = loss + weight * mean
+            metrics[name] = mean
+            if name == "ce":
+                metrics["tokens"] = count
         if out.aux:
-            # per-device (per routing group) statistics: the mean over shards is the global value
-            lb = jnp.mean(out.aux["load_balance_loss"]) / n_shards
-            z = jnp.mean(out.aux["z_loss"]) / n_shards
+            # per-device (per routing group) statistics: the mean over shards is the global value; MoE layers
+            # beyond the main stack (MTP blocks) add their aux losses
+            auxes = [out.aux, *res.extra_aux]
+            lb = jnp.mean(jnp.concatenate([jnp.ravel(a["load_balance_loss"]) for a in auxes])) / n_shards
+            z = jnp.mean(jnp.concatenate([jnp.ravel(a["z_loss"]) for a in auxes])) / n_shards
             loss = loss + cfg.moe.aux_loss_coef * lb + cfg.moe.z_loss_coef * z
             metrics.update(aux_loss=lb, z_loss=z, expert_load=out.aux["expert_load"],
                            dropped=jnp.sum(out.aux["dropped"]))
@@ -272,6 +278,8 @@ class Trainer:
 
     def _metric_shapes(self):
         m = {"ce": 0.0, "tokens": 0, "loss": 0.0}
+        if self.tc.objective == "mtp":
+            m.update({f"mtp_ce_{k}": 0.0 for k in range(1, self.cfg.mtp_depth + 1)})
         if self.cfg.moe is not None:
             n_moe = sum(k == "moe" for k in self.cfg.layer_kinds())
             m.update(aux_loss=0.0, z_loss=0.0, expert_load=jnp.zeros((n_moe, self.cfg.moe.num_experts)), dropped=0)
@@ -335,6 +343,32 @@ class Trainer:
     def _eval_impl(self, params, rest, batch):
         with sparse_training(self.tc.sparsity):  # the forward masks: the sparse model being trained
             return eval_sums(nnx.merge(self.gdef, params, rest), batch)
+
+    def init_from(self, run: str) -> None:
+        """Start from a trained run's weights (its model config must equal this one's apart from ``mtp_depth``);
+        parameters the run lacks (new MTP modules) keep their initialization."""
+        from moejax.config import config_to_dict
+        from moejax.train.checkpoint import load_model
+
+        src, scfg, _ = load_model(run, apply_sparsity=False)
+        a, b = config_to_dict(dataclasses.replace(scfg, mtp_depth=0)), config_to_dict(
+            dataclasses.replace(self.cfg, mtp_depth=0, dtype=scfg.dtype))
+        if a != b:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ValueError(f"init_from={run!r}: its model config differs from this run's in {', '.join(diff)} "
+                             f"(only mtp_depth may differ)")
+        if scfg.mtp_depth > self.cfg.mtp_depth:
+            raise ValueError(f"init_from={run!r} has mtp_depth={scfg.mtp_depth} > this run's {self.cfg.mtp_depth}")
+        model = self.model()
+        nnx.update(model, nnx.state(src))  # a run with fewer MTP modules fills this one's first ones
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        if self.mesh is not None:
+            from moejax.parallel import mesh as mesh_lib
+            params = mesh_lib.shard_state(params, self.mesh, fsdp=self.fsdp)
+            rest = mesh_lib.shard_state(rest, self.mesh)
+        self.params, self.rest = params, rest
+        self.opt_state = self.opt.init(self.params) if self.mesh is None else mesh_lib.shard_state(
+            jax.jit(self.opt.init)(self.params), self.mesh, fsdp=self.fsdp)
 
     # ------------------------------------------------------------------------------------------------ API
     def place(self, batch: dict, process_local: bool = False) -> dict:
@@ -449,14 +483,17 @@ def _compatible(saved: dict, current: dict, what: str, ignore=()) -> None:
 
 def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None = None, resume: bool = False,
           cache_dir: str | None = None, progress: bool = True, max_steps: int | None = None, mesh=None,
-          schedule=None) -> dict:
+          schedule=None, init_from: str | None = None) -> dict:
     """Train on a byte-level corpus (default: the stdlib's .py files); logs and checkpoints go to ``out_dir``.
 
     ``resume=True`` continues from the latest complete checkpoint in ``out_dir`` (same configs required, except
     the step/time budget). ``max_steps`` stops this call early (the schedule still spans ``tc.steps``), as a
     kill would. ``mesh`` (a :class:`~moejax.parallel.mesh.MeshConfig`) trains expert-parallel on several
     devices; ``schedule`` (an :class:`~moejax.schedule.overlap.OverlapSchedule`, needs ``mesh``) applies the
-    FSMoE passes to its step. Returns a summary dict (also written to ``out_dir/summary.json``).
+    FSMoE passes to its step. ``init_from``: a trained run whose weights start this one (the same model config
+    apart from ``mtp_depth``; modules it lacks, e.g. new MTP heads, keep their initialization), as MTP heads are
+    trained on a frozen model (``TrainConfig.train_only="mtp"``). Returns a summary dict (also written to
+    ``out_dir/summary.json``).
     """
     from moejax.config import config_to_dict
     from moejax.train.checkpoint import Checkpointer, configs_from_meta, meta_dict
@@ -494,6 +531,8 @@ def train(cfg: ModelConfig, tc: TrainConfig, out_dir: str, *, corpus: str | None
         trainer.params, trainer.rest, trainer.opt_state = state["params"], state["rest"], state["opt_state"]
         trainer.step = int(meta["step"])
         it.restore(meta["data_state"])
+    elif init_from is not None:
+        trainer.init_from(init_from)
     log_path = os.path.join(os.path.abspath(out_dir), "log.jsonl")
     header = {"event": "start", "step": trainer.step, "corpus": info.to_dict(), "params": trainer.n_params,
               "model_config": config_to_dict(trainer.cfg), "train_config": config_to_dict(tc),
