@@ -413,7 +413,8 @@ def test_auto_impl_selection():
     assert resolve_grouped_impl("auto", 16, 8) == "dense"
     assert resolve_grouped_impl("auto", 16, 8, 2) == "dense"
     assert resolve_grouped_impl("auto", 1, 8, 2) == "gather"  # one decoding sequence: 2 of 8 experts
-    assert resolve_grouped_impl("auto", 2, 8, 2) == "dense"
+    assert resolve_grouped_impl("auto", 2, 8, 2) == "gather"  # 4 slots: half the experts
+    assert resolve_grouped_impl("auto", 3, 8, 2) == "dense"
     assert resolve_grouped_impl("auto", 2, 64, 8) == "gather"
     assert resolve_grouped_impl("auto", 64, 8) == "tiles"
     assert resolve_grouped_impl("tiles", 1, 1) == "tiles"

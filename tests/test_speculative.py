@@ -167,8 +167,9 @@ def test_rejection_sampling_preserves_the_target_distribution(temperature, top_p
     p = np.exp(np.asarray(target_logprobs(logits, jnp.asarray([temperature]), jnp.asarray([top_p]))))[0]
     for drafts in ([int(np.argmax(p[0])), int(np.argmin(p[1]))], [int(np.argsort(p[0])[-2]), 2]):
         keys = jnp.stack([jnp.arange(N, dtype=jnp.uint32), jnp.full((N,), 7, jnp.uint32)], axis=1)
-        f = jax.jit(jax.vmap(lambda k, d=jnp.asarray(drafts, jnp.int32): verify(
-            logits, d[None], k[None], jnp.asarray([temperature]), jnp.asarray([top_p]))))
+        d = jnp.asarray(drafts, jnp.int32)
+        f = jax.jit(jax.vmap(lambda k, d=d: verify(logits, d[None], k[None], jnp.asarray([temperature]),
+                                                    jnp.asarray([top_p]))))
         toks, acc = (np.asarray(a) for a in f(keys))
         first = toks[:, 0, 0]
         second = toks[acc[:, 0] >= 1, 0, 1]

@@ -371,17 +371,19 @@ and :meth:`moejax.models.transformer.Block.apply_experts` all run experts throug
 new entry (and its name in ``moejax.config.GROUPED_IMPLS``)."""
 
 DENSE_MAX_ROWS = 256
-GATHER_SLOT_FRACTION = 4  # ``gather`` while slots * this <= experts
+GATHER_SLOT_FRACTION = 2  # ``gather`` while slots * this <= experts
 
 
 def resolve_grouped_impl(impl: str, tokens: int, num_experts: int, top_k: int = 1) -> str:
     """Pick the dropless grouped-compute method for a call with ``tokens`` tokens of ``top_k`` slots (static
     under jit).
 
-    ``auto``: ``gather`` when ``tokens * top_k * GATHER_SLOT_FRACTION <= num_experts`` (a single decoding
-    sequence: copying out the few routed experts' weights moves fewer bytes than running all of them; on
-    this CPU a 1-token decode through 4 tiny-preset MoE layers took 0.6 ms this way and 1.4 ms dense, and at
-    4 slots of 8 experts the two were equal), else ``dense`` when ``tokens * num_experts <= DENSE_MAX_ROWS``
+    ``auto``: ``gather`` when ``tokens * top_k * GATHER_SLOT_FRACTION <= num_experts`` (a few decoding rows:
+    copying out the routed experts' weights moves fewer bytes than running all of them; on a 2-core AVX-512
+    CPU, 4 layers with the unrolled layer loop, trained weights: tiny (8 experts top-2) 1 / 2 / 4 slots
+    1.5-2.1 / 2.7-2.9 / 2.5-2.7 ms gather against 3.4-3.8 / 5.5-6.0 / 5.4-6.4 ms dense, 8 slots 4.0 against
+    6.2; tiny-e64 (64 top-4) 16 / 32 / 64 slots 5.0 / 11.1 / 35.8 ms against 15.0 / 17.0 / 20.9: gather up to
+    half the experts), else ``dense`` when ``tokens * num_experts <= DENSE_MAX_ROWS``
     (small decode batches: one batched matmul over all experts beats sorting and looping), otherwise ``tiles``
     on CPU (``ragged_dot`` is a dense masked product there) and, on GPU/TPU, ``pallas`` where
     ``pallas_kernels`` lists the backend as validated and measured faster (GPUs, since an H100 run:

@@ -367,6 +367,7 @@ class PreGatedRunner(ModelRunner):
     gate))``. Multi-step decoding is off (each step's ids need the tokens the previous one sampled)."""
 
     supports_multi_step = False
+    supports_speculative = False
 
     def __init__(self, model, cfg, gate: PreGate):
         super().__init__(model, cfg)

@@ -211,6 +211,7 @@ class OffloadRunner(ModelRunner):
 
     pad_decode_with_prefill = False
     supports_multi_step = False
+    supports_speculative = False
 
     def __init__(self, model, cfg, offload: OffloadConfig, *, pregate=None):
         if model.cfg.moe is None:

@@ -100,6 +100,7 @@ class ExpertParallelRunner(ModelRunner):
     """
 
     supports_multi_step = False
+    supports_speculative = False
 
     def __init__(self, model, cfg, mesh="expert=8", *, capacity_factor: float = 0.0, a2a: str = "fixed",
                  devices=None, eplb: EPLBConfig | None = None):

@@ -35,7 +35,12 @@ from moejax.models.transformer import dtype_of, resolve_layer_loop, unstack_laye
 from moejax.nn.shapes import bucket_edges, pow2_bucket, shape_bucket
 from moejax.serve.kv_cache import KVPool
 from moejax.serve.scheduler import Plan, Request
-from moejax.serve.speculative import SPECULATIVE_METHODS, SpecPrefill, mtp_pool_runs, spec_step
+from moejax.serve.speculative import (
+    SPECULATIVE_METHODS,
+    SpecPrefill,
+    mtp_pool_runs,
+    spec_step,
+)
 from moejax.serve.step import (
     TOP_LOGPROBS,
     DecodeBatch,

@@ -153,7 +153,7 @@ def _spec_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillBa
     empty_top = (jnp.zeros((0, TOP_LOGPROBS), jnp.int32), jnp.zeros((0, TOP_LOGPROBS), jnp.float32))
     seqs, lasts, finals, hs = [], [], [], []
     if dec is not None:
-        Bd, S = dec.tokens.shape
+        Bd = dec.tokens.shape[0]
         logits = model.head(xd)  # [Bd, S, V]
         toks, accepted = verify(logits, dec.tokens[:, 1:], dec.keys, dec.temperature, dec.top_p)
         lp = jax.nn.log_softmax(logits, axis=-1)
