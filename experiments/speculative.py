@@ -91,6 +91,7 @@ def make_engine(model, rows, k=None, max_batch=None, args=None):
     cfg = EngineConfig(scheduler="chunked", sched=SchedulerConfig(max_num_seqs=rows, max_num_batched_tokens=1024,
                                                                   max_prefill_seqs=rows),
                        max_model_len=args.prompt_tokens + args.max_tokens + 32, decode_steps=1,
+                       enable_prefix_cache=False,  # repeats of one workload: no prompt is served from cache
                        speculative=None if k is None else "mtp", num_speculative_tokens=k or 1,
                        speculative_max_batch=max_batch)
     eng = Engine(model, cfg)
@@ -99,17 +100,22 @@ def make_engine(model, rows, k=None, max_batch=None, args=None):
 
 
 def warm(eng, prompts, args):
-    """One untimed pass over the workload's shapes (the first call of each compiled step still traces it)."""
+    """One untimed pass over the workload (the first call of each compiled step still traces and lowers it:
+    several seconds in all for a 16-row speculative engine)."""
     run_batch(eng, prompts, args)
 
 
 def run_batch(eng, prompts, args):
-    """Serve ``prompts`` (offered at once); returns (completions, metrics)."""
+    """Serve ``prompts`` (offered at once); returns (completions, metrics); metrics["compiled_during_run"]
+    counts step shapes first compiled during the run (0 after warm-up: nothing timed includes a compile)."""
     from moejax.serve.engine import SamplingParams
 
     eng.reset_metrics()
+    before = len(eng.runner.compiled_shapes)
     out = eng.generate(prompts, SamplingParams(max_tokens=args.max_tokens, temperature=0))
-    return out, eng.metrics()
+    m = eng.metrics()
+    m["compiled_during_run"] = len(eng.runner.compiled_shapes) - before
+    return out, m
 
 
 def same_up_to_near_tie(model, prompt, a, b):
@@ -167,7 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mtp", type=int, default=2, help="MTP heads to train (K = 1 .. this many are measured)")
     ap.add_argument("--requests", type=int, default=12, help="batch-1 prompts")
     ap.add_argument("--batch-requests", type=int, default=32, help="requests offered at once to the 16-row engines")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--context", type=int, default=2048, help="modelled Qwen3 context per request")
@@ -190,7 +196,8 @@ def main(argv=None) -> int:
         warm(eng, prompts[:1], args)
     print(f"batch 1: {len(engines)} engines compiled in {time.perf_counter() - t:.0f} s", flush=True)
     names = list(engines)
-    per = {n: {"tpot": [], "tok_s": [], "acc": [], "drafts": [], "rows": [], "tokens": []} for n in names}
+    per = {n: {"tpot": [], "tok_s": [], "acc": [], "drafts": [], "rows": [], "tokens": [], "step": [], "touched": [], "compiles": 0}
+           for n in names}
     for i, p in enumerate(prompts):
         order = names[i % len(names):] + names[:i % len(names)]
         for n in order:
@@ -198,9 +205,13 @@ def main(argv=None) -> int:
             per[n]["tpot"].append(m["tpot_mean_s"])
             per[n]["tok_s"].append(m["output_tok_per_s"])
             per[n]["tokens"].append(out[0].tokens)
+            per[n]["compiles"] += m["compiled_during_run"]
             per[n]["acc"].append(m.get("spec_accepted_tokens", 0))
             per[n]["drafts"].append(m.get("spec_draft_tokens", 0))
             per[n]["rows"].append(sum(it.spec_rows for it in engines[n].iterations))
+            dec_only = [it for it in engines[n].iterations if it.decode_tokens and not it.prefill_tokens]
+            per[n]["step"] += [it.end - it.start for it in dec_only]
+            per[n]["touched"] += [statistics.mean(it.experts_touched) for it in dec_only]
         if args.progress:
             print(f"  prompt {i + 1}/{len(prompts)}: " + ", ".join(
                 f"{n} {1e3 * per[n]['tpot'][-1]:.1f} ms" for n in names), flush=True)
@@ -213,10 +224,12 @@ def main(argv=None) -> int:
                                                                            d["tokens"]))
         tpot = statistics.median(d["tpot"])
         rows1.append({"engine": n, "TPOT ms (median)": 1e3 * tpot, "TPOT / plain": tpot / base_tpot,
+                      "decode step ms (median)": 1e3 * statistics.median(d["step"]),
+                      "experts per layer and step": statistics.mean(d["touched"]),
                       "output tok/s (median)": statistics.median(d["tok_s"]),
                       "mean accepted length": (1 + acc / vrows) if vrows else None,
                       "acceptance per draft": (acc / drafts) if drafts else None,
-                      "greedy output = plain": f"{same}/{len(prompts)}"})
+                      "greedy output = plain": f"{same}/{len(prompts)}", "compiles while timed": d["compiles"]})
         print(rows1[-1], flush=True)
     del engines
     import jax
@@ -230,10 +243,10 @@ def main(argv=None) -> int:
     engines = {"plain": make_engine(model, 16, args=args), f"mtp K={k16}": make_engine(model, 16, k16, args=args),
                f"mtp K={k16}, off above 8": make_engine(model, 16, k16, max_batch=8, args=args)}
     for eng in engines.values():
-        warm(eng, bprompts[:16], args)
+        warm(eng, bprompts, args)
     print(f"batch 16: engines compiled in {time.perf_counter() - t:.0f} s", flush=True)
     names16 = list(engines)
-    per16 = {n: {"tok_s": [], "tpot": [], "acc": None} for n in names16}
+    per16 = {n: {"tok_s": [], "tpot": [], "acc": None, "compiles": 0} for n in names16}
     for r in range(args.repeats):
         order = names16[r % len(names16):] + names16[:r % len(names16)]
         for n in order:
@@ -241,12 +254,14 @@ def main(argv=None) -> int:
             per16[n]["tok_s"].append(m["output_tok_per_s"])
             per16[n]["tpot"].append(m["tpot_p50_s"])
             per16[n]["acc"] = m.get("spec_mean_accepted_length")
+            per16[n]["compiles"] += m["compiled_during_run"]
             if args.progress:
                 print(f"  repeat {r + 1}: {n} {m['output_tok_per_s']:.0f} tok/s", flush=True)
     base16 = statistics.median(per16["plain"]["tok_s"])
     rows16 = [{"engine": n, "output tok/s (median)": statistics.median(d["tok_s"]),
                "throughput / plain": statistics.median(d["tok_s"]) / base16,
-               "TPOT ms (p50, median)": 1e3 * statistics.median(d["tpot"]), "mean accepted length": d["acc"]}
+               "TPOT ms (p50, median)": 1e3 * statistics.median(d["tpot"]), "mean accepted length": d["acc"],
+               "compiles while timed": d["compiles"]}
               for n, d in per16.items()]
     for r in rows16:
         print(r, flush=True)
