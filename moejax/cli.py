@@ -225,10 +225,6 @@ def _train_configs(args):
             over["mtp_weight"] = args.mtp_weight
         if args.train_only:
             over["train_only"] = args.train_only
-    elif args.mtp_weight is not None or args.train_only:
-        raise SystemExit("error: --mtp-weight and --train-only need --mtp K")
-    if args.train_only and not args.init_from:
-        raise SystemExit("error: --train-only mtp trains MTP heads on a frozen trained model: give --init-from RUN")
     if args.sparsity is not None:
         from moejax.config import SPARSITY_SITES, SparsityConfig
 
@@ -475,6 +471,10 @@ def _check_train(parser, args) -> None:
     if args.sparsity is not None and args.sparsity_method == "transposable" and args.sparsity[1] > 4:
         parser.error(f"--sparsity-method transposable needs M <= 4 (exact block-pattern masks); got "
                      f"--sparsity {args.sparsity[0]}:{args.sparsity[1]}")
+    if not args.mtp and (args.mtp_weight is not None or args.train_only):
+        parser.error("--mtp-weight and --train-only need --mtp K")
+    if args.train_only and not args.init_from:
+        parser.error("--train-only mtp trains MTP heads on a frozen trained model: give --init-from RUN")
     if args.two_level_a2a and spec == "none":
         parser.error("--two-level-a2a needs --schedule (auto, R or RFWD,RBWD; --schedule 1 exchanges in two levels "
                      "without pipelining) and a --mesh with a node axis")
