@@ -218,6 +218,9 @@ def _train_configs(args):
                                   "global_batch": args.batch, "lr": args.lr, "seed": args.seed}.items() if v is not None}
     if args.preset == "tiny" and args.steps is None and args.minutes is None and not args.train_config:
         over["steps"] = 200  # the quick default run: ~6 min on 2 AVX-512 cores, ~10 min on 2 AVX2 cores
+    if args.objective == "mdm":  # a masked diffusion LM: bidirectional attention
+        cfg = dataclasses.replace(cfg, causal=False)
+        over["objective"] = "mdm"
     if args.mtp:
         cfg = dataclasses.replace(cfg, mtp_depth=args.mtp)
         over["objective"] = "mtp"
@@ -471,6 +474,8 @@ def _check_train(parser, args) -> None:
     if args.sparsity is not None and args.sparsity_method == "transposable" and args.sparsity[1] > 4:
         parser.error(f"--sparsity-method transposable needs M <= 4 (exact block-pattern masks); got "
                      f"--sparsity {args.sparsity[0]}:{args.sparsity[1]}")
+    if args.objective == "mdm" and args.mtp:
+        parser.error("--objective mdm trains a diffusion LM: --mtp (next-token drafting heads) does not apply")
     if not args.mtp and (args.mtp_weight is not None or args.train_only):
         parser.error("--mtp-weight and --train-only need --mtp K")
     if args.train_only and not args.init_from:
@@ -647,6 +652,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-only", choices=TRAIN_ONLY,
                    help="train only these parameters on a frozen model (mtp: the heads; needs --init-from)")
     t.add_argument("--init-from", metavar="RUN", help="start from a trained run's weights (same model apart from --mtp)")
+    t.add_argument("--objective", choices=("next_token", "mdm"), default=None,
+                   help="next_token (default; --mtp K adds multi-token prediction) or mdm: a masked diffusion LM "
+                        "(LLaDA: bidirectional attention, masked-token loss weighted 1/t; validation reports its "
+                        "ELBO in bits/byte; generate/serve then use the diffusion sampler)")
     t.add_argument("--corpus", help="text file or directory (default: the stdlib's .py files)")
     t.add_argument("--out", help="output directory (default runs/<preset>)")
     t.add_argument("--mesh", help="device mesh, e.g. expert=8 or data=2,expert=4 (CPU: set XLA_FLAGS="

@@ -35,6 +35,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_dots")
 EOS = 256          # end of document: ends every training document; generation stops at it
 PAD = 257          # padding of batch rows (not a training target)
 BYTE_VOCAB = 258   # the smallest vocab_size of a byte-level model
+MASK = 258         # the mask token of byte-level diffusion LMs (ModelConfig.mask_token_id's default; needs
+                   # vocab_size > 258, as every byte-level preset has)
 
 
 def _err(cls: str, name: str, value: Any, allowed: str) -> ValueError:
@@ -279,6 +281,12 @@ class ModelConfig:
         state and the embedding of the token ``k`` ahead. 0 (default): none. Trained with
         ``TrainConfig.objective="mtp"``; they draft tokens for speculative decoding
         (``EngineConfig.speculative="mtp"``). At most :data:`MAX_MTP_DEPTH`.
+      causal: ``True`` (default): a left-to-right LM (causal attention within segments). ``False``: a masked
+        diffusion LM (LLaDA): attention is bidirectional within segments, the model is trained with
+        ``TrainConfig.objective="mdm"`` and generates with :mod:`moejax.diffusion` (its sampler and engine), not
+        with ``generate`` or the autoregressive serving engine.
+      mask_token_id: the mask token of a diffusion LM (``causal=False``); default :data:`MASK` (258, the first
+        id after the byte vocabulary's specials).
     """
 
     vocab_size: int = 512
@@ -302,6 +310,8 @@ class ModelConfig:
     init_std: float = 0.02
     remat: str = "none"
     mtp_depth: int = 0
+    causal: bool = True
+    mask_token_id: int = MASK
 
     @property
     def resolved_head_dim(self) -> int:
@@ -336,6 +346,15 @@ class ModelConfig:
         _check_int(c, "mtp_depth", self.mtp_depth, 0)
         if self.mtp_depth > MAX_MTP_DEPTH:
             raise _err(c, "mtp_depth", self.mtp_depth, f"must be in [0, {MAX_MTP_DEPTH}]")
+        if not isinstance(self.causal, bool):
+            raise _err(c, "causal", self.causal, "must be True (autoregressive) or False (masked diffusion)")
+        if not self.causal:
+            if not (isinstance(self.mask_token_id, int) and 0 <= self.mask_token_id < self.vocab_size):
+                raise _err(c, "mask_token_id", self.mask_token_id,
+                           f"must be a token id in [0, vocab_size={self.vocab_size}) for a diffusion LM (causal=False)")
+            if self.mtp_depth:
+                raise _err(c, "mtp_depth", self.mtp_depth, "must be 0 for a diffusion LM (causal=False): "
+                                                           "multi-token prediction heads are next-token drafters")
         bad = [i for i in self.dense_layers if not (isinstance(i, int) and 0 <= i < self.n_layers)]
         if bad:
             raise _err(c, "dense_layers", tuple(self.dense_layers), f"indices must be in [0, {self.n_layers})")
@@ -391,7 +410,7 @@ class SparsityConfig:
         return self
 
 
-OBJECTIVES = ("next_token", "mtp")
+OBJECTIVES = ("next_token", "mtp", "mdm")
 """Training objectives (``TrainConfig.objective``; :mod:`moejax.train.objectives`)."""
 TRAIN_ONLY = ("mtp",)
 """Parameter subsets that can train alone on a frozen model (``TrainConfig.train_only``)."""
@@ -424,7 +443,13 @@ class TrainConfig:
         :mod:`moejax.parallel.expert_parallel`.
       sparsity: N:M sparse training (:class:`SparsityConfig`; ``None`` or method ``dense``: off).
       objective: what is minimized, one of :data:`OBJECTIVES` (:mod:`moejax.train.objectives`): ``next_token``,
-        or ``mtp`` (next token plus the ``ModelConfig.mtp_depth`` multi-token-prediction losses).
+        ``mtp`` (next token plus the ``ModelConfig.mtp_depth`` multi-token-prediction losses), or ``mdm``
+        (LLaDA's masked-diffusion loss, for a model with ``ModelConfig.causal=False``: each sequence draws
+        ``t ~ U(mdm_eps, 1]``, each token is masked with probability ``t``, cross-entropy on the masked tokens
+        weighted ``1 / t``; validation reports its Monte-Carlo ELBO in bits/byte).
+      mdm_eps: the smallest masking ratio ``t`` of the ``mdm`` objective (LLaDA: 1e-3).
+      elbo_samples: masking draws per validation sequence of the ``mdm`` objective's Monte-Carlo ELBO
+        (stratified ``t``; more: less variance).
       mtp_weight: DeepSeek-V3's lambda: the MTP losses are added with weight ``mtp_weight / mtp_depth`` each.
       train_only: ``None`` (every parameter) or ``"mtp"``: only the MTP modules train, on a frozen model (start
         from a trained run with ``train(..., init_from=RUN)`` / ``moejax train --init-from RUN``).
@@ -456,6 +481,8 @@ class TrainConfig:
     objective: str = "next_token"
     mtp_weight: float = 0.3
     train_only: str | None = None
+    mdm_eps: float = 1e-3
+    elbo_samples: int = 2
 
     def validate(self) -> TrainConfig:
         c = "TrainConfig"
@@ -487,6 +514,10 @@ class TrainConfig:
         _check_choice(c, "ep_a2a", self.ep_a2a, EP_A2A_MODES)
         _check_choice(c, "objective", self.objective, OBJECTIVES)
         _check_float(c, "mtp_weight", self.mtp_weight, 0.0)
+        _check_float(c, "mdm_eps", self.mdm_eps, 0.0, strict=True)
+        if self.mdm_eps >= 1:
+            raise _err(c, "mdm_eps", self.mdm_eps, "must be in (0, 1)")
+        _check_int(c, "elbo_samples", self.elbo_samples)
         if self.train_only is not None:
             _check_choice(c, "train_only", self.train_only, TRAIN_ONLY)
         if self.sparsity is not None:

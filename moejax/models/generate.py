@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.models.transformer import resolve_layer_loop, unstack_layers
+from moejax.models.transformer import require_causal, resolve_layer_loop, unstack_layers
 from moejax.nn.sampling import sample
 from moejax.nn.shapes import pow2_bucket
 
@@ -79,6 +79,7 @@ def generate(model: nnx.Module, prompts: Sequence[Sequence[int]] | np.ndarray, m
     ``layer_loop``: how the layer stack runs (:func:`moejax.models.transformer.resolve_layer_loop`; ``auto``
     applies per-layer weight copies one layer at a time on CPU, a scan over the stacked weights elsewhere).
     """
+    require_causal(model.cfg, "generate")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if not 0.0 < top_p <= 1.0:

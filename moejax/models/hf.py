@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from moejax.config import DTYPES, ModelConfig, MoEConfig, RouterConfig
-from moejax.models.transformer import Transformer, layer_runs
+from moejax.models.transformer import Transformer, layer_runs, require_causal
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen3_moe", "qwen2_moe")
 LAYOUTS = ("per_expert", "fused")
@@ -600,6 +600,7 @@ def save_hf(model: Transformer, cfg: ModelConfig, path: str | os.PathLike, *, la
       ValueError: bad ``layout``/``dtype``/``model_type``, or a config the architecture cannot express.
       FileExistsError: ``path`` exists and ``overwrite`` is false.
     """
+    require_causal(cfg, "save_hf (Mixtral/Qwen MoE architectures are causal)")
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is invalid: allowed values are {', '.join(map(repr, LAYOUTS))}")
     if dtype is not None and dtype not in DTYPES:

@@ -40,6 +40,14 @@ def dtype_of(name: str):
     return _DTYPES[name]
 
 
+def require_causal(cfg: ModelConfig, what: str) -> None:
+    """Raise ValueError if ``cfg`` is a diffusion LM (``causal=False``): ``what`` runs left-to-right models only."""
+    if not cfg.causal:
+        raise ValueError(f"{what} runs autoregressive models; this is a masked diffusion LM (ModelConfig.causal="
+                         f"False): generate with moejax.diffusion (DiffusionSampler, DiffusionEngine; `moejax "
+                         f"generate`/`moejax serve` pick them for a diffusion checkpoint)")
+
+
 def remat_policy(name: str):
     """The ``jax.checkpoint`` policy of ``ModelConfig.remat`` (``None``: save nothing but the layer input)."""
     cp = jax.checkpoint_policies
@@ -421,7 +429,8 @@ class Transformer(nnx.Module):
             kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid_tok, cache_index, 1)
         # RoPE tables and the attention mask are the same for every layer: computed once here.
         rope = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)
-        mask = make_attention_mask(B, S, segment_ids=segment_ids, cache_index=cache_index, kv_valid=kv_valid)
+        mask = make_attention_mask(B, S, segment_ids=segment_ids, cache_index=cache_index, kv_valid=kv_valid,
+                                   causal=cfg.causal)
         new_k, new_v, auxes = [], [], []
         for r, (kind, first, n) in enumerate(self.runs):
             lo, hi = max(start, first) - first, min(stop, first + n) - first

@@ -65,16 +65,21 @@ def attend(q, k, v, mask):
     return o.reshape(B, S, H, hd).astype(q.dtype)
 
 
-def attention_mask(batch: int, seq: int, *, segment_ids=None, cache_index=None, kv_valid=None) -> jax.Array:
+def attention_mask(batch: int, seq: int, *, segment_ids=None, cache_index=None, kv_valid=None,
+                   causal: bool = True) -> jax.Array:
     """Boolean ``[B, S, keys]`` mask.
 
     Without a cache (``kv_valid is None``): causal within segments (``segment_ids [B, S]``, 0 = padding).
     With a cache: query ``s`` (at column ``cache_index + s``) sees the valid columns at or before its own.
+    ``causal=False`` (a diffusion LM, ``ModelConfig.causal``): every query sees every key of its segment (without
+    a cache) or every valid column (with one), before or after its own.
     """
     if kv_valid is None:
         seg = jnp.ones((batch, seq), jnp.int32) if segment_ids is None else segment_ids
-        causal = jnp.tril(jnp.ones((seq, seq), bool))
-        return causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+        same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+        return (jnp.tril(jnp.ones((seq, seq), bool))[None] & same) if causal else same
+    if not causal:
+        return jnp.broadcast_to(kv_valid[:, None, :], (batch, seq, kv_valid.shape[1]))
     T = kv_valid.shape[1]
     qpos = cache_index + jnp.arange(seq)
     return (jnp.arange(T)[None, :] <= qpos[:, None])[None] & kv_valid[:, None, :]

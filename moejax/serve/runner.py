@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.models.transformer import dtype_of, resolve_layer_loop, unstack_layers
+from moejax.models.transformer import dtype_of, require_causal, resolve_layer_loop, unstack_layers
 from moejax.nn.shapes import bucket_edges, pow2_bucket, shape_bucket
 from moejax.serve.kv_cache import KVPool
 from moejax.serve.scheduler import Plan, Request
@@ -90,6 +90,7 @@ class ModelRunner:
 
     def __init__(self, model, cfg):
         mcfg = model.cfg
+        require_causal(mcfg, "the serving engine (ModelRunner)")
         self.model, self.cfg, self.mcfg = model, cfg, mcfg
         self.max_model_len = cfg.max_model_len or mcfg.max_seq_len
         self.prefill_kv_block = _validate(cfg, mcfg, self.max_model_len)

@@ -29,7 +29,7 @@ from moejax.models.transformer import Transformer, count_params
 from moejax.nn.routers import aux_free_bias_update
 from moejax.nn.sparse import mask_flip_rate, sparse_training
 from moejax.train import data as data_lib
-from moejax.train.objectives import get_objective, split_batch, token_ce
+from moejax.train.objectives import elbo_sums, get_objective, split_batch, token_ce
 
 LN2 = math.log(2.0)
 
@@ -54,8 +54,12 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     return optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()}, labels)
 
 
-def eval_sums(model, batch):
-    """Summed next-token cross-entropy (nats) over non-pad targets and the number of byte targets."""
+def eval_sums(model, batch, *, elbo_samples: int = 2, seed: int = 0):
+    """Summed next-token cross-entropy (nats) over non-pad targets and the number of byte targets; for a
+    diffusion LM (``ModelConfig.causal=False``) its Monte-Carlo negative ELBO
+    (:func:`moejax.train.objectives.elbo_sums`, ``elbo_samples`` draws per sequence from a fixed ``seed``)."""
+    if not model.cfg.causal:
+        return elbo_sums(model, batch, jax.random.PRNGKey(seed), elbo_samples)
     inp, tgt = split_batch(batch)
     out = model(inp["tokens"], segment_ids=inp["segment_ids"], positions=inp["positions"])
     return token_ce(out.logits, tgt)[0], jnp.sum(tgt < 256)
@@ -88,6 +92,10 @@ class Trainer:
         self.objective = get_objective(tc.objective)
         if tc.objective == "mtp" and cfg.mtp_depth < 1:
             raise ValueError("TrainConfig.objective='mtp' needs ModelConfig.mtp_depth >= 1 (moejax train --mtp K)")
+        if (tc.objective == "mdm") == cfg.causal:
+            raise ValueError(f"TrainConfig.objective={tc.objective!r} with ModelConfig.causal={cfg.causal}: the "
+                             f"masked-diffusion objective 'mdm' trains a bidirectional model (causal=False) and a "
+                             f"bidirectional model trains only with it (moejax train --objective mdm sets both)")
         if tc.train_only == "mtp" and tc.objective != "mtp":
             raise ValueError(f"TrainConfig.train_only='mtp' trains the MTP modules alone: it needs objective='mtp' "
                              f"(got {tc.objective!r})")
@@ -342,7 +350,7 @@ class Trainer:
 
     def _eval_impl(self, params, rest, batch):
         with sparse_training(self.tc.sparsity):  # the forward masks: the sparse model being trained
-            return eval_sums(nnx.merge(self.gdef, params, rest), batch)
+            return eval_sums(nnx.merge(self.gdef, params, rest), batch, elbo_samples=self.tc.elbo_samples)
 
     def init_from(self, run: str) -> None:
         """Start from a trained run's weights (its model config must equal this one's apart from ``mtp_depth``);
@@ -433,7 +441,7 @@ def evaluate_checkpoint(ckpt: str, *, corpus: str | None = None, batch: int = 16
         raise ValueError(f"checkpoint {ckpt!r} was not trained on this corpus: {why}; {flag}")
     gdef, state = nnx.split(model)
 
-    ev = jax.jit(lambda state, b: eval_sums(nnx.merge(gdef, state), b))
+    ev = jax.jit(lambda state, b: eval_sums(nnx.merge(gdef, state), b, elbo_samples=tc.get("elbo_samples", 2)))
 
     nats, n = 0.0, 0
     for b in data_lib.validation_batches(streams["validation"], seq_len=tc["seq_len"] + 1, batch=batch,
