@@ -220,7 +220,7 @@ def test_cached_sampler_with_refresh_only_steps_equals_no_cache(model, mode):
     more steps it runs (reuse steps approximate) and leaves no mask."""
     prompts = [[3, 50, 7, 9, 100, 4, 8, 1], [60, 61, 62, 63, 64, 65, 66, 67]]
     s = DiffusionSampler(model)
-    one = dict(gen_length=16, block_length=8, steps=2)
+    one = {"gen_length": 16, "block_length": 8, "steps": 2}
     a = s.generate(prompts, SamplerConfig(**one, cache="none"), prompt_bucket=8)
     b = s.generate(prompts, SamplerConfig(**one, cache=mode), prompt_bucket=8)
     np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -270,7 +270,8 @@ class DiffusionSampler:
         if L > self.cfg.max_seq_len:
             raise ValueError(f"canvas length {L} exceeds ModelConfig.max_seq_len={self.cfg.max_seq_len}")
         mode, greedy = sc.cache, sc.temperature == 0
-        statics = dict(bl=bl, mode=mode, greedy=greedy, random_scores=sc.remasking == "random", chunk=sc.head_rows)
+        statics = {"bl": bl, "mode": mode, "greedy": greedy, "random_scores": sc.remasking == "random",
+                   "chunk": sc.head_rows}
         cache = None if mode == "none" else self.model.init_cache(B, L, per_layer=self.layer_states is not None)
         temp = jnp.float32(sc.temperature)
         mask_id = self.cfg.mask_token_id

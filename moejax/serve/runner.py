@@ -31,7 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.models.transformer import dtype_of, require_causal, resolve_layer_loop, unstack_layers
+from moejax.models.transformer import (
+    dtype_of,
+    require_causal,
+    resolve_layer_loop,
+    unstack_layers,
+)
 from moejax.nn.shapes import bucket_edges, pow2_bucket, shape_bucket
 from moejax.serve.kv_cache import KVPool
 from moejax.serve.scheduler import Plan, Request
