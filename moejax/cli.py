@@ -185,15 +185,36 @@ def cmd_generate(args) -> int:
             raise SystemExit("error: --prompt needs a tokenizer.json beside the checkpoint; use --prompt-ids")
     else:
         raise SystemExit("error: give --prompt-ids or --prompt")
-    res = generate(model, [ids], args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
-                   top_p=args.top_p, seed=args.seed, eos_id=args.eos_id)
-    new = res.as_lists()[0]
+    if not cfg.causal:  # a diffusion LM: the masked-diffusion sampler
+        new = _diffusion_generate(args, model, ids)
+    else:
+        res = generate(model, [ids], args.max_new_tokens, greedy=args.greedy, temperature=args.temperature,
+                       top_p=args.top_p, seed=args.seed, eos_id=args.eos_id)
+        new = res.as_lists()[0]
     if tok is not None:
         print(tok.decode(new))
     elif args.prompt is not None:
         print(bytes(t for t in new if t < 256).decode("utf-8", errors="replace"))
     print(",".join(map(str, new)))
     return 0
+
+
+def _diffusion_generate(args, model, ids):
+    """``moejax generate`` on a diffusion LM: ``--max-new-tokens`` masks denoised in ``--block-length`` blocks."""
+    from moejax.diffusion.sampler import DiffusionSampler, SamplerConfig
+
+    if args.top_p != 1.0:
+        raise SystemExit("error: --top-p does not apply to a diffusion LM (its sampler takes --temperature)")
+    sc = SamplerConfig(gen_length=args.max_new_tokens, block_length=args.block_length,
+                       steps=args.steps or args.max_new_tokens, temperature=0.0 if args.greedy else args.temperature,
+                       remasking=args.remasking, cache=args.cache)
+    try:
+        sc.validate()
+    except ValueError as e:
+        raise SystemExit(f"error: {e} (--max-new-tokens, --block-length, --steps)") from None
+    res = DiffusionSampler(model).generate([ids], sc, seed=args.seed)
+    print(f"[diffusion LM: {res.nfe} denoising steps, {res.refreshes} full-canvas refreshes]", file=sys.stderr)
+    return res.as_lists(args.eos_id)[0]
 
 
 def _train_configs(args):
@@ -311,9 +332,30 @@ def cmd_eval(args) -> int:
     if r["corpus_mismatch"]:
         print(f"warning: evaluating on another corpus than the checkpoint's (--allow-corpus-mismatch): "
               f"{r['corpus_mismatch']}", file=sys.stderr)
-    print(f"validation bits/byte {r['val_bits_per_byte']:.4f} over {r['val_bytes']} bytes (corpus {r['corpus_root']}, "
+    what = "validation bits/byte" if r["metric"] != "elbo" else "validation ELBO bits/byte (Monte-Carlo)"
+    print(f"{what} {r['val_bits_per_byte']:.4f} over {r['val_bytes']} bytes (corpus {r['corpus_root']}, "
           f"content hash {r['corpus_content_hash']}, checkpoint step {r['step']})")
+    if args.infill:
+        _eval_infill(args, r)
     return 0
+
+
+def _eval_infill(args, r) -> None:
+    """``moejax eval --infill N``: a diffusion LM's infill accuracy on N held-out single-document windows."""
+    from moejax.diffusion.evaluate import infill_accuracy, single_document_windows
+    from moejax.diffusion.sampler import DiffusionSampler, SamplerConfig
+    from moejax.train import data as data_lib
+    from moejax.train.checkpoint import load_model
+
+    model, cfg, meta = load_model(args.ckpt)
+    if cfg.causal:
+        raise SystemExit("error: --infill needs a diffusion LM checkpoint (trained with --objective mdm)")
+    streams, _ = data_lib.build_corpus(r["corpus_root"], val_percent=meta["train_config"]["val_percent"])
+    windows = single_document_windows(streams["validation"], args.infill_window, args.infill)
+    sc = SamplerConfig(gen_length=args.infill_span, block_length=args.infill_span, steps=args.infill_span)
+    res = infill_accuracy(DiffusionSampler(model), windows, span=args.infill_span, sc=sc, progress=True)
+    print(f"infill accuracy {res['accuracy']:.4f} over {res['masked_tokens']} masked tokens ({res['spans']} spans "
+          f"of {res['span']} in {res['window']}-token windows; exact spans {res['exact_spans']:.3f})")
 
 
 def cmd_export(args) -> int:
@@ -603,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         DISPATCH_TYPES,
         DTYPES,
         MAX_MTP_DEPTH,
+        OBJECTIVES,
         SPARSITY_METHODS,
         SPARSITY_SITES,
         TRAIN_ONLY,
@@ -621,6 +664,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float_range(0, 1, lo_open=True), default=1.0)
     g.add_argument("--seed", type=seed32, default=0)
     g.add_argument("--eos-id", type=nonneg_int, default=None)
+    dg = g.add_argument_group("diffusion LM (a checkpoint trained with --objective mdm)")
+    dg.add_argument("--block-length", type=positive_int, default=32,
+                    help="tokens per semi-autoregressive block (--max-new-tokens must be a multiple of it)")
+    dg.add_argument("--steps", type=positive_int, default=None,
+                    help="denoising steps over the whole generation (default: --max-new-tokens, one token a step)")
+    _add_lazy_choices(dg, "--cache", "moejax.diffusion.sampler", lambda m: m.CACHE_MODES, default="dual",
+                      help="KV cache (Fast-dLLM): none, prefix, or dual (default)")
+    _add_lazy_choices(dg, "--remasking", "moejax.diffusion.sampler", lambda m: m.REMASKING, default="low_confidence",
+                      help="rank masked positions by confidence (default) or at random")
     _add_dtype(g, DTYPES)
     g.set_defaults(func=cmd_generate)
 
@@ -652,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train-only", choices=TRAIN_ONLY,
                    help="train only these parameters on a frozen model (mtp: the heads; needs --init-from)")
     t.add_argument("--init-from", metavar="RUN", help="start from a trained run's weights (same model apart from --mtp)")
-    t.add_argument("--objective", choices=("next_token", "mdm"), default=None,
+    t.add_argument("--objective", choices=tuple(o for o in OBJECTIVES if o != "mtp"), default=None,
                    help="next_token (default; --mtp K adds multi-token prediction) or mdm: a masked diffusion LM "
                         "(LLaDA: bidirectional attention, masked-token loss weighted 1/t; validation reports its "
                         "ELBO in bits/byte; generate/serve then use the diffusion sampler)")
@@ -684,6 +736,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate on --corpus although its content hash differs from the checkpoint's corpus")
     e.add_argument("--batch", type=positive_int, default=16)
     e.add_argument("--max-batches", type=positive_int, default=None)
+    e.add_argument("--infill", type=positive_int, metavar="N", default=None,
+                   help="diffusion LM: infill accuracy on N held-out windows (one masked span each, one token a step)")
+    e.add_argument("--infill-span", type=positive_int, default=32, help="masked tokens per window (default 32)")
+    e.add_argument("--infill-window", type=positive_int, default=256, help="window length (default 256)")
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="export a training checkpoint as a Hugging Face directory")

@@ -258,3 +258,31 @@ def test_sampler_config_errors(model):
         DiffusionSampler(Transformer(dataclasses.replace(dcfg(), causal=True), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="vocabulary"):
         DiffusionSampler(model).generate([[V + 1]], SamplerConfig(gen_length=8, block_length=8, steps=8))
+
+
+def test_cli_train_generate_eval_a_diffusion_lm(tmp_path, capsys):
+    """`train --objective mdm`, then `generate --ckpt` (the sampler) and `eval --ckpt --infill` (ELBO and infill
+    accuracy); a generation length that is not a multiple of the block exits with the flags named."""
+    import json
+
+    from moejax.cli import main
+
+    cfg = {"vocab_size": V, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 48,
+           "max_seq_len": 128, "moe": {"num_experts": 4, "d_ff": 24}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("def f(x):\n    return x + 1\n" * 400)
+    out = str(tmp_path / "run")
+    assert main(["train", "--config", str(tmp_path / "cfg.json"), "--objective", "mdm", "--steps", "2", "--seq-len",
+                 "64", "--batch", "2", "--corpus", str(corpus), "--out", out, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--ckpt", out, "--prompt", "def f", "--max-new-tokens", "16", "--block-length", "8",
+                 "--greedy"]) == 0
+    o = capsys.readouterr()
+    assert "16 denoising steps" in o.err and len(o.out.strip().splitlines()[-1].split(",")) == 16
+    with pytest.raises(SystemExit, match="block_length"):
+        main(["generate", "--ckpt", out, "--prompt", "def f", "--max-new-tokens", "12", "--block-length", "8"])
+    assert main(["eval", "--ckpt", out, "--max-batches", "1", "--infill", "2", "--infill-span", "8",
+                 "--infill-window", "64"]) == 0
+    o = capsys.readouterr().out
+    assert "ELBO bits/byte" in o and "infill accuracy" in o and "over 16 masked tokens" in o

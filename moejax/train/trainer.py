@@ -452,7 +452,7 @@ def evaluate_checkpoint(ckpt: str, *, corpus: str | None = None, batch: int = 16
         raise ValueError("the validation split is shorter than one batch")
     return {"val_bits_per_byte": nats / LN2 / n, "val_bytes": n, "corpus_root": info.root,
             "corpus_files_hash": info.files_hash, "corpus_content_hash": info.content_hash,
-            "corpus_mismatch": why, "step": meta["step"]}
+            "corpus_mismatch": why, "step": meta["step"], "metric": "elbo" if not cfg.causal else "next_token_ce"}
 
 
 def expert_histogram(expert_load: np.ndarray) -> list[list[float]]:
