@@ -409,6 +409,8 @@ def cmd_serve(args) -> int:
     else:
         model, cfg, path = _model_from_args(args)
     tok = load_tokenizer(path, cfg.vocab_size)
+    if not cfg.causal:
+        return _serve_diffusion(args, model, tok)
     sched = SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     src = args.preset or args.config or args.hf or args.ckpt
     name = args.model_name or os.path.basename(os.path.normpath(src))
@@ -451,6 +453,40 @@ def cmd_serve(args) -> int:
               "progress)", file=sys.stderr)
     print(f"serving '{name}' ({args.scheduler} prefill, {engine.alloc.num_blocks} KV blocks of {args.block_size}) "
           f"on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(engine, tok, host=args.host, port=args.port, model_name=name, max_pending=args.max_pending,
+          batch_wait_ms=args.batch_wait_ms)
+    return 0
+
+
+def _serve_diffusion(args, model, tok) -> int:
+    """``moejax serve`` on a diffusion LM: the :class:`~moejax.diffusion.engine.DiffusionEngine`."""
+    import os.path
+
+    from moejax.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
+    from moejax.serve.server import serve
+
+    bad = [f for f, v in (("--speculative", args.speculative), ("--mesh", args.mesh),
+                          ("--decode-steps", args.decode_steps), ("--no-prefix-cache", args.no_prefix_cache))
+           if v]
+    if args.scheduler != "chunked":
+        bad.append("--scheduler")
+    if bad:
+        raise SystemExit(f"error: {', '.join(bad)} do not apply to a diffusion LM (it is served by the diffusion "
+                         f"engine: see --diffusion-*)")
+    src = args.preset or args.config or args.hf or args.ckpt
+    name = args.model_name or os.path.basename(os.path.normpath(src))
+    dcfg = DiffusionEngineConfig(block_length=args.diffusion_block_length,
+                                 steps_per_block=args.diffusion_steps_per_block or args.diffusion_block_length,
+                                 scheduler=args.diffusion_scheduler, max_num_seqs=args.max_num_seqs,
+                                 token_budget=args.diffusion_token_budget, block_size=args.block_size,
+                                 num_blocks=args.num_blocks, max_model_len=args.max_model_len)
+    try:
+        engine = DiffusionEngine(model, dcfg, model_name=name)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"serving diffusion LM '{name}' ({dcfg.scheduler} scheduler, blocks of {dcfg.block_length}, "
+          f"{dcfg.steps_per_block} steps each, {engine.num_blocks} KV blocks of {dcfg.block_size}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr)
     serve(engine, tok, host=args.host, port=args.port, model_name=name, max_pending=args.max_pending,
           batch_wait_ms=args.batch_wait_ms)
     return 0
@@ -823,6 +859,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--offload-avg-bits", type=positive_float, default=None,
                    help="with the bit-width router: the mean width of the activated experts per layer and step "
                         "(D2MoE's bit budget, e.g. 3); default: only the memory budget bounds the widths")
+    dg = s.add_argument_group("diffusion LM (a checkpoint trained with --objective mdm)")
+    dg.add_argument("--diffusion-block-length", type=positive_int, default=32,
+                    help="tokens per block; a request's max_tokens must be a multiple of it (default 32)")
+    dg.add_argument("--diffusion-steps-per-block", type=positive_int, default=None,
+                    help="denoising steps per block (default: the block length, one token a step); a request may "
+                         "send 'steps' over its whole generation instead")
+    _add_lazy_choices(dg, "--diffusion-scheduler", "moejax.diffusion.engine", lambda m: m.DIFFUSION_SCHEDULERS,
+                      default="phase", help="phase: phase-multiplexed (dLLM-Serve, default); static: lockstep batches")
+    dg.add_argument("--diffusion-token-budget", type=positive_int, default=4096,
+                    help="tokens per iteration (a refresh step costs the canvas, a reuse step the block)")
     s.set_defaults(func=cmd_serve, check=functools.partial(_check_serve, s))
 
     o = sub.add_parser("offload", help="expert offloading tools")

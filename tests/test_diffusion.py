@@ -286,3 +286,113 @@ def test_cli_train_generate_eval_a_diffusion_lm(tmp_path, capsys):
                  "--infill-window", "64"]) == 0
     o = capsys.readouterr().out
     assert "ELBO bits/byte" in o and "infill accuracy" in o and "over 16 masked tokens" in o
+
+
+# ------------------------------------------------------------------------------------------------ engine
+
+PROMPTS = [[3, 50, 7, 9, 100, 4, 8, 1], [60, 61, 62, 63, 64, 65, 66, 67, 5, 5, 5], [1, 2, 3], [9] * 20]
+
+
+def sampler_alone(model, prompt, seed, temperature, gen=16, block=8, steps_per_block=4):
+    sc = SamplerConfig(gen_length=gen, block_length=block, steps=gen // block * steps_per_block, cache="dual", temperature=temperature)
+    return DiffusionSampler(model).generate([prompt], sc, seed=[seed], prompt_bucket=1).tokens[0].tolist()
+
+
+@pytest.mark.parametrize("scheduler,temperature,budget", [("phase", 0.0, 40), ("phase", 1.0, 4096),
+                                                          ("static", 0.0, 4096)])
+def test_engine_equals_the_sampler_alone(model, scheduler, temperature, budget):
+    """Concurrent requests (phases mixed by a small token budget, or lockstep batches) give each request the
+    tokens the dual-cache sampler gives it alone with the same seed."""
+    from moejax.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
+    from moejax.serve.engine import SamplingParams
+
+    eng = DiffusionEngine(model, DiffusionEngineConfig(block_length=8, steps_per_block=4, block_size=8,
+                                                       max_num_seqs=3, token_budget=budget, scheduler=scheduler))
+    seeds = [11, 12, 13, 14]
+    res = eng.generate(PROMPTS, [SamplingParams(max_tokens=16, temperature=temperature, seed=s) for s in seeds])
+    for p, (toks, why), s in zip(PROMPTS, res, seeds):
+        assert why == "length"
+        assert toks == sampler_alone(model, p, s, temperature)
+    phases = [(it["refresh"] > 0, it["reuse"] > 0) for it in eng.iterations]
+    if scheduler == "phase" and budget == 40:
+        assert (True, True) in phases  # refresh and reuse steps of different requests in one iteration
+    if scheduler == "static":  # lockstep: the 4th request waits for the whole first batch
+        assert all(not (a and b) for a, b in phases) and eng.iterations[0]["refresh"] == 3
+    assert eng.alloc.num_used == 0 and not eng.running
+
+
+def test_engine_stop_tokens_streaming_and_logit_budget_off(model):
+    """Each completed block streams out; a block holding a stop id ends the request after it (id kept); the head
+    on every position (no logit budgeting) picks the same tokens."""
+    from moejax.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
+    from moejax.serve.engine import SamplingParams
+
+    ref = sampler_alone(model, PROMPTS[0], 5, 0.0, gen=24)
+    stop = next(t for t in ref[8:16] if t not in ref[:8])  # first seen in the second block
+    outs = []
+    for lb in (True, False):
+        eng = DiffusionEngine(model, DiffusionEngineConfig(block_length=8, steps_per_block=4, block_size=8,
+                                                           logit_budget=lb))
+        seen = []
+        eng.add_request(PROMPTS[0], SamplingParams(max_tokens=24, temperature=0, seed=5, stop_token_ids=(stop,)),
+                        callback=seen.append)
+        while eng.has_unfinished():
+            eng.step()
+        outs.append(seen)
+    for seen in outs:
+        assert [len(o.new_tokens) for o in seen][0] == 8 and not seen[0].finished
+        toks = [t for o in seen for t in o.new_tokens]
+        cut = ref.index(stop)
+        assert toks == ref[:cut + 1] and seen[-1].finished and seen[-1].finish_reason == "stop"
+    assert [o.new_tokens for o in outs[0]] == [o.new_tokens for o in outs[1]]
+
+
+def test_engine_request_errors(model):
+    from moejax.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
+    from moejax.serve.engine import SamplingParams
+
+    eng = DiffusionEngine(model, DiffusionEngineConfig(block_length=8, steps_per_block=4, block_size=8))
+    with pytest.raises(ValueError, match="max_tokens"):
+        eng.add_request([1, 2], SamplingParams(max_tokens=12))
+    with pytest.raises(ValueError, match="steps"):
+        eng.add_request([1, 2], SamplingParams(max_tokens=16), steps=3)
+    with pytest.raises(ValueError, match="context"):
+        eng.add_request([1] * 120, SamplingParams(max_tokens=16))
+    with pytest.raises(ValueError, match="steps_per_block"):
+        DiffusionEngineConfig(block_length=8, steps_per_block=9).validate()
+    with pytest.raises(ValueError, match="scheduler"):
+        DiffusionEngineConfig(scheduler="fcfs").validate()
+    with pytest.raises(ValueError, match="diffusion"):
+        DiffusionEngine(Transformer(dataclasses.replace(dcfg(), causal=True), rngs=nnx.Rngs(0)))
+
+
+def test_server_streams_blocks_and_answers_400(model):
+    """`moejax serve` on a diffusion LM: completions (streamed block by block, and not), chat; n > 1, logprobs,
+    echo, a length that is not a multiple of the block and bad steps are 400 naming the field."""
+    from starlette.testclient import TestClient
+
+    from moejax.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
+    from moejax.serve.server import create_app
+    from moejax.serve.tokenizer import ByteTokenizer
+
+    eng = DiffusionEngine(model, DiffusionEngineConfig(block_length=8, steps_per_block=4, block_size=8))
+    app = create_app(eng, ByteTokenizer(V), model_name="d")
+    prompt = bytes(PROMPTS[0]).decode("latin-1")
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0, "seed": 3,
+                                            "return_token_ids": True, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == sampler_alone(model, PROMPTS[0], 3, 0.0)
+        with c.stream("POST", "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0,
+                                                        "seed": 3, "stream": True, "ignore_eos": True}) as s:
+            events = [ln for ln in s.iter_lines() if ln.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and len(events) >= 3
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}],
+                                                 "max_tokens": 8, "steps": 8})
+        assert r.status_code == 200, r.text
+        for body, field in [({"n": 2}, "n"), ({"logprobs": 1}, "logprobs"), ({"echo": True}, "echo"),
+                            ({"max_tokens": 12}, "max_tokens"), ({"steps": 3}, "steps"), ({"steps": 64}, "steps")]:
+            r = c.post("/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 16, **body})
+            assert r.status_code == 400, (body, r.text)
+            assert r.json()["error"]["param"] == field, (body, r.json())
+        assert c.get("/health").status_code == 200

@@ -117,17 +117,18 @@ def transfer_counts(masked: np.ndarray | jax.Array, steps: int):
 def pick_tokens(head, h, keys, temperature, *, greedy: bool, random_scores: bool = False, chunk: int = HEAD_ROWS):
     """Logit budgeting: the LM head ``head`` (hidden ``[n, D]`` -> float32 logits ``[n, V]``) over hidden rows
     ``h [N, D]``, ``chunk`` rows at a time, each chunk reduced at once to ``(token [N] int32, confidence [N]
-    float32)``: the token is the argmax of the logits (plus ``temperature`` times Gumbel noise from row key
-    ``keys[i]`` unless ``greedy``), its confidence the token's softmax probability (or, with ``random_scores``,
+    float32)``: the token is the argmax of the logits (plus ``temperature`` (one, or ``[N]``: one per row) times
+    Gumbel noise from row key ``keys[i]`` unless ``greedy``), its confidence the token's softmax probability (or, with ``random_scores``,
     a uniform draw: LLaDA's random remasking)."""
     N, D = h.shape
+    temps = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (N,))  # one, or one per row
 
-    def one(hc, kc):
+    def one(hc, kc, tc):
         logits = head(hc)
         score = logits
         if not greedy:
             g = jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, 0), logits.shape[-1:]))(kc)
-            score = logits + temperature * g
+            score = logits + tc[:, None] * g
         tok = jnp.argmax(score, axis=-1).astype(jnp.int32)
         if random_scores:
             conf = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1)))(kc)
@@ -137,12 +138,13 @@ def pick_tokens(head, h, keys, temperature, *, greedy: bool, random_scores: bool
         return tok, conf
 
     if N <= chunk:
-        return one(h, keys)
+        return one(h, keys, temps)
     n = math.ceil(N / chunk)
     hp = jnp.pad(h, ((0, n * chunk - N), (0, 0))).reshape(n, chunk, D)
     kp = jnp.concatenate([keys, jnp.broadcast_to(keys[:1], (n * chunk - N, *keys.shape[1:]))]).reshape(
         n, chunk, *keys.shape[1:])
-    tok, conf = jax.lax.map(lambda a: one(*a), (hp, kp))
+    tp = jnp.pad(temps, (0, n * chunk - N)).reshape(n, chunk)
+    tok, conf = jax.lax.map(lambda a: one(*a), (hp, kp, tp))
     return tok.reshape(-1)[:N], conf.reshape(-1)[:N]
 
 

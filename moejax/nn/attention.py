@@ -187,7 +187,7 @@ class PagedRows(NamedTuple):
     """
 
     rope: tuple          # (cos, sin) ``[B, S, hd]`` of the query positions
-    pos: jax.Array       # [B, S] query positions
+    pos: jax.Array       # [B, S] query positions for the mask (a query sees keys at or before it)
     slots: jax.Array     # [B, S] pool slots the new keys/values go to (0: the scratch slot, for padding)
     lengths: jax.Array   # [B] cached tokens after this step (0: padding row)
     tables: jax.Array    # [B, P] block tables
@@ -200,11 +200,15 @@ def paged_slots(tables: jax.Array, pos: jax.Array, block_size: int) -> jax.Array
     return blk * block_size + pos % block_size
 
 
-def paged_rows(tables, pos, valid, lengths, *, block_size: int, head_dim: int, rope_theta: float) -> PagedRows:
+def paged_rows(tables, pos, valid, lengths, *, block_size: int, head_dim: int, rope_theta: float,
+               causal: bool = True) -> PagedRows:
     """:class:`PagedRows` of rows at positions ``pos [B, S]`` (``valid [B, S]``: real tokens; padding tokens
-    write to the scratch slot 0) holding ``lengths [B]`` tokens after this step."""
+    write to the scratch slot 0) holding ``lengths [B]`` tokens after this step. ``causal=False`` (a diffusion
+    LM): every query sees all ``lengths`` cached tokens of its row, before and after its own position (the
+    queries' mask position is the row's last; RoPE keeps their own)."""
     slots = jnp.where(valid, paged_slots(tables, jnp.maximum(pos, 0), block_size), 0)
-    return PagedRows(rope_tables(pos, head_dim, rope_theta), pos, slots, lengths, tables, valid)
+    see = pos if causal else jnp.broadcast_to(lengths[:, None] - 1, pos.shape)
+    return PagedRows(rope_tables(pos, head_dim, rope_theta), see, slots, lengths, tables, valid)
 
 
 def write_kv(kp, vp, li, slots, k, v):

@@ -59,8 +59,17 @@ class ServeContext:
         if self.tokenizer.eos_id is not None and not body.ignore_eos:
             stop_ids += (self.tokenizer.eos_id,)
         seed = None if body.seed is None else (body.seed + i) % 2 ** 32
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed,
-                              stop_token_ids=stop_ids, logprobs=n_logprobs)
+        sp = SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=seed,
+                            stop_token_ids=stop_ids, logprobs=n_logprobs)
+        adapt = getattr(self.engine, "request_params", None)  # an engine with its own per-request options
+        return sp if adapt is None else adapt(body, sp)
+
+    def check_request(self, body, max_tokens: int) -> None:
+        """An engine that cannot serve every request (a diffusion LM's engine) raises a 400 here, naming the
+        field."""
+        check = getattr(self.engine, "check_request", None)
+        if check is not None:
+            check(body, max_tokens)
 
     def validate_prompt(self, ids: list[int]) -> list[int]:
         try:
@@ -69,6 +78,8 @@ class ServeContext:
             raise APIError(400, str(e), "prompt", "context_length_exceeded" if "context" in str(e) else None)
 
     def resolve_max_tokens(self, req_max, n_prompt):
+        if req_max is None and getattr(self.engine, "default_max_tokens", None):  # e.g. one diffusion block
+            return self.engine.default_max_tokens
         room = self.engine.max_model_len - n_prompt
         if req_max is None:
             return room
@@ -372,12 +383,13 @@ async def completions(body: CompletionRequest, request: Request):
     prompts = [ctx.validate_prompt(x) for x in completion_prompts(ctx.tokenizer, body.prompt)]
     n_prompt = max(len(x) for x in prompts)
     max_len = ctx.engine.max_model_len
-    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    max_tokens = (getattr(ctx.engine, "default_max_tokens", None) or 16) if body.max_tokens is None else body.max_tokens
     if n_prompt + max_tokens > max_len:
         raise APIError(400, f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the context "
                             f"length {max_len}", "max_tokens", "context_length_exceeded")
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "invalid value for 'max_tokens': 0 is only allowed with echo=true", "max_tokens")
+    ctx.check_request(body, max_tokens)
     n_lp = body.logprobs or 0
     want_lp = body.logprobs is not None
     rid = f"cmpl-{uuid.uuid4().hex}"
@@ -460,6 +472,7 @@ async def chat(body: ChatRequest, request: Request):
         raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) must fit the context "
                             f"length {max_len} with at least one new token", "max_tokens",
                        "context_length_exceeded")
+    ctx.check_request(body, max_tokens)
     n_lp = (body.top_logprobs or 0) if body.logprobs else 0
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
