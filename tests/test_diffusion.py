@@ -340,7 +340,7 @@ def test_engine_stop_tokens_streaming_and_logit_budget_off(model):
             eng.step()
         outs.append(seen)
     for seen in outs:
-        assert [len(o.new_tokens) for o in seen][0] == 8 and not seen[0].finished
+        assert len(seen[0].new_tokens) == 8 and not seen[0].finished
         toks = [t for o in seen for t in o.new_tokens]
         cut = ref.index(stop)
         assert toks == ref[:cut + 1] and seen[-1].finished and seen[-1].finish_reason == "stop"

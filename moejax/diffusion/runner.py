@@ -31,9 +31,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.diffusion.sampler import pick_tokens
 from moejax.models.transformer import PagedPart
 from moejax.nn.attention import PagedSpec, paged_rows
-from moejax.diffusion.sampler import pick_tokens
 from moejax.serve.kv_cache import KVPool
 
 
