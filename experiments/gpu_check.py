@@ -1021,6 +1021,54 @@ def speculative(ctx):
     return {"rows": out, "acceptance": acc, "acceptance_source": src}
 
 
+def dllm(ctx):
+    """Issue 25 (c): a diffusion LM of LLaDA-8B's shape (d_model 4096, 32 layers, 32 heads, dense FFN 12,288,
+    vocabulary 126,464; random bfloat16 weights) served by ``DiffusionEngine``: the largest refresh step's
+    compiled temporaries with and without logit budgeting, and generated tokens/s of a burst of requests under
+    the lockstep baseline (no logit budgeting) and the phase-multiplexed scheduler with logit budgeting. Smoke:
+    the tiny body with a 1,024-token vocabulary."""
+    import dataclasses
+    import time
+
+    from flax import nnx
+
+    from moejax.config import ModelConfig, get_preset
+    from moejax.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
+    from moejax.models.transformer import Transformer
+    from moejax.serve.engine import SamplingParams
+
+    if ctx.smoke:
+        cfg = dataclasses.replace(get_preset("tiny"), vocab_size=1024, n_layers=2, causal=False, max_seq_len=256)
+        B, prompt, gen, block, spb = 4, 32, 32, 16, 4
+    else:
+        cfg = ModelConfig(vocab_size=126_464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=12_288,
+                          max_seq_len=1024, rope_theta=500_000.0, moe=None, causal=False, mask_token_id=126_336,
+                          dtype="bfloat16", param_dtype="bfloat16")
+        B, prompt, gen, block, spb = 16, 256, 256, 32, 16
+    model = Transformer(cfg.validate(), rngs=nnx.Rngs(0))
+    prompts = [[(7 * i + j) % 250 for j in range(prompt)] for i in range(B)]
+    out = []
+    for name, sched, lb in (("static, full logits", "static", False), ("phase, logit budgeting", "phase", True)):
+        ecfg = DiffusionEngineConfig(block_length=block, steps_per_block=spb, scheduler=sched, max_num_seqs=B,
+                                     token_budget=B * (prompt + gen), logit_budget=lb,
+                                     max_model_len=prompt + gen)
+        eng = DiffusionEngine(model, ecfg)
+        mem = eng.peak_step_memory()
+        sp = SamplingParams(max_tokens=gen, temperature=0.0, seed=0)
+        eng.generate(prompts, sp)  # compiles
+        t = time.perf_counter()
+        eng.generate(prompts, sp)
+        dt = time.perf_counter() - t
+        out.append({"config": name, "tokens_per_s": B * gen / dt, "seconds": dt,
+                    "peak_temp_gib": mem["temp_bytes"] / 2**30})
+        print(f"   {name}: {out[-1]['tokens_per_s']:.1f} tok/s, step temporaries {out[-1]['peak_temp_gib']:.2f} GiB",
+              flush=True)
+        del eng
+    return {"rows": out, "shape": "tiny body, V=1024" if ctx.smoke else "LLaDA-8B (random bf16 weights)",
+            "requests": B, "prompt": prompt, "gen": gen, "block": block, "steps_per_block": spb,
+            "speedup": out[1]["tokens_per_s"] / out[0]["tokens_per_s"]}
+
+
 # -- the table of steps, in run order; ``--only``/``--skip`` match name prefixes -----------------------------
 assert SMOKE["gmm"].keys() == FULL["gmm"].keys(), "the gmm timing steps are named after FULL's shapes"
 
@@ -1043,6 +1091,7 @@ STEPS = [
     ("nm_sparse", nm_sparse),
     ("omnimoe", omnimoe),
     ("speculative", speculative),
+    ("dllm", dllm),
 ]
 
 

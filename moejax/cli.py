@@ -479,7 +479,9 @@ def _serve_diffusion(args, model, tok) -> int:
                                  steps_per_block=args.diffusion_steps_per_block or args.diffusion_block_length,
                                  scheduler=args.diffusion_scheduler, max_num_seqs=args.max_num_seqs,
                                  token_budget=args.diffusion_token_budget, block_size=args.block_size,
-                                 num_blocks=args.num_blocks, max_model_len=args.max_model_len)
+                                 num_blocks=args.num_blocks, max_model_len=args.max_model_len,
+                                 memory_budget=None if args.diffusion_memory is None else
+                                 parse_budget(args.diffusion_memory, 0))
     try:
         engine = DiffusionEngine(model, dcfg, model_name=name)
     except ValueError as e:
@@ -869,6 +871,10 @@ def build_parser() -> argparse.ArgumentParser:
                       default="phase", help="phase: phase-multiplexed (dLLM-Serve, default); static: lockstep batches")
     dg.add_argument("--diffusion-token-budget", type=positive_int, default=4096,
                     help="tokens per iteration (a refresh step costs the canvas, a reuse step the block)")
+    dg.add_argument("--diffusion-memory", metavar="SIZE", default=None,
+                    help="memory the engine may use (e.g. 4GiB): the KV pool gets what is left after the weights and "
+                         "the largest step's temporaries (compiled memory analysis); default: a pool for "
+                         "--max-num-seqs canvases of --max-model-len")
     s.set_defaults(func=cmd_serve, check=functools.partial(_check_serve, s))
 
     o = sub.add_parser("offload", help="expert offloading tools")

@@ -396,3 +396,84 @@ def test_server_streams_blocks_and_answers_400(model):
             assert r.status_code == 400, (body, r.text)
             assert r.json()["error"]["param"] == field, (body, r.json())
         assert c.get("/health").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------ sparse attention
+
+def test_head_topk_and_selected_attention_against_references():
+    """head_topk picks, per KV head, the best max-pooled candidates (a numpy loop); selected attention with every
+    candidate selected equals bidirectional paged attention over the whole row."""
+    from moejax.nn.attention import head_topk, paged_attention, selected_attention
+
+    rng = np.random.default_rng(0)
+    B, T, H, KV, hd, bl = 2, 24, 4, 2, 8, 8
+    q = jnp.asarray(rng.normal(size=(B, T, H, hd)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, T, KV, hd)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, T, KV, hd)), jnp.float32)
+    lengths, bstart, keep = jnp.asarray([24, 20]), jnp.asarray([8, 12]), jnp.asarray([5, 3])
+    pos, ok = head_topk(q, k, bstart, bl, lengths, keep, 8, window=3)
+    qn, kn = np.asarray(q), np.asarray(k)
+    for b in range(B):
+        s0, L = int(bstart[b]), int(lengths[b])
+        cand = np.asarray([t < L and not s0 <= t < s0 + bl for t in range(T)])
+        qm = qn[b, s0:s0 + bl].mean(0)  # [H, hd]
+        for h in range(KV):
+            sc = np.asarray([max(qm[g] @ kn[b, t, h] for g in (2 * h, 2 * h + 1)) for t in range(T)]) / np.sqrt(hd)
+            sc = np.where(cand, sc, -np.inf)
+            pooled = np.asarray([sc[max(0, t - 1):t + 2].max() for t in range(T)])
+            pooled = np.where(cand, pooled, -np.inf)
+            want = set(np.argsort(-pooled, kind="stable")[:int(keep[b])].tolist())
+            got = set(np.asarray(pos[b, h])[np.asarray(ok[b, h])].tolist())
+            assert got == want and len(got) == int(keep[b])
+    # all candidates selected == dense attention over the row (keys of the row in a pool of 1-token blocks)
+    kp, vp = k.reshape(1, B * T, KV, hd), v.reshape(1, B * T, KV, hd)
+    tables = jnp.arange(B * T).reshape(B, T)
+    qb = jnp.stack([q[b, int(bstart[b]):int(bstart[b]) + bl] for b in range(B)])
+    kb = jnp.stack([k[b, int(bstart[b]):int(bstart[b]) + bl] for b in range(B)])
+    vb = jnp.stack([v[b, int(bstart[b]):int(bstart[b]) + bl] for b in range(B)])
+    allpos, allok = head_topk(q, k, bstart, bl, lengths, lengths - bl, T, window=1)
+    sparse = selected_attention(qb, kp, vp, 0, tables, 1, allpos, allok, kb, vb, jnp.ones((B, bl), bool))
+    dense = paged_attention(qb, kp, vp, 0, tables, jnp.broadcast_to((lengths - 1)[:, None], (B, bl)), lengths, 1)
+    np.testing.assert_allclose(np.asarray(sparse), np.asarray(dense), rtol=1e-5, atol=1e-5)
+
+
+def test_engine_sparse_attention_and_infill(model):
+    """Retention 1.0 serves the dense engine's tokens; retention 0.5 runs; a request with a suffix fills the
+    region between prompt and suffix as the dual-cache sampler does on the same canvas."""
+    from moejax.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
+    from moejax.serve.engine import SamplingParams
+
+    base = {"block_length": 8, "steps_per_block": 4, "block_size": 8, "max_num_seqs": 4, "token_budget": 40}
+    sp = [SamplingParams(max_tokens=16, temperature=0, seed=s) for s in (11, 12, 13, 14)]
+    dense = DiffusionEngine(model, DiffusionEngineConfig(**base)).generate(PROMPTS, sp)
+    full = DiffusionEngine(model, DiffusionEngineConfig(**base, sparse_retention=1.0)).generate(PROMPTS, sp)
+    assert full == dense
+    half = DiffusionEngine(model, DiffusionEngineConfig(**base, sparse_retention=0.5)).generate(PROMPTS, sp)
+    assert all(len(t) == 16 and MASK not in t for t, _ in half)
+    suffix = [70, 71, 72, 73, 74, 75]
+    eng = DiffusionEngine(model, DiffusionEngineConfig(**base))
+    rid = eng.add_request(PROMPTS[0], SamplingParams(max_tokens=16, temperature=0, seed=4), suffix=suffix)
+    got = []
+    while eng.has_unfinished():
+        got += [t for o in eng.step() if o.request_id == rid for t in o.new_tokens]
+    canvas = np.asarray([PROMPTS[0] + [MASK] * 16 + suffix], np.int32)
+    ref = DiffusionSampler(model).denoise(canvas, np.ones_like(canvas), (8, 24),
+                                          SamplerConfig(gen_length=16, block_length=8, steps=8), row_keys([4], 1))
+    assert got == ref.tokens[0].tolist()
+
+
+def test_engine_kv_pool_from_a_memory_budget(model):
+    """memory_budget: the pool gets what the budget leaves after the weights and the largest step's temporaries
+    (compiled memory analysis); logit budgeting leaves more; a budget too small for one request is an error."""
+    from moejax.diffusion.engine import DiffusionEngine, DiffusionEngineConfig
+
+    base = {"block_length": 8, "steps_per_block": 4, "block_size": 8, "max_num_seqs": 4, "max_model_len": 64}
+    probe = DiffusionEngine(model, DiffusionEngineConfig(**base, num_blocks=2))
+    w, temp = probe.weight_bytes(), probe.peak_step_memory()["temp_bytes"]
+    full = DiffusionEngine(model, DiffusionEngineConfig(**base, num_blocks=2, logit_budget=False))
+    assert full.peak_step_memory()["temp_bytes"] > temp
+    budget = w + temp + 40 * probe.kv_block_bytes()
+    eng = DiffusionEngine(model, DiffusionEngineConfig(**base, memory_budget=budget))
+    assert eng.num_blocks == 40
+    with pytest.raises(ValueError, match="memory_budget"):
+        DiffusionEngine(model, DiffusionEngineConfig(**base, memory_budget=w + temp))

@@ -76,6 +76,11 @@ class DiffusionEngineConfig:
       memory_budget: bytes the engine may use (weights + KV pool + the largest step's temporaries, from compiled
         memory analysis); sizes the pool when ``num_blocks`` is None.
       max_model_len: the longest canvas (prompt + max_tokens); None: the model's ``max_seq_len``.
+      sparse_retention: head-centric sparse attention (dLLM-Serve): None (default) attends densely; a ratio in
+        (0, 1] makes each block's refresh step choose, per KV head, that share of the canvas's other tokens (by
+        the block's mean query, max over the head group, max-pooled over ``sparse_window`` tokens) and the
+        block's reuse steps attend only to those plus the block itself.
+      sparse_window: the max-pooling window of the selection scores (odd, >= 1).
     """
 
     block_length: int = 32
@@ -89,6 +94,8 @@ class DiffusionEngineConfig:
     num_blocks: int | None = None
     memory_budget: int | None = None
     max_model_len: int | None = None
+    sparse_retention: float | None = None
+    sparse_window: int = 3
 
     def validate(self) -> DiffusionEngineConfig:
         for name in ("block_length", "steps_per_block", "max_num_seqs", "token_budget", "head_rows", "block_size"):
@@ -101,6 +108,11 @@ class DiffusionEngineConfig:
             raise _bad("scheduler", self.scheduler, f"allowed values are {', '.join(map(repr, DIFFUSION_SCHEDULERS))}")
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 2):
             raise _bad("num_blocks", self.num_blocks, "must be None or an integer >= 2")
+        r = self.sparse_retention
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1):
+            raise _bad("sparse_retention", r, "must be None (dense attention) or a ratio in (0, 1]")
+        if not isinstance(self.sparse_window, int) or self.sparse_window < 1 or self.sparse_window % 2 == 0:
+            raise _bad("sparse_window", self.sparse_window, "must be an odd integer >= 1")
         if self.memory_budget is not None and (not isinstance(self.memory_budget, int) or self.memory_budget < 1):
             raise _bad("memory_budget", self.memory_budget, "must be None or a number of bytes >= 1")
         return self
@@ -122,6 +134,8 @@ class _Req:
     nfe: int = 0                    # steps taken (the sampling key's step index)
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    suffix: list[int] = field(default_factory=list)  # tokens after the generated region (infilling)
+    selection: tuple | None = None  # sparse attention: ([n_layers, KV, K] positions, valid) of the current block
 
     @property
     def length(self) -> int:
@@ -259,23 +273,28 @@ class DiffusionEngine:
 
     def add_request(self, prompt: Sequence[int], params: SamplingParams | tuple | None = None, *,
                     request_id: str | None = None, arrival: float | None = None, steps: int | None = None,
+                    suffix: Sequence[int] | None = None,
                     callback: Callable[[RequestOutput], None] | None = None) -> str:
         """Queue a request (``params.max_tokens`` a multiple of the block; ``steps``: denoising steps over the
         whole generation, default the engine's per block). ``params`` may also be the ``(params, steps)`` pair
-        of :meth:`request_params`. Bad prompts or parameters raise ``ValueError`` here."""
+        of :meth:`request_params`. ``suffix``: tokens after the generated region (infilling: the region is
+        denoised with both sides visible). Bad prompts or parameters raise ``ValueError`` here."""
         if isinstance(params, tuple):
             params, steps = params
         params = (params or SamplingParams(max_tokens=self.cfg.block_length)).validate()
         prompt = self.validate_prompt(prompt)
+        suffix = self.validate_prompt(suffix) if suffix else []
         spb = self.steps_for(params.max_tokens, steps)
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                             f"length {self.max_model_len}")
+        if len(prompt) + params.max_tokens + len(suffix) > self.max_model_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens})"
+                             + (f" + suffix ({len(suffix)})" if suffix else "")
+                             + f" exceeds the context length {self.max_model_len}")
         if params.seed is None:
             params = SamplingParams(**{**params.__dict__, "seed": int(self._rng.integers(0, 2 ** 32))})
         rid = request_id or f"dreq-{next(self._ids)}"
         now = time.perf_counter() if arrival is None else arrival
-        self._inbox.put(("add", _Req(rid, prompt, params, spb, RequestMetrics(now, len(prompt)), callback)))
+        self._inbox.put(("add", _Req(rid, prompt, params, spb, RequestMetrics(now, len(prompt)), callback,
+                                     suffix=suffix)))
         return rid
 
     def abort(self, request_id: str) -> None:
@@ -320,7 +339,7 @@ class DiffusionEngine:
                     self._finish(r, [], outputs)
 
     def _admit_one(self, r: _Req) -> bool:
-        n = math.ceil((len(r.prompt) + r.params.max_tokens) / self.cfg.block_size)
+        n = math.ceil((len(r.prompt) + r.params.max_tokens + len(r.suffix)) / self.cfg.block_size)
         if self.alloc.num_free < n:
             return False
         try:
@@ -328,7 +347,7 @@ class DiffusionEngine:
         except NoFreeBlocks:  # pragma: no cover - num_free said otherwise
             return False
         mask = self.mcfg.mask_token_id
-        r.canvas = np.asarray(r.prompt + [mask] * r.params.max_tokens, np.int32)
+        r.canvas = np.asarray(r.prompt + [mask] * r.params.max_tokens + r.suffix, np.int32)
         r.counts = transfer_counts(np.asarray(self.cfg.block_length), r.steps_per_block)
         self.waiting.remove(r)
         self.running.append(r)
@@ -380,7 +399,7 @@ class DiffusionEngine:
     def _rows(self, reqs: list[_Req], refresh: bool) -> Rows | None:
         if not reqs:
             return None
-        bl, bs = self.cfg.block_length, self.cfg.block_size
+        bl = self.cfg.block_length
         B = pow2_bucket(len(reqs))
         T = min(pow2_bucket(max(r.length for r in reqs), 16), self.max_model_len) if refresh else bl
         tokens = np.zeros((B, T), np.int32)
@@ -398,8 +417,27 @@ class DiffusionEngine:
                 start[i] = s
             length[i] = r.length
             tables[i, :len(r.blocks)] = r.blocks
-        del bs
-        return Rows(*(jnp.asarray(a) for a in (tokens, start, length, tables, bstart)))
+        rows = Rows(*(jnp.asarray(a) for a in (tokens, start, length, tables, bstart)))
+        if self.cfg.sparse_retention is None:
+            return rows
+        if refresh:  # each row keeps this share of its candidates (the canvas outside the block)
+            keep = np.zeros(B, np.int32)
+            for i, r in enumerate(reqs):
+                keep[i] = math.ceil(self.cfg.sparse_retention * (r.length - bl))
+            return rows._replace(keep=jnp.asarray(keep))
+        K = pow2_bucket(max(r.selection[0].shape[-1] for r in reqs), 8)
+        NL, KV = self.mcfg.n_layers, self.mcfg.n_kv_heads
+        pos, ok = np.zeros((B, NL, KV, K), np.int32), np.zeros((B, NL, KV, K), bool)
+        for i, r in enumerate(reqs):
+            p, o = r.selection
+            pos[i, ..., :p.shape[-1]], ok[i, ..., :p.shape[-1]] = p, o
+        return rows._replace(sel_pos=jnp.asarray(pos), sel_ok=jnp.asarray(ok))
+
+    def _sparse_k(self, refresh: list[_Req], rows: Rows | None) -> int:
+        """The selection width of a refresh part: its largest ``keep``, bucketed, at most the canvas bucket."""
+        if rows is None or rows.keep is None:
+            return 0
+        return min(pow2_bucket(max(int(np.max(np.asarray(rows.keep))), 1), 8), rows.tokens.shape[1])
 
     def _execute(self, refresh: list[_Req], reuse: list[_Req]):
         bl, mask = self.cfg.block_length, self.mcfg.mask_token_id
@@ -428,8 +466,13 @@ class DiffusionEngine:
         greedy = all(r.params.temperature == 0 for r in refresh + reuse)
         out = diffusion_step(self.gdef, self.state, self.pool, ref_rows, reu_rows, sel, self.layer_states,
                              block_size=self.cfg.block_size, block=bl, greedy=greedy,
-                             logit_budget=self.cfg.logit_budget, head_rows=self.cfg.head_rows)
+                             logit_budget=self.cfg.logit_budget, head_rows=self.cfg.head_rows,
+                             sparse_k=self._sparse_k(refresh, ref_rows), window=self.cfg.sparse_window)
         self.pool = out.pool
+        if out.selection is not None:  # the refresh rows' selections, kept for their block's reuse steps
+            pos, ok = (np.asarray(a) for a in out.selection)
+            for i, r in enumerate(refresh):
+                r.selection = (pos[i], ok[i])
         return np.asarray(out.tokens), np.asarray(out.confidence), np.asarray(out.experts_touched).tolist()
 
     def _apply(self, reqs: list[_Req], tok, conf, now: float, outputs) -> None:

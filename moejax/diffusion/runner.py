@@ -45,6 +45,9 @@ class Rows(NamedTuple):
     length: jax.Array       # [B] int32: the canvas length (0: padding row)
     tables: jax.Array       # [B, P] int32 block tables
     block_start: jax.Array  # [B] int32: column of the block's first token in ``tokens`` (reuse: 0)
+    keep: jax.Array | None = None     # refresh rows, sparse attention: [B] positions each KV head keeps
+    sel_pos: jax.Array | None = None  # reuse rows, sparse attention: [B, n_layers, KV, K] selected positions
+    sel_ok: jax.Array | None = None   # [B, n_layers, KV, K] bool
 
 
 class Selection(NamedTuple):
@@ -63,6 +66,7 @@ class DiffusionStepOutput(NamedTuple):
     confidence: jax.Array   # [N] float32
     pool: KVPool
     experts_touched: jax.Array  # [n_layers]
+    selection: tuple | None = None  # refresh rows under sparse attention: ([Br, n_layers, KV, K] positions, valid)
 
 
 def _part(model, rows: Rows, block_size: int) -> PagedPart:
@@ -75,67 +79,97 @@ def _part(model, rows: Rows, block_size: int) -> PagedPart:
     return PagedPart(model.embed_tokens(rows.tokens), pr)
 
 
-def _layers(model, pool: KVPool, parts: list[PagedPart], spec: PagedSpec, layer_states):
-    """Every layer over the parts: each part's attention (writes its keys/values, then reads), one FFN call."""
-    ks, vs, touched = list(pool.k), list(pool.v), []
-    xs = [p.x for p in parts]
-    for r, (_kind, _first, n) in enumerate(model.runs):
+def _layers(model, pool: KVPool, parts: list[tuple[PagedPart, Rows]], spec: PagedSpec, layer_states, *,
+            block: int, sparse_k: int, window: int):
+    """Every layer over the parts: each part's attention (writes its keys/values, then reads: dense, or for reuse
+    rows with a selection the selected positions, or for refresh rows with ``keep`` dense while choosing the
+    positions), then one FFN call. Returns the parts' hidden states, the pool, experts touched per layer and the
+    refresh part's selection ``([n_layers, Br, KV, K], valid)`` (None without ``sparse_k``)."""
+    ks, vs, touched, sels = list(pool.k), list(pool.v), [], []
+    xs = [p.x for p, _ in parts]
+    for r, (_kind, first, n) in enumerate(model.runs):
         gd, st = nnx.split(model.stacks[r])
 
-        def body(carry, xs_, gd=gd):
+        def body(carry, xs_, gd=gd, first=first):
             x_all, kp, vp = carry
             bst, li = xs_
             blk = nnx.merge(gd, bst)
-            new = []
-            for p, x in zip(parts, x_all):
-                x, kp, vp = blk.paged_attention(x, p.rows, kp, vp, li, spec)
+            new, sel = [], None
+            for (p, rw), x in zip(parts, x_all):
+                if rw.keep is not None and sparse_k:
+                    x, kp, vp, sel = blk.paged_attention_select(x, p.rows, kp, vp, li, spec, rw.block_start, block,
+                                                                rw.keep, sparse_k, window)
+                elif rw.sel_pos is not None:
+                    x, kp, vp = blk.paged_read_selected(x, p.rows, kp, vp, li, spec, rw.sel_pos[:, first + li],
+                                                        rw.sel_ok[:, first + li])
+                else:
+                    x, kp, vp = blk.paged_attention(x, p.rows, kp, vp, li, spec)
                 new.append(x)
-            new, stats = blk.ffn_sublayer([(x, p.rows.valid, None) for p, x in zip(parts, new)])
-            return (new, kp, vp), stats.touched
+            new, stats = blk.ffn_sublayer([(x, p.rows.valid, None) for (p, _), x in zip(parts, new)])
+            return (new, kp, vp), (stats.touched, sel)
 
         carry = (xs, ks[r], vs[r])
         if layer_states is None:
-            carry, t = jax.lax.scan(body, carry, (st, jnp.arange(n, dtype=jnp.int32)))
+            carry, (t, sel) = jax.lax.scan(body, carry, (st, jnp.arange(n, dtype=jnp.int32)))
         else:
-            ts = []
+            outs = []
             for i in range(n):
-                carry, t1 = body(carry, (layer_states[r][i], i))
-                ts.append(t1)
-            t = jnp.stack(ts)
+                carry, o = body(carry, (layer_states[r][i], i))
+                outs.append(o)
+            t, sel = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         xs, ks[r], vs[r] = carry
         touched.append(t)
-    return xs, KVPool(tuple(ks), tuple(vs)), jnp.concatenate(touched)
+        sels.append(sel)
+    sel = None if sels[0] is None else jax.tree.map(lambda *a: jnp.concatenate(a), *sels)
+    return xs, KVPool(tuple(ks), tuple(vs)), jnp.concatenate(touched), sel
 
 
 def _diffusion_step(gdef, state, pool: KVPool, refresh: Rows | None, reuse: Rows | None, sel: Selection,
                     layer_states=None, *, block_size: int, block: int, greedy: bool, logit_budget: bool,
-                    head_rows: int, kv_block: int | None = None) -> DiffusionStepOutput:
-    """One iteration (see the module docstring); ``refresh``/``reuse`` may be None (absent part)."""
+                    head_rows: int, kv_block: int | None = None, sparse_k: int = 0,
+                    window: int = 3) -> DiffusionStepOutput:
+    """One iteration (see the module docstring); ``refresh``/``reuse`` may be None (absent part).
+
+    Head-centric sparse attention: refresh rows with ``keep`` choose ``sparse_k``-wide selections (returned in
+    ``selection``, layer-major per row), reuse rows with ``sel_pos`` attend to theirs."""
     model = nnx.merge(gdef, state)
     spec = PagedSpec(block_size, "xla", kv_block)  # bidirectional rows: the XLA loop (the kernels are causal)
     present = [r for r in (refresh, reuse) if r is not None]
-    xs, pool, touched = _layers(model, pool, [_part(model, r, block_size) for r in present], spec, layer_states)
+    xs, pool, touched, chosen = _layers(model, pool, [(_part(model, r, block_size), r) for r in present], spec,
+                                        layer_states, block=block, sparse_k=sparse_k, window=window)
+    if chosen is not None:
+        chosen = tuple(jnp.moveaxis(a, 0, 1) for a in chosen)  # [Br, n_layers, KV, K]
     cols = jnp.arange(block, dtype=jnp.int32)
     blocks, full = [], []
     for r, x in zip(present, xs):
         idx = r.block_start[:, None] + cols  # [B, block]
         blocks.append(jnp.take_along_axis(x, idx[:, :, None], axis=1))
-        if not logit_budget:  # the head on every position the part computed, then the block's rows
-            full.append(jnp.take_along_axis(model.head(x), idx[:, :, None], axis=1))
+        if not logit_budget:
+            # as a model that returns full logits is used (LLaDA, Fast-dLLM): the head, the argmax and the softmax
+            # over every position the part computed ([B, T, V]), then the block's rows
+            logits = model.head(x)
+            tok_all = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            conf_all = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+            full.append(tuple(jnp.take_along_axis(a, idx, axis=1) for a in (tok_all, conf_all))
+                        + (jnp.take_along_axis(logits, idx[:, :, None], axis=1),))
     D = xs[0].shape[-1]
     keys = jax.vmap(lambda k, s, o: jax.random.fold_in(jax.random.fold_in(k, s), o))(
         sel.keys, sel.step, sel.offset)
     if logit_budget:
         h = jnp.concatenate(blocks).reshape(-1, D)[sel.index]
         tok, conf = pick_tokens(model.head, h, keys, sel.temperature, greedy=greedy, chunk=head_rows)
-    else:
-        logits = jnp.concatenate(full).reshape(-1, model.cfg.vocab_size)[sel.index]
-        tok, conf = pick_tokens(lambda z: z, logits, keys, sel.temperature, greedy=greedy, chunk=logits.shape[0])
-    return DiffusionStepOutput(tok, conf, pool, touched)
+    elif greedy:
+        tok = jnp.concatenate([t for t, _, _ in full]).reshape(-1)[sel.index]
+        conf = jnp.concatenate([c for _, c, _ in full]).reshape(-1)[sel.index]
+    else:  # Gumbel noise on the selected rows' logits (the same draws as with logit budgeting)
+        logits = jnp.concatenate([lg for _, _, lg in full]).reshape(-1, model.cfg.vocab_size)[sel.index]
+        tok, conf = pick_tokens(lambda z: z, logits, keys, sel.temperature, greedy=False, chunk=logits.shape[0])
+    return DiffusionStepOutput(tok, conf, pool, touched, chosen)
 
 
 diffusion_step = jax.jit(_diffusion_step, static_argnames=("gdef", "block_size", "block", "greedy", "logit_budget",
-                                                           "head_rows", "kv_block"), donate_argnames=("pool",))
+                                                           "head_rows", "kv_block", "sparse_k", "window"),
+                         donate_argnames=("pool",))
 diffusion_step.__doc__ = _diffusion_step.__doc__
 
 

@@ -24,8 +24,10 @@ from moejax.nn.attention import (
     LayerKV,
     PagedRows,
     PagedSpec,
+    head_topk,
     paged_attention,
     rope_tables,
+    selected_attention,
     write_kv,
 )
 from moejax.nn.attention import attention_mask as make_attention_mask
@@ -150,6 +152,26 @@ class Block(nnx.Module):
         o = paged_attention(q, kp, vp, li, rows.tables, rows.pos, rows.lengths, spec.block_size, spec.impl,
                             spec.kv_block)
         return x + self.attn.out(o).astype(x.dtype)
+
+    def paged_read_selected(self, x, rows: PagedRows, kp, vp, li, spec: PagedSpec, sel_pos, sel_ok):
+        """The attention sublayer of a diffusion LM's reuse rows ``x [B, S, D]`` under head-centric sparse
+        attention: their fresh keys/values are written to the pool (as :meth:`paged_attention` does) and each KV
+        head attends to its own selected cached positions ``sel_pos [B, KV, K]`` (where ``sel_ok``) plus the rows'
+        own tokens (:func:`moejax.nn.attention.selected_attention`). Returns ``(x + attention, kp, vp)``."""
+        q, k, v = self.paged_qkv(x, rows)
+        kp, vp = write_kv(kp, vp, li, rows.slots, k, v)
+        o = selected_attention(q, kp, vp, li, rows.tables, spec.block_size, sel_pos, sel_ok, k, v, rows.valid)
+        return x + self.attn.out(o).astype(x.dtype), kp, vp
+
+    def paged_attention_select(self, x, rows: PagedRows, kp, vp, li, spec: PagedSpec, block_start, block: int,
+                               keep, K: int, window: int):
+        """:meth:`paged_attention` of whole diffusion canvases (a refresh step) that also chooses, per KV head,
+        the cached positions the coming reuse steps of the block at ``block_start`` attend to
+        (:func:`moejax.nn.attention.head_topk`). Returns ``(x + attention, kp, vp, (positions, valid))``."""
+        q, k, v = self.paged_qkv(x, rows)
+        kp, vp = write_kv(kp, vp, li, rows.slots, k, v)
+        sel = head_topk(q, k, block_start, block, rows.lengths, keep, K, window)
+        return self.paged_read(x, q, rows, kp, vp, li, spec), kp, vp, sel
 
     def paged_attention(self, x, rows: PagedRows, kp, vp, li, spec: PagedSpec):
         """The attention sublayer of rows ``x [B, S, D]`` over a paged KV pool: writes their new keys/values to

@@ -303,3 +303,54 @@ def _attend_key_blocks(qb, pb, *, kp, vp, li, tables, lengths, block_size, kv_bl
         _, den, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     o = acc / jnp.where(den > 0, den, 1.0)[..., None]  # no visible key: zeros
     return jnp.moveaxis(o, 3, 1).reshape(B, Tb, H, hd).astype(qb.dtype)
+
+
+# ------------------------------------------------------------------------------------------ head-centric sparse
+def head_topk(q, k, block_start, block: int, lengths, keep, K: int, window: int = 3):
+    """dLLM-Serve's head-centric token selection for a diffusion LM's reuse steps.
+
+    ``q [B, T, H, hd]``, ``k [B, T, KV, hd]``: a refresh step's (RoPE'd) queries and keys of whole canvases
+    (``lengths [B]`` real tokens); the block ``[block_start, block_start + block)`` of each row is the one its
+    coming reuse steps recompute. Per KV head, the block's mean query of each head of its group scores every
+    *candidate* key (a real token outside the block), the group's maximum is max-pooled over ``window``
+    neighbouring tokens, and the ``keep [B]`` best candidates are chosen (``K >= keep`` static). Returns the
+    chosen positions ``[B, KV, K]`` (best first) and their validity ``[B, KV, K]``."""
+    B, T, H, hd = q.shape
+    KV = k.shape[2]
+    cols = jnp.arange(T)
+    in_block = (cols[None, :] >= block_start[:, None]) & (cols[None, :] < block_start[:, None] + block)
+    qm = jnp.sum(jnp.where(in_block[:, :, None, None], q.astype(jnp.float32), 0.0), axis=1) / block  # [B, H, hd]
+    qg = qm.reshape(B, KV, H // KV, hd)
+    s = jnp.einsum("bkgd,btkd->bkgt", qg, k.astype(jnp.float32)).max(axis=2) / jnp.sqrt(jnp.float32(hd))
+    cand = (cols[None, :] < lengths[:, None]) & ~in_block  # [B, T]
+    s = jnp.where(cand[:, None], s, -jnp.inf)
+    if window > 1:
+        s = jax.lax.reduce_window(s, -jnp.inf, jax.lax.max, (1, 1, window), (1, 1, 1), "SAME")
+        s = jnp.where(cand[:, None], s, -jnp.inf)
+    val, pos = jax.lax.top_k(s, K)
+    ok = (jnp.arange(K)[None, None, :] < keep[:, None, None]) & jnp.isfinite(val)
+    return pos.astype(jnp.int32), ok
+
+
+def selected_attention(q, kp, vp, li, tables, block_size: int, sel_pos, sel_ok, k_new, v_new, new_valid):
+    """Attention of ``q [B, S, H, hd]`` over, per KV head, its own selected cached keys (positions ``sel_pos
+    [B, KV, K]`` valid where ``sel_ok``, read from layer ``li`` of the pool through ``tables``) and the fresh keys
+    and values of the queries' own tokens (``k_new``/``v_new [B, S, KV, hd]``, valid where ``new_valid [B, S]``):
+    the reuse step of head-centric sparse attention. With every candidate selected it is the dense attention over
+    the same keys (tested)."""
+    B, S, H, hd = q.shape
+    KV = kp.shape[2]
+    slots = paged_slots(tables, sel_pos.reshape(B, -1), block_size).reshape(sel_pos.shape)  # [B, KV, K]
+    heads = jnp.arange(KV)[None, :, None]
+    ks = kp[li][slots, heads].astype(q.dtype)  # [B, KV, K, hd]
+    vs = vp[li][slots, heads].astype(q.dtype)
+    keys = jnp.concatenate([ks, jnp.moveaxis(k_new.astype(q.dtype), 1, 2)], axis=2)  # [B, KV, K + S, hd]
+    vals = jnp.concatenate([vs, jnp.moveaxis(v_new.astype(q.dtype), 1, 2)], axis=2)
+    ok = jnp.concatenate([sel_ok, jnp.broadcast_to(new_valid[:, None, :], (B, KV, S))], axis=2)  # [B, KV, K + S]
+    qg = q.reshape(B, S, KV, H // KV, hd)
+    sc = jnp.einsum("bskgd,bktd->bkgst", qg, keys, preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(hd))
+    mk = ok[:, :, None, None, :]
+    sc = jnp.where(mk, sc, MASK_VALUE)
+    p = jnp.where(mk, jax.nn.softmax(sc, axis=-1), 0.0)
+    o = jnp.einsum("bkgst,bktd->bskgd", p.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
+    return o.reshape(B, S, H, hd).astype(q.dtype)
