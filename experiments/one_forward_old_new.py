@@ -1,7 +1,9 @@
 """Speed and outputs before and after the one-forward redesign (issue 18): an old revision against HEAD.
 
 Both revisions are checked out in temporary git worktrees (so neither run writes into this checkout's results),
-then, in ``--rounds`` rounds with the order of the two alternating, each runs:
+then, in ``--rounds`` rounds, each benchmark runs in both trees back to back, the order flipping from benchmark
+to benchmark and from round to round (ABBA: a drift of the shared machine's speed during a round favours
+neither tree):
 
 - ``experiments/serve_throughput.py --repeats 1``: offline engine tok/s (multi-step and single-step), HTTP
   server tok/s, single-stream tokens/s, and the static ``generate`` beside them;
@@ -70,8 +72,7 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def measure(tree: str, log) -> dict[str, float]:
-    """One round of every benchmark in ``tree``: ``{metric: speed}``."""
+def bench_serve(tree: str, log) -> dict[str, float]:
     m = {}
     run(tree, ["experiments/serve_throughput.py", "--repeats", "1"], log)
     s = results(tree, "serve_throughput")
@@ -82,20 +83,50 @@ def measure(tree: str, log) -> dict[str, float]:
     m["serve: HTTP server tok/s"] = toks / sec["server_s"]
     m["serve: single stream tokens/s"] = 1 / sec["single_tpot_s"]
     m["serve: static generate tok/s"] = toks / sec["static_s"]
+    return m
+
+
+def bench_generate(tree: str, log) -> dict[str, float]:
+    m = {}
     run(tree, ["experiments/generate_bench.py", "--repeats", "3"], log)
     for r in results(tree, "generate_bench")["records"]:
         m[f"generate: batch {r['batch']} decode steps/s"] = 1e3 / r["decode_step_ms"]
         m[f"generate: batch {r['batch']} tok/s"] = r["tokens_per_s"]
+    return m
+
+
+def bench_moe_layer(tree: str, log) -> dict[str, float]:
+    m = {}
     run(tree, ["experiments/moe_layer_bench.py", "--repeats", "3", "--paths", "dropless,capacity-1.0,capacity-1.25"],
         log)
     for r in results(tree, "moe_layer_bench")["records"]:
         m[f"moe layer {r['config']} {r['path']}: fwd GFLOP/s"] = r["fwd_gflops"]
         m[f"moe layer {r['config']} {r['path']}: fwd+bwd GFLOP/s"] = r["fwd_bwd_gflops"]
-    for mesh, tps in last_json(run(tree, [os.path.join(PROBES, "train_throughput.py")], log)).items():
-        m[f"train: {mesh} tokens/s"] = tps
-    for k, v in last_json(run(tree, [os.path.join(PROBES, "offload_throughput.py")], log)).items():
-        m[f"offloaded serving: {k}"] = v
     return m
+
+
+def bench_train(tree: str, log) -> dict[str, float]:
+    return {f"train: {mesh} tokens/s": tps
+            for mesh, tps in last_json(run(tree, [os.path.join(PROBES, "train_throughput.py")], log)).items()}
+
+
+def bench_offload(tree: str, log) -> dict[str, float]:
+    return {f"offloaded serving: {k}": v
+            for k, v in last_json(run(tree, [os.path.join(PROBES, "offload_throughput.py")], log)).items()}
+
+
+BENCHES = (bench_serve, bench_generate, bench_moe_layer, bench_train, bench_offload)
+
+
+def measure_round(trees: dict[str, str], i: int, log) -> dict[str, dict[str, float]]:
+    """One round: each benchmark in both trees back to back, the order flipping from benchmark to benchmark and
+    from round to round (ABBA), so a slow drift of the shared machine's speed does not favour one tree."""
+    out = {"old": {}, "new": {}}
+    for j, bench in enumerate(BENCHES):
+        order = ("old", "new") if (i + j) % 2 == 0 else ("new", "old")
+        for name in order:
+            out[name].update(bench(trees[name], log))
+    return out
 
 
 def parity(trees: dict[str, str], tmp: str, log) -> dict:
@@ -131,8 +162,9 @@ def report(args, rows, par, rounds, cpu) -> None:
     ok = sum(r[">= 0.97"] for r in rows)
     same = all(v["identical"] for v in par.values())
     md = (f"# One forward: speed and outputs, {args.old_rev} against the new main\n\n"
-          f"Measured on this machine ({cpu}), {args.rounds} rounds, the order of old and new alternating each "
-          "round; every metric is a speed (higher is better), the ratio is new/old per round.\n\n"
+          f"Measured on this machine ({cpu}), {args.rounds} rounds, each benchmark run in both trees back to back, "
+          "the order flipping per benchmark and per round; every metric is a speed (higher is better), the ratio "
+          "is new/old per round.\n\n"
           f"**{ok} of {len(rows)} metrics have a median ratio >= 0.97.**\n\n"
           + markdown_table(rows, ["metric", "old (median)", "new (median)", "new/old median", "min", "max",
                                   ">= 0.97"])
@@ -159,8 +191,7 @@ def main(argv=None):
             print("parity:", {k: v["identical"] for k, v in par.items()}, flush=True)
             rounds = []
             for i in range(args.rounds):
-                order = ("old", "new") if i % 2 == 0 else ("new", "old")
-                rounds.append({name: measure(trees[name], log) for name in order})
+                rounds.append(measure_round(trees, i, log))
                 print(f"round {i + 1}: " + ", ".join(f"{k[:40]} {rounds[-1]['new'][k] / rounds[-1]['old'][k]:.3f}"
                                                      for k in rounds[-1]["old"]), flush=True)
         finally:
