@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work-dir", default="/tmp/dllm_runs")
     ap.add_argument("--minutes", type=float, default=20.0)
-    ap.add_argument("--steps", type=int, default=600, help="the schedule's length (cut by --minutes)")
+    ap.add_argument("--steps", type=int, default=750,
+                    help="the schedule's length, cut by --minutes (tiny runs about 0.63 steps/s on 2 AVX-512 cores)")
     ap.add_argument("--ckpt-diffusion", help="a trained diffusion run (skip its training)")
     ap.add_argument("--ckpt-ar", help="a trained autoregressive run (skip its training)")
     ap.add_argument("--eval-batches", type=int, default=32, help="validation batches of 16 x 256 tokens")
