@@ -43,7 +43,7 @@ from moejax.diffusion.runner import Rows, Selection, diffusion_step, step_memory
 from moejax.diffusion.sampler import HEAD_ROWS, transfer_counts
 from moejax.models.transformer import resolve_layer_loop, unstack_layers
 from moejax.nn.shapes import pow2_bucket
-from moejax.serve.engine import RequestOutput, SamplingParams
+from moejax.serve.engine import RequestOutput, SamplingParams, token_ids
 from moejax.serve.kv_cache import BlockAllocator, KVPool, NoFreeBlocks
 from moejax.serve.metrics import PrometheusMetrics, RequestMetrics
 
@@ -259,13 +259,7 @@ class DiffusionEngine:
         return params, (body.model_extra or {}).get("steps")
 
     def validate_prompt(self, prompt: Sequence[int]) -> list[int]:
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise ValueError("prompt must contain at least one token")
-        V = self.mcfg.vocab_size
-        bad = [t for t in prompt if not 0 <= t < V]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
+        prompt = token_ids(prompt, self.mcfg.vocab_size)
         if len(prompt) + self.cfg.block_length > self.max_model_len:
             raise ValueError(f"prompt has {len(prompt)} tokens; the context is {self.max_model_len} (prompt + at "
                              f"least one block of {self.cfg.block_length} must fit)")

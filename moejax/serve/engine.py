@@ -161,6 +161,17 @@ class EngineConfig:
     speculative_max_batch: int | None = None
 
 
+def token_ids(prompt: Sequence[int], vocab_size: int) -> list[int]:
+    """``prompt`` as a non-empty list of ints in ``[0, vocab_size)``; ``ValueError`` saying what is wrong."""
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ValueError("prompt must contain at least one token")
+    bad = [t for t in prompt if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    return prompt
+
+
 @dataclass
 class RequestOutput:
     """What one step produced for one request (tokens since the previous output)."""
@@ -244,13 +255,7 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------- requests
     def validate_prompt(self, prompt: Sequence[int]) -> list[int]:
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise ValueError("prompt must contain at least one token")
-        V = self.mcfg.vocab_size
-        bad = [t for t in prompt if not 0 <= t < V]
-        if bad:
-            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {V})")
+        prompt = token_ids(prompt, self.mcfg.vocab_size)
         if len(prompt) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt)} tokens; the context is {self.max_model_len} "
                              "(prompt + at least one new token must fit)")
