@@ -24,7 +24,7 @@ are not used) served by :class:`moejax.diffusion.engine.DiffusionEngine`:
     Throughput (generated tokens/s over the run), p50/p99 request latency (arrival to last block). Each
     configuration runs the workload once untimed (compiling its step shapes), then timed.
 
-Head-centric sparse attention (dLLM-Serve's third mechanism) is not built yet: it is not in the table.
+Head-centric sparse attention (dLLM-Serve's third mechanism, `sparse_retention`) is not in this table yet.
 Writes ``experiments/results/dllm_serve.{json,md,png}``.
 
     python experiments/dllm_serve.py [--requests 32] [--margin-mib 1024] [--layers 2]
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
                f"{weights / MIB:.0f} MiB + {args.margin_mib:g} MiB, fixed before measuring; {args.requests} requests "
                f"of {args.prompt_min}-{args.prompt_max} prompt tokens (held-out code) + {args.gen} new, blocks of "
                f"{args.block}, {args.steps_per_block} steps each; Poisson rate {rate:.3g} requests/s (1.5x the "
-               f"baseline's burst throughput). Head-centric sparse attention is not built yet.\n\n"
+               f"baseline's burst throughput). Head-centric sparse attention (in the engine: `sparse_retention`) is not in this table yet.\n\n"
                + markdown_table(rows, ["config", "max_num_seqs", "kv_blocks", "burst throughput_tok_s",
                                        "burst throughput x", "burst p50_latency_s", "burst p99_latency_s",
                                        "poisson throughput_tok_s", "poisson p50_latency_s", "poisson p99_latency_s",
