@@ -44,7 +44,7 @@ from moejax.diffusion.sampler import HEAD_ROWS, transfer_counts
 from moejax.models.transformer import resolve_layer_loop, unstack_layers
 from moejax.nn.shapes import pow2_bucket
 from moejax.serve.engine import RequestOutput, SamplingParams, token_ids
-from moejax.serve.kv_cache import BlockAllocator, KVPool, NoFreeBlocks
+from moejax.serve.kv_cache import BlockAllocator, KVPool, NoFreeBlocks, block_bytes
 from moejax.serve.metrics import PrometheusMetrics, RequestMetrics
 
 DIFFUSION_SCHEDULERS = ("phase", "static")
@@ -135,6 +135,7 @@ class _Req:
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     suffix: list[int] = field(default_factory=list)  # tokens after the generated region (infilling)
+    key: np.ndarray = None          # [2] uint32: PRNGKey(params.seed), made once at admission
     selection: tuple | None = None  # sparse attention: ([n_layers, KV, K] positions, valid) of the current block
 
     @property
@@ -188,7 +189,7 @@ class DiffusionEngine:
     # ----------------------------------------------------------------------------------------- memory
     def kv_block_bytes(self) -> int:
         m = self.mcfg
-        return 2 * m.n_layers * self.cfg.block_size * m.n_kv_heads * m.resolved_head_dim * jnp.dtype(m.dtype).itemsize
+        return block_bytes(m.n_layers, self.cfg.block_size, m.n_kv_heads, m.resolved_head_dim, jnp.dtype(m.dtype))
 
     def weight_bytes(self) -> int:
         return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(self.state))
@@ -343,6 +344,7 @@ class DiffusionEngine:
         mask = self.mcfg.mask_token_id
         r.canvas = np.asarray(r.prompt + [mask] * r.params.max_tokens + r.suffix, np.int32)
         r.counts = transfer_counts(np.asarray(self.cfg.block_length), r.steps_per_block)
+        r.key = np.asarray(jax.random.PRNGKey(r.params.seed), np.uint32)
         self.waiting.remove(r)
         self.running.append(r)
         return True
@@ -382,9 +384,9 @@ class DiffusionEngine:
         t0 = time.perf_counter()
         refresh = [r for r in chosen if r.step_in_block == 0]
         reuse = [r for r in chosen if r.step_in_block > 0]
-        tok, conf, touched = self._execute(refresh, reuse)
+        tok, conf, at, touched = self._execute(refresh, reuse)
         t1 = time.perf_counter()
-        self._apply(refresh + reuse, tok, conf, t1, outputs)
+        self._apply(refresh + reuse, tok, conf, at, t1, outputs)
         self.iterations.append({"start": t0, "end": t1, "refresh": len(refresh), "reuse": len(reuse),
                                 "tokens": sum(r.length for r in refresh) + len(reuse) * self.cfg.block_length,
                                 "experts_touched": touched})
@@ -416,8 +418,7 @@ class DiffusionEngine:
             return rows
         if refresh:  # each row keeps this share of its candidates (the canvas outside the block)
             keep = np.zeros(B, np.int32)
-            for i, r in enumerate(reqs):
-                keep[i] = math.ceil(self.cfg.sparse_retention * (r.length - bl))
+            keep[:len(reqs)] = [self._keep(r) for r in reqs]
             return rows._replace(keep=jnp.asarray(keep))
         K = pow2_bucket(max(r.selection[0].shape[-1] for r in reqs), 8)
         NL, KV = self.mcfg.n_layers, self.mcfg.n_kv_heads
@@ -427,26 +428,26 @@ class DiffusionEngine:
             pos[i, ..., :p.shape[-1]], ok[i, ..., :p.shape[-1]] = p, o
         return rows._replace(sel_pos=jnp.asarray(pos), sel_ok=jnp.asarray(ok))
 
-    def _sparse_k(self, refresh: list[_Req], rows: Rows | None) -> int:
-        """The selection width of a refresh part: its largest ``keep``, bucketed, at most the canvas bucket."""
-        if rows is None or rows.keep is None:
-            return 0
-        return min(pow2_bucket(max(int(np.max(np.asarray(rows.keep))), 1), 8), rows.tokens.shape[1])
+    def _keep(self, r: _Req) -> int:
+        """Positions each KV head keeps under sparse attention: the retention share of the canvas outside the
+        block."""
+        return math.ceil(self.cfg.sparse_retention * (r.length - self.cfg.block_length))
 
     def _execute(self, refresh: list[_Req], reuse: list[_Req]):
+        """Run one step of ``refresh`` and ``reuse``; returns the chosen tokens and confidences of the masked
+        positions, where each request's positions start in them (``[(offset, masked columns)]``) and the
+        experts touched per layer."""
         bl, mask = self.cfg.block_length, self.mcfg.mask_token_id
         ref_rows, reu_rows = self._rows(refresh, True), self._rows(reuse, False)
         n_ref = 0 if ref_rows is None else ref_rows.tokens.shape[0]
-        index, keys, steps, offs, temps = [], [], [], [], []
-        self._sel = []
+        index, keys, steps, offs, temps, at = [], [], [], [], [], []
         for i, r in enumerate(refresh + reuse):
             row = i if i < len(refresh) else n_ref + i - len(refresh)
             s, e = r.block_cols(bl)
             masked = np.flatnonzero(r.canvas[s:e] == mask)
-            key = np.asarray(jax.random.PRNGKey(r.params.seed), np.uint32)
-            self._sel.append((len(index), masked))
+            at.append((len(index), masked))
             index += list(row * bl + masked)
-            keys += [key] * len(masked)
+            keys += [r.key] * len(masked)
             steps += [r.nfe] * len(masked)
             offs += list(masked)
             temps += [r.params.temperature] * len(masked)
@@ -458,20 +459,24 @@ class DiffusionEngine:
                         jnp.asarray(np.asarray(offs + [0] * pad, np.int32)),
                         jnp.asarray(np.asarray(temps + [0.0] * pad, np.float32)))
         greedy = all(r.params.temperature == 0 for r in refresh + reuse)
+        sparse_k = 0  # the refresh part's selection width: its largest keep, bucketed, at most the canvas bucket
+        if ref_rows is not None and ref_rows.keep is not None:
+            sparse_k = min(pow2_bucket(max(max(self._keep(r) for r in refresh), 1), 8), ref_rows.tokens.shape[1])
         out = diffusion_step(self.gdef, self.state, self.pool, ref_rows, reu_rows, sel, self.layer_states,
                              block_size=self.cfg.block_size, block=bl, greedy=greedy,
                              logit_budget=self.cfg.logit_budget, head_rows=self.cfg.head_rows,
-                             sparse_k=self._sparse_k(refresh, ref_rows), window=self.cfg.sparse_window)
+                             sparse_k=sparse_k, window=self.cfg.sparse_window)
         self.pool = out.pool
         if out.selection is not None:  # the refresh rows' selections, kept for their block's reuse steps
             pos, ok = (np.asarray(a) for a in out.selection)
             for i, r in enumerate(refresh):
                 r.selection = (pos[i], ok[i])
-        return np.asarray(out.tokens), np.asarray(out.confidence), np.asarray(out.experts_touched).tolist()
+        return (np.asarray(out.tokens), np.asarray(out.confidence), at,
+                np.asarray(out.experts_touched).tolist())
 
-    def _apply(self, reqs: list[_Req], tok, conf, now: float, outputs) -> None:
+    def _apply(self, reqs: list[_Req], tok, conf, where, now: float, outputs) -> None:
         bl = self.cfg.block_length
-        for r, (at, masked) in zip(reqs, self._sel):
+        for r, (at, masked) in zip(reqs, where):
             s, _ = r.block_cols(bl)
             k = int(r.counts[r.step_in_block])
             if k and len(masked):

@@ -175,8 +175,12 @@ class KVPool(NamedTuple):
         return sum(a.size * a.dtype.itemsize for a in self.k + self.v)
 
 
+def block_bytes(n_layers: int, block_size: int, n_kv_heads: int, head_dim: int, dtype=jnp.float32) -> int:
+    """Bytes of one block's keys and values over all layers."""
+    return 2 * n_layers * block_size * n_kv_heads * head_dim * jnp.dtype(dtype).itemsize
+
+
 def blocks_for_budget(bytes_budget: int, n_layers: int, block_size: int, n_kv_heads: int, head_dim: int,
                       dtype=jnp.float32) -> int:
     """How many blocks fit in ``bytes_budget`` bytes of K+V over all layers."""
-    per_block = 2 * n_layers * block_size * n_kv_heads * head_dim * jnp.dtype(dtype).itemsize
-    return max(2, int(bytes_budget // per_block))
+    return max(2, int(bytes_budget // block_bytes(n_layers, block_size, n_kv_heads, head_dim, dtype)))
