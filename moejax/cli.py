@@ -418,7 +418,7 @@ def cmd_serve(args) -> int:
                         max_model_len=args.max_model_len, enable_prefix_cache=not args.no_prefix_cache,
                         decode_steps=args.decode_steps or (1 if args.speculative else 4),
                         speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens or 1,
-                        speculative_max_batch=args.speculative_max_batch)
+                        speculative_max_batch=args.speculative_max_batch, async_scheduling=args.async_scheduling)
     runner = None
     if offload is not None:
         from moejax.offload.runtime import OffloadRunner
@@ -466,7 +466,8 @@ def _serve_diffusion(args, model, tok) -> int:
     from moejax.serve.server import serve
 
     bad = [f for f, v in (("--speculative", args.speculative), ("--mesh", args.mesh),
-                          ("--decode-steps", args.decode_steps), ("--no-prefix-cache", args.no_prefix_cache))
+                          ("--decode-steps", args.decode_steps), ("--no-prefix-cache", args.no_prefix_cache),
+                          ("--async-scheduling", args.async_scheduling))
            if v]
     if args.scheduler != "chunked":
         bad.append("--scheduler")
@@ -525,6 +526,12 @@ def _check_serve(parser, args) -> None:
             parser.error("--speculative with --decode-steps > 1: choose one (both emit several tokens per step)")
         if args.scheduler != "chunked":
             parser.error("--speculative needs --scheduler chunked (the MTP heads draft from whole prompt chunks)")
+        if args.async_scheduling:
+            parser.error("--speculative with --async-scheduling: choose one (the next step depends on how many "
+                         "drafts were accepted)")
+    if args.async_scheduling and args.offload:
+        parser.error("--async-scheduling does not combine with --offload (the offloaded step moves experts on "
+                     "the host layer by layer)")
     if not args.offload:
         given = [_flag(d) for d in OFFLOAD_FLAGS if getattr(args, d) is not None]
         if given:
@@ -817,6 +824,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "and dispatch paid once per 4 tokens). Cost: streams receive tokens in groups of up to this many, a request that "
                         "arrives meanwhile waits for the group to end, and a request finishing inside a group costs "
                         "its row the rest of the group; 1 turns it off")
+    s.add_argument("--async-scheduling", action="store_true",
+                   help="schedule and pack the next iteration while the current one runs (NanoFlow / vLLM async "
+                        "scheduling): hides the host's per-iteration work behind the step; a stop token is seen "
+                        "one iteration late (that iteration's token for the request is discarded); outputs are "
+                        "unchanged")
     s.add_argument("--warmup", nargs="?", const="blocking", choices=WARMUP_MODES, default="background",
                    help="compile the engine's step shapes ahead of use. background (default): /health answers at "
                         "once and the shapes compile on a thread while serving (until then a request whose shape is "

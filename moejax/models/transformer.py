@@ -276,6 +276,58 @@ class Block(nnx.Module):
         xd, xp, stats = jax.lax.cond(active, with_prefill, decode_only, xd, pf.x, qp, kp, vp)
         return xd, xp, kp, vp, stats
 
+    def paged_layer_nano(self, kp, vp, li, dec: PagedPart | None, pf: PagedPart | None, active=None, *,
+                         nano: int, dec_spec: PagedSpec, pf_spec: PagedSpec | None = None):
+        """:meth:`paged_layer` as NanoFlow's nano-batched layer. Each part's rows are cut into ``nano``
+        nano-batches (contiguous row ranges) for the attention half, NanoFlow's template of 4 nano-operations
+        for KQV and decode attention: every nano-batch's Q/K/V, the new K/V written, then every nano-batch's
+        attention (reading the pool only); and into ``ceil(nano / 2)`` for the FFN half (the template's 2 for the
+        O projection and MLP / experts): one FFN (MoE) call each, over that range of every part's rows.
+        Operations of different nano-batches share no data but the pool, so a compiler or backend that runs
+        independent operations at once can overlap one nano-batch's memory-bound attention with another's
+        GEMMs. Results equal :meth:`paged_layer`'s up to the reassociation of smaller GEMMs, with dropless
+        dispatch (a capacity limit applies per MoE call). ``active`` (layered prefill's group mask) holds the
+        prefill rows back as :meth:`paged_layer` does, but they are computed in every layer and discarded where
+        it is false (no ``lax.cond``): use nano-batching with whole-model prefill. ``stats.touched`` counts expert
+        reads: an expert routed to from two FFN nano-batches is read twice (the re-reads nano-batching costs,
+        against the expert-traffic goal of layered prefill)."""
+        pf_spec = pf_spec or dec_spec
+        parts = []  # (part, spec, valid, the prefill part's pool slots)
+        if dec is not None:
+            parts.append((dec, dec_spec, dec.rows.valid, dec.rows.slots))
+        if pf is not None:
+            on = pf.rows.valid if active is None else pf.rows.valid & active
+            slots = pf.rows.slots if active is None else jnp.where(active, pf.rows.slots, kp.shape[1])
+            parts.append((pf, pf_spec, on, slots))
+        queries = []
+        for part, _, _, slots in parts:  # Q/K/V of every attention nano-batch; their new K/V into the pool
+            qs = []
+            for a, b in _row_cuts(part.x.shape[0], nano):
+                rows = jax.tree.map(lambda t, a=a, b=b: t[a:b], part.rows)
+                q, k, v = self.paged_qkv(part.x[a:b], rows)
+                kp, vp = write_kv(kp, vp, li, slots[a:b], k, v)  # past the pool: dropped (inactive prefill)
+                qs.append((a, b, rows, q))
+            queries.append(qs)
+        xs = [jnp.concatenate([self.paged_read(part.x[a:b], q, rows, kp, vp, li, spec) for a, b, rows, q in qs])
+              for (part, spec, _, _), qs in zip(parts, queries)]
+        cuts = [_row_cuts(part.x.shape[0], -(-nano // 2)) for part, *_ in parts]
+        outs, loads, reads, dropped = [[] for _ in parts], [], jnp.int32(0), jnp.int32(0)
+        for j in range(max(len(c) for c in cuts)):  # one FFN call per FFN nano-batch
+            grp = [(i, (x[a:b], valid[a:b], None if part.expert_ids is None else part.expert_ids[a:b]))
+                   for i, ((part, _, valid, _), x, c) in enumerate(zip(parts, xs, cuts)) if j < len(c)
+                   for a, b in [c[j]]]
+            ys, st = self.ffn_sublayer([g for _, g in grp])
+            for (i, _), y in zip(grp, ys):
+                outs[i].append(y)
+            loads.append(st.load)
+            reads, dropped = reads + st.touched, dropped + st.dropped
+        outs = [jnp.concatenate(o) for o in outs]
+        xd = outs[0] if dec is not None else None
+        xp = None
+        if pf is not None:
+            xp = outs[-1] if active is None else jnp.where(active, outs[-1], pf.x)
+        return xd, xp, kp, vp, LayerStats(reads, dropped, sum(loads))
+
 
 class MTPHead(nnx.Module):
     """One multi-token-prediction module (DeepSeek-V3): module ``k`` at position ``i`` combines module ``k - 1``'s
@@ -298,6 +350,12 @@ class MTPHead(nnx.Module):
         """The block's input from the previous hidden states ``h [..., D]`` and the token embeddings ``e``."""
         z = jnp.concatenate([self.h_norm(h), self.e_norm(e).astype(h.dtype)], axis=-1)
         return jnp.einsum("...d,de->...e", z, self.proj[...].astype(z.dtype))
+
+
+def _row_cuts(rows: int, n: int) -> list[tuple[int, int]]:
+    """``min(n, rows)`` contiguous row ranges of sizes differing by at most one."""
+    n = min(n, rows)
+    return [(i * rows // n, (i + 1) * rows // n) for i in range(n)]
 
 
 def add_residual(xs, f):

@@ -368,6 +368,7 @@ class PreGatedRunner(ModelRunner):
 
     supports_multi_step = False
     supports_speculative = False
+    supports_async = False  # the pre-gate routes from the tokens on the host
 
     def __init__(self, model, cfg, gate: PreGate):
         super().__init__(model, cfg)

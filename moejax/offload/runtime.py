@@ -212,6 +212,8 @@ class OffloadRunner(ModelRunner):
     pad_decode_with_prefill = False
     supports_multi_step = False
     supports_speculative = False
+    supports_async = False  # the step moves experts layer by layer on the host: nothing to overlap
+    supports_nano_batches = False  # its own layer-by-layer step
 
     def __init__(self, model, cfg, offload: OffloadConfig, *, pregate=None):
         if model.cfg.moe is None:

@@ -14,8 +14,10 @@ The engine is the loop between a scheduler and a runner (vLLM v1's split): each 
 :class:`~moejax.serve.scheduler.Scheduler` for a :class:`~moejax.serve.scheduler.Plan`, has the
 :class:`~moejax.serve.runner.ModelRunner` execute it (packing into fixed shape buckets, the jitted
 :func:`~moejax.serve.step.engine_step`, sampling on device), hands the sampled tokens back to the scheduler
-(:meth:`~moejax.serve.scheduler.Scheduler.update_from_output`: request state, finishing) and returns
-per-request deltas, recording metrics. The buckets: decode rows are rounded up to a power of two (to the full
+(:meth:`~moejax.serve.scheduler.Scheduler.advance` when the step is launched: the state changes that need no
+token value; :meth:`~moejax.serve.scheduler.Scheduler.resolve` when its tokens are back: stops, finishing) and
+returns per-request deltas, recording metrics. With ``EngineConfig.async_scheduling`` the tokens of iteration i
+are resolved after iteration i + 1 was scheduled and launched (its decode rows read i's tokens on the device). The buckets: decode rows are rounded up to a power of two (to the full
 batch next to a prefill), prefill rows to a power of two and prefill tokens to a power of two and then to
 multiples of ``prefill_token_step``; block tables always span ``max_model_len`` (attention loops over key
 blocks up to the longest row at run time) and the layer group is a run-time value, so the compiled programs do
@@ -45,12 +47,13 @@ from moejax.serve.metrics import (
     RequestMetrics,
     summarize,
 )
-from moejax.serve.runner import ModelRunner, StepResult
+from moejax.serve.runner import Launched, ModelRunner, StepResult
 from moejax.serve.scheduler import (
     Emitted,
     Plan,
     Request,
     SchedulerConfig,
+    Slot,
     make_scheduler,
 )
 from moejax.serve.step import TOP_LOGPROBS
@@ -139,6 +142,20 @@ class EngineConfig:
       speculative_max_batch: run plain iterations while more than this many requests decode (verifying drafts
         costs compute a large batch no longer has to spare; vLLM's ``speculative_disable_by_batch_size``);
         ``None``: always speculate.
+      nano_batches: NanoFlow's nano-batching: every layer of a step splits its rows into this many
+        nano-batches for the attention half and half as many (rounded up) for the FFN half
+        (:meth:`~moejax.models.transformer.Block.paged_layer_nano`), so that operations of different
+        nano-batches can overlap where the backend runs independent operations at once (GPU streams; the
+        collectives of expert parallelism). Same tokens as 1 (the default, off); each FFN nano-batch reads the
+        experts its tokens route to, so expert weight traffic grows. Needs ``scheduler="chunked"`` and no
+        speculative decoding.
+      async_scheduling: schedule and pack iteration ``i + 1`` while the device runs iteration ``i`` (NanoFlow's
+        asynchronous scheduling, vLLM's ``async_scheduling``): a step's decode rows read the previous step's
+        tokens on the device, and its results come back during the next :meth:`Engine.step` call. A stop token
+        is therefore seen one iteration late (the request's token from that next iteration is discarded);
+        outputs are the same as without it, each arriving one :meth:`Engine.step` call later. Works with
+        single- and multi-step decoding; not with speculative decoding, nor with runners that need the tokens
+        on the host (offloaded experts, the pre-gating router).
     """
 
     scheduler: str = "chunked"
@@ -159,6 +176,8 @@ class EngineConfig:
     speculative: str | None = None
     num_speculative_tokens: int = 1
     speculative_max_batch: int | None = None
+    nano_batches: int = 1
+    async_scheduling: bool = False
 
 
 def token_ids(prompt: Sequence[int], vocab_size: int) -> list[int]:
@@ -210,6 +229,16 @@ class Completion:
     logits: np.ndarray | None = None     # [n_tokens, V] with EngineConfig.record_logits
 
 
+@dataclass
+class _InFlight:
+    """A step handed to the device whose tokens are not back yet."""
+
+    plan: Plan
+    slots: list[Slot]
+    launched: Launched
+    t0: float
+
+
 class _Entry:
     __slots__ = ("callback", "logits", "logprobs", "metrics", "req", "tops")
 
@@ -230,6 +259,12 @@ class Engine:
                  model_name: str = "moejax"):
         if runner is None:
             runner = ModelRunner(model, cfg or EngineConfig())
+        if runner.cfg.async_scheduling and not runner.supports_async:
+            raise ValueError(f"EngineConfig.async_scheduling=True: {type(runner).__name__} does not run "
+                             f"asynchronously (its step needs the tokens on the host); use the default False")
+        if runner.cfg.nano_batches > 1 and not runner.supports_nano_batches:
+            raise ValueError(f"EngineConfig.nano_batches={runner.cfg.nano_batches}: {type(runner).__name__} does "
+                             f"not run nano-batched steps; use the default 1")
         if runner.cfg.speculative is not None and not runner.supports_speculative:
             raise ValueError(f"EngineConfig.speculative={runner.cfg.speculative!r}: {type(runner).__name__} does "
                              f"not run speculative steps (the in-memory ModelRunner does)")
@@ -252,6 +287,7 @@ class Engine:
         self._ids = itertools.count()
         self._rng = np.random.default_rng(0)
         self._warmup = None  # (future, shapes) of a background warm-up
+        self._inflight: _InFlight | None = None  # asynchronous scheduling: the step the device is running
 
     # ----------------------------------------------------------------------------------------- requests
     def validate_prompt(self, prompt: Sequence[int]) -> list[int]:
@@ -300,7 +336,7 @@ class Engine:
                     self._finalize(e, outputs)
 
     def has_unfinished(self) -> bool:
-        return bool(self.entries) or not self._inbox.empty()
+        return bool(self.entries) or not self._inbox.empty() or self._inflight is not None
 
     @property
     def num_running(self) -> int:
@@ -334,25 +370,51 @@ class Engine:
             e.callback(out)
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns the outputs it produced (possibly none)."""
+        """Run one iteration; returns the outputs it produced (possibly none). With
+        ``EngineConfig.async_scheduling`` the outputs are those of the previous iteration, whose results came
+        back while this one was scheduled and handed to the device."""
         outputs: list[RequestOutput] = []
         self._drain_inbox(outputs)
         t0 = time.perf_counter()
         plan = self.scheduler.schedule(t0)
         if plan.empty:
+            self._land_inflight(outputs)
             return outputs
         if self._speculate(plan):  # (reserves the rows' blocks first: the tables are packed next)
             return self._step_speculative(plan, t0, outputs)
         steps = self._decode_steps(plan)  # (likewise)
-        if steps > 1:
-            return self._step_multi(plan, steps, t0, outputs)
-        res = self.runner.execute(plan)
+        launched = self.runner.dispatch(plan, steps)
+        slots = self.scheduler.advance(plan, [steps] * len(plan.decode))
+        for s in slots:  # where the next step finds the tokens this one samples
+            if not s.abort:
+                s.request.source = self.runner.source(launched, s.part, s.row)
+        flight = _InFlight(plan, slots, launched, t0)
+        if self.cfg.async_scheduling:
+            self._land_inflight(outputs)  # the previous step's results, while this one runs
+            self._inflight = flight
+        else:
+            self._land(flight, outputs)
+        return outputs
+
+    def _land_inflight(self, outputs: list[RequestOutput]) -> None:
+        if self._inflight is not None:
+            flight, self._inflight = self._inflight, None
+            self._land(flight, outputs)
+
+    def _land(self, f: _InFlight, outputs: list[RequestOutput]) -> None:
+        """Bring a dispatched step's results back, resolve its tokens and report them."""
+        plan, steps = f.plan, f.launched.steps
+        res = self.runner.fetch(f.launched)
         t1 = time.perf_counter()
-        emitted = self.scheduler.update_from_output(plan, [[t] for t in res.dec_next[:len(plan.decode)]],
-                                                    res.pf_next[:len(plan.prefill)])
+        n = len(plan.decode)
+        dec = [res.dec_next[:, i] for i in range(n)] if steps > 1 else [res.dec_next[i:i + 1] for i in range(n)]
+        emitted = self.scheduler.resolve(f.slots, dec, () if res.pf_next is None else res.pf_next)
+        if steps > 1:
+            self._record_multi(plan, steps, emitted, res, f.t0, t1, outputs)
+            return
         for em in emitted:
             self._record_token(em, res, t1, outputs)
-        it = IterationStats(t0, t1, len(plan.decode), sum(c.length for c in plan.prefill), tuple(plan.group),
+        it = IterationStats(f.t0, t1, n, sum(c.length for c in plan.prefill), tuple(plan.group),
                             [int(x) for x in res.experts_touched],
                             int(res.experts_touched.sum()) * self.runner.expert_bytes, len(plan.preempted),
                             sum(em.num_tokens for em in emitted if em.part == "decode"),
@@ -360,7 +422,6 @@ class Engine:
                             sum(c.length * c.start + c.length * (c.length + 1) // 2 for c in plan.prefill),
                             dropped=0 if res.dropped is None else int(res.dropped.sum()))
         self._record(it)
-        return outputs
 
     def _record_token(self, em: Emitted, res: StepResult, now: float, outputs, group: dict | None = None):
         """Metrics, logprobs and the output of one token the scheduler appended (or of an in-flight abort)."""
@@ -411,14 +472,10 @@ class Engine:
         # positions num_tokens - 1 .. num_tokens + k - 2 get K/V written (blocks left over are used later)
         return k if all(sched.reserve(r, r.num_tokens + k - 1) for r in plan.decode) else 1
 
-    def _step_multi(self, plan: Plan, k: int, t0: float, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        """Run ``k`` decode iterations in one call (:meth:`ModelRunner.execute_decode_steps`) and hand out their
-        tokens in order, one output per request (a request that finishes inside the group drops its later
-        tokens)."""
-        res = self.runner.execute_decode_steps(plan, k)
-        t1 = time.perf_counter()
-        n = len(plan.decode)
-        emitted = self.scheduler.update_from_output(plan, [list(res.dec_next[:, i]) for i in range(n)], [])
+    def _record_multi(self, plan: Plan, k: int, emitted: list[Emitted], res: StepResult, t0: float, t1: float,
+                      outputs: list[RequestOutput]) -> None:
+        """Hand out the tokens of ``k`` decode iterations run in one call (multi-step decoding) in order, one
+        output per request (a request that finishes inside the group drops its later tokens)."""
         group: dict = {}
         for em in emitted:
             self._record_token(em, res, t1, outputs, group)
@@ -432,7 +489,6 @@ class Engine:
                                         dropped=0 if res.dropped is None else int(res.dropped[j].sum())))
         for e, outs in group.values():  # one output per request and call: the tokens it produced, in order
             self._emit(e, merge_outputs(outs), outputs)
-        return outputs
 
     def _speculate(self, plan: Plan) -> bool:
         """Whether this iteration is a speculative step: speculation is configured, at most

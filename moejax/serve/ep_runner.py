@@ -101,6 +101,7 @@ class ExpertParallelRunner(ModelRunner):
 
     supports_multi_step = False
     supports_speculative = False
+    supports_nano_batches = False  # its step inside shard_map takes no nano_batches (yet)
 
     def __init__(self, model, cfg, mesh="expert=8", *, capacity_factor: float = 0.0, a2a: str = "fixed",
                  devices=None, eplb: EPLBConfig | None = None):
@@ -218,8 +219,8 @@ class ExpertParallelRunner(ModelRunner):
         self.rebalances.append(rec)
         return rec
 
-    def execute(self, plan):
-        res = super().execute(plan)
+    def fetch(self, launched):
+        res = super().fetch(launched)
         if self.tracker is not None and res.expert_load is not None:
             self.tracker.update(res.expert_load[self.moe_rows])
             if self.tracker.due():

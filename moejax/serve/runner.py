@@ -79,6 +79,23 @@ class StepResult(NamedTuple):
     pf_drafts: np.ndarray | None = None  # speculative step: [Bp, K] drafts after each completed prompt
 
 
+class Launched(NamedTuple):
+    """A step handed to the device and not yet brought back (:meth:`ModelRunner.dispatch`): its device outputs,
+    ``steps`` (> 1: a multi-step decode call) and the decode-row bucket (the prefill rows' tokens follow the
+    decode rows' in :attr:`ModelRunner.last_tokens`)."""
+
+    out: object
+    steps: int
+    dec_rows: int
+
+
+@jax.jit
+def _fill_tokens(last, source, tokens):
+    """Decode-row tokens whose values are still on the device (``source >= 0``: an index into the previous
+    step's sampled tokens) filled in on the device."""
+    return jnp.where(source >= 0, last[jnp.maximum(source, 0)], tokens).astype(tokens.dtype)
+
+
 class ModelRunner:
     """Runs plans on a :class:`~moejax.models.transformer.Transformer` held in memory.
 
@@ -92,6 +109,11 @@ class ModelRunner:
     supports_multi_step = True
     #: speculative steps (``EngineConfig.speculative``, :mod:`moejax.serve.speculative`) are available
     supports_speculative = True
+    #: asynchronous scheduling (``EngineConfig.async_scheduling``): a step can be packed while the previous one
+    #: runs, its decode rows' last tokens read on the device (a runner that needs them on the host cannot)
+    supports_async = True
+    #: nano-batched steps (``EngineConfig.nano_batches``, NanoFlow) are available
+    supports_nano_batches = True
 
     def __init__(self, model, cfg):
         mcfg = model.cfg
@@ -121,6 +143,9 @@ class ModelRunner:
         self._zeros = None
         self._score_lock = threading.Lock()
         self._score_jit = None
+        #: the last dispatched step's sampled tokens on the device (decode rows, then prefill rows; the last
+        #: iteration of a multi-step call): where the next step reads tokens the host does not know yet
+        self.last_tokens = None
 
     def _layer_states(self, model):
         """Per-layer weight copies for the ``unroll`` layer loop (None: scan the stacked weights)."""
@@ -196,13 +221,47 @@ class ModelRunner:
     # ----------------------------------------------------------------------------------------- executing
     def execute(self, plan: Plan) -> StepResult:
         """Run one iteration of ``plan`` and bring its sampled tokens to the host."""
+        return self.fetch(self.dispatch(plan))
+
+    def dispatch(self, plan: Plan, steps: int = 1) -> Launched:
+        """Pack ``plan`` and hand its step to the device without waiting for it (``steps`` > 1: a multi-step
+        decode call of a decode-only plan whose rows' blocks already cover it). A decode row whose last token
+        is still pending (``Request.pending``) reads it from the previous step's outputs on the device
+        (``Request.source``)."""
         dec, pf = self.pack(plan)
+        if dec is not None and any(r.pending for r in plan.decode):
+            src = np.full(dec.tokens.shape[0], -1, np.int32)
+            src[:len(plan.decode)] = [r.source if r.pending else -1 for r in plan.decode]
+            dec = dec._replace(tokens=_fill_tokens(self.last_tokens, src, dec.tokens))
+        if steps > 1:
+            self.compiled_shapes.add(self.shape_key(dec, None, steps))
+            o = engine_decode_steps(self.gdef, self.state, self.pool, dec, self.layer_states,
+                                    **self._multi_kw(steps))
+            self.pool, self.last_tokens = o.pool, o.tokens[-1]
+            return Launched(o, steps, dec.tokens.shape[0])
         hidden = self._pf_hidden if plan.use_hidden else None
         self.compiled_shapes.add(self.shape_key(dec, pf))
         dec_ids, pf_ids = self.expert_ids(plan, dec, pf)
         o = self.run_step(dec, pf, hidden, plan.group, plan.use_hidden, dec_ids, pf_ids)
         self.pool = o.pool
         self._pf_hidden = o.pf_hidden if (plan.prefill and not plan.prefill[0].last) else None
+        parts = [x for x in (o.dec_next if dec is not None else None, o.pf_next if pf is not None else None)
+                 if x is not None]
+        self.last_tokens = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        return Launched(o, 1, 0 if dec is None else dec.tokens.shape[0])
+
+    @staticmethod
+    def source(launched: Launched, part: str, row: int) -> int:
+        """Index of a row's sampled token in :attr:`last_tokens` after ``launched``."""
+        return row if part == "decode" else launched.dec_rows + row
+
+    def fetch(self, launched: Launched) -> StepResult:
+        """Wait for a dispatched step and bring its results to the host."""
+        o = launched.out
+        if launched.steps > 1:
+            toks, lps, top, touched, logits, dropped, load = jax.device_get(
+                (o.tokens, o.logprob, o.top, o.experts_touched, o.logits, o.dropped, o.expert_load))
+            return StepResult(toks, lps, top, None, None, None, touched, logits, None, dropped, load)
         host = jax.device_get((o.dec_next, o.dec_logprob, o.dec_top, o.pf_next, o.pf_logprob, o.pf_top,
                                o.experts_touched, o.dec_logits, o.pf_logits, o.dropped, o.expert_load))
         return StepResult(*host)
@@ -221,14 +280,7 @@ class ModelRunner:
     def execute_decode_steps(self, plan: Plan, steps: int) -> StepResult:
         """``steps`` decode iterations of a decode-only plan in one call (multi-step decoding); the rows'
         blocks must already cover them. Fields carry a leading iteration axis."""
-        dec, _ = self.pack(plan)
-        self.compiled_shapes.add(self.shape_key(dec, None, steps))
-        o = engine_decode_steps(self.gdef, self.state, self.pool, dec, self.layer_states,
-                                **self._multi_kw(steps))
-        self.pool = o.pool
-        toks, lps, top, touched, logits, dropped, load = jax.device_get(
-            (o.tokens, o.logprob, o.top, o.experts_touched, o.logits, o.dropped, o.expert_load))
-        return StepResult(toks, lps, top, None, None, None, touched, logits, None, dropped, load)
+        return self.fetch(self.dispatch(plan, steps))
 
     def pack_speculative(self, plan: Plan, k: int) -> tuple[DecodeBatch | None, PrefillBatch | None, SpecPrefill]:
         """The plan packed for a speculative step of ``k`` drafts: each decode row holds its last token and its
@@ -270,8 +322,13 @@ class ModelRunner:
         return {"block_size": self.cfg.block_size, "return_logits": self.cfg.record_logits,
                 "attn_impl": self.cfg.attn_impl, "kv_block": self.cfg.kv_block}
 
+    def _nano_kw(self) -> dict:
+        """``nano_batches`` for the engine steps (only when on: runners whose step does not take it stay
+        untouched)."""
+        return {"nano_batches": self.cfg.nano_batches} if self.cfg.nano_batches > 1 else {}
+
     def _multi_kw(self, k: int) -> dict:
-        return {**self._static_kw(), "steps": k}
+        return {**self._static_kw(), **self._nano_kw(), "steps": k}
 
     def _zero_hidden(self, shape) -> jax.Array:
         if self._zeros is None or self._zeros.shape[:2] != tuple(shape):
@@ -283,7 +340,7 @@ class ModelRunner:
         if pf is not None and hidden is None:
             hidden = self._zero_hidden(pf.tokens.shape)  # the layer group and use_hidden are run-time values
         g = np.asarray((group[0], group[1], int(bool(use_hidden))), np.int32)
-        kw = {**self._static_kw(), "prefill_kv_block": self.prefill_kv_block}
+        kw = {**self._static_kw(), **self._nano_kw(), "prefill_kv_block": self.prefill_kv_block}
         return (self.gdef, self.state, self.pool, dec, pf, hidden, g, dec_ids, pf_ids, self.layer_states), kw
 
     # ----------------------------------------------------------------------------------------- warm-up
@@ -461,4 +518,19 @@ def _validate(cfg, mcfg, max_model_len: int) -> int:
         mb = cfg.speculative_max_batch
         if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
             raise ValueError(f"EngineConfig.speculative_max_batch={mb!r} must be None or an integer >= 1")
+    n = cfg.nano_batches
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16:
+        raise ValueError(f"EngineConfig.nano_batches={n!r} must be an integer in [1, 16] (1: off)")
+    if n > 1 and cfg.scheduler != "chunked":
+        raise ValueError(f"EngineConfig.nano_batches={n} needs scheduler='chunked' (got {cfg.scheduler!r}): a "
+                         f"nano-batched layer computes the prefill rows in every layer, discarding layered "
+                         f"prefill's masked ones")
+    if n > 1 and cfg.speculative is not None:
+        raise ValueError(f"EngineConfig.nano_batches={n} with speculative={cfg.speculative!r}: the speculative "
+                         f"step is not nano-batched; choose one")
+    if not isinstance(cfg.async_scheduling, bool):
+        raise TypeError(f"EngineConfig.async_scheduling={cfg.async_scheduling!r} must be True or False")
+    if cfg.async_scheduling and cfg.speculative is not None:
+        raise ValueError(f"EngineConfig.async_scheduling=True with speculative={cfg.speculative!r}: the next "
+                         f"step depends on how many drafts were accepted; choose one")
     return pkb

@@ -57,10 +57,18 @@ class Request:
     aborted: bool = False
     draft: tuple[int, ...] = ()         # speculative decoding: drafts for the tokens after the last one
     draft_at: int = -1                  # num_tokens when they were drafted (stale once it changes)
+    pending: int = 0                    # trailing outputs still on the device (PENDING in ``output``)
+    source: int = -1                    # where the last pending token is in the step's device outputs
+    closing: bool = False               # reached its length: no further iteration, finishes on resolve
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
+
+    @property
+    def resolved_tokens(self) -> int:
+        """Prompt and output tokens whose values are known on the host."""
+        return self.num_tokens - self.pending
 
     @property
     def last_token(self) -> int:
@@ -140,6 +148,24 @@ class SchedulerConfig:
         return self
 
 
+#: the value of an output token sampled by a step whose result is not back yet (asynchronous scheduling)
+PENDING = -1
+
+
+@dataclass
+class Slot:
+    """An output position :meth:`Scheduler.advance` reserved for a token a step samples: decode row ``row`` of
+    iteration ``step`` (``"decode"``) or prefill row ``row`` (``"prefill"``); ``at`` is its index in the
+    request's output; ``abort``: no token, the request was aborted in flight."""
+
+    request: Request
+    part: str
+    row: int
+    step: int = 0
+    at: int = -1
+    abort: bool = False
+
+
 @dataclass
 class Emitted:
     """A token :meth:`Scheduler.update_from_output` appended to a request: from decode row ``row`` (``"decode"``)
@@ -171,6 +197,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.prefilling: list[Request] = []
         self.running: list[Request] = []
+        self.closing: list[Request] = []    # reached their length; their last tokens are still on the device
 
     # ----------------------------------------------------------------------------------------- queue
     def add(self, req: Request) -> None:
@@ -178,7 +205,7 @@ class Scheduler:
 
     def remove(self, req: Request) -> None:
         """Take a request out of every queue and free its blocks (finish or abort)."""
-        for q in (self.waiting, self.prefilling, self.running):
+        for q in (self.waiting, self.prefilling, self.running, self.closing):
             if req in q:
                 q.remove(req)
         self._free(req)
@@ -186,6 +213,9 @@ class Scheduler:
     def finish(self, req: Request, reason: str) -> None:
         """End a request (``reason``: ``"stop"``, ``"length"`` or ``"abort"``): out of every queue, blocks freed."""
         self.remove(req)
+        if req.pending:  # tokens of steps still in flight (aborted meanwhile): never reported
+            del req.output[len(req.output) - req.pending:]
+            req.pending = 0
         req.status, req.finish_reason = Status.FINISHED, reason
 
     def abort(self, req: Request) -> bool:
@@ -195,7 +225,7 @@ class Scheduler:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
+        return bool(self.waiting or self.prefilling or self.running or self.closing)
 
     @property
     def num_active(self) -> int:
@@ -223,7 +253,10 @@ class Scheduler:
         return True
 
     def _admit(self, req: Request) -> bool:
-        """Move a waiting request to PREFILL, reusing cached prefix blocks. False if it does not fit."""
+        """Move a waiting request to PREFILL, reusing cached prefix blocks. False if it does not fit, or if it
+        was preempted with a token still on the device (it is admitted once that token is back)."""
+        if req.pending:
+            return False
         toks = req.tokens
         # always leave >= 1 token to compute; no hashing without a prefix cache
         hashes = prefix_hashes(toks[:-1], self.bs) if self.alloc.enable_prefix_cache else []
@@ -268,7 +301,7 @@ class Scheduler:
         """Add the request's newly completed blocks to the prefix cache (nothing to do without one)."""
         if not self.alloc.enable_prefix_cache:
             return
-        full = min(req.num_computed, req.num_tokens) // self.bs
+        full = min(req.num_computed, req.resolved_tokens) // self.bs
         if full <= len(req.hashes):
             return
         toks = req.tokens
@@ -289,23 +322,31 @@ class Scheduler:
     def update_from_output(self, plan: Plan, dec_tokens: Sequence[Sequence[int]],
                            pf_tokens: Sequence[int]) -> list[Emitted]:
         """Apply an executed plan: ``dec_tokens[i]`` are the tokens decode row ``i`` sampled (one per iteration
-        of the call, in order; several with multi-step decoding), ``pf_tokens[i]`` the token sampled after
-        prefill row ``i`` (used only for a chunk that completes its prompt).
+        of the call, in order; several with multi-step decoding or speculative steps), ``pf_tokens[i]`` the
+        token sampled after prefill row ``i`` (used only for a chunk that completes its prompt):
+        :meth:`advance` then :meth:`resolve`.
 
-        Decode rows: each token is appended while the request runs (a request that finishes inside a
-        multi-step group drops its later tokens). Prefill rows: the cached-token count advances once the rows
-        passed the last layer; a completed prompt moves to running and appends its first token, or finishes as
-        ``"abort"`` if it was aborted in flight. A token that is a stop id, reaches ``max_tokens`` or fills the
-        context finishes its request (blocks freed). Then full blocks are registered in the prefix cache.
         Returns every appended token in order (iteration-major, decode rows before prefill rows) and the
         in-flight aborts, as :class:`Emitted` (an abort has ``token=-1``)."""
-        out: list[Emitted] = []
-        for j in range(max((len(t) for t in dec_tokens), default=0)):
+        return self.resolve(self.advance(plan, [len(t) for t in dec_tokens[:len(plan.decode)]]), dec_tokens,
+                            pf_tokens)
+
+    def advance(self, plan: Plan, dec_counts: Sequence[int]) -> list[Slot]:
+        """The state transitions of a plan that need no sampled value, made when its step is launched; the
+        tokens come later (:meth:`resolve`). Decode row ``i`` reserves ``dec_counts[i]`` output positions (fewer
+        if the request reaches its length first: it then closes, leaving the running queue, and finishes on
+        resolve); prefill rows advance the cached-token count once they passed the last layer, and a completed
+        prompt moves to running and reserves its first token, or, aborted in flight, finishes as ``"abort"``.
+        The positions hold :data:`PENDING` until resolved, and the next plan may already include the request
+        (its last token is then read on the device). Returns the reserved positions in order (iteration-major,
+        decode rows before prefill rows)."""
+        slots: list[Slot] = []
+        for j in range(max(dec_counts, default=0)):
             for i, req in enumerate(plan.decode):
-                if req.status == Status.FINISHED or j >= len(dec_tokens[i]):
+                if req.status == Status.FINISHED or req.closing or j >= dec_counts[i]:
                     continue
                 req.num_computed = req.num_tokens
-                out.append(self._append(req, int(dec_tokens[i][j]), "decode", i, j))
+                slots.append(self._reserve_output(req, "decode", i, j))
         L = self.n_layers
         for i, c in enumerate(plan.prefill):
             req = c.request
@@ -315,29 +356,57 @@ class Scheduler:
                 continue
             if req.aborted:
                 self.finish(req, "abort")
-                out.append(Emitted(req, -1, "prefill", i, 0, "abort"))
+                slots.append(Slot(req, "prefill", i, abort=True))
                 continue
             self.prefilling.remove(req)
             self.running.append(req)
             req.status = Status.RUNNING
-            out.append(self._append(req, int(pf_tokens[i]), "prefill", i, 0))
+            slots.append(self._reserve_output(req, "prefill", i, 0))
+        self.on_step_done(plan)
+        return slots
+
+    def _reserve_output(self, req: Request, part: str, row: int, step: int) -> Slot:
+        req.output.append(PENDING)
+        req.pending += 1
+        if len(req.output) >= req.params.max_tokens or (
+                self.max_model_len is not None and req.num_tokens >= self.max_model_len):
+            req.closing = True
+            if req in self.running:
+                self.running.remove(req)
+                self.closing.append(req)
+        return Slot(req, part, row, step, len(req.output) - 1)
+
+    def resolve(self, slots: Sequence[Slot], dec_tokens: Sequence[Sequence[int]],
+                pf_tokens: Sequence[int]) -> list[Emitted]:
+        """Fill the positions :meth:`advance` reserved with the sampled tokens, in order. A token that is a stop
+        id finishes its request (its later positions, already handed to a following step, are dropped: that
+        step's token for it is discarded); the last position of a closing request finishes it as
+        ``"length"``; a request finished meanwhile (aborted) is skipped. Then full blocks of known tokens are
+        registered in the prefix cache. Returns the tokens and in-flight aborts as :class:`Emitted`."""
+        out: list[Emitted] = []
+        for s in slots:
+            req = s.request
+            if s.abort:
+                out.append(Emitted(req, -1, "prefill", s.row, 0, "abort"))
+                continue
+            if req.status == Status.FINISHED:
+                continue
+            tok = int(dec_tokens[s.row][s.step]) if s.part == "decode" else int(pf_tokens[s.row])
+            req.output[s.at] = tok
+            req.pending -= 1
+            reason = None
+            if tok in req.params.stop_token_ids:
+                reason = "stop"
+                del req.output[s.at + 1:]
+                req.pending = 0
+            elif req.closing and s.at == len(req.output) - 1:
+                reason = "length"
+            if reason is not None:
+                self.finish(req, reason)
+            out.append(Emitted(req, tok, s.part, s.row, s.step, reason, len(req.prompt) + s.at + 1))
         for req in list(self.running) + list(self.prefilling):
             self.register_full_blocks(req)
-        self.on_step_done(plan)
         return out
-
-    def _append(self, req: Request, tok: int, part: str, row: int, step: int) -> Emitted:
-        """Append a sampled token; finish the request if it stops or reaches its length."""
-        req.output.append(tok)
-        reason = None
-        if tok in req.params.stop_token_ids:
-            reason = "stop"
-        elif len(req.output) >= req.params.max_tokens or (
-                self.max_model_len is not None and req.num_tokens >= self.max_model_len):
-            reason = "length"
-        if reason is not None:
-            self.finish(req, reason)
-        return Emitted(req, tok, part, row, step, reason, req.num_tokens)
 
     def on_step_done(self, plan: Plan) -> None:
         """Called after the step ran: state transitions that depend on the plan."""

@@ -136,7 +136,7 @@ def attention_specs(block_size: int, attn_impl: str, kv_block: int | None, prefi
 def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: PrefillBatch | None, pf_hidden, group,
                  dec_ids=None, pf_ids=None, layer_states=None, *, block_size: int, return_logits: bool = False,
                  attn_impl: str = "xla", kv_block: int | None = None,
-                 prefill_kv_block: int | None = None) -> StepOutput:
+                 prefill_kv_block: int | None = None, nano_batches: int = 1) -> StepOutput:
     """One engine iteration (see the module docstring). ``dec``/``pf`` may be None (empty part).
 
     ``group`` is ``int32 [3]`` = ``(lo, hi, use_hidden)``: the prefill rows pass through layers ``[lo, hi)``
@@ -146,7 +146,8 @@ def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: Prefill
     XLA attention loop (see :func:`moejax.nn.attention.paged_attention`); ``prefill_kv_block``: the same for the prefill rows.
     ``layer_states`` (:func:`moejax.models.transformer.unstack_layers`): apply the layers one by one on their
     own weight buffers instead of scanning the stacked weights (no per-layer weight copy on CPU; the group
-    mask is then tested per layer the same way).
+    mask is then tested per layer the same way). ``nano_batches`` > 1: every layer nano-batched
+    (:meth:`~moejax.models.transformer.Block.paged_layer_nano`, NanoFlow).
     """
     model = nnx.merge(gdef, state)
     lo, hi = group[0], group[1]
@@ -156,13 +157,13 @@ def _engine_step(gdef, state, pool: KVPool, dec: DecodeBatch | None, pf: Prefill
                                 dec_ids=dec_ids, pf_ids=pf_ids)
     dspec, pspec = attention_specs(block_size, attn_impl, kv_block, prefill_kv_block,
                                    pf.tokens.shape[1] if has_p else None)
-    xd, xp, pool, stats = run_layers(model, pool, dpart, ppart, lo, hi, layer_states, dspec, pspec)
+    xd, xp, pool, stats = run_layers(model, pool, dpart, ppart, lo, hi, layer_states, dspec, pspec, nano_batches)
     o = finish_step(model, xd, xp, dec, pf, stats.touched, pool, return_logits)
     return o._replace(dropped=stats.dropped, expert_load=stats.load)
 
 
 def run_layers(model, pool: KVPool, dpart: PagedPart | None, ppart: PagedPart | None, lo, hi, layer_states,
-               dspec: PagedSpec, pspec: PagedSpec):
+               dspec: PagedSpec, pspec: PagedSpec, nano: int = 1):
     """The model's layers over a step's decode part and prefill part (either may be None), the prefill rows
     passing layers ``[lo, hi)`` only (:meth:`~moejax.models.transformer.Block.paged_layer`). Returns ``(xd, xp,
     pool, stats)``: both parts' hidden states after the last layer (``jnp.zeros((0,))`` for an absent part), the
@@ -183,7 +184,12 @@ def run_layers(model, pool: KVPool, dpart: PagedPart | None, ppart: PagedPart | 
             d = dpart._replace(x=xd_) if has_d else None
             p = ppart._replace(x=xp_) if has_p else None
             active = ((first + li >= lo) & (first + li < hi)) if has_p else None
-            xd_new, xp_new, kp, vp, cnt = blk.paged_layer(kp, vp, li, d, p, active, dec_spec=dspec, pf_spec=pspec)
+            if nano > 1:
+                xd_new, xp_new, kp, vp, cnt = blk.paged_layer_nano(kp, vp, li, d, p, active, nano=nano,
+                                                                   dec_spec=dspec, pf_spec=pspec)
+            else:
+                xd_new, xp_new, kp, vp, cnt = blk.paged_layer(kp, vp, li, d, p, active, dec_spec=dspec,
+                                                              pf_spec=pspec)
             return (xd_new if has_d else xd_, xp_new if has_p else xp_, kp, vp), cnt
 
         carry = (xd, xp, ks[r], vs[r])
@@ -202,7 +208,8 @@ def run_layers(model, pool: KVPool, dpart: PagedPart | None, ppart: PagedPart | 
 
 
 _STATIC = ("gdef", "block_size", "return_logits", "attn_impl", "kv_block")
-engine_step = jax.jit(_engine_step, static_argnames=(*_STATIC, "prefill_kv_block"), donate_argnames=("pool",))
+engine_step = jax.jit(_engine_step, static_argnames=(*_STATIC, "prefill_kv_block", "nano_batches"),
+                      donate_argnames=("pool",))
 engine_step.__doc__ = _engine_step.__doc__
 
 
@@ -219,10 +226,10 @@ class MultiStepOutput(NamedTuple):
     expert_load: jax.Array | None = None  # [steps, n_layers, E]
 
 
-@partial(jax.jit, static_argnames=(*_STATIC, "steps"), donate_argnames=("pool",))
+@partial(jax.jit, static_argnames=(*_STATIC, "steps", "nano_batches"), donate_argnames=("pool",))
 def engine_decode_steps(gdef, state, pool: KVPool, dec: DecodeBatch, layer_states=None, *, steps: int,
                         block_size: int, return_logits: bool = False, attn_impl: str = "xla",
-                        kv_block: int | None = None) -> MultiStepOutput:
+                        kv_block: int | None = None, nano_batches: int = 1) -> MultiStepOutput:
     """``steps`` decode iterations in one call (multi-step scheduling): iteration ``j`` feeds back the tokens
     iteration ``j - 1`` sampled, at positions ``dec.pos + j``, with sampling keys ``dec.keys + (0, j)`` (the
     key a single step would use for that output index), so it computes exactly what ``steps`` calls of
@@ -234,7 +241,8 @@ def engine_decode_steps(gdef, state, pool: KVPool, dec: DecodeBatch, layer_state
     L, V, Bd = mcfg.n_layers, mcfg.vocab_size, dec.tokens.shape[0]
     E = model.stacks[0].load_size
     group = jnp.asarray([0, L, 0], jnp.int32)
-    kw = {"block_size": block_size, "return_logits": return_logits, "attn_impl": attn_impl, "kv_block": kv_block}
+    kw = {"block_size": block_size, "return_logits": return_logits, "attn_impl": attn_impl, "kv_block": kv_block,
+          "nano_batches": nano_batches}
 
     def body(j, carry):
         tok, pool, toks, lps, tids, tlps, touched, dropped, load, logits = carry
