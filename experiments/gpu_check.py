@@ -1069,6 +1069,79 @@ def dllm(ctx):
             "speedup": out[1]["tokens_per_s"] / out[0]["tokens_per_s"]}
 
 
+def nanoflow(ctx):
+    """Issue 24 (c): the nano-batched step against the plain one on a GPU, where operations of different
+    nano-batches may overlap: Mixtral-8x7B-shaped layers (d_model 4096, 8 experts top-2, d_ff 14,336; 4 layers,
+    random bfloat16 weights), a step of 2 prompt chunks of 512 tokens beside 62 decode rows, timed for 1, 2 and
+    4 nano-batches (with the same tokens); and offline tokens/s of 32 requests (256 + 64 tokens) with and
+    without asynchronous scheduling. Smoke: the tiny preset, small batches."""
+    import dataclasses
+    import time
+
+    import numpy as np
+    from flax import nnx
+
+    from moejax.config import ModelConfig, MoEConfig, RouterConfig, get_preset
+    from moejax.models.transformer import Transformer
+    from moejax.serve.engine import Engine, EngineConfig, SamplingParams
+    from moejax.serve.scheduler import SchedulerConfig
+
+    if ctx.smoke:
+        cfg = dataclasses.replace(get_preset("tiny"), max_seq_len=512)
+        B, chunk, n_req, prompt, gen = 8, 64, 4, 32, 8
+    else:
+        cfg = ModelConfig(vocab_size=32_000, d_model=4096, n_layers=4, n_heads=32, n_kv_heads=8, d_ff=14_336,
+                          max_seq_len=2048, moe=MoEConfig(num_experts=8, d_ff=14_336,
+                                                          router=RouterConfig(type="topk", top_k=2)),
+                          dtype="bfloat16", param_dtype="bfloat16")
+        B, chunk, n_req, prompt, gen = 64, 512, 32, 256, 64
+    model = Transformer(cfg.validate(), rngs=nnx.Rngs(0))
+    sched = SchedulerConfig(max_num_seqs=B, max_num_batched_tokens=4 * chunk, max_prefill_seqs=2)
+    rows, tokens = [], None
+    for nano in (1, 2, 4):
+        eng = Engine(model, EngineConfig(nano_batches=nano, enable_prefix_cache=False, sched=sched))
+        runner = eng.runner
+        dec, pf = runner.blank_decode(B), runner.blank_prefill(2, chunk)
+        for i in range(B - 2):
+            dec.valid[i], dec.pos[i], dec.tokens[i] = True, 300, 5
+            dec.tables[i, :20] = np.arange(1 + 20 * i, 21 + 20 * i)
+        for i in range(2):
+            pf.tokens[i] = np.arange(chunk) % 250
+            pf.length[i] = chunk
+            pf.tables[i, :chunk // 16] = np.arange(1, chunk // 16 + 1) + 20 * B + i * (chunk // 16)
+
+        def call(runner=runner, dec=dec, pf=pf):
+            o = runner.run_step(dec, pf, None, (0, cfg.n_layers), False)
+            runner.pool = o.pool
+            return o.dec_next
+
+        r = bench(call, **ctx.it)
+        got = np.asarray(call())
+        same = tokens is None or bool((got == tokens).all())
+        tokens = got if tokens is None else tokens
+        rows.append({"nano_batches": nano, "median_ms": r["median_s"] * 1e3, "same_tokens": same})
+        print(f"   nano_batches={nano}: {rows[-1]['median_ms']:.2f} ms, same tokens {same}", flush=True)
+        del eng
+    prompts = [[(7 * i + j) % 250 for j in range(prompt)] for i in range(n_req)]
+    sp = SamplingParams(max_tokens=gen, temperature=0.0)
+    serving = []
+    for asy in (False, True):
+        eng = Engine(model, EngineConfig(async_scheduling=asy, enable_prefix_cache=False,
+                                         sched=SchedulerConfig(max_num_seqs=n_req, max_prefill_seqs=n_req,
+                                                               max_num_batched_tokens=n_req * (prompt + 1))))
+        eng.generate(prompts, sp)  # compiles
+        t = time.perf_counter()
+        eng.generate(prompts, sp)
+        dt = time.perf_counter() - t
+        serving.append({"async_scheduling": asy, "tokens_per_s": n_req * gen / dt})
+        print(f"   async_scheduling={asy}: {serving[-1]['tokens_per_s']:.1f} tok/s", flush=True)
+        del eng
+    return {"shape": "tiny" if ctx.smoke else "Mixtral-8x7B layers x 4 (random bf16)", "step": rows,
+            "serving": serving, "nano_speedup": {r["nano_batches"]: rows[0]["median_ms"] / r["median_ms"]
+                                                 for r in rows},
+            "async_speedup": serving[1]["tokens_per_s"] / serving[0]["tokens_per_s"]}
+
+
 # -- the table of steps, in run order; ``--only``/``--skip`` match name prefixes -----------------------------
 assert SMOKE["gmm"].keys() == FULL["gmm"].keys(), "the gmm timing steps are named after FULL's shapes"
 
@@ -1092,6 +1165,7 @@ STEPS = [
     ("omnimoe", omnimoe),
     ("speculative", speculative),
     ("dllm", dllm),
+    ("nanoflow", nanoflow),
 ]
 
 

@@ -4,6 +4,7 @@ packed while iteration i runs, its decode rows reading i's tokens on the device)
 engine's outputs."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ def ecfg(**kw):
     return dataclasses.replace(base, **kw)
 
 
+@pytest.fixture(scope="module")
 def workload(model):
     """Prompts and parameters covering: a stop token mid-generation (seen one iteration late), max_tokens of
     1 and not a multiple of 4, seeded sampling, and a row that reaches the context limit."""
@@ -47,6 +49,21 @@ def workload(model):
     return prompts, params
 
 
+@pytest.fixture(scope="module")
+def plain(model, workload):
+    """The synchronous, plain engine's results and iterations on the workload, per (scheduler, decode_steps)."""
+    cache = {}
+
+    def get(scheduler="chunked", decode_steps=1):
+        key = (scheduler, decode_steps)
+        if key not in cache:
+            eng = Engine(model, ecfg(scheduler=scheduler, decode_steps=decode_steps))
+            cache[key] = (eng.generate(*workload), eng.iterations)
+        return cache[key]
+
+    return get
+
+
 def same(ref, got):
     for a, b in zip(ref, got, strict=True):
         assert b.tokens == a.tokens and b.finish_reason == a.finish_reason
@@ -55,13 +72,12 @@ def same(ref, got):
 
 
 @pytest.mark.parametrize(("scheduler", "decode_steps"), [("chunked", 1), ("layered", 1), ("chunked", 4)])
-def test_async_equals_sync(model, scheduler, decode_steps):
+def test_async_equals_sync(model, workload, plain, scheduler, decode_steps):
     """Same tokens, finish reasons, log-probabilities and logits as the synchronous engine; the pool is left
     clean; the asynchronous run overlapped (a step launched while the previous one's tokens were pending)."""
-    prompts, params = workload(model)
-    kw = {"scheduler": scheduler, "decode_steps": decode_steps}
-    ref = Engine(model, ecfg(**kw)).generate(prompts, params)
-    eng = Engine(model, ecfg(async_scheduling=True, **kw))
+    prompts, params = workload
+    ref, _ = plain(scheduler, decode_steps)
+    eng = Engine(model, ecfg(async_scheduling=True, scheduler=scheduler, decode_steps=decode_steps))
     seen_pending = []
     orig = eng.runner.dispatch
 
@@ -145,14 +161,13 @@ def test_async_config_errors(model):
         Engine(model, runner=HostRunner(model, ecfg(async_scheduling=True)))
 
 
-@pytest.mark.parametrize("nano", [2, 4])
-def test_nano_batched_engine_equals_plain(model, nano):
+@pytest.mark.parametrize("nano", [pytest.param(2, marks=pytest.mark.slow), 4])  # 2: the layer test below
+def test_nano_batched_engine_equals_plain(model, workload, plain, nano):
     """Steps with prefill and decode rows (several prompts admitted over iterations, chunked) and multi-step
     decode calls: tokens, log-probabilities and logits within 1e-5 of the plain step's; the FFN nano-batches
     re-read experts (touched counts reads: at least the plain step's)."""
-    prompts, params = workload(model)
-    ref_eng = Engine(model, ecfg(decode_steps=4))
-    ref = ref_eng.generate(prompts, params)
+    prompts, params = workload
+    ref, ref_its = plain("chunked", 4)
     eng = Engine(model, ecfg(decode_steps=4, nano_batches=nano))
     got = eng.generate(prompts, params)
     for a, b in zip(ref, got, strict=True):
@@ -162,7 +177,7 @@ def test_nano_batched_engine_equals_plain(model, nano):
     assert any(it.prefill_tokens and it.decode_tokens for it in eng.iterations)  # mixed steps ran
     assert any(len(k) == 3 for k in eng.runner.compiled_shapes)  # and multi-step calls
     reads = sum(sum(it.experts_touched) for it in eng.iterations)
-    assert reads >= sum(sum(it.experts_touched) for it in ref_eng.iterations)
+    assert reads >= sum(sum(it.experts_touched) for it in ref_its)
     eng.alloc.check()
 
 
@@ -193,12 +208,19 @@ def test_nano_batched_layer_equals_plain_layer(model):
     dspec, pspec = attention_specs(8, "xla", 16, 16, 16)
     for r, (kind, _, _) in enumerate(model.runs):
         gd, st = nnx.split(model.stacks[r])
-        blk = nnx.merge(gd, jax.tree.map(lambda a: a[0], st))  # the run's first layer
+        first = jax.tree.map(lambda a: a[0], st)  # the run's first layer
+
+        @functools.partial(jax.jit, static_argnames="nano")
+        def layer(first, kp, vp, active, nano, gd=gd):  # the group mask a run-time value, as in the engine
+            blk = nnx.merge(gd, first)
+            if nano == 1:
+                return blk.paged_layer(kp, vp, 0, dpart, ppart, active, dec_spec=dspec, pf_spec=pspec)
+            return blk.paged_layer_nano(kp, vp, 0, dpart, ppart, active, nano=nano, dec_spec=dspec, pf_spec=pspec)
+
         for active in (jnp.bool_(True), jnp.bool_(False)):
-            ref = blk.paged_layer(kps[r], vps[r], 0, dpart, ppart, active, dec_spec=dspec, pf_spec=pspec)
+            ref = layer(first, kps[r], vps[r], active, 1)
             for nano in (2, 4):
-                got = blk.paged_layer_nano(kps[r], vps[r], 0, dpart, ppart, active, nano=nano, dec_spec=dspec,
-                                           pf_spec=pspec)
+                got = layer(first, kps[r], vps[r], active, nano)
                 # the pools compared past block 0, the scratch block every padding position writes to (in
                 # either order: its contents are never read)
                 for x, y in (ref[0], got[0]), (ref[1], got[1]), (ref[2][:, 8:], got[2][:, 8:]), (ref[3][:, 8:],
