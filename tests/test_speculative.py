@@ -298,7 +298,7 @@ def test_speculative_sampling_distribution_in_the_engine():
     m = Transformer(cfg, rngs=nnx.Rngs(1))
     prompt = [1, 5, 2, 7]
     N = 600
-    eng = Engine(m, ecfg(sched=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=256, max_prefill_seqs=64),
+    eng = Engine(m, ecfg(sched=SchedulerConfig(max_num_seqs=256, max_num_batched_tokens=1024, max_prefill_seqs=256),
                          record_logits=False))
     out = eng.generate([prompt] * N, [SamplingParams(max_tokens=3, temperature=1.0, seed=s) for s in range(N)])
     toks = np.asarray([o.tokens for o in out])
