@@ -15,6 +15,13 @@ prefill through all of them). It takes ``max(bytes / HBM bandwidth, FLOPs / dens
   attention scores (``4 x heads x head_dim`` per (query, key) pair; decode rows attend over their context in
   every layer, prefill rows over their causal pairs in the layers they pass).
 
+NanoFlow's bounds (:func:`optimal_throughput`, :func:`throughput_bounds`): the compute-bound serving
+throughput is ``usable compute rate / (2 x active parameters)`` tokens/s per GPU, where the usable rate is
+NanoFlow's: its 1,857 tokens/s/GPU for LLaMA-2-70B on 8 A100s implies about 260 TFLOP/s of sustained dense GEMM
+on an A100 (the datasheet's 312 is never reached); GPUs without such a figure get their peak times the same
+260 / 312 (an assumption, stated in :data:`USABLE_FRACTION`). Beside it the memory bound (weights and KV cache
+read once per iteration) and the network bound (tensor parallelism's two all-reduces per layer).
+
 This is a model, not a measurement: label its outputs as modelled. Nothing here imports :mod:`moejax.serve`;
 :func:`iteration_time` takes plain numbers and :func:`iteration_times` takes any objects with the attribute
 names of :class:`moejax.serve.metrics.IterationStats` (``group``, ``decode_tokens``, ``prefill_tokens``,
@@ -26,8 +33,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 
-__all__ = ["GPUS", "MODELS", "GPUSpec", "ModelSpec", "ep_moe_layer_time", "expected_distinct", "get_gpu",
-           "get_model", "iteration_time", "iteration_times"]
+__all__ = ["GPUS", "MODELS", "USABLE_FRACTION", "GPUSpec", "ModelSpec", "active_params", "ep_moe_layer_time",
+           "expected_distinct", "get_gpu", "get_model", "iteration_time", "iteration_times", "optimal_throughput",
+           "throughput_bounds"]
+
+#: sustained dense-GEMM rate / datasheet peak where no measured figure is given: NanoFlow's A100 figures
+#: (1,857 tok/s/GPU x 2 x 70e9 parameters = 260 TFLOP/s of a 312 TFLOP/s peak)
+USABLE_FRACTION = 260.0 / 312.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +55,8 @@ class ModelSpec:
       d_model: hidden size.
       experts: routed experts per layer.
       top_k: experts each token is routed to.
-      expert_ff: hidden width of one expert's (SwiGLU: gate, up, down) FFN.
+      expert_ff: hidden width of one expert's (SwiGLU: gate, up, down) FFN (a dense model: ``experts = top_k
+        = 1`` and its FFN width).
       heads: query heads.
       kv_heads: key/value heads (GQA).
       head_dim: width of one head.
@@ -97,12 +110,21 @@ class GPUSpec:
       name: display name.
       hbm_bytes_per_s: memory (HBM) bandwidth, bytes/s.
       bf16_flops: dense bf16 matmul peak, FLOP/s (without structured sparsity).
+      link_bytes_per_s: GPU-to-GPU (NVLink) bandwidth per direction (all-to-all, all-reduce).
+      usable_flops: sustained dense-GEMM rate for the optimal-throughput bound (None: ``bf16_flops x
+        USABLE_FRACTION``).
     """
 
     name: str
     hbm_bytes_per_s: float
     bf16_flops: float
-    link_bytes_per_s: float = 450e9  # GPU-to-GPU (NVLink) bandwidth per direction, for all-to-all
+    link_bytes_per_s: float = 450e9
+    usable_flops: float | None = None
+
+    @property
+    def usable(self) -> float:
+        """The sustained dense-GEMM rate NanoFlow's bound divides by."""
+        return self.bf16_flops * USABLE_FRACTION if self.usable_flops is None else self.usable_flops
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -111,12 +133,24 @@ MODELS: dict[str, ModelSpec] = {
     # num_attention_heads 32, num_key_value_heads 4, head_dim 128, vocab_size 151936; bf16 weights.
     "qwen3-30b-a3b": ModelSpec(name="Qwen3-30B-A3B", layers=48, d_model=2048, experts=128, top_k=8, expert_ff=768,
                                heads=32, kv_heads=4, head_dim=128, vocab=151936, bytes=2),
+    # meta-llama/Llama-2-70b-hf config.json: 80 layers, hidden 8192, intermediate 28672, 64 heads, 8 KV heads,
+    # vocab 32000 (a dense model: one "expert" of the FFN's width)
+    "llama-2-70b": ModelSpec(name="LLaMA-2-70B", layers=80, d_model=8192, experts=1, top_k=1, expert_ff=28672,
+                             heads=64, kv_heads=8, head_dim=128, vocab=32000, bytes=2),
+    # mistralai/Mixtral-8x7B-v0.1 config.json: 32 layers, hidden 4096, 8 experts top-2 of width 14336, 32 heads,
+    # 8 KV heads, vocab 32000
+    "mixtral-8x7b": ModelSpec(name="Mixtral-8x7B", layers=32, d_model=4096, experts=8, top_k=2, expert_ff=14336,
+                              heads=32, kv_heads=8, head_dim=128, vocab=32000, bytes=2),
 }
 
 GPUS: dict[str, GPUSpec] = {
     # NVIDIA H100 SXM datasheet: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 (1,979 with 2:4 sparsity), NVLink 4
     # 900 GB/s bidirectional (450 GB/s per direction).
     "h100": GPUSpec(name="H100 SXM (modelled)", hbm_bytes_per_s=3.35e12, bf16_flops=989e12, link_bytes_per_s=450e9),
+    # NVIDIA A100 SXM 80GB datasheet: 2.039 TB/s HBM2e, 312 TFLOP/s dense bf16, NVLink 3 600 GB/s bidirectional;
+    # usable 260 TFLOP/s from NanoFlow's optimal throughput (see USABLE_FRACTION)
+    "a100": GPUSpec(name="A100 SXM 80GB (modelled)", hbm_bytes_per_s=2.039e12, bf16_flops=312e12,
+                    link_bytes_per_s=300e9, usable_flops=260e12),
 }
 
 
@@ -215,3 +249,44 @@ def iteration_times(iterations: Iterable, n_layers_measured: int, *, model: str 
         times.append(iteration_time(it.decode_tokens, it.prefill_tokens, frac, it.decode_context,
                                     it.prefill_context, it.prefill_pairs, model=model, gpu=gpu))
     return times
+
+
+def active_params(model: str | ModelSpec) -> int:
+    """Parameters one token's forward multiplies by: every layer's attention, router and ``top_k`` experts, and
+    the LM head (embeddings are a lookup)."""
+    q = get_model(model)
+    return q.layers * (q.attn_weights + q.router_weights + q.top_k * q.expert_weights) + q.head_weights
+
+
+def optimal_throughput(model: str | ModelSpec, gpu: str | GPUSpec) -> float:
+    """NanoFlow's optimal serving throughput, tokens/s per GPU, when compute is the bottleneck: the usable
+    rate over ``2 x active parameters`` (independent of how many GPUs share the model)."""
+    return get_gpu(gpu).usable / (2 * active_params(model))
+
+
+def throughput_bounds(model: str | ModelSpec, gpu: str | GPUSpec, *, batch: int, context: int,
+                      n_gpus: int = 1) -> dict:
+    """Tokens/s per GPU each resource allows for decode iterations of ``batch`` rows attending over
+    ``context`` cached tokens each, the model spread over ``n_gpus`` GPUs by tensor parallelism:
+
+    * ``compute``: :func:`optimal_throughput` (attention scores included: ``4 x heads x head_dim`` per
+      (query, key) pair);
+    * ``memory``: every iteration reads all weights and the batch's KV cache once;
+    * ``network``: two all-reduces per layer of ``batch x d_model`` activations (ring: ``2 (n - 1) / n`` of
+      them over each link); infinite on one GPU.
+
+    ``bound`` is the least of them. A modelled figure."""
+    if batch < 1 or context < 0 or n_gpus < 1:
+        raise ValueError(f"batch={batch!r} must be >= 1, context={context!r} >= 0, n_gpus={n_gpus!r} >= 1")
+    q, hw = get_model(model), get_gpu(gpu)
+    weights = q.layers * (q.attn_weights + q.router_weights) + q.head_weights + q.layers * q.experts * q.expert_weights
+    flops = batch * (2 * active_params(q) + 4 * q.heads * q.head_dim * q.layers * context)
+    t_compute = flops / (n_gpus * hw.usable)
+    t_memory = q.bytes * (weights + batch * context * q.layers * q.kv_per_token_layer) / (n_gpus * hw.hbm_bytes_per_s)
+    t_network = 0.0
+    if n_gpus > 1:
+        t_network = 2 * q.layers * batch * q.d_model * q.bytes * 2 * (n_gpus - 1) / n_gpus / hw.link_bytes_per_s
+    per_gpu = {"compute": batch / t_compute / n_gpus, "memory": batch / t_memory / n_gpus,
+               "network": batch / t_network / n_gpus if t_network else float("inf")}
+    per_gpu["bound"] = min(per_gpu.values())
+    return per_gpu
