@@ -192,6 +192,10 @@ def test_serve_mesh_builds_the_expert_parallel_runner(monkeypatch, capsys, tmp_p
     (["serve", "--preset", "tiny", "--num-speculative-tokens", "2"], "need --speculative mtp"),
     (["serve", "--preset", "tiny", "--speculative", "mtp", "--mesh", "expert=8"], "not with --mesh"),
     (["serve", "--preset", "tiny", "--speculative", "mtp", "--decode-steps", "4"], "choose one"),
+    (["serve", "--preset", "tiny", "--speculative", "mtp", "--async-scheduling"], "choose one"),
+    (["serve", "--preset", "tiny", "--nano-batches", "2", "--scheduler", "layered"], "--scheduler chunked"),
+    (["serve", "--preset", "tiny", "--nano-batches", "2", "--mesh", "expert=8"], "not with --speculative"),
+    (["serve", "--preset", "tiny", "--nano-batches", "17"], "--nano-batches"),
     (["serve", "--preset", "tiny", "--speculative", "mtp", "--scheduler", "layered"], "--scheduler chunked"),
     (["serve", "--preset", "tiny", "--speculative", "eagle"], "--speculative"),
     (["serve", "--preset", "tiny", "--speculative", "mtp", "--num-speculative-tokens", "9"],
@@ -225,3 +229,14 @@ def test_train_mtp_and_serve_speculative_configs(monkeypatch, tmp_path):
                  "--speculative-max-batch", "8", "--warmup", "none"]) == 0
     ec = seen["engine"].cfg
     assert (ec.speculative, ec.num_speculative_tokens, ec.speculative_max_batch, ec.decode_steps) == ("mtp", 2, 8, 1)
+
+
+def test_serve_async_scheduling_and_nano_batches_build_the_engine(monkeypatch):
+    """`serve --async-scheduling --nano-batches 4` builds an engine with both set (server replaced)."""
+    from moejax.serve import server
+
+    seen = {}
+    monkeypatch.setattr(server, "serve", lambda engine, *a, **k: seen.setdefault("engine", engine))
+    assert main(["serve", "--preset", "tiny", "--async-scheduling", "--nano-batches", "4", "--warmup", "none"]) == 0
+    ec = seen["engine"].cfg
+    assert ec.async_scheduling and ec.nano_batches == 4
