@@ -407,7 +407,7 @@ class Engine:
         res = self.runner.fetch(f.launched)
         t1 = time.perf_counter()
         n = len(plan.decode)
-        dec = [res.dec_next[:, i] for i in range(n)] if steps > 1 else [res.dec_next[i:i + 1] for i in range(n)]
+        dec = res.dec_next.T if steps > 1 else res.dec_next[:, None]  # [rows, iterations]
         emitted = self.scheduler.resolve(f.slots, dec, () if res.pf_next is None else res.pf_next)
         if steps > 1:
             self._record_multi(plan, steps, emitted, res, f.t0, t1, outputs)

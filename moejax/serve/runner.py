@@ -13,7 +13,7 @@ The :class:`~moejax.serve.engine.Engine` is the loop between a :class:`~moejax.s
 * teacher-forced prompt scoring (:meth:`score_prompt`, the server's ``echo`` with ``logprobs``).
 
 A serving feature that runs the model differently is another runner (a subclass overriding :meth:`run_step`
-and, where it has them, :meth:`expert_ids` / :meth:`run_decode_steps`), passed to the engine: serve/ never
+and, where it has them, :meth:`expert_ids` / :meth:`fetch`), passed to the engine: serve/ never
 imports a paper package. Offloaded experts (:class:`moejax.offload.runtime.OffloadRunner`) and Read-ME's
 pre-gating router (:class:`moejax.offload.pregate.PreGatedRunner`) are such runners.
 """
@@ -60,8 +60,8 @@ ATTN_IMPLS = ("xla", "pallas", "auto")
 
 class StepResult(NamedTuple):
     """One executed iteration, on the host (numpy). ``dec_*`` rows follow ``plan.decode``, ``pf_*`` rows
-    ``plan.prefill`` (padding rows beyond them). Multi-step results (:meth:`ModelRunner.execute_decode_steps`)
-    have a leading iteration axis on every ``dec_*`` field and on ``experts_touched``."""
+    ``plan.prefill`` (padding rows beyond them). Multi-step results (:meth:`ModelRunner.dispatch` with
+    ``steps`` > 1) have a leading iteration axis on every ``dec_*`` field and on ``experts_touched``."""
 
     dec_next: np.ndarray
     dec_logprob: np.ndarray
@@ -81,8 +81,8 @@ class StepResult(NamedTuple):
 
 class Launched(NamedTuple):
     """A step handed to the device and not yet brought back (:meth:`ModelRunner.dispatch`): its device outputs,
-    ``steps`` (> 1: a multi-step decode call) and the decode-row bucket (the prefill rows' tokens follow the
-    decode rows' in :attr:`ModelRunner.last_tokens`)."""
+    ``steps`` (> 1: a multi-step decode call) and the decode-row bucket (:meth:`ModelRunner.source` indexes
+    :attr:`ModelRunner.last_tokens` with them)."""
 
     out: object
     steps: int
@@ -91,9 +91,10 @@ class Launched(NamedTuple):
 
 @jax.jit
 def _fill_tokens(last, source, tokens):
-    """Decode-row tokens whose values are still on the device (``source >= 0``: an index into the previous
-    step's sampled tokens) filled in on the device."""
-    return jnp.where(source >= 0, last[jnp.maximum(source, 0)], tokens).astype(tokens.dtype)
+    """Decode-row tokens whose values are still on the device filled in on the device: ``source >= 0`` indexes
+    the previous step's sampled-token arrays ``last``, flattened and concatenated."""
+    flat = jnp.concatenate([a.reshape(-1) for a in last])
+    return jnp.where(source >= 0, flat[jnp.maximum(source, 0)], tokens).astype(tokens.dtype)
 
 
 class ModelRunner:
@@ -143,9 +144,10 @@ class ModelRunner:
         self._zeros = None
         self._score_lock = threading.Lock()
         self._score_jit = None
-        #: the last dispatched step's sampled tokens on the device (decode rows, then prefill rows; the last
-        #: iteration of a multi-step call): where the next step reads tokens the host does not know yet
-        self.last_tokens = None
+        #: the last dispatched step's sampled-token arrays on the device (decode rows, then prefill rows; a
+        #: multi-step call's ``[steps, rows]``), as they came out of the step (joined only when a later step
+        #: reads from them): where the next step reads tokens the host does not know yet
+        self.last_tokens: tuple = ()
 
     def _layer_states(self, model):
         """Per-layer weight copies for the ``unroll`` layer loop (None: scan the stacked weights)."""
@@ -237,7 +239,7 @@ class ModelRunner:
             self.compiled_shapes.add(self.shape_key(dec, None, steps))
             o = engine_decode_steps(self.gdef, self.state, self.pool, dec, self.layer_states,
                                     **self._multi_kw(steps))
-            self.pool, self.last_tokens = o.pool, o.tokens[-1]
+            self.pool, self.last_tokens = o.pool, (o.tokens,)
             return Launched(o, steps, dec.tokens.shape[0])
         hidden = self._pf_hidden if plan.use_hidden else None
         self.compiled_shapes.add(self.shape_key(dec, pf))
@@ -245,15 +247,16 @@ class ModelRunner:
         o = self.run_step(dec, pf, hidden, plan.group, plan.use_hidden, dec_ids, pf_ids)
         self.pool = o.pool
         self._pf_hidden = o.pf_hidden if (plan.prefill and not plan.prefill[0].last) else None
-        parts = [x for x in (o.dec_next if dec is not None else None, o.pf_next if pf is not None else None)
-                 if x is not None]
-        self.last_tokens = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+        self.last_tokens = tuple(x for x, part in ((o.dec_next, dec), (o.pf_next, pf)) if part is not None)
         return Launched(o, 1, 0 if dec is None else dec.tokens.shape[0])
 
     @staticmethod
     def source(launched: Launched, part: str, row: int) -> int:
-        """Index of a row's sampled token in :attr:`last_tokens` after ``launched``."""
-        return row if part == "decode" else launched.dec_rows + row
+        """Index of a row's (last) sampled token in :attr:`last_tokens`, flattened and joined, after
+        ``launched``."""
+        if part == "prefill":
+            return launched.dec_rows + row
+        return (launched.steps - 1) * launched.dec_rows + row
 
     def fetch(self, launched: Launched) -> StepResult:
         """Wait for a dispatched step and bring its results to the host."""
@@ -276,11 +279,6 @@ class ModelRunner:
         """One :meth:`step_fn` call on packed parts over the runner's pool (donated)."""
         args, kw = self._step_args(dec, pf, hidden, group, use_hidden, dec_ids, pf_ids)
         return self.step_fn()(*args, **kw)
-
-    def execute_decode_steps(self, plan: Plan, steps: int) -> StepResult:
-        """``steps`` decode iterations of a decode-only plan in one call (multi-step decoding); the rows'
-        blocks must already cover them. Fields carry a leading iteration axis."""
-        return self.fetch(self.dispatch(plan, steps))
 
     def pack_speculative(self, plan: Plan, k: int) -> tuple[DecodeBatch | None, PrefillBatch | None, SpecPrefill]:
         """The plan packed for a speculative step of ``k`` drafts: each decode row holds its last token and its
