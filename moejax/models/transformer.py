@@ -292,7 +292,7 @@ class Block(nnx.Module):
         reads: an expert routed to from two FFN nano-batches is read twice (the re-reads nano-batching costs,
         against the expert-traffic goal of layered prefill)."""
         pf_spec = pf_spec or dec_spec
-        parts = []  # (part, spec, valid, the prefill part's pool slots)
+        parts = []  # (part, spec, rows that take part, pool slots of its new K/V)
         if dec is not None:
             parts.append((dec, dec_spec, dec.rows.valid, dec.rows.slots))
         if pf is not None:
